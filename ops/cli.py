@@ -1,0 +1,124 @@
+"""The `mocostream` command: demo, train, shards."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .config import TrainConfig, build_config, read_config_file
+
+TRAIN_FLAGS = [
+    # (flag, type, help)
+    ("--data", str, "training shards: manifest.json, a folder or s3:// prefix holding one, a brace pattern "
+                    "(s3://b/shard-{000000..000099}.tar) or a comma-separated list of shard URLs"),
+    ("--steps", int, "optimizer steps to run (the lr schedule spans them)"),
+    ("--batch-size", int, "samples per rank per step (global batch = this x ranks)"),
+    ("--arch", str, "encoder: resnet18, resnet50, resnet18_cifar, resnet50_cifar (3x3 stem for small images)"),
+    ("--image-size", int, "side of the square crops fed to the encoder"),
+    ("--backend", str, "augmentation backend: dali (GPU when present, else CPU) or torch (PIL/torchvision)"),
+    ("--recipe", str, "moco_v1 (T 0.07, linear head) or moco_v2 (T 0.2, MLP head, aug+ with blur)"),
+    ("--queue-size", int, "K, the number of negatives kept in the queue (any value; no multiple-of-batch rule)"),
+    ("--dim", int, "feature dimension of the keys/queries"),
+    ("--moco-momentum", float, "m, the key encoder's momentum"),
+    ("--temperature", float, "T of the InfoNCE loss (default: the recipe's)"),
+    ("--bn-splits", int, "single-rank shuffle BN sub-batches (0 = auto)"),
+    ("--base-lr", float, "learning rate for a global batch of 256 (scaled linearly)"),
+    ("--weight-decay", float, "SGD weight decay"),
+    ("--warmup-steps", int, "linear warmup steps before the cosine schedule"),
+    ("--seed", int, "seed of the data order, augmentation and weights"),
+    ("--workers", int, "torch backend: augmentation processes; dali: CPU threads"),
+    ("--shuffle-shards", int, "shards mixed together by the in-memory shuffle"),
+    ("--read-ahead", int, "shard blocks fetched ahead of use"),
+    ("--device", str, "auto, cpu or cuda"),
+    ("--metrics-port", int, "Prometheus endpoint port (rank r uses port + local rank); 0 disables"),
+    ("--metrics-addr", str, "address the metrics endpoint binds to"),
+    ("--checkpoint-dir", str, "folder or s3:// prefix for checkpoints"),
+    ("--checkpoint-every", int, "steps between checkpoints"),
+    ("--keep-checkpoints", int, "how many recent checkpoints to keep"),
+    ("--trace-keys", str, "write the keys each rank consumed, in order, to PATH.rank<r>"),
+    ("--log-every", int, "steps between log lines / metric updates (each costs a host sync)"),
+]
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="run MoCo pretraining (single process or under torchrun)",
+                       description="Run MoCo pretraining on a stream of shards. Options come from the defaults, "
+                                   "then --config FILE (YAML/TOML/JSON, keys as the long flags), then the flags.")
+    p.add_argument("--config", help="YAML, TOML or JSON file of options")
+    for flag, typ, help_text in TRAIN_FLAGS:
+        p.add_argument(flag, type=typ, default=None, help=help_text)
+    p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None, help="MLP projection head")
+    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    from .train import train
+
+    file_values = read_config_file(args.config) if args.config else {}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "print_config")}
+    cfg = build_config(file_values, overrides)
+    if args.print_config:
+        print(json.dumps({k: v for k, v in vars(cfg).items() if k != "extra"}, indent=2))
+        return 0
+    summary = train(cfg)
+    summary.pop("_metrics").stop()
+    if summary["rank"] == 0:
+        print(json.dumps(summary))
+    return 0
+
+
+def add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="build shards from generated images and train a few MoCo steps on them",
+                       description="The whole pipeline on an embedded default: shards -> DALI two views -> MoCo "
+                                   "-> Prometheus metrics. Needs no input; about a minute on 2 CPU cores.")
+    p.add_argument("--workdir", default="demo-output", help="where shards, checkpoints and traces go")
+    p.add_argument("--steps", type=int, default=40, help="training steps")
+    p.add_argument("--backend", default="dali", choices=["dali", "torch"], help="augmentation backend")
+    p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus endpoint port (0 = any free port)")
+    p.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> int:
+    from .demo import demo
+
+    demo(args.workdir, steps=args.steps, backend=args.backend, metrics_port=args.metrics_port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mocostream",
+        description="Streaming MoCo pretraining: shards on object storage -> DALI two-view augmentation -> "
+                    "DDP MoCo with queue and momentum encoder -> Prometheus.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_demo_parser(sub)
+    add_train_parser(sub)
+    from .cli_shards import add_shards_parser
+
+    add_shards_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except Exception as e:
+        if getattr(e, "user_error", False) or isinstance(e, (FileNotFoundError, PermissionError)):
+            print(f"mocostream: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

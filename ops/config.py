@@ -1,0 +1,127 @@
+"""Training configuration: one dataclass, filled from defaults < config file (YAML/TOML) < flags."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    user_error = True
+
+
+# Paper defaults per recipe (MoCo v1: arXiv 1911.05722; v2: arXiv 2003.04297). Flags override them.
+RECIPE_DEFAULTS = {
+    "moco_v1": {"temperature": 0.07, "mlp": False},
+    "moco_v2": {"temperature": 0.2, "mlp": True},
+}
+
+
+@dataclass
+class TrainConfig:
+    data: str = ""
+    steps: int = 1000
+    batch_size: int = 32  # per rank
+    arch: str = "resnet18"
+    image_size: int = 224
+    backend: str = "dali"
+    recipe: str = "moco_v2"
+    queue_size: int = 65536
+    dim: int = 128
+    moco_momentum: float = 0.999
+    temperature: float | None = None  # None: the recipe's
+    mlp: bool | None = None  # None: the recipe's
+    bn_splits: int = 0  # single-device shuffle BN sub-batches; 0: auto (2..8 on one rank, 1 under DDP)
+    base_lr: float = 0.03  # lr = base_lr * global batch / 256
+    weight_decay: float = 1e-4
+    sgd_momentum: float = 0.9
+    warmup_steps: int = 0
+    seed: int = 0
+    workers: int = 2  # torch: augmentation processes; dali: CPU threads
+    shuffle_shards: int = 4
+    read_ahead: int = 2
+    device: str = "auto"  # auto | cpu | cuda
+    metrics_port: int = 9400  # 0 disables; rank r serves on port + local rank
+    metrics_addr: str = "0.0.0.0"
+    checkpoint_dir: str = "checkpoints"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    trace_keys: str | None = None
+    log_every: int = 10
+    progress: bool = True
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with recipe defaults filled in, after checking every value."""
+        cfg = dataclasses.replace(self)
+        if cfg.recipe not in RECIPE_DEFAULTS:
+            raise ConfigError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPE_DEFAULTS)}")
+        for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
+            if getattr(cfg, key) is None:
+                setattr(cfg, key, value)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        from moco_core import ARCHS
+
+        from pipeline.loader import BACKENDS
+
+        if not self.data:
+            raise ConfigError("no training data: give --data (a manifest, shard folder, brace pattern or URL list)")
+        checks = [
+            (self.steps >= 1, "--steps must be >= 1"),
+            (self.batch_size >= 2, "--batch-size must be >= 2"),
+            (self.image_size >= 8, "--image-size must be >= 8"),
+            (self.queue_size >= 1, "--queue-size must be >= 1"),
+            (0.0 <= self.moco_momentum <= 1.0, "--moco-momentum must be in [0, 1]"),
+            (self.temperature is None or self.temperature > 0, "--temperature must be > 0"),
+            (self.arch in ARCHS, f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}"),
+            (self.backend in BACKENDS, f"unknown --backend {self.backend!r}; choose from {', '.join(BACKENDS)}"),
+            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
+            (0 <= self.metrics_port < 65536, "--metrics-port must be in 0..65535"),
+            (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
+            (self.workers >= 0, "--workers must be >= 0"),
+            (self.log_every >= 1, "--log-every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        if p.suffix == ".toml":
+            data = tomllib.loads(p.read_text())
+        elif p.suffix in (".yaml", ".yml"):
+            data = yaml.safe_load(p.read_text()) or {}
+        elif p.suffix == ".json":
+            data = json.loads(p.read_text())
+        else:
+            raise ConfigError(f"config file must be .yaml, .yml, .toml or .json: {path}")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot parse {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file must hold a mapping of options: {path}")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(file_values: dict, overrides: dict) -> TrainConfig:
+    """Defaults < file < flags (flags given as None are 'not set')."""
+    known = {f.name for f in fields(TrainConfig)} - {"extra"}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(f"unknown option in config file: {unknown[0]}")
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None and k in known}}
+    try:
+        return TrainConfig(**values).resolved()
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,75 @@
+"""Prometheus metrics of a training rank, served by prometheus-client.
+
+Names follow Prometheus conventions: `mocostream_` prefix, base units, counters end in `_total`, a
+`rank` label and no per-sample or per-shard labels.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, start_http_server
+
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class TrainMetrics:
+    def __init__(self, rank: int):
+        self.rank = str(rank)
+        self.registry = r = CollectorRegistry()
+        label = ["rank"]
+        self.samples = PCounter("mocostream_samples", "Samples trained on.", label, registry=r)
+        self.skipped = PCounter("mocostream_samples_skipped", "Samples skipped, by reason.",
+                                ["rank", "reason"], registry=r)
+        self.step_seconds = Histogram("mocostream_step_duration_seconds", "Wall time of one training step, data wait included.",
+                                      label, buckets=STEP_BUCKETS, registry=r)
+        self.data_wait = Histogram("mocostream_data_wait_seconds", "Time a step waited for its batch.",
+                                   label, buckets=STEP_BUCKETS, registry=r)
+        self.loss = Gauge("mocostream_loss", "InfoNCE loss of the latest logged step.", label, registry=r)
+        self.lr = Gauge("mocostream_learning_rate", "Current learning rate.", label, registry=r)
+        self.accuracy = Gauge("mocostream_instance_accuracy",
+                              "Fraction of queries whose positive key has the top logit.", label, registry=r)
+        self.images_per_second = Gauge("mocostream_images_per_second",
+                                       "Training throughput of this rank over the last log interval.", label, registry=r)
+        self.step = Gauge("mocostream_step", "Optimizer steps done.", label, registry=r)
+        self.epoch = Gauge("mocostream_epoch", "Epoch of the data stream.", label, registry=r)
+        self.epoch_progress = Gauge("mocostream_epoch_progress_ratio", "Fraction of the current epoch consumed.",
+                                    label, registry=r)
+        self.checkpoint_seconds = Histogram("mocostream_checkpoint_duration_seconds", "Time to write a checkpoint.",
+                                            label, registry=r)
+        self._skipped_seen: Counter = Counter()
+        self.server = None
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Start the HTTP endpoint; returns the bound port (useful when port 0 asks for any)."""
+        self.server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        return self.server.server_port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+    def record_step(self, samples: int, step_seconds: float, wait_seconds: float) -> None:
+        self.samples.labels(self.rank).inc(samples)
+        self.step_seconds.labels(self.rank).observe(step_seconds)
+        self.data_wait.labels(self.rank).observe(wait_seconds)
+
+    def record_log(self, *, step: int, loss: float, lr: float, accuracy: float, images_per_second: float,
+                   epoch: int, epoch_progress: float) -> None:
+        r = self.rank
+        self.step.labels(r).set(step)
+        self.loss.labels(r).set(loss)
+        self.lr.labels(r).set(lr)
+        self.accuracy.labels(r).set(accuracy)
+        self.images_per_second.labels(r).set(images_per_second)
+        self.epoch.labels(r).set(epoch)
+        self.epoch_progress.labels(r).set(epoch_progress)
+
+    def sync_skipped(self, skipped: Counter) -> None:
+        """Bring the skip counters up to the loader's running totals."""
+        for reason, total in list(skipped.items()):
+            delta = total - self._skipped_seen[reason]
+            if delta > 0:
+                self.skipped.labels(self.rank, reason).inc(delta)
+                self._skipped_seen[reason] = total

@@ -1,0 +1,238 @@
+"""The training job: one process per rank (plain `python`, or `torchrun --nproc_per_node N`).
+
+Per step: wait for a (q, k) batch -> MoCo forward/backward/SGD step -> metrics. Checkpoints every
+`checkpoint_every` steps, at the end, and on SIGTERM (then exit 0), so preemption loses nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import random
+import signal
+import time
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from moco_core import MoCo, build_encoder, build_optimizer, cosine_lr, info_nce, instance_accuracy, scaled_lr
+from pipeline.loader import LoaderConfig, TwoViewLoader
+
+from . import checkpoint
+from .config import TrainConfig
+from .metrics import TrainMetrics
+
+log = logging.getLogger("mocostream.train")
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checkpoints and exits at the next step boundary."""
+
+    def __init__(self):
+        self.set = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("signal %d received: checkpointing and stopping", signum)
+        self.set = True
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
+    """(rank, world, local_rank, device), initialising torch.distributed under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but no CUDA device is available")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
+    return rank, world, local_rank, device
+
+
+def auto_bn_splits(cfg: TrainConfig, world: int) -> int:
+    """Shuffle BN needs >1 BN groups: ranks under DDP, sub-batches on a single device."""
+    if cfg.bn_splits > 0:
+        return cfg.bn_splits
+    if world > 1:
+        return 1
+    for splits in (8, 4, 2):
+        if cfg.batch_size % splits == 0 and cfg.batch_size // splits >= 4:
+            return splits
+    return 1
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather(obj, world: int) -> list:
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def train(cfg: TrainConfig) -> dict:
+    rank, world, local_rank, device = setup_distributed(cfg)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    is_main = rank == 0
+
+    loader = TwoViewLoader(LoaderConfig(
+        data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
+        backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
+        device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
+        shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead))
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = MoCo(build_encoder(cfg.arch), dim=cfg.dim, K=cfg.queue_size, m=cfg.moco_momentum,
+                 T=cfg.temperature, mlp=cfg.mlp, bn_splits=auto_bn_splits(cfg, world)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    # The queue is identical on every rank (keys are all-gathered), so buffers are not re-broadcast.
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
+        if world > 1 else model
+    peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * world)
+    optimizer = build_optimizer(model, peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+
+    step = 0
+    if cfg.resume:
+        path = checkpoint.latest(cfg.checkpoint_dir)
+        if path is None:
+            log.warning("--resume: no checkpoint in %s, starting fresh", cfg.checkpoint_dir)
+        else:
+            state = checkpoint.load(path, cfg.checkpoint_dir)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            step = int(state["step"])
+            if int(state["world"]) == world:
+                loader.load_state_dict(state["loader"][rank])
+                set_rng_state(state["rng"][rank])
+            else:  # another world size: restart the interrupted epoch on the new split
+                epoch = min(s["epoch"] for s in state["loader"])
+                loader.load_state_dict({"epoch": epoch, "position": 0})
+                log.warning("resuming with %d ranks (checkpoint had %s): epoch %d restarts", world, state["world"], epoch)
+            if is_main:
+                log.info("resumed from %s at step %d", path, step)
+
+    metrics = TrainMetrics(rank)
+    metrics_port = None
+    if cfg.metrics_port:
+        metrics_port = metrics.serve(cfg.metrics_port + local_rank, cfg.metrics_addr)
+        log.info("rank %d metrics on http://%s:%d/metrics", rank, cfg.metrics_addr, metrics_port)
+
+    trace = open(f"{cfg.trace_keys}.rank{rank}", "a") if cfg.trace_keys else None
+    stop = StopFlag()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), unit="step",
+               dynamic_ncols=True, desc="train")
+    # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU (a host sync).
+    stop_check_every = 1 if device.type == "cpu" else 10
+
+    def save(reason: str) -> str | None:
+        states = gather({"loader": loader.state_dict(), "rng": rng_state()}, world)
+        path = None
+        if is_main:
+            t0 = time.perf_counter()
+            path = checkpoint.save(cfg.checkpoint_dir, step, {
+                "step": step, "world": world, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
+                "config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
+            metrics.checkpoint_seconds.labels(str(rank)).observe(time.perf_counter() - t0)
+            log.info("checkpoint (%s) at step %d: %s", reason, step, path)
+        if trace:
+            trace.flush()
+        if world > 1:
+            dist.barrier()
+        return path
+
+    ddp.train()
+    batches = iter(loader)
+    last_log_time, last_log_step = time.perf_counter(), step
+    loss_value, acc_value, stopped = float("nan"), float("nan"), False
+    last_checkpoint = None
+    t_end = time.perf_counter()
+    try:
+        while step < cfg.steps:
+            if step % stop_check_every == 0 and world > 1:
+                flag = torch.tensor([1.0 if stop.set else 0.0], device=device)
+                dist.all_reduce(flag)
+                stop.set = flag.item() > 0
+            if stop.set:
+                stopped = True
+                break
+            batch = next(batches)
+            t_data = time.perf_counter()
+            im_q = batch.q.to(device, non_blocking=True)
+            im_k = batch.k.to(device, non_blocking=True)
+            if device.type == "cuda":
+                im_q = im_q.contiguous(memory_format=torch.channels_last)
+                im_k = im_k.contiguous(memory_format=torch.channels_last)
+            lr = cosine_lr(peak_lr, step, cfg.steps, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast:
+                logits, labels = ddp(im_q, im_k)
+                loss = info_nce(logits.float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if trace:
+                trace.write("".join(k + "\n" for k in batch.keys))
+            t_step_end = time.perf_counter()
+            metrics.record_step(len(batch.keys), t_step_end - t_end, t_data - t_end)
+            t_end = t_step_end
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                loss_value = loss.item()  # the only host sync: at log steps
+                acc_value = instance_accuracy(logits).item()
+                now = time.perf_counter()
+                ips = (step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
+                last_log_time, last_log_step = now, step
+                epoch, progress = loader.epoch_progress
+                metrics.record_log(step=step, loss=loss_value, lr=lr, accuracy=acc_value, images_per_second=ips,
+                                   epoch=epoch, epoch_progress=progress)
+                metrics.sync_skipped(loader.skipped)
+                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{ips * world:.1f}", refresh=False)
+            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+                last_checkpoint = save("periodic")
+        last_checkpoint = save("stop" if stopped else "final") or last_checkpoint
+    finally:
+        bar.close()
+        batches.close()  # stops reader threads and augmentation workers
+        stop.restore()
+        if trace:
+            trace.close()
+        metrics.sync_skipped(loader.skipped)
+    summary = {"step": step, "stopped": stopped, "loss": loss_value, "instance_accuracy": acc_value,
+               "checkpoint": last_checkpoint, "metrics_port": metrics_port, "skipped": dict(loader.skipped),
+               "rank": rank, "world": world}
+    summary["_metrics"] = metrics
+    if world > 1:
+        dist.destroy_process_group()
+    return summary

@@ -1,0 +1,217 @@
+"""The loader: a rank's sample stream -> batches of two augmented views (q, k) with their keys.
+
+Two backends share the stream, the batching and the resume state:
+  - `dali`:  DALI decodes and augments (GPU when there is one, CPU otherwise), fed by external_source.
+  - `torch`: PIL + torchvision in worker processes (the reference recipe).
+A sample that cannot be decoded is skipped and counted; batches always hold exactly `batch_size`
+samples, so every step on every rank has the same shape.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import random
+from collections import Counter, deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .sources import Shard, resolve_shards, with_counts
+from .stream import Item, SampleStream
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("dali", "torch")
+RECIPES = ("moco_v1", "moco_v2")
+
+
+@dataclass
+class LoaderConfig:
+    data: str
+    batch_size: int = 32
+    image_size: int = 224
+    recipe: str = "moco_v2"
+    backend: str = "dali"
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    workers: int = 2  # torch: augmentation processes; dali: CPU threads
+    device: str = "cpu"  # "cpu" | "gpu"
+    device_id: int | None = None
+    shuffle_shards: int = 4
+    read_ahead: int = 2
+    epochs: int | None = None  # None: endless
+
+
+@dataclass
+class Batch:
+    q: torch.Tensor  # (B, 3, S, S) float, normalised
+    k: torch.Tensor
+    keys: list[str]
+
+
+class TwoViewLoader:
+    def __init__(self, cfg: LoaderConfig, shards: list[Shard] | None = None):
+        if cfg.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+        if cfg.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
+        if cfg.batch_size < 1 or cfg.image_size < 8:
+            raise ValueError("batch_size must be >= 1 and image_size >= 8")
+        self.cfg = cfg
+        shards = with_counts(shards if shards is not None else resolve_shards(cfg.data))
+        self.stream = SampleStream(shards, seed=cfg.seed, world=cfg.world, rank=cfg.rank,
+                                   shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead,
+                                   epochs=cfg.epochs)
+
+    # Resume state: the stream position after the last batch handed out.
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+    @property
+    def skipped(self) -> Counter:
+        return self.stream.skipped
+
+    @property
+    def epoch_progress(self) -> tuple[int, float]:
+        return self.stream.epoch, self.stream.position / self.stream.samples_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        batches = self._dali_batches() if self.cfg.backend == "dali" else self._torch_batches()
+        for batch, last in batches:
+            self.stream.mark_consumed(last.epoch, last.position)
+            yield batch
+
+    # ---- torch backend -------------------------------------------------------------------------
+    def _torch_batches(self) -> Iterator[tuple[Batch, Item]]:
+        from .augment_torch import normalize
+
+        cfg, B = self.cfg, self.cfg.batch_size
+        items = iter(self.stream)
+        pool = None
+        if cfg.workers > 0:
+            # forkserver: the stream's reader threads must not be forked into the workers.
+            pool = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("forkserver"))
+        try:
+            in_flight: deque = deque()
+            ready: list[tuple[np.ndarray, np.ndarray, Item]] = []
+            exhausted = False
+            while True:
+                while not exhausted and len(in_flight) < max(1, 2 * cfg.workers):
+                    chunk = [it for _, it in zip(range(B), items)]
+                    if not chunk:
+                        exhausted = True
+                        break
+                    # Augmentation randomness depends on the data position, not on which worker runs it.
+                    seed = hash((cfg.seed, cfg.rank, chunk[0].epoch, chunk[0].position)) & 0x7FFFFFFF
+                    args = ([it.sample.data for it in chunk], cfg.recipe, cfg.image_size, seed)
+                    in_flight.append((chunk, pool.submit(augment_chunk, *args) if pool else augment_chunk(*args)))
+                if not in_flight:
+                    return
+                chunk, result = in_flight.popleft()
+                q, k, reasons = result.result() if pool else result
+                row = 0
+                for item, reason in zip(chunk, reasons):
+                    if reason is not None:
+                        self.stream.count(reason)
+                        log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
+                        continue
+                    ready.append((q[row], k[row], item))
+                    row += 1
+                while len(ready) >= B:
+                    rows, ready = ready[:B], ready[B:]
+                    qb = normalize(torch.from_numpy(np.stack([r[0] for r in rows])))
+                    kb = normalize(torch.from_numpy(np.stack([r[1] for r in rows])))
+                    yield Batch(qb, kb, [r[2].sample.key for r in rows]), rows[-1][2]
+        finally:
+            if pool:
+                pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- DALI backend --------------------------------------------------------------------------
+    def _dali_batches(self) -> Iterator[tuple[Batch, Item]]:
+        from .augment_dali import build_two_view_pipeline, dali_outputs_to_torch
+        from .image_check import check_image
+
+        cfg, B = self.cfg, self.cfg.batch_size
+        items = iter(self.stream)
+        pending: dict[int, Item] = {}  # sample id -> item, for batches inside the pipeline
+        next_id = 0
+
+        def source():
+            nonlocal next_id
+            encoded, ids = [], []
+            while len(encoded) < B:
+                item = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
+                # DALI cannot skip a bad image itself: anything it could choke on is filtered here.
+                reason = check_image(item.sample.data)
+                if reason is not None:
+                    self.stream.count(reason)
+                    log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
+                    continue
+                pending[next_id] = item
+                encoded.append(np.frombuffer(item.sample.data, dtype=np.uint8))
+                ids.append(np.array([next_id], dtype=np.int64))
+                next_id += 1
+            return encoded, ids
+
+        def build():
+            pipe = build_two_view_pipeline(
+                source, batch_size=B, size=cfg.image_size, recipe=cfg.recipe, device=cfg.device,
+                num_threads=max(1, cfg.workers), seed=cfg.seed * 1000 + cfg.rank, device_id=cfg.device_id)
+            pipe.build()
+            return pipe
+
+        pipe = build()
+        while True:
+            try:
+                outputs = pipe.run()
+            except StopIteration:
+                return
+            except Exception as e:  # a decoder failure: lose only what was inside the pipeline
+                if isinstance(e, StopIteration) or "StopIteration" in str(e):
+                    return
+                self.stream.count("decoder_error", len(pending))
+                log.error("DALI pipeline failed, %d in-flight samples skipped, rebuilding: %s", len(pending), e)
+                pending.clear()
+                del pipe
+                pipe = build()
+                continue
+            q, k, ids = dali_outputs_to_torch(outputs, cfg.device)
+            batch_items = [pending.pop(int(i)) for i in ids.tolist()]
+            yield Batch(q, k, [it.sample.key for it in batch_items]), batch_items[-1]
+
+
+def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):
+    """Decode + two views for a chunk of images (runs in a worker process). Returns uint8 arrays
+    for the decodable images and, per input, None or the reason it was skipped."""
+    from .augment_torch import UndecodableImage, decode_rgb, two_view_transform
+
+    torch.set_num_threads(1)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    transform = two_view_transform(recipe, size)
+    qs, ks, reasons = [], [], []
+    for data in datas:
+        try:
+            q, k = transform(decode_rgb(data))
+        except UndecodableImage as e:
+            reasons.append(e.reason)
+            continue
+        except Exception:  # anything else PIL raises on hostile input
+            reasons.append("corrupt")
+            continue
+        qs.append(q.numpy())
+        ks.append(k.numpy())
+        reasons.append(None)
+    empty = np.zeros((0, 3, size, size), np.uint8)
+    return (np.stack(qs) if qs else empty), (np.stack(ks) if ks else empty), reasons
+
+
+def build_loader(cfg: LoaderConfig) -> TwoViewLoader:
+    return TwoViewLoader(cfg)

@@ -1,0 +1,153 @@
+"""Where shards live: resolve a data spec to a shard list and read shard bytes through fsspec.
+
+A data spec is one of
+  - a manifest: `.../manifest.json`, or a folder / `s3://` prefix that holds one;
+  - a brace pattern: `s3://bucket/shard-{000000..000099}.tar`;
+  - a comma-separated list of shard URLs.
+S3 uses the standard AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables.
+"""
+from __future__ import annotations
+
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import braceexpand
+import fsspec
+
+log = logging.getLogger(__name__)
+
+SHARD_FORMATS = {".tar": "tar", ".parquet": "parquet"}
+
+
+class DataSpecError(ValueError):
+    """The data spec names nothing readable; a user error, reported in one line."""
+
+    user_error = True
+
+
+@dataclass(frozen=True)
+class Shard:
+    url: str
+    samples: int | None  # from the manifest; None when unknown
+    format: str  # "tar" | "parquet"
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for `url`: the S3 endpoint from AWS_ENDPOINT_URL when set."""
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
+    return {}
+
+
+def filesystem(url: str):
+    """(fs, path) for a local path or URL."""
+    return fsspec.core.url_to_fs(url, **storage_options(url))
+
+
+def shard_format(url: str) -> str:
+    for suffix, fmt in SHARD_FORMATS.items():
+        if url.endswith(suffix):
+            return fmt
+    raise DataSpecError(f"not a shard (expected .tar or .parquet): {url}")
+
+
+def _join(base: str, name: str) -> str:
+    return base.rstrip("/") + "/" + name
+
+
+def read_manifest(url: str) -> list[Shard]:
+    try:
+        fs, path = filesystem(url)
+        manifest = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        raise DataSpecError(f"manifest not found: {url}") from None
+    except json.JSONDecodeError as e:
+        raise DataSpecError(f"manifest is not valid JSON: {url} ({e})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise DataSpecError(f"manifest has no 'shards' list: {url}")
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    shards = []
+    for entry in manifest["shards"]:
+        name = entry["name"]
+        shard_url = name if "://" in name or name.startswith("/") else _join(base, name)
+        shards.append(Shard(shard_url, int(entry["samples"]), shard_format(name)))
+    return shards
+
+
+def resolve_shards(spec: str) -> list[Shard]:
+    """Turn a data spec into shards, in a stable order."""
+    spec = spec.strip()
+    if not spec:
+        raise DataSpecError("no data given (--data)")
+    if spec.endswith(".json"):
+        return read_manifest(spec)
+    if "," not in spec and "{" not in spec and not spec.endswith((".tar", ".parquet")):
+        # A folder or prefix: prefer its manifest, else list its shards.
+        fs, path = filesystem(spec)
+        manifest = _join(spec, "manifest.json")
+        if fs.exists(_join(path, "manifest.json")):
+            return read_manifest(manifest)
+        if not fs.exists(path):
+            raise DataSpecError(f"data not found: {spec}")
+        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".parquet")))
+        if not names:
+            raise DataSpecError(f"no manifest.json and no .tar/.parquet shards in {spec}")
+        prefix = spec.split("://")[0] + "://" if "://" in spec else ""
+        urls = [prefix + n if prefix and not n.startswith(prefix) else n for n in names]
+    else:
+        urls = [u for part in spec.split(",") for u in braceexpand.braceexpand(part.strip()) if u]
+    return [Shard(u, None, shard_format(u)) for u in urls]
+
+
+def read_bytes(url: str, retries: int = 3, backoff: float = 0.5) -> bytes:
+    """A whole shard's bytes, retried with exponential backoff and jitter on storage errors."""
+    fs, path = filesystem(url)
+    for attempt in range(retries + 1):
+        try:
+            return fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as e:  # transient storage errors: reset connections, 5xx, timeouts
+            if attempt == retries:
+                raise
+            delay = backoff * (2**attempt) * (0.5 + random.random())
+            log.warning("read failed (%s), retry %d/%d in %.1fs: %s", e, attempt + 1, retries, delay, url)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def count_samples(shard: Shard, data: bytes | None = None) -> int:
+    """Samples in a shard without a manifest entry: parquet metadata, else the DALI index, else a scan."""
+    if shard.format == "parquet":
+        import pyarrow.parquet as pq
+
+        fs, path = filesystem(shard.url)
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).metadata.num_rows
+    fs, path = filesystem(shard.url)
+    idx = path[: -len(".tar")] + ".idx"
+    if fs.exists(idx):
+        lines = fs.cat_file(idx).decode().splitlines()
+        return int(lines[0].split()[1]) if lines and lines[0].startswith("v1") else len(lines)
+    from .readers import read_samples
+
+    return sum(1 for _ in read_samples(shard, data if data is not None else read_bytes(shard.url), {}))
+
+
+def with_counts(shards: list[Shard]) -> list[Shard]:
+    """Fill in unknown sample counts (one metadata read per shard; manifests avoid this)."""
+    if all(s.samples is not None for s in shards):
+        return shards
+    out = []
+    for s in shards:
+        out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format))
+    return out
+
+
+__all__ = ["Shard", "DataSpecError", "resolve_shards", "read_manifest", "read_bytes", "with_counts",
+           "filesystem", "storage_options"]

@@ -1,0 +1,128 @@
+"""The epoch plan and the sample stream: balance across ranks, determinism, resume, damage."""
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import webdataset as wds
+
+from pipeline.plan import rank_blocks, rank_pieces, samples_per_rank
+from pipeline.sources import DataSpecError, Shard, resolve_shards, with_counts
+from pipeline.stream import SampleStream
+
+
+def write_tar(path, keys):
+    with wds.TarWriter(str(path)) as w:
+        for k in keys:
+            w.write({"__key__": k, "jpg": k.encode(), "json": b"{}"})
+
+
+def write_parquet(path, keys, row_group_size=3):
+    table = pa.table({"key": keys, "image": [k.encode() for k in keys]})
+    pq.write_table(table, path, row_group_size=row_group_size)
+
+
+@pytest.fixture
+def uneven_tars(tmp_path):
+    sizes = [5, 1, 9, 3, 7, 2, 4]  # 7 uneven shards, 31 samples
+    shards = []
+    for i, n in enumerate(sizes):
+        path = tmp_path / f"s-{i:06d}.tar"
+        write_tar(path, [f"s{i}_{j}" for j in range(n)])
+        shards.append(Shard(str(path), n, "tar"))
+    return shards
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_ranks_get_equal_disjoint_spans_covering_the_epoch(world):
+    counts = [5, 1, 9, 3, 7, 2, 4]
+    seen = Counter()
+    per_rank = samples_per_rank(counts, world)
+    for rank in range(world):
+        pieces = rank_pieces(counts, seed=3, epoch=0, world=world, rank=rank)
+        assert sum(p.stop - p.start for p in pieces) == per_rank
+        for block in rank_blocks(counts, 3, 0, world, rank, shuffle_shards=2):
+            for i in range(block.size):
+                seen[block.sample_at(i)] += 1
+    assert all(v == 1 for v in seen.values())
+    assert len(seen) == per_rank * world == sum(counts) - sum(counts) % world
+
+
+def test_plan_is_a_pure_function_and_changes_per_epoch():
+    counts = [4, 4, 4, 4]
+    order = lambda epoch: [b.sample_at(i) for b in rank_blocks(counts, 1, epoch, 1, 0, 2) for i in range(b.size)]
+    assert order(0) == order(0)
+    assert order(0) != order(1)
+    assert sorted(order(0)) == sorted(order(1))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_stream_over_uneven_shards_balances_ranks(uneven_tars, world):
+    streams = [SampleStream(uneven_tars, seed=0, world=world, rank=r, epochs=1) for r in range(world)]
+    keys = [[it.sample.key for it in s] for s in streams]
+    assert len({len(k) for k in keys}) == 1  # same count on every rank
+    flat = [k for ks in keys for k in ks]
+    assert len(flat) == len(set(flat)) == 31 - 31 % world
+    assert streams[0].skipped["epoch_remainder"] == 31 % world
+
+
+def test_resume_mid_epoch_continues_exactly(uneven_tars):
+    full = [it.sample.key for it in SampleStream(uneven_tars, seed=5, world=1, rank=0, shuffle_shards=2, epochs=2)]
+    first = SampleStream(uneven_tars, seed=5, world=1, rank=0, shuffle_shards=2, epochs=2)
+    taken = []
+    for it in first:
+        taken.append(it.sample.key)
+        first.mark_consumed(it.epoch, it.position)
+        if len(taken) == 40:  # past the first epoch's end (31)
+            break
+    second = SampleStream(uneven_tars, seed=5, world=1, rank=0, shuffle_shards=2, epochs=2)
+    second.load_state_dict(first.state_dict())
+    rest = [it.sample.key for it in second]
+    assert taken + rest == full
+
+
+def test_truncated_tar_keeps_samples_before_the_cut(tmp_path):
+    path = tmp_path / "t-000000.tar"
+    write_tar(path, [f"k{j}" for j in range(10)])
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    stream = SampleStream([Shard(str(path), 10, "tar")], seed=0, world=1, rank=0, epochs=1)
+    keys = [it.sample.key for it in stream]
+    assert 0 < len(keys) < 10
+    assert stream.skipped["truncated_shard"] == 1
+    assert stream.skipped["missing_in_shard"] == 10 - len(keys)
+
+
+def test_missing_shard_is_skipped_and_counted(tmp_path, uneven_tars):
+    shards = uneven_tars + [Shard(str(tmp_path / "gone-000000.tar"), 6, "tar")]
+    stream = SampleStream(shards, seed=0, world=1, rank=0, epochs=1)
+    keys = [it.sample.key for it in stream]
+    assert len(keys) == 31 and stream.skipped["shard_unreadable"] == 6
+
+
+def test_parquet_shards_and_counts_without_manifest(tmp_path):
+    for i in range(2):
+        write_parquet(tmp_path / f"p-{i:06d}.parquet", [f"p{i}_{j}" for j in range(7)])
+    shards = with_counts(resolve_shards(str(tmp_path / "p-{000000..000001}.parquet")))
+    assert [s.samples for s in shards] == [7, 7]
+    keys = [it.sample.key for it in SampleStream(shards, seed=0, world=1, rank=0, epochs=1)]
+    assert sorted(keys) == sorted(f"p{i}_{j}" for i in range(2) for j in range(7))
+
+
+def test_folder_without_manifest_lists_shards(tmp_path, uneven_tars):
+    shards = with_counts(resolve_shards(str(tmp_path)))
+    assert len(shards) == 7 and sum(s.samples for s in shards) == 31
+
+
+@pytest.mark.parametrize("spec", ["", "/nonexistent/folder", "/nonexistent/manifest.json", "x.zip"])
+def test_bad_data_specs_are_user_errors(spec):
+    with pytest.raises(DataSpecError):
+        resolve_shards(spec)
+
+
+def test_fewer_samples_than_ranks_is_an_error(uneven_tars):
+    with pytest.raises(DataSpecError):
+        SampleStream(uneven_tars[1:2], seed=0, world=2, rank=0)
