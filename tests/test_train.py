@@ -1,0 +1,198 @@
+"""The whole path: shards made by `mocostream shards create` -> loader -> MoCo trainer -> checkpoints,
+traces and a Prometheus endpoint; single process and 2-rank torchrun DDP (gloo) reading from S3."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, free_port
+from ops.cli import main as cli_main
+from ops.config import build_config
+from ops.train import train
+
+TINY = dict(arch="resnet18_cifar", image_size=32, batch_size=8, queue_size=100, workers=1, log_every=1,
+            progress=False, metrics_port=0)
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def torchrun(*args: str, env: dict | None = None, nproc: int = 2, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+           f"--master-port={free_port()}", "-m", "ops.cli", *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+
+
+def tiny_flags(**over) -> list[str]:
+    flags = {**TINY, **over}
+    out = []
+    for k, v in flags.items():
+        if k == "progress":
+            out += [] if v else ["--no-progress"]
+        else:
+            out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+@pytest.fixture(scope="module")
+def local_shards(imagenette_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards") / "tar"
+    r = cli("shards", "create", str(imagenette_small), "--out", str(out), "--format", "tar",
+            "--samples-per-shard", "25", "--quiet")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def s3_shards(imagenette_small, s3_server):
+    """Both formats on the real S3 server, written by the CLI."""
+    s3_server.make_bucket("train-data")
+    urls = {}
+    for fmt in ("tar", "parquet"):
+        url = f"s3://train-data/imagenette-{fmt}"
+        r = cli("shards", "create", str(imagenette_small), "--out", url, "--format", fmt,
+                "--samples-per-shard", "16", "--quiet", env=s3_server.env)
+        assert r.returncode == 0, r.stderr
+        urls[fmt] = url
+    return urls
+
+
+def test_single_process_training_with_torch_backend(local_shards, tmp_path):
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", recipe="moco_v1",
+                                checkpoint_dir=str(tmp_path / "ckpt"), trace_keys=str(tmp_path / "trace"), **TINY))
+    summary = train(cfg)
+    summary.pop("_metrics").stop()
+    assert summary["step"] == 3 and summary["loss"] == summary["loss"]  # finite, not NaN
+    assert Path(summary["checkpoint"]).name == "checkpoint-00000003.pt"
+    keys = (tmp_path / "trace.rank0").read_text().split()
+    assert len(keys) == 24 and len(set(keys)) == 24
+
+
+def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
+    port = free_port()
+    cfg = build_config({}, dict(data=str(local_shards), steps=2, backend="dali", checkpoint_dir=str(tmp_path),
+                                **{**TINY, "metrics_port": port}))
+    summary = train(cfg)
+    metrics = summary.pop("_metrics")
+    try:
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    finally:
+        metrics.stop()
+    text = body.decode()
+    for name in ("mocostream_samples_total", "mocostream_step_duration_seconds_bucket",
+                 "mocostream_data_wait_seconds_bucket", "mocostream_loss", "mocostream_learning_rate",
+                 "mocostream_instance_accuracy", "mocostream_images_per_second"):
+        assert f'{name}{{' in text and 'rank="0"' in text, name
+    assert 'mocostream_samples_total{rank="0"} 16.0' in text
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package 'prometheus'; .ci/run installs it)")
+    r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
+    """A run cut after 3 steps and resumed consumes exactly the keys of an uninterrupted run."""
+    base = dict(data=str(local_shards), backend="torch", **TINY)
+
+    def run(steps, name, resume=False):
+        s = train(build_config({}, dict(base, steps=steps, resume=resume, checkpoint_dir=str(tmp_path / name),
+                                        trace_keys=str(tmp_path / f"{name}.keys"))))
+        s.pop("_metrics").stop()
+        return s
+
+    run(20, "whole")  # 160 samples: crosses the 120-sample epoch boundary
+    run(9, "cut")
+    assert run(20, "cut", resume=True)["step"] == 20
+    whole = (tmp_path / "whole.keys.rank0").read_text().split()
+    assert (tmp_path / "cut.keys.rank0").read_text().split() == whole
+    assert len(set(whole[:120])) == 120
+
+
+def test_cli_bad_arguments_give_one_line_errors(tmp_path):
+    cases = [
+        ["train", "--data", str(tmp_path / "missing"), "--steps", "1"],
+        ["train", "--data", "x.tar", "--arch", "vgg11"],
+        ["train", "--data", "x.tar", "--batch-size", "0"],
+        ["train"],
+        ["train", "--config", str(tmp_path / "nope.yaml")],
+    ]
+    for args in cases:
+        r = cli(*args, "--metrics-port", "0")
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("mocostream: error:"), (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_config_file_and_flag_precedence(tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text("data: /d\nsteps: 7\nbatch-size: 16\nrecipe: moco_v1\n")
+    r = cli("train", "--config", str(conf), "--steps", "9", "--print-config")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert (cfg["steps"], cfg["batch_size"], cfg["temperature"], cfg["mlp"]) == (9, 16, 0.07, False)
+    conf.write_text("data: /d\nbogus_option: 1\n")
+    r = cli("train", "--config", str(conf))
+    assert r.returncode == 2 and "bogus_option" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend,fmt", [("dali", "tar"), ("torch", "parquet"), ("dali", "parquet"), ("torch", "tar")])
+def test_two_rank_ddp_from_s3(s3_shards, s3_server, backend, fmt, tmp_path):
+    s3_server.make_bucket("checkpoints")
+    ckpt = f"s3://checkpoints/{backend}-{fmt}"
+    proc = torchrun("train", "--data", s3_shards[fmt], "--steps", "4", "--backend", backend,
+                    "--checkpoint-dir", ckpt, "--trace-keys", str(tmp_path / "keys"), *tiny_flags(),
+                    env=s3_server.env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    traces = [(tmp_path / f"keys.rank{r}").read_text().split() for r in (0, 1)]
+    assert len(traces[0]) == len(traces[1]) == 32
+    assert not set(traces[0]) & set(traces[1])  # 120 samples, 60 per rank: no overlap within the epoch
+    names = s3_server.filesystem().ls(ckpt.removeprefix("s3://"))
+    assert any(n.endswith("checkpoint-00000004.pt") for n in names)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_finishes(s3_shards, s3_server, tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    flags = ["--data", s3_shards["tar"], "--backend", "torch", "--checkpoint-dir", ckpt,
+             "--trace-keys", str(tmp_path / "keys"), "--checkpoint-every", "1000", *tiny_flags()]
+    proc = torchrun("train", "--steps", "200", *flags, env=s3_server.env, start_new_session=True)
+    trace0 = tmp_path / "keys.rank0"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not trace0.exists() or len(trace0.read_text().split()) < 16):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    saved = sorted(Path(ckpt).glob("checkpoint-*.pt"))
+    assert len(saved) == 1
+    stopped_at = int(saved[0].stem.split("-")[1])
+    assert 2 <= stopped_at < 200
+    n_before = [len((tmp_path / f"keys.rank{r}").read_text().split()) for r in (0, 1)]
+    assert n_before == [stopped_at * 8] * 2  # every consumed batch was checkpointed
+    proc = torchrun("train", "--steps", str(stopped_at + 3), "--resume", *flags, env=s3_server.env)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert sorted(Path(ckpt).glob("checkpoint-*.pt"))[-1].name == f"checkpoint-{stopped_at + 3:08d}.pt"
+    for r in (0, 1):
+        keys = (tmp_path / f"keys.rank{r}").read_text().split()
+        assert len(keys) == (stopped_at + 3) * 8
+        epoch_len = 60  # 120 samples / 2 ranks: no key repeats within an epoch
+        for start in range(0, len(keys), epoch_len):
+            chunk = keys[start : start + epoch_len]
+            assert len(chunk) == len(set(chunk))
