@@ -5,7 +5,9 @@
 # /dev/shm: the torch backend's worker processes and NCCL use shared memory; give the container
 # at least 8 GB (--shm-size, or a memory-backed emptyDir on Kubernetes).
 # DALI's hardware JPEG decoder needs the driver's `video` capability (set below).
-FROM nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
+# The CUDA user-space libraries come with the pinned torch and DALI wheels; the base gives the CUDA
+# container setup. Ubuntu 22.04 has Python 3.11 in universe.
+FROM nvidia/cuda:13.0.1-base-ubuntu22.04
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
