@@ -56,7 +56,7 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
+    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun, even with one process
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(minutes=10))
     return rank, world, local_rank, device
 
@@ -115,7 +115,7 @@ def train(cfg: TrainConfig) -> dict:
     # The queue is identical on every rank (keys are all-gathered), so buffers are not re-broadcast.
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
-        if world > 1 else model
+        if dist.is_initialized() else model
     peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * world)
     optimizer = build_optimizer(model, peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
 
@@ -175,7 +175,8 @@ def train(cfg: TrainConfig) -> dict:
     last_log_time, last_log_step = time.perf_counter(), step
     loss_value, acc_value, stopped = float("nan"), float("nan"), False
     last_checkpoint = None
-    t_end = time.perf_counter()
+    t_end = t_start = time.perf_counter()
+    wait_total, samples_total, start_step = 0.0, 0, step
     try:
         while step < cfg.steps:
             if step % stop_check_every == 0 and world > 1:
@@ -206,6 +207,8 @@ def train(cfg: TrainConfig) -> dict:
                 trace.write("".join(k + "\n" for k in batch.keys))
             t_step_end = time.perf_counter()
             metrics.record_step(len(batch.keys), t_step_end - t_end, t_data - t_end)
+            wait_total += t_data - t_end
+            samples_total += len(batch.keys)
             t_end = t_step_end
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -229,10 +232,13 @@ def train(cfg: TrainConfig) -> dict:
         if trace:
             trace.close()
         metrics.sync_skipped(loader.skipped)
-    summary = {"step": step, "stopped": stopped, "loss": loss_value, "instance_accuracy": acc_value,
+    elapsed = time.perf_counter() - t_start
+    summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed,
+               "images_per_second": samples_total * world / max(elapsed, 1e-9),
+               "data_wait_share": wait_total / max(elapsed, 1e-9), "stopped": stopped, "loss": loss_value, "instance_accuracy": acc_value,
                "checkpoint": last_checkpoint, "metrics_port": metrics_port, "skipped": dict(loader.skipped),
                "rank": rank, "world": world}
     summary["_metrics"] = metrics
-    if world > 1:
+    if dist.is_initialized():
         dist.destroy_process_group()
     return summary
