@@ -1,0 +1,108 @@
+"""The destination: a local folder or an fsspec URL (s3://bucket/prefix), written atomically.
+
+No file ever appears under its final name half-written:
+- local: build under a temp name in the destination folder, then `os.replace` (atomic on POSIX);
+- remote: build in a local temp dir, then upload the finished file (an S3 object only becomes
+  visible once its PUT / multipart upload completes).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .errors import ShardError
+
+
+def storage_options(url: str) -> dict:
+    """fsspec options for `url`. For s3, endpoint and keys come from the standard AWS_* variables.
+
+    botocore itself reads AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; we also
+    pass the endpoint explicitly and skip s3fs's instance cache, so a changed environment
+    (another endpoint in the same process) is never served by a stale cached filesystem.
+    """
+    if not url.startswith(("s3://", "s3a://")):
+        return {}
+    opts: dict = {"skip_instance_cache": True}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    return opts
+
+
+class Destination:
+    def __init__(self, url: str):
+        self.url = url.rstrip("/") or url
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url))
+        except (ImportError, ValueError) as exc:
+            raise ShardError(f"unsupported destination {url}: {exc}") from exc
+        self.local = isinstance(self.fs, LocalFileSystem)
+        self._preflight()
+        # Where files are built before they are published under their final name.
+        self.staging = self.root if self.local else tempfile.mkdtemp(prefix="mocostream-shards-")
+        self._pending: set[str] = set()
+
+    def _preflight(self) -> None:
+        manifest = self.join("manifest.json")
+        try:
+            if self.local:
+                os.makedirs(self.root, exist_ok=True)
+            else:
+                bucket = self.root.split("/", 1)[0]
+                if not self.fs.exists(bucket):
+                    raise ShardError(f"bucket not found: {bucket} (in {self.url})")
+            exists = self.fs.exists(manifest)
+        except ShardError:
+            raise
+        except Exception as exc:  # permissions, bad credentials, unreachable endpoint
+            raise ShardError(f"cannot use destination {self.url}: {type(exc).__name__}: {exc}") from exc
+        if exists:
+            # Refuse rather than leave a manifest that disagrees with half-replaced shards.
+            raise ShardError(f"destination already holds a shard set ({self.url}/manifest.json); "
+                             "choose an empty destination or remove it first")
+
+    def join(self, name: str) -> str:
+        return f"{self.root}/{name}" if not self.local else os.path.join(self.root, name)
+
+    def location(self, name: str) -> str:
+        """User-facing URL of a published file."""
+        return f"{self.url}/{name}"
+
+    def staging_path(self, name: str) -> str:
+        # Dot-prefixed temp name: never matches `<prefix>-NNNNNN.tar` globs, easy to spot if a run is killed.
+        path = os.path.join(self.staging, f".{name}.tmp-{os.getpid()}")
+        self._pending.add(path)
+        return path
+
+    def publish(self, staged: str, name: str) -> None:
+        """Move a finished staged file to its final name."""
+        if self.local:
+            # fsync first: after a crash the final name must never point at missing data.
+            with open(staged, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(staged, self.join(name))
+        else:
+            self.fs.put_file(staged, self.join(name))
+            os.remove(staged)
+        self._pending.discard(staged)
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        staged = self.staging_path(name)
+        with open(staged, "wb") as f:
+            f.write(data)
+        self.publish(staged, name)
+
+    def close(self) -> None:
+        """Remove leftovers of an interrupted run (only our own temp files)."""
+        for path in list(self._pending):
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+        self._pending.clear()
+        if not self.local:
+            shutil.rmtree(self.staging, ignore_errors=True)
