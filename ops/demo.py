@@ -74,10 +74,13 @@ def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int
     if not (images / CLASSES[-1]).exists():
         n = write_images(images)
         print(f"[demo] drew {n} images in {len(CLASSES)} classes: {images}")
-    report = create_shards([str(images)], str(shards_dir), fmt="tar", samples_per_shard=64, progress=False)
-    print(f"[demo] {report.written} samples in {len(report.shards)} tar shards: {shards_dir}/manifest.json")
+    if not (shards_dir / "manifest.json").exists():
+        report = create_shards([str(images)], str(shards_dir), fmt="tar", samples_per_shard=64, progress=False)
+        print(f"[demo] {report.written} samples in {len(report.shards)} tar shards: {shards_dir}/manifest.json")
+    else:
+        print(f"[demo] reusing the shards of an earlier run: {shards_dir}/manifest.json")
     cfg = build_config({}, dict(
-        data=str(shards_dir), steps=steps, batch_size=32, arch="resnet18_cifar", image_size=32, backend=backend,
+        data=str(shards_dir), steps=steps, batch_size=32, arch="resnet18", image_size=64, backend=backend,
         recipe="moco_v2", queue_size=1024, checkpoint_dir=str(ckpt_dir), checkpoint_every=max(1, steps // 2),
         metrics_port=metrics_port, metrics_addr="127.0.0.1", log_every=5, trace_keys=str(root / "trace-keys")))
     if metrics_port == 0:  # "any free port": let the endpoint pick one

@@ -112,9 +112,10 @@ def train(cfg: TrainConfig) -> dict:
                  T=cfg.temperature, mlp=cfg.mlp, bn_splits=auto_bn_splits(cfg, world)).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    # The queue is identical on every rank (keys are all-gathered), so buffers are not re-broadcast.
+    # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
+    # all-gathered), so the 32 MB queue is not re-broadcast every step.
     ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
+        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
         if dist.is_initialized() else model
     peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * world)
     optimizer = build_optimizer(model, peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)

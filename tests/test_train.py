@@ -19,7 +19,7 @@ from ops.cli import main as cli_main
 from ops.config import build_config
 from ops.train import train
 
-TINY = dict(arch="resnet18_cifar", image_size=32, batch_size=8, queue_size=100, workers=1, log_every=1,
+TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=100, workers=1, log_every=1,
             progress=False, metrics_port=0)
 
 

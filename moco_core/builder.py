@@ -1,0 +1,173 @@
+"""MoCo: a query encoder, a momentum key encoder and a queue of keys (He et al., arXiv 1911.05722).
+
+Follows facebookresearch/moco `moco/builder.py` (commit 7397dfe), with three changes:
+the queue takes any K and batch size, the momentum update is one fused pass, and Shuffle BN also works
+on a single device (`bn_splits`), not only across DDP ranks.
+
+Under DDP every rank must start from the same queue: wrap with `DistributedDataParallel(model,
+forward_sync_buffers=False)` (torch >= 2.14: buffers synced once at init, no per-step broadcast of the queue).
+The older `broadcast_buffers=False` also skips the init sync, so ranks would start with different queues.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, world_size
+
+
+class MoCo(nn.Module):
+    """
+    Build a MoCo model with: a query encoder, a key encoder, and a queue
+    https://arxiv.org/abs/1911.05722
+    """
+
+    def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536,
+                 m: float = 0.999, T: float = 0.07, mlp: bool = False, bn_splits: int = 1):
+        """
+        dim: feature dimension (default: 128)
+        K: queue size; number of negative keys (default: 65536)
+        m: moco momentum of updating key encoder (default: 0.999); a plain attribute, may change between steps
+        T: softmax temperature (default: 0.07)
+        mlp: MoCo v2 projection head, fc -> Linear-ReLU-fc (default: False)
+        bn_splits: Shuffle BN on one device: encode the batch in this many sub-batches (default: 1, off)
+        """
+        super().__init__()
+        if K < 1 or dim < 1:
+            raise ValueError(f"MoCo needs K >= 1 and dim >= 1, got K={K}, dim={dim}")
+        if bn_splits < 1:
+            raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
+        self.K = K
+        self.m = m
+        self.T = T
+        self.dim = dim
+        self.bn_splits = bn_splits
+
+        # create the encoders
+        # num_classes is the output fc dimension
+        self.encoder_q = base_encoder(num_classes=dim)
+        self.encoder_k = base_encoder(num_classes=dim)
+
+        if mlp:  # hack: brute-force replacement
+            dim_mlp = self.encoder_q.fc.weight.shape[1]
+            self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
+            self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
+
+        # initialize the key encoder as a copy (parameters and BN statistics); not updated by gradient
+        self.encoder_k.load_state_dict(self.encoder_q.state_dict())
+        for param_k in self.encoder_k.parameters():
+            param_k.requires_grad = False
+
+        # create the queue
+        self.register_buffer("queue", F.normalize(torch.randn(dim, K), dim=0))
+        self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+
+    @torch.no_grad()
+    def _momentum_update_key_encoder(self):
+        """
+        Momentum update of the key encoder: theta_k <- m * theta_k + (1 - m) * theta_q,
+        as one fused pass over all parameters instead of a python loop.
+        """
+        params_q = list(self.encoder_q.parameters())
+        params_k = list(self.encoder_k.parameters())
+        torch._foreach_mul_(params_k, self.m)
+        torch._foreach_add_(params_k, params_q, alpha=1.0 - self.m)
+
+    @torch.no_grad()
+    def _dequeue_and_enqueue(self, keys: torch.Tensor):
+        """Write the keys of all ranks (rank order) over the oldest entries of the queue.
+
+        Works for any K and batch size: the write wraps around the end of the queue, and a batch larger
+        than K keeps its last K keys. Pointer arithmetic stays on the device, so there is no host sync.
+        """
+        # gather keys before updating queue
+        keys = concat_all_gather(keys)
+        batch_size = keys.shape[0]
+
+        keep = min(batch_size, self.K)  # only the newest K keys survive a write larger than the queue
+        start = self.queue_ptr + (batch_size - keep)
+        idx = (start + torch.arange(keep, device=keys.device)) % self.K  # distinct, so the write is deterministic
+        self.queue.index_copy_(1, idx, keys[batch_size - keep:].T.to(self.queue.dtype))
+
+        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.K)  # move pointer
+
+    @torch.no_grad()
+    def _split_permutation(self, n: int, device: torch.device) -> torch.Tensor:
+        """A random order of the n keys in which consecutive keys come from different query sub-batches.
+
+        Reading it in `bn_splits` chunks, every key sub-batch draws round-robin from all query sub-batches,
+        so no key is normalised with the same set of samples as its query (plain randperm can repeat a split).
+        """
+        per = n // self.bn_splits
+        within = torch.rand(self.bn_splits, per, device=device).argsort(dim=1)  # shuffle inside each query chunk
+        offset = torch.arange(self.bn_splits, device=device)[:, None] * per
+        return (within + offset).T.reshape(-1)  # column-wise read: round-robin over query chunks
+
+    def _encode_split(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Encode in `bn_splits` contiguous sub-batches: one forward each, so BN statistics are per sub-batch."""
+        if self.bn_splits == 1:
+            return encoder(x)
+        return torch.cat([encoder(chunk) for chunk in x.chunk(self.bn_splits)], dim=0)
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Input:
+            im_q: a batch of query images
+            im_k: a batch of key images
+        Output:
+            logits, targets
+        """
+        n = im_q.shape[0]
+        if im_k.shape[0] != n:
+            raise ValueError(f"im_q and im_k must hold the same number of images, got {n} and {im_k.shape[0]}")
+        if n % self.bn_splits != 0:
+            raise ValueError(f"bn_splits={self.bn_splits} must divide the per-device batch size, got {n} images")
+
+        # compute query features
+        q = self._encode_split(self.encoder_q, im_q)  # queries: NxC
+        q = F.normalize(q, dim=1)
+
+        # compute key features
+        with torch.no_grad():  # no gradient to keys
+            self._momentum_update_key_encoder()  # update the key encoder
+
+            # Shuffle BN: the key of a sample must not see the BN statistics its query saw
+            distributed = world_size() > 1
+            if distributed:  # across ranks: shuffle the global batch, as in the reference
+                im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
+            if self.bn_splits > 1:  # within this device: reorder so key sub-batches mix query sub-batches
+                idx_split = self._split_permutation(n, im_k.device)
+                im_k = im_k[idx_split]
+
+            k = self._encode_split(self.encoder_k, im_k)  # keys: NxC
+            k = F.normalize(k, dim=1)
+
+            # undo shuffle
+            if self.bn_splits > 1:
+                k = k[torch.argsort(idx_split)]
+            if distributed:
+                k = batch_unshuffle_ddp(k, idx_unshuffle)
+
+        # compute logits
+        # Einstein sum is more intuitive
+        # positive logits: Nx1
+        l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
+        # negative logits: NxK
+        l_neg = torch.einsum("nc,ck->nk", [q, self.queue.clone().detach()])
+
+        # logits: Nx(1+K)
+        logits = torch.cat([l_pos, l_neg], dim=1)
+
+        # apply temperature
+        logits /= self.T
+
+        # labels: positive key indicators
+        labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+
+        # dequeue and enqueue, after the logits: this batch's keys are never its own negatives
+        self._dequeue_and_enqueue(k)
+
+        return logits, labels

@@ -1,0 +1,418 @@
+"""moco_core: encoders, momentum update, queue, Shuffle BN (single device and real 2-rank DDP), loss, schedule."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moco_core import (ARCHS, MoCo, build_encoder, build_optimizer, cosine_lr, info_nce, instance_accuracy,
+                       scaled_lr)
+from moco_core.distributed import (batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, rank,
+                                   world_size)
+
+
+class TinyNet(nn.Module):
+    """A small conv net shaped like a torchvision ResNet (BN, `.fc`), so MoCo tests run in milliseconds."""
+
+    def __init__(self, num_classes: int = 8):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.pool(F.relu(self.bn1(self.conv1(x)))).flatten(1))
+
+
+def images_with_ids(ids, size: int = 8, generator=None) -> torch.Tensor:
+    """Random images whose pixel [0, 0, 0] holds the sample id, so a hook can tell which samples it saw."""
+    x = torch.randn(len(ids), 3, size, size, generator=generator)
+    x[:, 0, 0, 0] = torch.as_tensor(ids, dtype=x.dtype)
+    return x
+
+
+def ids_of(x: torch.Tensor) -> list[int]:
+    return [int(v) for v in x[:, 0, 0, 0].round().tolist()]
+
+
+def record_inputs(module: nn.Module) -> list[torch.Tensor]:
+    """Every batch `module` is called with, in call order."""
+    seen: list[torch.Tensor] = []
+    module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+# ---------------------------------------------------------------------------------------------- encoders
+
+@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet18_cifar", 32), ("resnet50_cifar", 32)])
+def test_encoder_output_shape(arch, size):
+    torch.manual_seed(0)
+    net = build_encoder(arch)(num_classes=16).eval()
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, size, size))
+    assert out.shape == (2, 16)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet50_builds_with_2048_features():
+    net = build_encoder("resnet50")(num_classes=128)
+    assert net.fc.in_features == 2048 and net.fc.out_features == 128
+    assert net.conv1.kernel_size == (7, 7)
+
+
+def test_cifar_stem_keeps_resolution():
+    std = build_encoder("resnet18")(num_classes=10)
+    cifar = build_encoder("resnet18_cifar")(num_classes=10)
+    assert std.conv1.kernel_size == (7, 7) and std.conv1.stride == (2, 2)
+    assert cifar.conv1.kernel_size == (3, 3) and cifar.conv1.stride == (1, 1) and cifar.conv1.padding == (1, 1)
+    assert cifar.conv1.bias is None
+    assert isinstance(cifar.maxpool, nn.Identity) and isinstance(std.maxpool, nn.MaxPool2d)
+    # the stem really keeps 32x32: layer1 sees 32x32 in the cifar net, 8x8 in the ImageNet one
+    shapes = {}
+    for name, net in (("std", std), ("cifar", cifar)):
+        net.layer1.register_forward_pre_hook(lambda _m, a, name=name: shapes.__setitem__(name, a[0].shape[-2:]))
+        with torch.no_grad():
+            net.eval()(torch.randn(1, 3, 32, 32))
+    assert shapes == {"std": (8, 8), "cifar": (32, 32)}
+
+
+def test_unknown_arch_names_the_choices():
+    with pytest.raises(ValueError) as e:
+        build_encoder("vit_b16")
+    for arch in ARCHS:
+        assert arch in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------- encoders in MoCo
+
+def test_mlp_head_replaces_fc_on_both_encoders():
+    model = MoCo(build_encoder("resnet50"), dim=128, K=16, mlp=True)
+    for enc in (model.encoder_q, model.encoder_k):
+        fc = enc.fc
+        assert isinstance(fc, nn.Sequential) and isinstance(fc[1], nn.ReLU)
+        assert (fc[0].in_features, fc[0].out_features) == (2048, 2048)
+        assert (fc[2].in_features, fc[2].out_features) == (2048, 128)
+
+
+def test_key_encoder_starts_as_copy_and_gets_no_grad():
+    torch.manual_seed(0)
+    model = MoCo(TinyNet, dim=8, K=16, mlp=True)
+    sq, sk = model.encoder_q.state_dict(), model.encoder_k.state_dict()
+    assert sq.keys() == sk.keys()
+    for name in sq:
+        assert torch.equal(sq[name], sk[name]), name
+    assert all(not p.requires_grad for p in model.encoder_k.parameters())
+    assert all(p.requires_grad for p in model.encoder_q.parameters())
+    # they are copies, not shared tensors
+    assert all(pq.data_ptr() != pk.data_ptr()
+               for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()))
+
+    logits, labels = model(torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8))
+    info_nce(logits, labels).backward()
+    assert all(p.grad is None for p in model.encoder_k.parameters())
+    assert all(p.grad is not None for p in model.encoder_q.parameters())
+
+    opt = build_optimizer(model, lr=0.1)
+    n_trainable = sum(p.numel() for g in opt.param_groups for p in g["params"])
+    assert n_trainable == sum(p.numel() for p in model.encoder_q.parameters())
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
+
+
+def test_momentum_update_matches_naive_loop():
+    torch.manual_seed(0)
+    model = MoCo(TinyNet, dim=8, K=16, m=0.9)
+    with torch.no_grad():  # an "optimizer step" on the query encoder so q != k
+        for p in model.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    for m in (0.9, 0.5):  # m is a plain attribute a trainer can change between steps
+        model.m = m
+        expected = [m * pk.detach().clone() + (1 - m) * pq.detach()
+                    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters())]
+        model._momentum_update_key_encoder()
+        for e, pk in zip(expected, model.encoder_k.parameters()):
+            torch.testing.assert_close(pk, e, rtol=0, atol=1e-6)
+        assert not any(torch.equal(e, pq) for e, pq in zip(expected, model.encoder_q.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------- queue
+
+def naive_queue_write(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
+    """The obvious circular buffer: write key after key, wrapping at K."""
+    for key in keys:
+        queue[:, ptr] = key
+        ptr = (ptr + 1) % queue.shape[1]
+    return ptr
+
+
+@pytest.mark.parametrize("K,batches", [(10, [4, 4, 4, 4, 4]), (10, [3, 7, 4, 25, 1]), (7, [13, 2]), (5, [5, 5])])
+def test_queue_any_K_and_batch(K, batches):
+    torch.manual_seed(0)
+    model = MoCo(TinyNet, dim=4, K=K)
+    for col in range(K):
+        assert math.isclose(model.queue[:, col].norm().item(), 1.0, rel_tol=1e-5)
+    naive, ptr = model.queue.clone(), 0
+    history = []
+    for b in batches:
+        keys = F.normalize(torch.randn(b, 4), dim=1)
+        history.extend(keys)
+        model._dequeue_and_enqueue(keys)
+        ptr = naive_queue_write(naive, ptr, keys)
+        assert torch.equal(model.queue, naive)
+        assert model.queue_ptr.dtype == torch.long and model.queue_ptr.shape == (1,)
+        assert model.queue_ptr.item() == ptr == len(history) % K
+    # as a FIFO: once full, the queue holds exactly the newest K keys
+    if len(history) >= K:
+        newest = torch.stack(history[-K:])
+        stored = model.queue.T
+        assert all(any(torch.equal(s, n) for s in stored) for n in newest)
+
+
+def test_queue_batch_larger_than_K_keeps_last_K():
+    model = MoCo(TinyNet, dim=2, K=4)
+    model._dequeue_and_enqueue(torch.ones(1, 2))  # ptr = 1
+    keys = torch.arange(18, dtype=torch.float32).view(9, 2)  # 9 keys > K=4
+    model._dequeue_and_enqueue(keys)
+    # written key by key from ptr 1: positions 1,2,3,0,1,2,3,0,1 -> the last four keys (5..8) win
+    assert model.queue_ptr.item() == (1 + 9) % 4
+    assert sorted(model.queue[0].tolist()) == [10.0, 12.0, 14.0, 16.0]
+    assert model.queue[:, 1].tolist() == [16.0, 17.0]  # key 8 landed where the pointer was before it
+
+
+# ---------------------------------------------------------------------------------------------- forward
+
+def test_forward_logits_and_labels():
+    torch.manual_seed(0)
+    model = MoCo(TinyNet, dim=8, K=12, T=0.2)
+    queue_before = model.queue.clone()
+    im_q, im_k = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    logits, labels = model(im_q, im_k)
+    assert logits.shape == (6, 1 + 12)
+    assert labels.dtype == torch.long and labels.shape == (6,) and not labels.any()
+
+    q = F.normalize(model.encoder_q(im_q), dim=1)
+    k = F.normalize(model.encoder_k(im_k), dim=1)  # key encoder is unchanged since its forward
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / 0.2)
+    torch.testing.assert_close(logits[:, 1:], q @ queue_before / 0.2)  # negatives: the queue before this step
+
+    # enqueue after logits: this step's keys went into the queue, but were not among its negatives
+    torch.testing.assert_close(model.queue[:, :6], k.T)
+    assert model.queue_ptr.item() == 6
+
+    loss = info_nce(logits, labels)
+    torch.testing.assert_close(loss, -F.log_softmax(logits, dim=1)[:, 0].mean())
+    acc = instance_accuracy(logits)
+    assert isinstance(acc, torch.Tensor) and acc.ndim == 0
+    assert acc.item() == (logits.argmax(1) == 0).float().mean().item()
+
+
+def test_momentum_update_happens_before_key_forward():
+    torch.manual_seed(0)
+    model = MoCo(TinyNet, dim=8, K=12, m=0.0)
+    with torch.no_grad():  # a stale key encoder: if it were used for the keys, l_pos would differ
+        for p in model.encoder_k.parameters():
+            p.add_(torch.randn_like(p))
+    im_q, im_k = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    logits, _ = model(im_q, im_k)
+    for pq, pk in zip(model.encoder_q.parameters(), model.encoder_k.parameters()):
+        assert torch.equal(pq, pk)  # m = 0: the key encoder is now the query encoder
+    q = F.normalize(model.encoder_q(im_q), dim=1)
+    k = F.normalize(model.encoder_q(im_k), dim=1)
+    torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / model.T)
+
+
+def test_instance_accuracy_counts_rows_won_by_the_positive():
+    logits = torch.tensor([[5.0, 1.0, 2.0], [0.0, 3.0, 1.0], [2.0, 1.0, 0.0], [1.0, 1.5, 0.5]])
+    assert instance_accuracy(logits).item() == 0.5
+    labels = torch.zeros(4, dtype=torch.long)
+    torch.testing.assert_close(info_nce(logits, labels), F.cross_entropy(logits, labels))
+
+
+# ---------------------------------------------------------------------------------------------- Shuffle BN, one device
+
+def test_bn_splits_key_never_shares_its_query_sub_batch():
+    torch.manual_seed(0)
+    splits, n = 2, 8
+    model = MoCo(TinyNet, dim=8, K=32, m=0.9, bn_splits=splits)
+    hooked_q, hooked_k = record_inputs(model.encoder_q), record_inputs(model.encoder_k)
+    for step in range(3):
+        ids = list(range(100 * step, 100 * step + n))
+        im_q, im_k = images_with_ids(ids), images_with_ids(ids)
+        hooked_q.clear(), hooked_k.clear()
+        logits, _ = model(im_q, im_k)
+        seen_q, seen_k = list(hooked_q), list(hooked_k)  # snapshot: the recomputation below calls the hooks again
+
+        # one forward per sub-batch: queries in contiguous chunks, keys in reordered chunks
+        assert [len(x) for x in seen_q] == [n // splits] * splits == [len(x) for x in seen_k]
+        assert [ids_of(x) for x in seen_q] == [ids[:4], ids[4:]]
+        q_chunk = {i: frozenset(ids_of(c)) for c in seen_q for i in ids_of(c)}
+        k_chunk = {i: frozenset(ids_of(c)) for c in seen_k for i in ids_of(c)}
+        assert sorted(k_chunk) == ids  # every key computed exactly once
+        for i in ids:
+            assert k_chunk[i] != q_chunk[i], f"sample {i}: key normalised with its query's sub-batch"
+
+        # the keys went back to their samples: recompute each key chunk and compare l_pos
+        with torch.no_grad():
+            q = torch.cat([F.normalize(model.encoder_q(c), dim=1) for c in im_q.chunk(splits)])
+            k = {}
+            for c in seen_k:
+                for i, row in zip(ids_of(c), F.normalize(model.encoder_k(c), dim=1)):
+                    k[i] = row
+            k = torch.stack([k[i] for i in ids])
+            full_batch_q = F.normalize(model.encoder_q(im_q), dim=1)
+        torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / model.T)
+        assert not torch.allclose(q, full_batch_q, atol=1e-4)  # the split really changed BN statistics
+        torch.testing.assert_close(model.queue[:, (n * step) % 32:(n * step) % 32 + n], k.T)
+
+
+def test_bn_splits_must_divide_batch():
+    model = MoCo(TinyNet, dim=8, K=16, bn_splits=4)
+    with pytest.raises(ValueError, match="bn_splits=4 must divide"):
+        model(torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8))
+    with pytest.raises(ValueError):
+        MoCo(TinyNet, dim=8, K=16, bn_splits=0)
+
+
+def test_single_process_collectives_are_identity():
+    assert world_size() == 1 and rank() == 0
+    x = torch.randn(5, 3)
+    assert torch.equal(concat_all_gather(x), x)
+    xs, idx_unshuffle = batch_shuffle_ddp(x)
+    assert torch.equal(batch_unshuffle_ddp(xs, idx_unshuffle), x)
+    assert torch.equal(xs, x[torch.argsort(idx_unshuffle)])
+
+
+# ---------------------------------------------------------------------------------------------- real DDP, 2 ranks
+
+def _ddp_worker(rank_: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank_, world_size=world)
+    try:
+        torch.manual_seed(rank_)  # different initial weights and queue per rank: DDP must make them agree
+        n, K = 4, 24
+        model = MoCo(TinyNet, dim=8, K=K, m=0.9, T=0.1, mlp=True, bn_splits=2)
+        # no per-step buffer broadcast (the queue is K x dim), but buffers synced once at init. In torch 2.14
+        # `broadcast_buffers=False` is deprecated and also skips that init sync (queues would start per rank).
+        ddp = DDP(model, forward_sync_buffers=False)
+        opt = build_optimizer(ddp, lr=0.5)
+        key_inputs, key_outputs = [], []
+
+        def record_key_forward(_m, args, out):  # returns None: the output is left as it is
+            key_inputs.append(args[0].clone())
+            key_outputs.append(out.detach().clone())
+
+        model.encoder_k.register_forward_hook(record_key_forward)
+
+        gen = torch.Generator().manual_seed(1000 + rank_)  # different data per rank
+        steps = []
+        for step in range(2):
+            ids = [1000 * step + 100 * rank_ + i for i in range(n)]
+            im_q, im_k = images_with_ids(ids, generator=gen), images_with_ids(ids, generator=gen)
+            key_inputs.clear(), key_outputs.clear()
+            logits, labels = ddp(im_q, im_k)
+            loss = info_nce(logits, labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            # this rank's key encoder saw these samples (after the cross-rank shuffle)
+            steps.append({"ids": ids, "key_in": torch.cat(key_inputs), "key_out": torch.cat(key_outputs),
+                          "loss": loss.detach()})
+
+        x = torch.arange(6 * 2, dtype=torch.float32).view(6, 2) + 100 * rank_
+        xs, idx_unshuffle = batch_shuffle_ddp(x)
+        roundtrip = batch_unshuffle_ddp(xs, idx_unshuffle)
+        result = {
+            "world": world_size(), "rank": rank(), "steps": steps,
+            "queue": model.queue.clone(), "queue_ptr": model.queue_ptr.clone(),
+            "encoder_q": copy.deepcopy(model.encoder_q.state_dict()),
+            "encoder_k_params": [p.detach().clone() for p in model.encoder_k.parameters()],
+            "x": x, "xs": xs, "roundtrip": roundtrip, "idx_unshuffle": idx_unshuffle,
+            "x_gather": concat_all_gather(x), "xs_gather": concat_all_gather(xs),
+        }
+        torch.save(result, os.path.join(out_dir, f"rank{rank_}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_gloo(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (r0["world"], r0["rank"], r1["world"], r1["rank"]) == (2, 0, 2, 1)
+
+    # both ranks end with the same queue and encoders
+    assert torch.equal(r0["queue"], r1["queue"])
+    assert r0["queue_ptr"].item() == r1["queue_ptr"].item() == (2 * 2 * 4) % 24
+    for name in r0["encoder_q"]:
+        if "running" not in name and "num_batches" not in name:  # BN statistics are per rank (no SyncBN)
+            torch.testing.assert_close(r0["encoder_q"][name], r1["encoder_q"][name], rtol=0, atol=1e-6)
+    for p0, p1 in zip(r0["encoder_k_params"], r1["encoder_k_params"]):
+        torch.testing.assert_close(p0, p1, rtol=0, atol=1e-6)
+
+    for step in range(2):
+        s0, s1 = r0["steps"][step], r1["steps"][step]
+        # Shuffle BN across ranks: the key encoders together saw every sample once, not each rank its own
+        seen = ids_of(torch.cat([s0["key_in"], s1["key_in"]]))
+        assert sorted(seen) == sorted(s0["ids"] + s1["ids"])
+        assert sorted(ids_of(s0["key_in"])) != sorted(s0["ids"])
+        # the queue holds the keys of both ranks in rank order (rank 0 first), unshuffled to their samples
+        key_of = {}
+        for s in (s0, s1):
+            for i, out in zip(ids_of(s["key_in"]), F.normalize(s["key_out"], dim=1)):
+                key_of[i] = out
+        expected = torch.stack([key_of[i] for i in s0["ids"] + s1["ids"]])
+        torch.testing.assert_close(r0["queue"][:, 8 * step:8 * step + 8], expected.T)
+        assert torch.isfinite(s0["loss"]) and torch.isfinite(s1["loss"])
+
+    # batch_shuffle_ddp / batch_unshuffle_ddp round-trip, with one permutation shared by both ranks
+    for r in (r0, r1):
+        assert torch.equal(r["roundtrip"], r["x"])
+    assert torch.equal(r0["idx_unshuffle"], r1["idx_unshuffle"])
+    x_all = r0["x_gather"]
+    assert torch.equal(r0["xs_gather"], x_all[torch.argsort(r0["idx_unshuffle"])])
+    assert torch.equal(r0["xs_gather"][r0["idx_unshuffle"]], x_all)
+    assert not torch.equal(r0["xs_gather"], x_all)
+
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+def test_scaled_lr():
+    assert scaled_lr(0.03, 256) == pytest.approx(0.03)
+    assert scaled_lr(0.03, 1024) == pytest.approx(0.12)
+    assert scaled_lr(0.03, 64) == pytest.approx(0.0075)
+
+
+def test_cosine_lr_endpoints_and_warmup():
+    assert cosine_lr(1.0, 0, 100) == pytest.approx(1.0)
+    assert cosine_lr(1.0, 50, 100) == pytest.approx(0.5)
+    assert cosine_lr(1.0, 100, 100) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(1.0, 500, 100) == pytest.approx(0.0, abs=1e-12)  # a stream running past its plan
+    # reference --cos per epoch: lr * 0.5 * (1 + cos(pi * epoch / epochs))
+    assert cosine_lr(0.03, 30, 200) == pytest.approx(0.03 * 0.5 * (1 + math.cos(math.pi * 30 / 200)))
+    # warmup: linear from 0 to peak, then the cosine over the remaining steps
+    assert cosine_lr(2.0, 0, 110, warmup_steps=10) == 0.0
+    assert cosine_lr(2.0, 5, 110, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(2.0, 10, 110, warmup_steps=10) == pytest.approx(2.0)
+    assert cosine_lr(2.0, 60, 110, warmup_steps=10) == pytest.approx(1.0)
+    assert cosine_lr(2.0, 110, 110, warmup_steps=10) == pytest.approx(0.0, abs=1e-12)
+    lrs = [cosine_lr(1.0, s, 50, warmup_steps=5) for s in range(51)]
+    assert lrs[:6] == sorted(lrs[:6]) and lrs[5:] == sorted(lrs[5:], reverse=True)
+    with pytest.raises(ValueError):
+        cosine_lr(1.0, 0, 10, warmup_steps=11)
