@@ -35,6 +35,19 @@ def torchrun(*args: str, env: dict | None = None, nproc: int = 2, **kw) -> subpr
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
 
 
+def children(pid: int) -> list[int]:
+    """Direct child processes of `pid` (the ranks torchrun started)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
 def tiny_flags(**over) -> list[str]:
     flags = {**TINY, **over}
     out = []
@@ -171,12 +184,15 @@ def test_sigterm_checkpoints_and_resume_finishes(s3_shards, s3_server, tmp_path)
     ckpt = str(tmp_path / "ckpt")
     flags = ["--data", s3_shards["tar"], "--backend", "torch", "--checkpoint-dir", ckpt,
              "--trace-keys", str(tmp_path / "keys"), "--checkpoint-every", "1000", *tiny_flags()]
-    proc = torchrun("train", "--steps", "200", *flags, env=s3_server.env, start_new_session=True)
+    proc = torchrun("train", "--steps", "200", *flags, env=s3_server.env)
     trace0 = tmp_path / "keys.rank0"
     deadline = time.time() + 300
     while time.time() < deadline and (not trace0.exists() or len(trace0.read_text().split()) < 16):
         time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
+    workers = children(proc.pid)
+    assert len(workers) == 2
+    for pid in workers:  # preemption: every trainer process gets SIGTERM
+        os.kill(pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     saved = sorted(Path(ckpt).glob("checkpoint-*.pt"))

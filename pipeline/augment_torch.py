@@ -1,0 +1,148 @@
+"""MoCo augmentations with PIL + torchvision: the reference backend.
+
+The recipes are those of facebookresearch/moco main_moco.py (commit 7397dfe):
+
+    moco_v1: RandomResizedCrop(S, scale=(0.2, 1.)), RandomGrayscale(p=0.2),
+             ColorJitter(0.4, 0.4, 0.4, 0.4), RandomHorizontalFlip, ToTensor, Normalize
+    moco_v2: RandomResizedCrop(S, scale=(0.2, 1.)), RandomApply([ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+             RandomGrayscale(p=0.2), RandomApply([GaussianBlur([.1, 2.])], p=0.5),
+             RandomHorizontalFlip, ToTensor, Normalize
+
+`reference_transform` is that pipeline unchanged (float output). `two_view_transform` runs the same
+steps but stops at uint8 CHW: ToTensor + Normalize are pure per-pixel arithmetic, so they are deferred to
+`normalize`, run once per batch (on the GPU, ideally) and data-loader workers ship 4x fewer bytes.
+`normalize(PILToTensor(x)[None]) == Normalize(ToTensor(x))[None]` exactly (same float ops).
+
+The DALI backend (augment_dali.py) is the one used for training; this one is the yardstick for it.
+"""
+from __future__ import annotations
+
+import io
+import random
+from typing import Callable
+
+import torch
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from torchvision import transforms
+
+from pipeline.image_check import MAX_PIXELS
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+RECIPES = ("moco_v1", "moco_v2")
+
+
+class UndecodableImage(Exception):
+    """Bytes that do not decode to an image; `reason` is one of image_check.REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode to an RGB PIL image with the EXIF orientation applied (as DALI's decoder does).
+
+    Raises UndecodableImage. Alpha is dropped, not composited (DALI does the same).
+    """
+    if not data:
+        raise UndecodableImage("not_an_image", "empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        w, h = img.size
+        if w * h > max_pixels:
+            raise UndecodableImage("decompression_bomb", f"{w}x{h}")
+        img.load()
+        img = ImageOps.exif_transpose(img)
+        return img.convert("RGB")
+    except UndecodableImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise UndecodableImage("decompression_bomb", str(e)) from e
+    except UnidentifiedImageError as e:
+        raise UndecodableImage("not_an_image", str(e)) from e
+    except Exception as e:  # OSError, SyntaxError, struct.error, ...: PIL raises many kinds
+        text = str(e).lower()
+        reason = "truncated" if isinstance(e, EOFError) or "truncated" in text else "corrupt"
+        raise UndecodableImage(reason, str(e)) from e
+
+
+class GaussianBlur:
+    """Gaussian blur augmentation in SimCLR https://arxiv.org/abs/2002.05709 (moco/loader.py, verbatim
+    semantics: sigma ~ U[sigma[0], sigma[1]] from Python's `random`, PIL's GaussianBlur(radius=sigma),
+    where PIL's radius is the standard deviation)."""
+
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, x: Image.Image) -> Image.Image:
+        sigma = random.uniform(self.sigma[0], self.sigma[1])
+        return x.filter(ImageFilter.GaussianBlur(radius=sigma))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={list(self.sigma)})"
+
+
+def _augmentations(recipe: str, size: int) -> list:
+    """The recipe's steps before ToTensor/Normalize."""
+    if recipe == "moco_v1":
+        return [
+            transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.ColorJitter(0.4, 0.4, 0.4, 0.4),
+            transforms.RandomHorizontalFlip(),
+        ]
+    if recipe == "moco_v2":
+        return [
+            transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+            transforms.RandomHorizontalFlip(),
+        ]
+    raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {RECIPES}")
+
+
+def reference_transform(recipe: str, size: int = 224) -> transforms.Compose:
+    """The unmodified reference pipeline: PIL image -> normalised float (3, S, S) tensor."""
+    return transforms.Compose(
+        _augmentations(recipe, size) + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    )
+
+
+class TwoViewTransform:
+    """PIL image -> two independently augmented views, each a uint8 (3, S, S) tensor.
+
+    A class (not a closure) so that it pickles into spawned data-loader workers.
+    """
+
+    def __init__(self, recipe: str, size: int = 224):
+        self.recipe, self.size = recipe, size
+        self.transform = transforms.Compose(_augmentations(recipe, size) + [transforms.PILToTensor()])
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(img), self.transform(img)
+
+    def __repr__(self) -> str:
+        return f"TwoViewTransform({self.transform!r})"
+
+
+def two_view_transform(recipe: str,
+                       size: int = 224) -> Callable[[Image.Image], tuple[torch.Tensor, torch.Tensor]]:
+    """Two independent views (q, k) of the recipe, as uint8 CHW tensors; normalise with `normalize`."""
+    return TwoViewTransform(recipe, size)
+
+
+def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, S, S) (or (3, S, S)) -> float32 (x / 255 - mean) / std, on the input's device.
+
+    The same float operations as ToTensor + Normalize, so results match them bit for bit.
+    """
+    if batch_uint8.dtype != torch.uint8:
+        raise TypeError(f"normalize expects a uint8 tensor, got {batch_uint8.dtype}")
+    if batch_uint8.dim() < 3 or batch_uint8.shape[-3] != 3:
+        raise ValueError(f"normalize expects (..., 3, H, W), got {tuple(batch_uint8.shape)}")
+    x = batch_uint8.to(torch.float32).div(255)
+    mean = torch.as_tensor(MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    std = torch.as_tensor(STD, dtype=torch.float32, device=x.device).view(3, 1, 1)
+    return x.sub_(mean).div_(std)
