@@ -63,7 +63,7 @@ def bench_reference(data: str, seconds: float, batch: int, size: int, workers: i
     from pipeline.readers import read_samples
     from pipeline.sources import read_bytes, resolve_shards
 
-    blobs = [s.data for sh in resolve_shards(data) for s in read_samples(sh, read_bytes(sh.url), {})]
+    blobs = [s.data for sh in resolve_shards(data) for s in read_samples(sh, read_bytes(sh.url)) if not s.error]
     dl = torch.utils.data.DataLoader(_Reference(blobs, size), batch_size=batch, shuffle=True,
                                      num_workers=workers, drop_last=True, persistent_workers=workers > 0)
     it = iter(dl)

@@ -9,6 +9,10 @@ from collections import Counter
 
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, start_http_server
 
+# Reasons a sample can be skipped, exported at 0 from the start so rates and alerts have a series.
+SKIP_REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format", "no_image",
+                "missing_in_shard", "shard_unreadable", "unreadable_row_group", "decoder_error", "epoch_remainder")
+
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -36,6 +40,8 @@ class TrainMetrics:
                                     label, registry=r)
         self.checkpoint_seconds = Histogram("mocostream_checkpoint_duration_seconds", "Time to write a checkpoint.",
                                             label, registry=r)
+        for reason in SKIP_REASONS:
+            self.skipped.labels(self.rank, reason)
         self._skipped_seen: Counter = Counter()
         self.server = None
 

@@ -113,6 +113,8 @@ class TwoViewLoader:
                     args = ([it.sample.data for it in chunk], cfg.recipe, cfg.image_size, seed)
                     in_flight.append((chunk, pool.submit(augment_chunk, *args) if pool else augment_chunk(*args)))
                 if not in_flight:
+                    if ready:  # only with a finite --epochs: the tail that cannot fill a batch
+                        self.stream.count("partial_last_batch", len(ready))
                     return
                 chunk, result = in_flight.popleft()
                 q, k, reasons = result.result() if pool else result
@@ -171,11 +173,11 @@ class TwoViewLoader:
         while True:
             try:
                 outputs = pipe.run()
-            except StopIteration:
+            except StopIteration:  # only with a finite --epochs
+                if pending:
+                    self.stream.count("partial_last_batch", len(pending))
                 return
             except Exception as e:  # a decoder failure: lose only what was inside the pipeline
-                if isinstance(e, StopIteration) or "StopIteration" in str(e):
-                    return
                 self.stream.count("decoder_error", len(pending))
                 log.error("DALI pipeline failed, %d in-flight samples skipped, rebuilding: %s", len(pending), e)
                 pending.clear()

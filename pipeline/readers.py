@@ -1,13 +1,13 @@
 """Shard bytes -> samples (key, image bytes), for webdataset tars and parquet files.
 
 Damage inside a shard costs only the damaged samples: a truncated tar yields the samples before the cut,
-an unreadable parquet row group is skipped; every loss is counted in `skipped` by reason.
+an unreadable parquet row group or a sample without an image becomes a `Sample` with `error` set, so
+positions still match the manifest and the stream counts each loss by reason.
 """
 from __future__ import annotations
 
 import io
 import logging
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,6 +25,7 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
 class Sample:
     key: str
     data: bytes
+    error: str | None = None  # why this stored sample is unusable; kept so positions match the manifest
 
 
 def _image_of(sample: dict) -> bytes | None:
@@ -34,7 +35,7 @@ def _image_of(sample: dict) -> bytes | None:
     return None
 
 
-def _tar_samples(shard: Shard, data: bytes, skipped: Counter) -> Iterator[Sample]:
+def _tar_samples(shard: Shard, data: bytes) -> Iterator[Sample]:
     errors: list[Exception] = []
 
     def note(exn: Exception) -> bool:  # webdataset error handler: remember and stop this shard
@@ -53,22 +54,20 @@ def _tar_samples(shard: Shard, data: bytes, skipped: Counter) -> Iterator[Sample
     for sample in group_by_keys(files(), handler=note):
         image = _image_of(sample)
         if image is None:
-            skipped["no_image"] += 1
             log.warning("sample without an image skipped: %s in %s", sample["__key__"], shard.url)
+            yield Sample(sample["__key__"], b"", "no_image")
             continue
         yield Sample(sample["__key__"], image)
     if errors:
-        skipped["truncated_shard"] += 1
         log.warning("shard damaged, rest of it skipped: %s (%s)", shard.url, errors[0])
 
 
-def _parquet_samples(shard: Shard, data: bytes, skipped: Counter) -> Iterator[Sample]:
+def _parquet_samples(shard: Shard, data: bytes) -> Iterator[Sample]:
     import pyarrow.parquet as pq
 
     try:
         pf = pq.ParquetFile(io.BytesIO(data))
     except Exception as e:
-        skipped["unreadable_shard"] += 1
         log.warning("unreadable parquet shard skipped: %s (%s)", shard.url, e)
         return
     row = 0
@@ -77,21 +76,22 @@ def _parquet_samples(shard: Shard, data: bytes, skipped: Counter) -> Iterator[Sa
             table = pf.read_row_group(group, columns=["key", "image"])
         except Exception as e:
             n = pf.metadata.row_group(group).num_rows
-            skipped["unreadable_row_group"] += n
             log.warning("unreadable row group %d (%d rows) skipped: %s (%s)", group, n, shard.url, e)
-            row += n
+            for _ in range(n):
+                yield Sample(f"row{row}", b"", "unreadable_row_group")
+                row += 1
             continue
         for key, image in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
             row += 1
             if not image:
-                skipped["no_image"] += 1
                 log.warning("row without an image skipped: %s in %s", key, shard.url)
+                yield Sample(key or f"row{row - 1}", b"", "no_image")
                 continue
             yield Sample(key if key else f"row{row - 1}", image)
 
 
-def read_samples(shard: Shard, data: bytes, skipped: Counter) -> Iterator[Sample]:
-    """The samples of one shard, in stored order."""
+def read_samples(shard: Shard, data: bytes) -> Iterator[Sample]:
+    """The samples of one shard, in stored order (a damaged tar ends early)."""
     if shard.format == "parquet":
-        return _parquet_samples(shard, data, skipped)
-    return _tar_samples(shard, data, skipped)
+        return _parquet_samples(shard, data)
+    return _tar_samples(shard, data)

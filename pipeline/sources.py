@@ -136,7 +136,7 @@ def count_samples(shard: Shard, data: bytes | None = None) -> int:
         return int(lines[0].split()[1]) if lines and lines[0].startswith("v1") else len(lines)
     from .readers import read_samples
 
-    return sum(1 for _ in read_samples(shard, data if data is not None else read_bytes(shard.url), {}))
+    return sum(1 for _ in read_samples(shard, data if data is not None else read_bytes(shard.url)))
 
 
 def with_counts(shards: list[Shard]) -> list[Shard]:

@@ -63,11 +63,7 @@ class SampleStream:
         except Exception as e:
             log.error("shard unreadable, skipped: %s (%s)", shard.url, e)
             return []
-        local: Counter = Counter()
-        samples = list(read_samples(shard, data, local))
-        with self._lock:
-            self.skipped.update(local)
-        return samples
+        return list(read_samples(shard, data))
 
     def _fetch(self, pool: ThreadPoolExecutor, block: Block) -> dict[int, Future]:
         return {p.shard: pool.submit(self._load_shard, p.shard) for p in block.pieces}
@@ -89,9 +85,11 @@ class SampleStream:
                 for j in range(skip, block.size):
                     shard, index = block.sample_at(j)
                     samples = loaded[shard]
-                    if index < len(samples):
+                    if index < len(samples) and samples[index].error:
+                        self.count(samples[index].error)
+                    elif index < len(samples):
                         yield Item(epoch, position + j, samples[index])
-                    elif samples:
+                    elif samples:  # the shard ended early (a truncated tar)
                         self.count("missing_in_shard")
                     else:
                         self.count("shard_unreadable")

@@ -134,20 +134,25 @@ def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
     assert len(set(whole[:120])) == 120
 
 
-def test_cli_bad_arguments_give_one_line_errors(tmp_path):
-    cases = [
-        ["train", "--data", str(tmp_path / "missing"), "--steps", "1"],
-        ["train", "--data", "x.tar", "--arch", "vgg11"],
-        ["train", "--data", "x.tar", "--batch-size", "0"],
-        ["train"],
-        ["train", "--config", str(tmp_path / "nope.yaml")],
-    ]
-    for args in cases:
-        r = cli(*args, "--metrics-port", "0")
-        assert r.returncode == 2, (args, r.stderr)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("mocostream: error:"), (args, r.stderr)
-        assert "Traceback" not in r.stderr
+@pytest.mark.parametrize("args", [
+    ["train", "--data", "/nonexistent/folder", "--steps", "1"],
+    ["train", "--data", "x.tar", "--arch", "vgg11"],
+    ["train", "--data", "x.tar", "--batch-size", "0"],
+    ["train", "--data", "x.tar", "--backend", "opencv"],
+    ["train"],
+    ["train", "--config", "/nonexistent/c.yaml"],
+    ["shards", "create", "/nonexistent/images", "--out", "/tmp/never-written"],
+])
+def test_cli_bad_arguments_give_one_line_errors(args, capsys):
+    assert cli_main([*args, "--metrics-port", "0"] if args[0] == "train" else args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mocostream: error:"), err
+
+
+def test_cli_error_in_a_real_process_has_no_traceback():
+    r = cli("train", "--data", "/nonexistent/folder", "--metrics-port", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "mocostream: error: data not found: /nonexistent/folder"
 
 
 def test_config_file_and_flag_precedence(tmp_path):
