@@ -43,7 +43,11 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2  # torch: augmentation processes; dali: CPU threads
     shuffle_shards: int = 4
-    read_ahead: int = 2
+    read_ahead: int = 2  # shard blocks fetched ahead of use
+    read_ahead_mb: int = 1024  # ... and at most this many MB of them in flight
+    storage_retries: int = 5
+    storage_timeout: float = 60.0  # seconds for a storage read to make progress
+    epochs: int | None = None  # None: endless stream; the run ends after --steps either way
     device: str = "auto"  # auto | cpu | cuda
     metrics_port: int = 9400  # 0 disables; rank r serves on port + local rank
     metrics_addr: str = "0.0.0.0"
@@ -88,6 +92,9 @@ class TrainConfig:
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.workers >= 0, "--workers must be >= 0"),
             (self.log_every >= 1, "--log-every must be >= 1"),
+            (self.read_ahead >= 1 and self.read_ahead_mb >= 1, "--read-ahead and --read-ahead-mb must be >= 1"),
+            (self.storage_retries >= 0 and self.storage_timeout > 0, "--storage-retries >= 0, --storage-timeout > 0"),
+            (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

@@ -38,6 +38,17 @@ class TrainMetrics:
         self.epoch = Gauge("mocostream_epoch", "Epoch of the data stream.", label, registry=r)
         self.epoch_progress = Gauge("mocostream_epoch_progress_ratio", "Fraction of the current epoch consumed.",
                                     label, registry=r)
+        self.storage_bytes = PCounter("mocostream_storage_read_bytes", "Shard bytes read from storage.",
+                                      label, registry=r)
+        self.storage_seconds = Histogram("mocostream_storage_read_seconds", "Time to read one whole shard.",
+                                         label, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+                                         registry=r)
+        self.storage_retries = PCounter("mocostream_storage_retries", "Shard reads retried after an error.",
+                                        label, registry=r)
+        self.shards_failed = PCounter("mocostream_shards_failed", "Shards given up on after the last retry.",
+                                      label, registry=r)
+        for family in (self.storage_bytes, self.storage_retries, self.shards_failed):
+            family.labels(self.rank)
         self.checkpoint_seconds = Histogram("mocostream_checkpoint_duration_seconds", "Time to write a checkpoint.",
                                             label, registry=r)
         for reason in SKIP_REASONS:
@@ -71,6 +82,17 @@ class TrainMetrics:
         self.images_per_second.labels(r).set(images_per_second)
         self.epoch.labels(r).set(epoch)
         self.epoch_progress.labels(r).set(epoch_progress)
+
+    # pipeline.storage.StorageObserver: called from the shard reader threads (prometheus-client is thread-safe)
+    def read(self, nbytes: int, seconds: float) -> None:
+        self.storage_bytes.labels(self.rank).inc(nbytes)
+        self.storage_seconds.labels(self.rank).observe(seconds)
+
+    def retry(self) -> None:
+        self.storage_retries.labels(self.rank).inc()
+
+    def failed(self) -> None:
+        self.shards_failed.labels(self.rank).inc()
 
     def sync_skipped(self, skipped: Counter) -> None:
         """Bring the skip counters up to the loader's running totals."""

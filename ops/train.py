@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from moco_core import MoCo, build_encoder, build_optimizer, cosine_lr, info_nce, instance_accuracy, scaled_lr
 from pipeline.loader import LoaderConfig, TwoViewLoader
+from pipeline.storage import StorageConfig
 
 from . import checkpoint
 from .config import TrainConfig
@@ -101,11 +102,14 @@ def train(cfg: TrainConfig) -> dict:
     random.seed(cfg.seed + rank)
     is_main = rank == 0
 
+    metrics = TrainMetrics(rank)
     loader = TwoViewLoader(LoaderConfig(
         data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
         backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
-        shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead))
+        shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
+        epochs=cfg.epochs, storage=StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)),
+        observer=metrics)
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MoCo(build_encoder(cfg.arch), dim=cfg.dim, K=cfg.queue_size, m=cfg.moco_momentum,
@@ -130,17 +134,15 @@ def train(cfg: TrainConfig) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step = int(state["step"])
+            loader.load_states(state["loader"])  # another number of ranks: what is left is re-split
             if int(state["world"]) == world:
-                loader.load_state_dict(state["loader"][rank])
                 set_rng_state(state["rng"][rank])
-            else:  # another world size: restart the interrupted epoch on the new split
-                epoch = min(s["epoch"] for s in state["loader"])
-                loader.load_state_dict({"epoch": epoch, "position": 0})
-                log.warning("resuming with %d ranks (checkpoint had %s): epoch %d restarts", world, state["world"], epoch)
+            elif is_main:
+                log.warning("resumed with %d ranks (checkpoint had %s): the global batch is now %d",
+                            world, state["world"], cfg.batch_size * world)
             if is_main:
                 log.info("resumed from %s at step %d", path, step)
 
-    metrics = TrainMetrics(rank)
     metrics_port = None
     if cfg.metrics_port:
         metrics_port = metrics.serve(cfg.metrics_port + local_rank, cfg.metrics_addr)
@@ -151,8 +153,9 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), unit="step",
                dynamic_ncols=True, desc="train")
-    # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU (a host sync).
-    stop_check_every = 1 if device.type == "cpu" else 10
+    # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU (a host sync), and every
+    # step when --epochs can run a rank's stream dry (all ranks must then stop at the same step).
+    stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
 
     def save(reason: str) -> str | None:
         states = gather({"loader": loader.state_dict(), "rng": rng_state()}, world)
@@ -180,15 +183,19 @@ def train(cfg: TrainConfig) -> dict:
     wait_total, samples_total, start_step = 0.0, 0, step
     try:
         while step < cfg.steps:
-            if step % stop_check_every == 0 and world > 1:
-                flag = torch.tensor([1.0 if stop.set else 0.0], device=device)
-                dist.all_reduce(flag)
-                stop.set = flag.item() > 0
+            batch = next(batches, None)
+            t_data = time.perf_counter()
+            exhausted = batch is None
+            if world > 1 and (step % stop_check_every == 0 or exhausted):
+                flags = torch.tensor([float(stop.set), float(exhausted)], device=device)
+                dist.all_reduce(flags)
+                stop.set, exhausted = bool(flags[0] > 0), bool(flags[1] > 0)
+            if exhausted:  # --epochs done on some rank: every rank ends at this same step
+                log.info("rank %d: data exhausted after %d epochs at step %d", rank, cfg.epochs, step)
+                break
             if stop.set:
                 stopped = True
                 break
-            batch = next(batches)
-            t_data = time.perf_counter()
             im_q = batch.q.to(device, non_blocking=True)
             im_k = batch.k.to(device, non_blocking=True)
             if device.type == "cuda":
@@ -203,6 +210,7 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
             step += 1
             if trace:
                 trace.write("".join(k + "\n" for k in batch.keys))

@@ -13,13 +13,14 @@ import multiprocessing as mp
 import random
 from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from .sources import Shard, resolve_shards, with_counts
+from .storage import ShardReader, StorageConfig, StorageObserver
 from .stream import Item, SampleStream
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ class LoaderConfig:
     device: str = "cpu"  # "cpu" | "gpu"
     device_id: int | None = None
     shuffle_shards: int = 4
-    read_ahead: int = 2
+    read_ahead: int = 2  # shard blocks fetched ahead of use
+    read_ahead_bytes: int = 1 << 30  # ... and at most this many bytes of them in flight
     epochs: int | None = None  # None: endless
+    storage: StorageConfig = field(default_factory=StorageConfig)
 
 
 @dataclass
@@ -51,10 +54,12 @@ class Batch:
     q: torch.Tensor  # (B, 3, S, S) float, normalised
     k: torch.Tensor
     keys: list[str]
+    last: Item | None = None  # its last sample: marking it consumed moves the resume state past the batch
 
 
 class TwoViewLoader:
-    def __init__(self, cfg: LoaderConfig, shards: list[Shard] | None = None):
+    def __init__(self, cfg: LoaderConfig, shards: list[Shard] | None = None,
+                 observer: StorageObserver | None = None):
         if cfg.backend not in BACKENDS:
             raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
         if cfg.recipe not in RECIPES:
@@ -65,7 +70,8 @@ class TwoViewLoader:
         shards = with_counts(shards if shards is not None else resolve_shards(cfg.data))
         self.stream = SampleStream(shards, seed=cfg.seed, world=cfg.world, rank=cfg.rank,
                                    shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead,
-                                   epochs=cfg.epochs)
+                                   read_ahead_bytes=cfg.read_ahead_bytes, epochs=cfg.epochs,
+                                   reader=ShardReader(cfg.storage, observer))
 
     # Resume state: the stream position after the last batch handed out.
     def state_dict(self) -> dict:
@@ -78,15 +84,23 @@ class TwoViewLoader:
     def skipped(self) -> Counter:
         return self.stream.skipped
 
+    def load_states(self, states: list[dict]) -> None:
+        """Resume from every rank's saved state (elastic when the number of ranks changed)."""
+        self.stream.load_states(states)
+
     @property
     def epoch_progress(self) -> tuple[int, float]:
-        return self.stream.epoch, self.stream.position / self.stream.samples_per_epoch
+        return self.stream.epoch, self.stream.progress()
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self._dali_batches() if self.cfg.backend == "dali" else self._torch_batches()
         for batch, last in batches:
-            self.stream.mark_consumed(last.epoch, last.position)
+            batch.last = last
             yield batch
+
+    def consumed(self, batch: Batch) -> None:
+        """Call once a batch has been trained on: the resume state then starts after it."""
+        self.stream.mark_consumed(batch.last)
 
     # ---- torch backend -------------------------------------------------------------------------
     def _torch_batches(self) -> Iterator[tuple[Batch, Item]]:

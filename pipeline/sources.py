@@ -12,8 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
-import time
 from dataclasses import dataclass
 
 import braceexpand
@@ -35,6 +33,8 @@ class Shard:
     url: str
     samples: int | None  # from the manifest; None when unknown
     format: str  # "tar" | "parquet"
+    bytes: int | None = None  # from the manifest: checked on every read
+    sha256: str | None = None
 
 
 def storage_options(url: str) -> dict:
@@ -75,7 +75,8 @@ def read_manifest(url: str) -> list[Shard]:
     for entry in manifest["shards"]:
         name = entry["name"]
         shard_url = name if "://" in name or name.startswith("/") else _join(base, name)
-        shards.append(Shard(shard_url, int(entry["samples"]), shard_format(name)))
+        shards.append(Shard(shard_url, int(entry["samples"]), shard_format(name),
+                            entry.get("bytes"), entry.get("sha256")))
     return shards
 
 
@@ -104,21 +105,10 @@ def resolve_shards(spec: str) -> list[Shard]:
     return [Shard(u, None, shard_format(u)) for u in urls]
 
 
-def read_bytes(url: str, retries: int = 3, backoff: float = 0.5) -> bytes:
-    """A whole shard's bytes, retried with exponential backoff and jitter on storage errors."""
+def read_bytes(url: str) -> bytes:
+    """A whole file's bytes, one attempt (robust shard reads go through storage.ShardReader)."""
     fs, path = filesystem(url)
-    for attempt in range(retries + 1):
-        try:
-            return fs.cat_file(path)
-        except FileNotFoundError:
-            raise
-        except Exception as e:  # transient storage errors: reset connections, 5xx, timeouts
-            if attempt == retries:
-                raise
-            delay = backoff * (2**attempt) * (0.5 + random.random())
-            log.warning("read failed (%s), retry %d/%d in %.1fs: %s", e, attempt + 1, retries, delay, url)
-            time.sleep(delay)
-    raise AssertionError("unreachable")
+    return fs.cat_file(path)
 
 
 def count_samples(shard: Shard, data: bytes | None = None) -> int:
@@ -145,7 +135,7 @@ def with_counts(shards: list[Shard]) -> list[Shard]:
         return shards
     out = []
     for s in shards:
-        out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format))
+        out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format, s.bytes, s.sha256))
     return out
 
 

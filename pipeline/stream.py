@@ -1,21 +1,22 @@
-"""An endless, resumable stream of (position, sample) for one rank, with read-ahead of shards.
+"""An endless, resumable stream of samples for one rank, with bounded read-ahead of shards.
 
-Position counts the samples of the rank's epoch plan already handed out; together with the epoch it
-is the whole resume state: the plan is recomputed and the first `position` entries are skipped without
-reading the shards they live in.
+Resume state: (epoch, position in this rank's share of the epoch, the epoch's elastic history). The
+plan is recomputed from it and the consumed part is skipped without reading the shards it lives in.
+Resuming with another number of ranks re-splits what is left of the epoch (see plan.EpochPlan).
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
-from .plan import Block, dropped_per_epoch, rank_blocks, samples_per_rank
+from .plan import EpochPlan, Level, Segment, dropped_per_epoch, samples_per_rank
 from .readers import Sample, read_samples
-from .sources import DataSpecError, Shard, read_bytes
+from .sources import DataSpecError, Shard
+from .storage import ShardReader, ShardReadError
 
 log = logging.getLogger(__name__)
 
@@ -23,94 +24,177 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Item:
     epoch: int
-    position: int  # index of this sample in the rank's epoch plan
+    position: int  # index of this sample in the rank's share of the epoch
+    last: bool  # the last entry of that share
     sample: Sample
+
+
+def _levels(raw) -> list[Level]:
+    return [Level(int(x["world"]), tuple(int(p) for p in x["positions"])) for x in raw]
+
+
+def _raw(levels: list[Level]) -> list[dict]:
+    return [{"world": lv.world, "positions": list(lv.positions)} for lv in levels]
 
 
 class SampleStream:
     def __init__(self, shards: list[Shard], *, seed: int, world: int, rank: int, shuffle_shards: int = 4,
-                 read_ahead: int = 2, epochs: int | None = None):
+                 read_ahead: int = 2, read_ahead_bytes: int = 1 << 30, epochs: int | None = None,
+                 reader: ShardReader | None = None):
         if any(s.samples is None for s in shards):
             raise ValueError("shard sample counts must be known (see sources.with_counts)")
         self.shards, self.counts = shards, [s.samples for s in shards]
         self.seed, self.world, self.rank = seed, world, rank
-        self.shuffle_shards, self.read_ahead, self.epochs = max(1, shuffle_shards), max(1, read_ahead), epochs
+        self.shuffle_shards, self.epochs = max(1, shuffle_shards), epochs
+        self.read_ahead, self.read_ahead_bytes = max(1, read_ahead), read_ahead_bytes
+        self.reader = reader or ShardReader()
         if samples_per_rank(self.counts, world) == 0:
             raise DataSpecError(f"the data has {sum(self.counts)} samples: fewer than the {world} ranks")
-        self.epoch, self.position = 0, 0  # where the next iteration starts
+        # Resume state: where the next sample comes from.
+        self.epoch, self.position = 0, 0
+        self.history: list[Level] = []  # elastic levels of `epoch` before the current one
+        self.next_history: list[Level] = []  # ... and of epoch + 1, when a resize caught ranks in both
         self.skipped: Counter = Counter()  # reason -> samples lost
         self._lock = threading.Lock()
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """Planned samples per epoch for this rank (identical on every rank)."""
-        return samples_per_rank(self.counts, self.world)
-
+    # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "world": self.world}
+        return {"epoch": self.epoch, "position": self.position, "world": self.world, "seed": self.seed,
+                "history": _raw(self.history), "next_history": _raw(self.next_history)}
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's own saved state (same number of ranks)."""
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+        self.history = _levels(state.get("history", []))
+        self.next_history = _levels(state.get("next_history", []))
+
+    def load_states(self, states: list[dict]) -> None:
+        """Resume from every rank's saved state: exactly this rank's stream when the number of ranks is
+        unchanged, otherwise an equal share of what each epoch in progress has left (elastic)."""
+        if len(states) == self.world:
+            self.load_state_dict(states[self.rank])
+            return
+        old_world = len(states)
+        epoch = min(int(s["epoch"]) for s in states)
+        behind = next(s for s in states if int(s["epoch"]) == epoch)
+        history = _levels(behind.get("history", []))
+        plan = self._plan(epoch, history, old_world)
+        done = plan.share_length(history, old_world)  # a rank already in the next epoch finished this one
+        positions = tuple(int(s["position"]) if int(s["epoch"]) == epoch else done for s in states)
+        self.epoch, self.position = epoch, 0
+        self.history = history + [Level(old_world, positions)]
+        ahead = [int(s["position"]) if int(s["epoch"]) == epoch + 1 else 0 for s in states]
+        self.next_history = [Level(old_world, tuple(ahead))] if any(ahead) else []
+        log.info("rank %d: elastic resume from %d to %d ranks in epoch %d", self.rank, old_world, self.world, epoch)
+
+    def mark_consumed(self, item: Item) -> None:
+        """Record that everything up to and including `item` was used."""
+        if item.epoch != self.epoch:  # the batch crossed into the next epoch
+            self.epoch, self.history, self.next_history = item.epoch, self.next_history, []
+        self.position = item.position + 1
+        if item.last:
+            self.epoch, self.position, self.history, self.next_history = item.epoch + 1, 0, self.next_history, []
 
     def count(self, reason: str, n: int = 1) -> None:
         with self._lock:
             self.skipped[reason] += n
 
+    @property
+    def samples_per_epoch(self) -> int:
+        """This rank's share of a fresh epoch (the same on every rank)."""
+        return samples_per_rank(self.counts, self.world)
+
+    def progress(self) -> float:
+        share = self._plan(self.epoch, self.history, self.world).share_length(self.history, self.world)
+        return self.position / share if share else 1.0
+
+    # ---- reading -------------------------------------------------------------------------------
+    def _plan(self, epoch: int, history: list[Level], world: int) -> EpochPlan:
+        base = history[0].world if history else world
+        return EpochPlan(self.counts, self.seed, epoch, self.shuffle_shards, base)
+
     def _load_shard(self, index: int) -> list[Sample]:
         shard = self.shards[index]
         try:
-            data = read_bytes(shard.url)
-        except Exception as e:
-            log.error("shard unreadable, skipped: %s (%s)", shard.url, e)
+            return list(read_samples(shard, self.reader.read(shard)))
+        except ShardReadError as e:
+            log.error("shard unreadable, its samples skipped: %s (%s)", shard.url, e)
             return []
-        return list(read_samples(shard, data))
 
-    def _fetch(self, pool: ThreadPoolExecutor, block: Block) -> dict[int, Future]:
-        return {p.shard: pool.submit(self._load_shard, p.shard) for p in block.pieces}
+    def _block_bytes(self, plan: EpochPlan, seg: Segment) -> int:
+        block = plan.blocks(seg.rank0)[0][seg.block]
+        return sum(self.shards[p.shard].bytes or 0 for p in block.pieces)
 
-    def _epoch_items(self, epoch: int, skip: int) -> Iterator[Item]:
-        blocks = list(rank_blocks(self.counts, self.seed, epoch, self.world, self.rank, self.shuffle_shards))
-        position = 0
-        while blocks and skip >= blocks[0].size:  # resume: whole blocks already consumed are never read
-            skip -= blocks[0].size
-            position += blocks.pop(0).size
-        if self.rank == 0 and dropped_per_epoch(self.counts, self.world):
-            self.count("epoch_remainder", dropped_per_epoch(self.counts, self.world))
+    def _epoch_items(self, epoch: int, history: list[Level], skip: int) -> Iterator[Item]:
+        plan = self._plan(epoch, history, self.world)
+        share = plan.share(history, self.world, self.rank)
+        total = sum(b - a for a, b in share)
+        if self.rank == 0 and skip == 0:  # dropped so that every rank gets the same count
+            drop = plan.remainder(history, self.world) + (0 if history else dropped_per_epoch(self.counts, plan.base_world))
+            if drop:
+                self.count("epoch_remainder", drop)
+        segments, position = [], 0
+        for seg in plan.segments(share):  # resume: segments already consumed are never read
+            n = seg.stop - seg.start
+            if position + n <= skip:
+                position += n
+                continue
+            cut = max(0, skip - position)
+            segments.append((position + cut, Segment(seg.rank0, seg.block, seg.start + cut, seg.stop)))
+            position += n
         with ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="shard-read") as pool:
-            pending = [self._fetch(pool, b) for b in blocks[: self.read_ahead]]
-            for i, block in enumerate(blocks):
-                loaded = {s: f.result() for s, f in pending.pop(0).items()}
-                if i + self.read_ahead < len(blocks):
-                    pending.append(self._fetch(pool, blocks[i + self.read_ahead]))
-                for j in range(skip, block.size):
+            keys = list(dict.fromkeys((s.rank0, s.block) for _, s in segments))  # blocks in read order
+            first = {(s.rank0, s.block): s for _, s in segments}
+            pending: deque[tuple[tuple[int, int], dict[int, Future], int]] = deque()
+            queued, in_flight = 0, 0
+
+            def fill():
+                nonlocal queued, in_flight
+                while queued < len(keys) and len(pending) < self.read_ahead:
+                    seg = first[keys[queued]]
+                    size = self._block_bytes(plan, seg)
+                    if pending and in_flight + size > self.read_ahead_bytes:
+                        break  # bounded bytes in flight (one block always goes)
+                    block = plan.blocks(seg.rank0)[0][seg.block]
+                    futures = {p.shard: pool.submit(self._load_shard, p.shard) for p in block.pieces}
+                    pending.append((keys[queued], futures, size))
+                    queued += 1
+                    in_flight += size
+
+            current, loaded = None, {}
+            for position, seg in segments:
+                key = (seg.rank0, seg.block)
+                if key != current:
+                    fill()
+                    done_key, futures, size = pending.popleft()
+                    assert done_key == key
+                    loaded = {s: f.result() for s, f in futures.items()}
+                    in_flight -= size
+                    current = key
+                    fill()
+                block = plan.blocks(seg.rank0)[0][seg.block]
+                for j in range(seg.start, seg.stop):
                     shard, index = block.sample_at(j)
                     samples = loaded[shard]
+                    pos = position + (j - seg.start)
                     if index < len(samples) and samples[index].error:
                         self.count(samples[index].error)
                     elif index < len(samples):
-                        yield Item(epoch, position + j, samples[index])
+                        yield Item(epoch, pos, pos == total - 1, samples[index])
                     elif samples:  # the shard ended early (a truncated tar)
                         self.count("missing_in_shard")
                     else:
                         self.count("shard_unreadable")
-                position += block.size
-                skip = 0
 
     def __iter__(self) -> Iterator[Item]:
-        """Items from the saved (epoch, position) on, epoch after epoch."""
-        epoch, skip = self.epoch, self.position
+        """Items from the saved state on, epoch after epoch."""
+        epoch, skip, history, next_history = self.epoch, self.position, self.history, self.next_history
         while self.epochs is None or epoch < self.epochs:
             delivered = 0
-            for item in self._epoch_items(epoch, skip):
+            for item in self._epoch_items(epoch, history, skip):
                 delivered += 1
                 yield item
-            if delivered == 0 and skip == 0:
+            if delivered == 0 and skip == 0 and not history:
                 raise DataSpecError(f"epoch {epoch} produced no readable sample on rank {self.rank}")
-            epoch, skip = epoch + 1, 0
-            log.info("rank %d: epoch %d done", self.rank, epoch - 1)
-
-    def mark_consumed(self, epoch: int, position: int) -> None:
-        """Record that everything up to and including `position` of `epoch` was used."""
-        self.epoch, self.position = epoch, position + 1
-        if self.position >= self.samples_per_epoch:
-            self.epoch, self.position = epoch + 1, 0
+            log.info("rank %d: epoch %d done", self.rank, epoch)
+            epoch, skip, history, next_history = epoch + 1, 0, next_history, []

@@ -75,7 +75,7 @@ def test_resume_mid_epoch_continues_exactly(uneven_tars):
     taken = []
     for it in first:
         taken.append(it.sample.key)
-        first.mark_consumed(it.epoch, it.position)
+        first.mark_consumed(it)
         if len(taken) == 40:  # past the first epoch's end (31)
             break
     second = SampleStream(uneven_tars, seed=5, world=1, rank=0, shuffle_shards=2, epochs=2)
@@ -125,3 +125,67 @@ def test_bad_data_specs_are_user_errors(spec):
 def test_fewer_samples_than_ranks_is_an_error(uneven_tars):
     with pytest.raises(DataSpecError):
         SampleStream(uneven_tars[1:2], seed=0, world=2, rank=0)
+
+
+def _consume(stream, n):
+    """Take n items as a trainer would, marking each consumed; returns their keys."""
+    keys = []
+    for it in stream:
+        keys.append(it.sample.key)
+        stream.mark_consumed(it)
+        if len(keys) == n:
+            break
+    return keys
+
+
+@pytest.mark.parametrize("worlds", [(2, 1, 3), (3, 2), (1, 4), (2, 3, 1)])
+def test_elastic_resume_delivers_each_remaining_sample_once(uneven_tars, worlds):
+    """Resize mid-epoch (e.g. 2 -> 1 -> 3 ranks): the union of what all ranks consume in the epoch is
+    every sample once, except the few dropped to keep ranks equal, which are counted."""
+    seen, states, dropped = [], None, 0
+    for level, world in enumerate(worlds):
+        streams = [SampleStream(uneven_tars, seed=11, world=world, rank=r, shuffle_shards=2, epochs=1)
+                   for r in range(world)]
+        for s in streams:
+            if states is not None:
+                s.load_states(states)
+        last = level == len(worlds) - 1
+        for s in streams:
+            seen += _consume(s, 10**6 if last else 4)
+        dropped += streams[0].skipped["epoch_remainder"]
+        states = [s.state_dict() for s in streams]
+    assert len(seen) == len(set(seen))  # nothing twice
+    assert len(seen) + dropped == 31  # nothing lost silently
+
+
+def test_elastic_resume_with_ranks_straddling_epochs(uneven_tars):
+    """One rank already in epoch 1 when the job is resized: neither epoch repeats a sample."""
+    streams = [SampleStream(uneven_tars, seed=2, world=2, rank=r, epochs=2) for r in range(2)]
+    keys = {0: _consume(streams[0], 15 + 3), 1: _consume(streams[1], 5)}  # 15 per rank per epoch
+    assert streams[0].epoch == 1 and streams[1].epoch == 0
+    states = [s.state_dict() for s in streams]
+    new = SampleStream(uneven_tars, seed=2, world=1, rank=0, epochs=2)
+    new.load_states(states)
+    rest = _consume(new, 10**6)
+    epoch0 = keys[0][:15] + keys[1] + rest[: 30 - 15 - 5]
+    epoch1 = keys[0][15:] + rest[30 - 15 - 5 :]
+    assert len(epoch0) == len(set(epoch0)) == 30
+    assert len(epoch1) == len(set(epoch1))
+    assert len(epoch1) + new.skipped["epoch_remainder"] >= 30
+
+
+def test_read_ahead_is_bounded_by_bytes(uneven_tars):
+    import os
+
+    sized = [Shard(s.url, s.samples, s.format, bytes=os.path.getsize(s.url)) for s in uneven_tars]
+    stream = SampleStream(sized, seed=0, world=1, rank=0, shuffle_shards=1, read_ahead=4,
+                          read_ahead_bytes=min(s.bytes for s in sized) - 1, epochs=1)
+    loads = []
+    original = stream._load_shard
+    stream._load_shard = lambda i: (loads.append(i), original(i))[1]
+    it = iter(stream)
+    next(it)
+    import time
+
+    time.sleep(0.3)  # let the read-ahead threads run
+    assert len(loads) == 2  # the block in use + the one always allowed; by count alone it would be 5
