@@ -41,6 +41,7 @@ TRAIN_FLAGS = [
     ("--checkpoint-every", int, "steps between checkpoints"),
     ("--keep-checkpoints", int, "how many recent checkpoints to keep"),
     ("--trace-keys", str, "write the keys each rank consumed, in order, to PATH.rank<r>"),
+    ("--stop-after", int, "behave as if preempted after this many steps of this run: checkpoint, exit 0"),
     ("--log-every", int, "steps between log lines / metric updates (each costs a host sync)"),
 ]
 

@@ -55,7 +55,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     resume: bool = False
-    trace_keys: str | None = None
+    trace_keys: str | None = None  # also writes the loss of every logged step to PATH.rank<r>.loss
+    stop_after: int | None = None  # act as if preempted after this many steps of this run (resume tests)
     log_every: int = 10
     progress: bool = True
     extra: dict = field(default_factory=dict, repr=False)

@@ -149,6 +149,7 @@ def train(cfg: TrainConfig) -> dict:
         log.info("rank %d metrics on http://%s:%d/metrics", rank, cfg.metrics_addr, metrics_port)
 
     trace = open(f"{cfg.trace_keys}.rank{rank}", "a") if cfg.trace_keys else None
+    loss_trace = open(f"{cfg.trace_keys}.rank{rank}.loss", "a") if cfg.trace_keys else None
     stop = StopFlag()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), unit="step",
@@ -170,6 +171,7 @@ def train(cfg: TrainConfig) -> dict:
             log.info("checkpoint (%s) at step %d: %s", reason, step, path)
         if trace:
             trace.flush()
+            loss_trace.flush()
         if world > 1:
             dist.barrier()
         return path
@@ -193,7 +195,7 @@ def train(cfg: TrainConfig) -> dict:
             if exhausted:  # --epochs done on some rank: every rank ends at this same step
                 log.info("rank %d: data exhausted after %d epochs at step %d", rank, cfg.epochs, step)
                 break
-            if stop.set:
+            if stop.set or (cfg.stop_after is not None and step - start_step >= cfg.stop_after):
                 stopped = True
                 break
             im_q = batch.q.to(device, non_blocking=True)
@@ -230,6 +232,8 @@ def train(cfg: TrainConfig) -> dict:
                 metrics.record_log(step=step, loss=loss_value, lr=lr, accuracy=acc_value, images_per_second=ips,
                                    epoch=epoch, epoch_progress=progress)
                 metrics.sync_skipped(loader.skipped)
+                if loss_trace:
+                    loss_trace.write(f"{step} {loss_value!r}\n")
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{ips * world:.1f}", refresh=False)
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 last_checkpoint = save("periodic")
@@ -240,6 +244,7 @@ def train(cfg: TrainConfig) -> dict:
         stop.restore()
         if trace:
             trace.close()
+            loss_trace.close()
         metrics.sync_skipped(loader.skipped)
     elapsed = time.perf_counter() - t_start
     summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed,

@@ -78,3 +78,31 @@ def test_loader_resume_state_skips_consumed_batches(damaged_shards):
     second = TwoViewLoader(cfg, shards=damaged_shards["tar"])
     second.load_state_dict(state)
     assert head + [k for b in second for k in b.keys] == full
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.parametrize("backend", ["dali", "torch"])
+def test_memory_stays_flat_over_20_passes(damaged_shards, backend):
+    loader = TwoViewLoader(LoaderConfig(data="", batch_size=4, image_size=64, backend=backend, workers=1,
+                                        epochs=20), shards=damaged_shards["tar"])
+    rss = {}
+    for b in loader:
+        loader.consumed(b)
+        rss[b.last.epoch] = _rss_bytes()
+    assert sorted(rss) == list(range(20))
+    warm = rss[3]
+    assert max(rss[e] for e in range(3, 20)) < 1.10 * warm, {e: v >> 20 for e, v in rss.items()}
+
+
+def test_key_order_does_not_depend_on_worker_count(damaged_shards):
+    orders = []
+    for workers in (0, 1, 2):
+        cfg = LoaderConfig(data="", batch_size=4, image_size=32, backend="torch", workers=workers, epochs=1, seed=4)
+        orders.append([k for b in TwoViewLoader(cfg, shards=damaged_shards["tar"]) for k in b.keys])
+    dali = LoaderConfig(data="", batch_size=4, image_size=32, backend="dali", workers=2, epochs=1, seed=4)
+    orders.append([k for b in TwoViewLoader(dali, shards=damaged_shards["tar"]) for k in b.keys])
+    assert orders[0] and all(o == orders[0] for o in orders)
