@@ -67,3 +67,32 @@ def test_elastic_resume_2_1_3_ranks_consumes_each_sample_once(shards, tmp_path):
             assert len(keys) == steps * 8
             traces += keys
     assert len(traces) == len(set(traces)) == 120  # the whole epoch, each sample exactly once
+
+
+def test_finite_epochs_on_uneven_damaged_shards_end_every_rank_together(imagenette_small, tmp_path):
+    """7 uneven shards with broken images on 2 ranks and --epochs 1: the ranks run dry at different
+    points, and still all stop at the same step with exit 0 (no rank left waiting at a collective)."""
+    import json
+
+    import webdataset as wds
+
+    from pipeline.plan import rank_pieces
+
+    photos = sorted(imagenette_small.rglob("*.JPEG"))[:64]
+    sizes, broken_shard, entries, i = [3, 20, 5, 11, 2, 15, 8], 1, [], 0  # every image of shard 1 is broken
+    for s, n in enumerate(sizes):
+        name = f"u-{s:06d}.tar"
+        with wds.TarWriter(str(tmp_path / name)) as w:
+            for j in range(n):
+                w.write({"__key__": f"s{s}_{j}", "jpg": b"broken" if s == broken_shard else photos[i].read_bytes()})
+                i += 1
+        entries.append({"name": name, "samples": n})
+    # What each rank can fill (seed 0, epoch 0): the ranks really do run dry at different steps.
+    good = [sum(p.stop - p.start for p in rank_pieces(sizes, 0, 0, 2, r) if p.shard != broken_shard) for r in (0, 1)]
+    assert good[0] // 8 != good[1] // 8
+    (tmp_path / "manifest.json").write_text(json.dumps({"shards": entries}))
+    run(2, "--data", str(tmp_path / "manifest.json"), "--backend", "torch", "--steps", "100", "--epochs", "1",
+        "--checkpoint-dir", str(tmp_path / "ck"), "--trace-keys", str(tmp_path / "keys"), *tiny_flags())
+    counts = [len(read(tmp_path / f"keys.rank{r}")) for r in (0, 1)]
+    assert counts == [min(good) // 8 * 8] * 2
+    assert (tmp_path / "ck" / f"checkpoint-{counts[0] // 8:08d}.pt").exists()
