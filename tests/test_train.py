@@ -106,7 +106,10 @@ def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
     text = body.decode()
     for name in ("mocostream_samples_total", "mocostream_step_duration_seconds_bucket",
                  "mocostream_data_wait_seconds_bucket", "mocostream_loss", "mocostream_learning_rate",
-                 "mocostream_instance_accuracy", "mocostream_images_per_second"):
+                 "mocostream_instance_accuracy", "mocostream_images_per_second", "mocostream_epoch",
+                 "mocostream_epoch_progress_ratio", "mocostream_storage_read_bytes_total",
+                 "mocostream_storage_read_seconds_bucket", "mocostream_storage_retries_total",
+                 "mocostream_shards_failed_total", "mocostream_samples_skipped_total"):
         assert f'{name}{{' in text and 'rank="0"' in text, name
     assert 'mocostream_samples_total{rank="0"} 16.0' in text
     promtool = shutil.which("promtool")
