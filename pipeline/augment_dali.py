@@ -7,7 +7,7 @@ q and k: float32 (B, 3, S, S), ImageNet-normalised; the opaque int64 sample ids 
 
 Per view, for recipe moco_v2 (aug+) [moco_v1]:
 
-    random_resized_crop   area U[0.2, 1], aspect log-U[3/4, 4/3], bilinear + antialias
+    random resized crop   area U[0.2, 1], aspect log-U[3/4, 4/3] (torchvision's get_params, in python), bilinear + antialias
     colour, p 0.8 [1]     brightness, contrast, saturation factors U[0.6, 1.4], hue U[-0.1, 0.1] [0.4] turns
     grayscale, p 0.2
     gaussian blur, p 0.5  sigma U[0.1, 2.0]                                                 [none]
@@ -15,10 +15,12 @@ Per view, for recipe moco_v2 (aug+) [moco_v1]:
 
 How it maps onto DALI, and where it differs from torchvision (augment_torch.py is the reference):
 
-* Random parameters. All per-sample decisions and factors except the crop window are drawn by
-  `_AugParams`, a numpy Generator seeded from `seed`, and enter the graph through a second
-  external_source; DALI's random_resized_crop draws the window from the pipeline seed. Same seed -> same
-  batches, independent of num_threads.
+* Random parameters. All per-sample decisions and factors, the crop window included (torchvision's
+  get_params on the image size read from its header, then fn.resize with that ROI), are drawn by
+  `_AugParams`, a numpy Generator, and enter the graph through the same external_source as the images.
+  The loader reseeds it per batch from the batch's position in the data stream, so a sample's views do
+  not depend on num_threads, prefetching or restarts: a resumed run sees the augmentations an
+  uninterrupted one would.
 * Colour jitter + grayscale are ONE affine colour op per sample, fn.coord_transform (out = M x + T,
   then rounded and clamped to uint8), applied only to samples that jitter or go gray (`if` with
   enable_conditionals; the other 16 % (v2) skip it). See `colour_matrix`:
@@ -143,19 +145,65 @@ def gaussian_kernel(sigma: float, passes: int = 3) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
-class _AugParams:
-    """Per-batch random parameters of both views, from one seeded numpy Generator.
+def crop_window(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop.get_params (scale 0.2-1, ratio 3/4-4/3): (top, left, h, w)."""
+    area = width * height
+    log_ratio = (np.log(_RATIO[0]), np.log(_RATIO[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*_AREA)
+        aspect = np.exp(rng.uniform(*log_ratio))
+        w = int(round(np.sqrt(target_area * aspect)))
+        h = int(round(np.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height  # fallback: the central crop of the nearest allowed aspect ratio
+    if in_ratio < _RATIO[0]:
+        w, h = width, int(round(width / _RATIO[0]))
+    elif in_ratio > _RATIO[1]:
+        h, w = height, int(round(height * _RATIO[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
-    Called once per batch (by external_source, in iteration order). Returns per view: colour_on (bool),
-    M (3x3), k, blur_on (bool), horizontal kernel (1, n), vertical kernel (n, 1), mirror (int32).
+
+def image_size(data: np.ndarray) -> tuple[int, int]:
+    """(width, height) of encoded image bytes as the decoder will output them (EXIF rotation applied)."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data.tobytes())) as img:
+        w, h = img.size
+        if img.format == "JPEG" and img.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w  # rotated by 90 degrees on decode
+    return w, h
+
+
+class _AugParams:
+    """Per-batch random parameters of both views, from a numpy Generator.
+
+    Called once per batch with the images' sizes (in iteration order). The generator is reseeded per
+    batch when the caller gives a batch seed (the loader derives it from the data position), so the
+    augmentation of a sample does not depend on threads, prefetching or restarts. Returns per view:
+    crop ROI start and end (y, x), colour_on (bool), M (3x3), k, blur_on (bool), horizontal kernel (1, n),
+    vertical kernel (n, 1), mirror (int32).
     """
 
-    OUTPUTS_PER_VIEW = 7
+    OUTPUTS_PER_VIEW = 9
 
     def __init__(self, recipe: str, batch_size: int, seed: int):
         self.r = _RECIPES[recipe]
         self.n = batch_size
         self.rng = np.random.default_rng(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+
+    def _crops(self, sizes: Sequence[tuple[int, int]]) -> list:
+        windows = [crop_window(self.rng, w, h) for w, h in sizes]
+        start = [np.array([t, l], np.float32) for t, l, _, _ in windows]
+        end = [np.array([t + h, l + w], np.float32) for t, l, h, w in windows]
+        return [start, end]
 
     def draw(self) -> dict[str, np.ndarray]:
         """One view's per-sample decisions and factors, as the recipe specifies them."""
@@ -185,8 +233,9 @@ class _AugParams:
         colour_on = f["jitter"] | f["gray"]
         return [list(colour_on), list(m), list(k), list(f["blur"]), kh, kv, list(f["mirror"].astype(np.int32))]
 
-    def __call__(self) -> tuple:
-        q, k = self._view(), self._view()
+    def __call__(self, sizes: Sequence[tuple[int, int]]) -> tuple:
+        q = self._crops(sizes) + self._view()
+        k = self._crops(sizes) + self._view()
         as_arrays = lambda col: [np.asarray(x) for x in col]  # noqa: E731 - 0-d arrays per sample
         return tuple(as_arrays(col) for col in q + k)
 
@@ -212,9 +261,9 @@ def _blur(img, kernel_h, kernel_v):
 
 
 def _view(images, params: Sequence, size: int):
-    colour_on, m, k, blur_on, kh, kv, mirror = params
-    img = fn.random_resized_crop(images, size=[size, size], random_area=list(_AREA),
-                                 random_aspect_ratio=list(_RATIO), antialias=True)
+    roi_start, roi_end, colour_on, m, k, blur_on, kh, kv, mirror = params
+    # The crop window comes from crop_window (torchvision's algorithm), so it is reproducible too.
+    img = fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end, antialias=True)
     if colour_on:  # conditional: samples that neither jitter nor go gray skip the op entirely
         img = _colour(img, m, k)
     if blur_on:
@@ -226,11 +275,9 @@ def _view(images, params: Sequence, size: int):
 
 
 @pipeline_def(enable_conditionals=True)
-def _two_view_graph(source, params: _AugParams, size: int, decoder_device: str):
-    encoded, ids = fn.external_source(source=source, num_outputs=2, batch=True,
-                                      dtype=[types.UINT8, types.INT64])
-    p = fn.external_source(source=params, num_outputs=2 * _AugParams.OUTPUTS_PER_VIEW, batch=True)
+def _two_view_graph(feed, size: int, decoder_device: str):
     n = _AugParams.OUTPUTS_PER_VIEW
+    encoded, ids, *p = fn.external_source(source=feed, num_outputs=2 + 2 * n, batch=True)
     images = fn.decoders.image(encoded, device=decoder_device, output_type=types.RGB)
     q = _view(images, p[:n], size)
     k = _view(images, p[n:], size)
@@ -242,8 +289,9 @@ def build_two_view_pipeline(source: Callable[[], tuple[list[np.ndarray], list[np
                             seed: int, device_id: int | None = None, prefetch_queue_depth: int = 2):
     """A DALI pipeline producing (q, k, ids) per run; call .build() then .run().
 
-    source: called once per batch with no arguments; returns (encoded, ids): exactly batch_size 1-D
-    np.uint8 arrays of validated file bytes, and as many np.int64 0-d or (1,)-shaped sample ids.
+    source: called once per batch with no arguments; returns (encoded, ids) or (encoded, ids, batch_seed):
+    exactly batch_size 1-D np.uint8 arrays of validated file bytes, as many np.int64 0-d or (1,)-shaped
+    sample ids, and optionally an int seeding this batch's augmentation (else one stream from `seed`).
     device: "cpu" (CPU decode and ops, no GPU needed) or "gpu" (mixed decode, ops on GPU `device_id`,
     default the current CUDA device). seed: make it distinct per rank/worker.
     """
@@ -258,8 +306,16 @@ def build_two_view_pipeline(source: Callable[[], tuple[list[np.ndarray], list[np
     elif device_id is None:
         device_id = torch.cuda.current_device()
     params = _AugParams(recipe, batch_size, seed)
+
+    def feed():
+        out = source()
+        encoded, ids = out[0], out[1]
+        if len(out) > 2:  # a batch seed from the caller: augmentation keyed to the data, not to time
+            params.reseed(out[2])
+        return (encoded, ids, *params([image_size(e) for e in encoded]))
+
     return _two_view_graph(
-        source, params, size, "mixed" if device == "gpu" else "cpu",
+        feed, size, "mixed" if device == "gpu" else "cpu",
         batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
         prefetch_queue_depth=prefetch_queue_depth,
         exec_dynamic=True,  # needed for the GPU -> CPU move in _gray_mean and the zero-copy outputs

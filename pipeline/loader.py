@@ -123,8 +123,8 @@ class TwoViewLoader:
                         exhausted = True
                         break
                     # Augmentation randomness depends on the data position, not on which worker runs it.
-                    seed = hash((cfg.seed, cfg.rank, chunk[0].epoch, chunk[0].position)) & 0x7FFFFFFF
-                    args = ([it.sample.data for it in chunk], cfg.recipe, cfg.image_size, seed)
+                    args = ([it.sample.data for it in chunk], cfg.recipe, cfg.image_size,
+                            batch_seed(cfg.seed, cfg.rank, chunk[0]))
                     in_flight.append((chunk, pool.submit(augment_chunk, *args) if pool else augment_chunk(*args)))
                 if not in_flight:
                     if ready:  # only with a finite --epochs: the tail that cannot fill a batch
@@ -161,7 +161,7 @@ class TwoViewLoader:
 
         def source():
             nonlocal next_id
-            encoded, ids = [], []
+            encoded, ids, seed = [], [], None
             while len(encoded) < B:
                 item = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
                 # DALI cannot skip a bad image itself: anything it could choke on is filtered here.
@@ -170,11 +170,13 @@ class TwoViewLoader:
                     self.stream.count(reason)
                     log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
                     continue
+                if seed is None:  # augmentation keyed to the data position, as in the torch backend
+                    seed = batch_seed(cfg.seed, cfg.rank, item)
                 pending[next_id] = item
                 encoded.append(np.frombuffer(item.sample.data, dtype=np.uint8))
                 ids.append(np.array([next_id], dtype=np.int64))
                 next_id += 1
-            return encoded, ids
+            return encoded, ids, seed
 
         def build():
             pipe = build_two_view_pipeline(
@@ -201,6 +203,11 @@ class TwoViewLoader:
             q, k, ids = dali_outputs_to_torch(outputs, cfg.device)
             batch_items = [pending.pop(int(i)) for i in ids.tolist()]
             yield Batch(q, k, [it.sample.key for it in batch_items]), batch_items[-1]
+
+
+def batch_seed(seed: int, rank: int, first: Item) -> int:
+    """The augmentation seed of a batch: a function of where its data sits in the stream."""
+    return hash((seed, rank, first.epoch, first.position)) & 0x7FFFFFFF
 
 
 def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):

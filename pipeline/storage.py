@@ -74,11 +74,12 @@ class ShardReader:
             t0 = time.perf_counter()
             try:
                 data = fs.cat_file(path)
+                seconds = time.perf_counter() - t0
                 if shard.bytes is not None and len(data) != shard.bytes:
                     raise ShardReadError(f"read {len(data)} bytes, manifest says {shard.bytes}")
                 if c.verify_sha256 and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
                     raise ShardReadError("sha256 differs from the manifest")
-                self.observer.read(len(data), time.perf_counter() - t0)
+                self.observer.read(len(data), seconds)
                 return data
             except FileNotFoundError as e:  # permanent: retrying will not make it appear
                 self.observer.failed()

@@ -142,7 +142,9 @@ class SampleStream:
             cut = max(0, skip - position)
             segments.append((position + cut, Segment(seg.rank0, seg.block, seg.start + cut, seg.stop)))
             position += n
-        with ThreadPoolExecutor(max_workers=self.read_ahead, thread_name_prefix="shard-read") as pool:
+        # One thread per shard of the blocks in flight: a block's shards are fetched in parallel.
+        with ThreadPoolExecutor(max_workers=self.read_ahead * self.shuffle_shards,
+                                thread_name_prefix="shard-read") as pool:
             keys = list(dict.fromkeys((s.rank0, s.block) for _, s in segments))  # blocks in read order
             first = {(s.rank0, s.block): s for _, s in segments}
             pending: deque[tuple[tuple[int, int], dict[int, Future], int]] = deque()

@@ -112,7 +112,9 @@ class S3Server:
         self.proc = subprocess.Popen(
             [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
              f"-master.port={ports[0]}", f"-volume.port={ports[1]}", f"-filer.port={ports[2]}",
-             "-s3", f"-s3.port={self.port}", f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64"],
+             "-s3", f"-s3.port={self.port}", f"-s3.config={config}", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+             # Iceberg/Lance listeners have fixed default ports: off, so several servers can run at once.
+             "-s3.port.iceberg=0", "-s3.port.lance=0"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self._wait_ready()

@@ -35,9 +35,10 @@ def shards(imagenette_small, tmp_path_factory):
     return str(out)
 
 
-def test_preempted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "dali"])
+def test_preempted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path, backend):
     def flags(name):
-        return ["--data", shards, "--backend", "torch", "--steps", "6", "--checkpoint-dir", str(tmp_path / name),
+        return ["--data", shards, "--backend", backend, "--steps", "6", "--checkpoint-dir", str(tmp_path / name),
                 "--trace-keys", str(tmp_path / name / "keys"), *tiny_flags()]
 
     (tmp_path / "whole").mkdir()
