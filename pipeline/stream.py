@@ -29,6 +29,19 @@ class Item:
     sample: Sample
 
 
+@dataclass
+class _Group:
+    """Consecutive reads from one block of one epoch: the unit of read-ahead."""
+
+    epoch: int
+    plan: EpochPlan
+    rank0: int
+    block: int
+    total: int  # length of the rank's share of the epoch
+    fresh: bool  # the epoch is read from its start (not resumed, not re-split)
+    runs: list[tuple[int, Segment]]  # (position of the run's first entry, the block segment)
+
+
 def _levels(raw) -> list[Level]:
     return [Level(int(x["world"]), tuple(int(p) for p in x["positions"])) for x in raw]
 
@@ -125,78 +138,99 @@ class SampleStream:
         block = plan.blocks(seg.rank0)[0][seg.block]
         return sum(self.shards[p.shard].bytes or 0 for p in block.pieces)
 
-    def _epoch_items(self, epoch: int, history: list[Level], skip: int) -> Iterator[Item]:
-        plan = self._plan(epoch, history, self.world)
-        share = plan.share(history, self.world, self.rank)
-        total = sum(b - a for a, b in share)
-        if self.rank == 0 and skip == 0:  # dropped so that every rank gets the same count
-            drop = plan.remainder(history, self.world) + (0 if history else dropped_per_epoch(self.counts, plan.base_world))
-            if drop:
-                self.count("epoch_remainder", drop)
-        segments, position = [], 0
-        for seg in plan.segments(share):  # resume: segments already consumed are never read
-            n = seg.stop - seg.start
-            if position + n <= skip:
-                position += n
-                continue
-            cut = max(0, skip - position)
-            segments.append((position + cut, Segment(seg.rank0, seg.block, seg.start + cut, seg.stop)))
-            position += n
-        # One thread per shard of the blocks in flight: a block's shards are fetched in parallel.
-        with ThreadPoolExecutor(max_workers=self.read_ahead * self.shuffle_shards,
-                                thread_name_prefix="shard-read") as pool:
-            keys = list(dict.fromkeys((s.rank0, s.block) for _, s in segments))  # blocks in read order
-            first = {(s.rank0, s.block): s for _, s in segments}
-            pending: deque[tuple[tuple[int, int], dict[int, Future], int]] = deque()
-            queued, in_flight = 0, 0
-
-            def fill():
-                nonlocal queued, in_flight
-                while queued < len(keys) and len(pending) < self.read_ahead:
-                    seg = first[keys[queued]]
-                    size = self._block_bytes(plan, seg)
-                    if pending and in_flight + size > self.read_ahead_bytes:
-                        break  # bounded bytes in flight (one block always goes)
-                    block = plan.blocks(seg.rank0)[0][seg.block]
-                    futures = {p.shard: pool.submit(self._load_shard, p.shard) for p in block.pieces}
-                    pending.append((keys[queued], futures, size))
-                    queued += 1
-                    in_flight += size
-
-            current, loaded = None, {}
-            for position, seg in segments:
-                key = (seg.rank0, seg.block)
-                if key != current:
-                    fill()
-                    done_key, futures, size = pending.popleft()
-                    assert done_key == key
-                    loaded = {s: f.result() for s, f in futures.items()}
-                    in_flight -= size
-                    current = key
-                    fill()
-                block = plan.blocks(seg.rank0)[0][seg.block]
-                for j in range(seg.start, seg.stop):
-                    shard, index = block.sample_at(j)
-                    samples = loaded[shard]
-                    pos = position + (j - seg.start)
-                    if index < len(samples) and samples[index].error:
-                        self.count(samples[index].error)
-                    elif index < len(samples):
-                        yield Item(epoch, pos, pos == total - 1, samples[index])
-                    elif samples:  # the shard ended early (a truncated tar)
-                        self.count("missing_in_shard")
-                    else:
-                        self.count("shard_unreadable")
-
-    def __iter__(self) -> Iterator[Item]:
-        """Items from the saved state on, epoch after epoch."""
+    def _groups(self) -> Iterator[_Group]:
+        """The rank's reads from the saved state on, epoch after epoch, one group per block."""
         epoch, skip, history, next_history = self.epoch, self.position, self.history, self.next_history
         while self.epochs is None or epoch < self.epochs:
-            delivered = 0
-            for item in self._epoch_items(epoch, history, skip):
-                delivered += 1
-                yield item
-            if delivered == 0 and skip == 0 and not history:
-                raise DataSpecError(f"epoch {epoch} produced no readable sample on rank {self.rank}")
-            log.info("rank %d: epoch %d done", self.rank, epoch)
+            plan = self._plan(epoch, history, self.world)
+            share = plan.share(history, self.world, self.rank)
+            total = sum(b - a for a, b in share)
+            fresh = skip == 0 and not history
+            if self.rank == 0 and skip == 0:  # dropped so that every rank gets the same count
+                drop = plan.remainder(history, self.world) + (dropped_per_epoch(self.counts, plan.base_world) if not history else 0)
+                if drop:
+                    self.count("epoch_remainder", drop)
+            group, position = None, 0
+            for seg in plan.segments(share):  # resume: segments already consumed are never read
+                n = seg.stop - seg.start
+                if position + n > skip:
+                    cut = max(0, skip - position)
+                    run = (position + cut, Segment(seg.rank0, seg.block, seg.start + cut, seg.stop))
+                    if group is not None and (group.rank0, group.block) == (seg.rank0, seg.block):
+                        group.runs.append(run)
+                    else:
+                        if group is not None:
+                            yield group
+                        group = _Group(epoch, plan, seg.rank0, seg.block, total, fresh, [run])
+                position += n
+            if group is not None:
+                yield group
+            elif fresh:
+                yield _Group(epoch, plan, -1, -1, total, fresh, [])  # an empty epoch still ends
             epoch, skip, history, next_history = epoch + 1, 0, next_history, []
+
+    def __iter__(self) -> Iterator[Item]:
+        """Items from the saved state on, epoch after epoch. Shards are read ahead across epoch ends
+        (up to `read_ahead` blocks and `read_ahead_bytes` in flight), one thread per shard in flight."""
+        groups = self._groups()
+        window: deque[tuple[_Group, dict[int, Future], int]] = deque()
+        in_flight, exhausted = 0, False
+        delivered: Counter = Counter()
+        with ThreadPoolExecutor(max_workers=self.read_ahead * self.shuffle_shards,
+                                thread_name_prefix="shard-read") as pool:
+            peeked: list[_Group] = []
+
+            def fill():
+                nonlocal in_flight, exhausted
+                while not exhausted and len(window) < self.read_ahead:
+                    if not peeked:
+                        nxt = next(groups, None)
+                        if nxt is None:
+                            exhausted = True
+                            return
+                        peeked.append(nxt)
+                    g = peeked[0]
+                    block = g.plan.blocks(g.rank0)[0][g.block] if g.runs else None
+                    size = sum(self.shards[p.shard].bytes or 0 for p in block.pieces) if block else 0
+                    if window and in_flight + size > self.read_ahead_bytes:
+                        return  # bounded bytes in flight (one block always goes)
+                    peeked.pop()
+                    futures = {p.shard: pool.submit(self._load_shard, p.shard) for p in block.pieces} if block else {}
+                    window.append((g, futures, size))
+                    in_flight += size
+
+            previous_epoch = None
+            while True:
+                fill()
+                if not window:
+                    break
+                g, futures, size = window.popleft()
+                if previous_epoch is not None and g.epoch != previous_epoch:
+                    self._epoch_done(previous_epoch, delivered)
+                previous_epoch = g.epoch
+                loaded = {shard: f.result() for shard, f in futures.items()}
+                in_flight -= size
+                fill()
+                block = g.plan.blocks(g.rank0)[0][g.block] if g.runs else None
+                delivered[("fresh", g.epoch)] += g.fresh
+                for position, seg in g.runs:
+                    for j in range(seg.start, seg.stop):
+                        shard, index = block.sample_at(j)
+                        samples = loaded[shard]
+                        pos = position + (j - seg.start)
+                        if index < len(samples) and samples[index].error:
+                            self.count(samples[index].error)
+                        elif index < len(samples):
+                            delivered[g.epoch] += 1
+                            yield Item(g.epoch, pos, pos == g.total - 1, samples[index])
+                        elif samples:  # the shard ended early (a truncated tar)
+                            self.count("missing_in_shard")
+                        else:
+                            self.count("shard_unreadable")
+            if previous_epoch is not None:
+                self._epoch_done(previous_epoch, delivered)
+
+    def _epoch_done(self, epoch: int, delivered: Counter) -> None:
+        if delivered[epoch] == 0 and delivered[("fresh", epoch)]:
+            raise DataSpecError(f"epoch {epoch} produced no readable sample on rank {self.rank}")
+        log.info("rank %d: epoch %d done", self.rank, epoch)
