@@ -148,8 +148,9 @@ def train(cfg: TrainConfig) -> dict:
         metrics_port = metrics.serve(cfg.metrics_port + local_rank, cfg.metrics_addr)
         log.info("rank %d metrics on http://%s:%d/metrics", rank, cfg.metrics_addr, metrics_port)
 
-    trace = open(f"{cfg.trace_keys}.rank{rank}", "a") if cfg.trace_keys else None
-    loss_trace = open(f"{cfg.trace_keys}.rank{rank}.loss", "a") if cfg.trace_keys else None
+    # Line-buffered: what a rank consumed is on disk when the step ends, even if the process is killed.
+    trace = open(f"{cfg.trace_keys}.rank{rank}", "a", buffering=1) if cfg.trace_keys else None
+    loss_trace = open(f"{cfg.trace_keys}.rank{rank}.loss", "a", buffering=1) if cfg.trace_keys else None
     stop = StopFlag()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), unit="step",

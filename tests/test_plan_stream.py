@@ -189,3 +189,18 @@ def test_read_ahead_is_bounded_by_bytes(uneven_tars):
 
     time.sleep(0.3)  # let the read-ahead threads run
     assert len(loads) == 2  # the block in use + the one always allowed; by count alone it would be 5
+
+
+def test_unreadable_parquet_row_group_costs_only_its_rows(tmp_path):
+    path = tmp_path / "p-000000.parquet"
+    keys = [f"k{i}" for i in range(12)]
+    pq.write_table(pa.table({"key": keys, "image": [bytes([i]) * 3000 for i in range(12)]}), path,
+                   row_group_size=4, compression="none")
+    data = bytearray(path.read_bytes())
+    offset = pq.ParquetFile(path).metadata.row_group(1).column(1).data_page_offset
+    data[offset : offset + 40] = b"\xff" * 40  # break the page header of row group 1's images
+    path.write_bytes(bytes(data))
+    stream = SampleStream([Shard(str(path), 12, "parquet")], seed=0, world=1, rank=0, epochs=1)
+    got = sorted(it.sample.key for it in stream)
+    assert got == sorted(keys[:4] + keys[8:])
+    assert stream.skipped["unreadable_row_group"] == 4
