@@ -19,6 +19,7 @@ from PIL import Image
 from shards.create import create_shards
 
 from .config import build_config
+from .ports import free_port, port_is_free
 
 CLASSES = ("stripes_h", "stripes_v", "stripes_diag", "rings", "checker", "blobs", "gradient", "dots")
 
@@ -83,8 +84,8 @@ def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int
         data=str(shards_dir), steps=steps, batch_size=32, arch="resnet18", image_size=64, backend=backend,
         recipe="moco_v2", queue_size=512, moco_momentum=0.99, base_lr=0.06, checkpoint_dir=str(ckpt_dir), checkpoint_every=max(1, steps // 2),
         metrics_port=metrics_port, metrics_addr="127.0.0.1", log_every=5, trace_keys=str(root / "trace-keys")))
-    if metrics_port == 0 or not _port_free(metrics_port):  # taken (or 0): any free port will do for a demo
-        cfg.metrics_port = _free_port()
+    if metrics_port == 0 or not port_is_free(metrics_port):  # taken (or 0): any free port will do for a demo
+        cfg.metrics_port = free_port()
     summary = train(cfg)
     metrics = summary.pop("_metrics")
     seconds = time.perf_counter() - t0
@@ -96,22 +97,3 @@ def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int
     (root / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
     metrics.stop()
     return summary
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tarfile
 import time
@@ -12,23 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from ops.ports import free_port, port_is_free  # noqa: F401 - free_port is used by the tests
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOCOSTREAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def _is_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def weed_port() -> int:
@@ -36,7 +24,7 @@ def weed_port() -> int:
     import random
     while True:
         port = random.randrange(20000, 45000)
-        if _is_free(port) and _is_free(port + 10000):
+        if port_is_free(port) and port_is_free(port + 10000):
             return port
 
 
