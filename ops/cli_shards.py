@@ -1,57 +1,153 @@
-"""`mocostream shards ...`: CLI glue around shards.create_shards (no logic of its own)."""
+"""`mocostream shards ...`: CLI glue around shards/ (create, verify, inspect, merge); no logic of its own."""
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import sys
 
 from shards import REASONS, CreateReport, ShardError, create_shards
+from shards.workers import default_workers
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def byte_size(text: str) -> int:
+    """`500MB`, `1GiB`, `2000000` -> bytes (argparse type)."""
+    m = _SIZE.match(text)
+    unit = (m.group(2) or "").lower().rstrip("b") if m else None
+    if not m or unit not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GiB, 2000000)")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+CREATE_HELP = f"""\
+Read every input, decode it fully (in worker processes with a per-file time and pixel budget), normalise
+it and pack the good images into shards at DEST. Each input is either written or rejected with a reason:
+  {', '.join(REASONS)}.
+Rejected inputs are listed in DEST/rejects.jsonl and do not make the exit status non-zero.
+
+SRC can be, mixed in one run:
+  a folder              walked recursively in sorted order; the label is the parent folder's name
+  a tar archive         .tar / .tar.gz / .tgz of images (members in archive order)
+  a list of inputs      .txt / .lst / .urls: one path or URL per line (s3://, http(s)://, any fsspec URL);
+                        .jsonl: one {{"url": ..., "caption": ..., ...}} per line
+  a parquet table       with an `image` bytes column or a `url` / `path` column
+Extra fields (caption, label, ...) travel into each sample's JSON (tar) or columns (parquet).
+
+Normalisation: EXIF orientation applied; CMYK, palette, 16-bit, greyscale -> RGB; alpha on white; first
+frame of animations. Upright RGB JPEG/PNG/WebP are kept byte-for-byte (--reencode auto); anything that
+needed a change, or that DALI cannot decode, is stored as JPEG at --quality.
+
+Outputs: P-NNNNNN.tar (+ DALI .idx) or .parquet, P-NNNNNN_stats.json per shard, rejects.jsonl,
+report.json, and manifest.json (shard names, sample counts, bytes, sha256) written last.
+Rerunning the same command continues a run that was killed (even with kill -9) and ends with the same
+bytes as an uninterrupted run; rerunning a finished one does nothing; other options into the same DEST
+are refused."""
 
 
 def add_shards_parser(subparsers) -> None:
-    """Register `shards create` on the main CLI's subparsers."""
+    """Register `shards create|verify|inspect|merge` on the main CLI's subparsers."""
     shards = subparsers.add_parser(
-        "shards", help="create training shards from folders of images",
+        "shards", help="create, verify, inspect and merge training shards",
         description="Create and manage training shards (webdataset tar or parquet).")
     sub = shards.add_subparsers(dest="shards_command", metavar="COMMAND", required=True)
-    create = sub.add_parser(
-        "create", help="validate, normalise and pack images into shards",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description=(
-            "Walk SRC folders recursively (sorted, so reruns give byte-identical shards), decode every\n"
-            "file fully with PIL, and pack the good images into shards at DEST. Bad files are left out\n"
-            "and listed in DEST/rejects.jsonl with a reason:\n"
-            f"  {', '.join(REASONS)}.\n"
-            "Images are EXIF-rotated; upright RGB JPEG/PNG/WebP are kept byte-for-byte, anything else\n"
-            "is converted to RGB (alpha on white, first frame) and stored as JPEG quality 95.\n"
-            "DEST/manifest.json (shard names, sample counts, bytes, sha256) is written last.\n"
-            "The label of an image is the name of the folder it is in."),
-        epilog=("example:\n  mocostream shards create data/train --out s3://bucket/imagenet/train "
-                "--samples-per-shard 2000\n\nFor s3:// destinations the endpoint and keys come from "
-                "AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."))
-    create.add_argument("sources", nargs="+", metavar="SRC",
-                        help="local folder(s) of images, searched recursively; files at any depth are inputs")
-    create.add_argument("--out", required=True, metavar="DEST",
-                        help="destination: a local folder (created if missing) or s3://bucket/prefix; "
-                             "must not already hold a manifest.json")
-    create.add_argument("--format", choices=["tar", "parquet"], default="tar", dest="fmt",
-                        help="tar: webdataset shards (<key>.jpg|png|webp + <key>.json) each with a DALI .idx "
-                             "index; parquet: one row per image (image bytes + metadata columns), "
-                             "row groups of 256 (default: %(default)s)")
-    create.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
-                        help="images per shard; the last shard may hold fewer (default: %(default)s)")
-    create.add_argument("--prefix", default="shard", metavar="P",
-                        help="shard file names are P-NNNNNN.tar / .parquet; letters, digits, '_' and '-' "
-                             "(default: %(default)s)")
-    create.add_argument("--quiet", action="store_true",
-                        help="no progress bar (the summary is still printed)")
-    create.set_defaults(func=run_shards_create)
+    c = sub.add_parser(
+        "create", help="validate, normalise, deduplicate and pack images into shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=CREATE_HELP,
+        epilog=("examples:\n"
+                "  mocostream shards create data/train --out s3://bucket/imagenet/train --samples-per-shard 2000\n"
+                "  mocostream shards create urls.txt photos.tar --out shards/ --max-size 512 --shuffle --seed 1\n"
+                "  mocostream shards create urls.txt --out s3://b/web --part 3/8   # on host 3 of 8; then:\n"
+                "  mocostream shards merge s3://b/web\n\n"
+                "For s3:// the endpoint and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY."))
+    c.add_argument("sources", nargs="+", metavar="SRC",
+                   help="folder, tar archive, list of paths/URLs (.txt/.jsonl) or parquet table")
+    c.add_argument("--out", required=True, metavar="DEST",
+                   help="destination: a local folder (created if missing) or s3://bucket/prefix")
+    c.add_argument("--format", choices=["tar", "parquet"], default="tar", dest="fmt",
+                   help="tar: webdataset shards (<key>.jpg|png|webp + <key>.json) each with a DALI .idx "
+                        "index; parquet: one row per image (image bytes + metadata columns), "
+                        "row groups of 256 (default: %(default)s)")
+    c.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
+                   help="images per shard; the last shard may hold fewer (default: %(default)s)")
+    c.add_argument("--max-shard-bytes", type=byte_size, default=0, metavar="SIZE",
+                   help="also start a new shard before one would pass SIZE (500MB, 1GiB); 0 = no limit")
+    c.add_argument("--prefix", default="shard", metavar="P",
+                   help="shard file names are P-NNNNNN.tar / .parquet; letters, digits, '_' and '-' "
+                        "(default: %(default)s)")
+    c.add_argument("--workers", type=int, default=default_workers(), metavar="N",
+                   help="decode processes (default: the CPUs available, %(default)s); 0 decodes in-process")
+    c.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                   help="per-file time budget; a decoder over it is killed and the file rejected as "
+                        "timeout (default: %(default)s)")
+    c.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
+                   help="per-file pixel budget; bigger images are rejected as decompression_bomb "
+                        "(default: %(default)s)")
+    c.add_argument("--worker-memory", type=byte_size, default=None, metavar="SIZE",
+                   help="memory a decode worker may allocate (e.g. 2GiB); a file needing more is rejected as "
+                        "decompression_bomb (default: 16 bytes per --max-pixels pixel + 512 MiB; 0 = no cap)")
+    c.add_argument("--min-size", type=int, default=8, metavar="PX",
+                   help="reject images whose shorter side is under PX as too_small (default: %(default)s)")
+    c.add_argument("--max-size", type=int, default=0, metavar="PX",
+                   help="resize images whose longer side is over PX (re-encoded as JPEG); 0 = keep size")
+    c.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality of re-encoded images "
+                                                                        "(default: %(default)s)")
+    c.add_argument("--reencode", choices=["auto", "always", "never"], default="auto",
+                   help="auto: only images that need a change; always: every image; never: keep original "
+                        "bytes and reject what would need a change as needs_reencode (default: %(default)s)")
+    c.add_argument("--dedup", choices=["exact", "perceptual", "none"], default="exact",
+                   help="exact: same decoded pixels; perceptual: same picture (resized, re-compressed) by a "
+                        "64-bit difference hash; later copies are rejected as duplicate (default: %(default)s)")
+    c.add_argument("--dedup-threshold", type=int, default=4, metavar="BITS",
+                   help="perceptual: hashes this many bits apart or fewer are duplicates (default: %(default)s)")
+    c.add_argument("--shuffle", action="store_true",
+                   help="mix all inputs across shards (a seeded permutation) so each shard is representative")
+    c.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default: %(default)s)")
+    c.add_argument("--part", metavar="i/N",
+                   help="process only the i-th of N slices of the inputs, into DEST/part-IIIII-of-NNNNN; "
+                        "run all N (e.g. a Kubernetes Indexed Job), then `shards merge DEST`")
+    c.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
+    c.add_argument("--json", action="store_true",
+                   help="print the run report (as in DEST/report.json) as one JSON line instead of the summary")
+    c.set_defaults(func=run_shards_create)
+
+    v = sub.add_parser("verify", help="check every shard against the manifest; exit 1 on a mismatch",
+                       description="Check every shard listed in DEST/manifest.json: present, byte size, sha256, "
+                                   "sample count, every sample decodable (PIL, end to end), DALI index. "
+                                   "Exit status 0 when all is well, 1 when anything is wrong.")
+    v.add_argument("dest", metavar="DEST", help="folder or s3:// prefix holding manifest.json")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding the samples (size/hash/count only)")
+    v.add_argument("--quiet", action="store_true", help="print only problems and the final line")
+    v.set_defaults(func=run_shards_verify)
+
+    i = sub.add_parser("inspect", help="summarise a shard set: counts, sizes, resolutions, formats, rejects",
+                       description="Print what the shard set at DEST holds.")
+    i.add_argument("dest", metavar="DEST", help="folder or s3:// prefix holding manifest.json")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    i.set_defaults(func=run_shards_inspect)
+
+    m = sub.add_parser("merge", help="join the manifests of `create --part i/N` runs into one",
+                       description="After all N `shards create --part i/N --out DEST` runs finished, write "
+                                   "DEST/manifest.json (every part's shards), DEST/rejects.jsonl and "
+                                   "DEST/report.json. Shards are not copied.")
+    m.add_argument("dest", metavar="DEST", help="the --out the parts were written to")
+    m.add_argument("--json", action="store_true", help="print the merged report as JSON")
+    m.set_defaults(func=run_shards_merge)
 
 
 def summary(report: CreateReport) -> str:
     """One paragraph: what was written, what was left out and why, where the manifest is."""
-    rate = report.inputs / report.seconds if report.seconds > 0 else 0.0
+    rate = report.report.get("images_per_second")
+    if rate is None:
+        rate = report.inputs / report.seconds if report.seconds > 0 else 0.0
     reasons = ", ".join(f"{n} {r}" for r, n in report.rejected_by_reason().items())
     rejected = f"rejected {len(report.rejected)}" + (f" ({reasons})" if reasons else "")
-    return (f"shards create: {report.inputs} input files in {report.seconds:.1f}s ({rate:.0f}/s): "
+    state = (" (already complete: nothing to do)" if report.already_complete
+             else f" (resumed after {report.resumed_from} inputs)" if report.resumed_from else "")
+    return (f"shards create: {report.inputs} input files in {report.seconds:.1f}s ({rate:.0f}/s){state}: "
             f"wrote {report.written} samples into {len(report.shards)} shard(s), {rejected}. "
             f"Manifest: {report.manifest_url}"
             + (" (rejected files are listed in rejects.jsonl next to it)." if report.rejected else "."))
@@ -60,7 +156,61 @@ def summary(report: CreateReport) -> str:
 def run_shards_create(args) -> int:
     if args.samples_per_shard < 1:
         raise ShardError(f"--samples-per-shard must be at least 1, got {args.samples_per_shard}")
-    report = create_shards(args.sources, args.out, fmt=args.fmt, samples_per_shard=args.samples_per_shard,
-                           prefix=args.prefix, progress=not args.quiet)
-    print(summary(report), flush=True)
+    if args.workers < 0:
+        raise ShardError(f"--workers must be 0 or more, got {args.workers}")
+    report = create_shards(
+        args.sources, args.out, fmt=args.fmt, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
+        progress=not (args.quiet or args.json), workers=args.workers, timeout=args.timeout,
+        min_size=args.min_size, max_size=args.max_size, quality=args.quality, reencode=args.reencode,
+        dedup=args.dedup, dedup_threshold=args.dedup_threshold, shuffle=args.shuffle, seed=args.seed,
+        max_shard_bytes=args.max_shard_bytes, part=args.part, max_pixels=args.max_pixels,
+        memory_limit=args.worker_memory)
+    print(json.dumps(report.report) if args.json else summary(report), flush=True)
+    return 0
+
+
+def run_shards_verify(args) -> int:
+    from shards import verify
+    from tqdm import tqdm
+
+    counts = {"shards": 0, "samples": 0}
+    bar = None
+
+    def on_shard(entry, problems):
+        nonlocal bar
+        if bar is None:  # after the manifest was read: an error before that is one clean line
+            bar = tqdm(unit="shard", desc="verify", disable=args.quiet, dynamic_ncols=True)
+        counts["shards"] += 1
+        counts["samples"] += entry.get("samples", 0)
+        for p in problems:
+            bar.write(p, file=sys.stdout)
+        bar.update()
+
+    problems = verify(args.dest, decode=not args.no_decode, on_shard=on_shard)
+    if bar is not None:
+        bar.close()
+    if problems:
+        print(f"verify: {len(problems)} problem(s) in {args.dest}", flush=True)
+        return 1
+    print(f"verify: {counts['shards']} shards, {counts['samples']} samples OK"
+          + (" (not decoded)" if args.no_decode else ", all decodable"), flush=True)
+    return 0
+
+
+def run_shards_inspect(args) -> int:
+    from shards import inspect
+    from shards.inspect import summary_text
+
+    info = inspect(args.dest)
+    print(json.dumps(info) if args.json else summary_text(info), flush=True)
+    return 0
+
+
+def run_shards_merge(args) -> int:
+    from shards import merge
+
+    report = merge(args.dest)
+    print(json.dumps(report) if args.json else
+          f"shards merge: {report['parts']} parts, {report['written']} samples in {report['shards']} shards, "
+          f"rejected {report['rejected']}. Manifest: {report['manifest']}", flush=True)
     return 0

@@ -1,9 +1,14 @@
-"""shards: folders of images -> validated, normalised webdataset tar / parquet shards + manifest.
+"""shards: raw images (folders, tar archives, URL lists, parquet) -> validated, normalised, deduplicated
+webdataset tar / parquet shards + manifest; resumable, parallel, local or s3://.
 
-Public API: `create_shards`, `CreateReport`, `ShardError`. Does not import pipeline, moco_core or ops.
+Public API: `create_shards`, `verify`, `inspect`, `merge`, `CreateReport`, `ShardError`, `REASONS`.
+Does not import pipeline, moco_core or ops.
 """
 from .create import CreateReport, create_shards
 from .errors import ShardError
+from .inspect import inspect
+from .merge import merge
 from .validate import REASONS
+from .verify import verify
 
-__all__ = ["CreateReport", "ShardError", "REASONS", "create_shards"]
+__all__ = ["CreateReport", "ShardError", "REASONS", "create_shards", "inspect", "merge", "verify"]

@@ -1,4 +1,4 @@
-"""manifest.json and rejects.jsonl: what a shard set contains, and what was left out.
+"""manifest.json, rejects.jsonl and report.json: what a shard set contains, what was left out, how it went.
 
 `DEST/manifest.json` (written LAST, so its presence means the set is complete)::
 
@@ -6,28 +6,32 @@
       "format_version": 1,
       "format": "tar" | "parquet",
       "created_by": "mocostream",
-      "options": {"format", "samples_per_shard", "prefix", "sources": [...],
-                  "min_side", "max_pixels", "jpeg_quality"},
+      "options": {"format", "samples_per_shard", "max_shard_bytes", "prefix", "min_size", "max_size",
+                  "quality", "reencode", "max_pixels", "dedup", "dedup_threshold", "shuffle", "seed",
+                  "part": "i/N", "sources": [...], "fingerprint": "<sha256>"},
       "shards": [
         {"name": "shard-000000.tar", "samples": N, "bytes": B, "sha256": "<hex>",
-         "index": "shard-000000.idx"}            # "index" only for tar: the DALI index next to it
+         "index": "shard-000000.idx",             # tar only: the DALI index next to it
+         "stats": "shard-000000_stats.json"}      # per-shard accounting (shards.stats)
       ],
+      "inputs": I,                                 # inputs of this run (this part)
       "total_samples": N,                          # sum of shards[].samples
       "total_bytes": B,                            # sum of shards[].bytes (index files not counted)
-      "rejected": R,                               # lines in rejects.jsonl
+      "rejected": R,                               # lines in rejects.jsonl; total_samples + rejected == inputs
       "rejected_by_reason": {"truncated": 3, ...}, # only reasons that occurred
       "created_at": "2026-01-01T00:00:00Z",        # timing fields: the only ones that differ
       "seconds": 1.23                              #   between two runs on the same inputs
     }
 
-`names` are relative to DEST. `total_samples + rejected` equals the number of input files.
+`names` are relative to DEST (after `shards merge`: `part-00000-of-00004/shard-000000.tar`).
 
-`DEST/rejects.jsonl`: one line per rejected input, in input order::
+`DEST/rejects.jsonl`: one line per rejected input, in processing order::
 
-    {"source": "<path as given>", "reason": "<code>", "detail": "<short message>"}
+    {"source": "<path or URL as given>", "reason": "<code>", "detail": "<short message>"}
 
-with reason in shards.validate.REASONS: not_an_image, truncated, decompression_bomb,
-unreadable, too_small, unsupported.
+with reason in shards.validate.REASONS (a `duplicate` names the kept key in its detail).
+
+`DEST/report.json`: the run report (counts per reason, bytes in/out, duration, images/s), see `run_report`.
 """
 from __future__ import annotations
 
@@ -36,7 +40,7 @@ import json
 import time
 from collections import Counter
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # additive changes only: readers of version 1 read these
 TIMING_FIELDS = ("created_at", "seconds")
 
 
@@ -51,27 +55,57 @@ def file_digest(path: str) -> tuple[int, str]:
     return size, h.hexdigest()
 
 
-def build_manifest(fmt: str, options: dict, shards: list[dict],
-                   rejected: list[tuple[str, str, str]], seconds: float) -> dict:
+def by_reason(rejected) -> dict[str, int]:
+    return dict(sorted(Counter(r[1] for r in rejected).items()))
+
+
+def build_manifest(fmt: str, options: dict, shards: list[dict], rejected: list, seconds: float,
+                   inputs: int | None = None) -> dict:
+    total = sum(s["samples"] for s in shards)
     return {
         "format_version": FORMAT_VERSION,
         "format": fmt,
         "created_by": "mocostream",
         "options": options,
         "shards": shards,
-        "total_samples": sum(s["samples"] for s in shards),
+        "inputs": inputs if inputs is not None else total + len(rejected),
+        "total_samples": total,
         "total_bytes": sum(s["bytes"] for s in shards),
         "rejected": len(rejected),
-        "rejected_by_reason": dict(sorted(Counter(r for _, r, _ in rejected).items())),
+        "rejected_by_reason": by_reason(rejected),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 3),
     }
 
 
-def manifest_bytes(manifest: dict) -> bytes:
-    return (json.dumps(manifest, indent=2) + "\n").encode("utf-8")
+def run_report(manifest: dict, bytes_in: int, seconds: float, processed: int, resumed_from: int,
+               workers: int, replaced_workers: int, manifest_url: str) -> dict:
+    """What a job logs: counts per reason, bytes in/out, duration and rate of THIS run."""
+    return {
+        "inputs": manifest["inputs"],
+        "written": manifest["total_samples"],
+        "rejected": manifest["rejected"],
+        "rejected_by_reason": manifest["rejected_by_reason"],
+        "shards": len(manifest["shards"]),
+        "bytes_in": bytes_in,
+        "bytes_out": manifest["total_bytes"],
+        "seconds": round(seconds, 3),
+        "processed_this_run": processed,
+        "resumed_from": resumed_from,
+        "images_per_second": round(processed / seconds, 1) if seconds > 0 else 0.0,
+        "workers": workers,
+        "replaced_workers": replaced_workers,
+        "manifest": manifest_url,
+    }
 
 
-def rejects_bytes(rejected: list[tuple[str, str, str]]) -> bytes:
+def json_bytes(doc: dict) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
+
+
+manifest_bytes = json_bytes
+
+
+def rejects_bytes(rejected) -> bytes:
     return "".join(json.dumps({"source": s, "reason": r, "detail": d}) + "\n"
                    for s, r, d in rejected).encode("utf-8")

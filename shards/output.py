@@ -34,8 +34,9 @@ def storage_options(url: str) -> dict:
 
 
 class Destination:
-    def __init__(self, url: str):
+    def __init__(self, url: str, create: bool = True):
         self.url = url.rstrip("/") or url
+        self.create = create
         try:
             self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url))
         except (ImportError, ValueError) as exc:
@@ -43,27 +44,52 @@ class Destination:
         self.local = isinstance(self.fs, LocalFileSystem)
         self._preflight()
         # Where files are built before they are published under their final name.
-        self.staging = self.root if self.local else tempfile.mkdtemp(prefix="mocostream-shards-")
+        self.staging = self.root if self.local or not create else tempfile.mkdtemp(prefix="mocostream-shards-")
         self._pending: set[str] = set()
 
     def _preflight(self) -> None:
-        manifest = self.join("manifest.json")
         try:
-            if self.local:
+            if self.local and not self.create:
+                if not os.path.isdir(self.root):
+                    raise ShardError(f"not found: {self.url}")
+            elif self.local:
                 os.makedirs(self.root, exist_ok=True)
+                probe = os.path.join(self.root, f".write-probe-{os.getpid()}")
+                with open(probe, "wb"):
+                    pass
+                os.remove(probe)
             else:
                 bucket = self.root.split("/", 1)[0]
                 if not self.fs.exists(bucket):
                     raise ShardError(f"bucket not found: {bucket} (in {self.url})")
-            exists = self.fs.exists(manifest)
+                self.fs.exists(self.join("manifest.json"))  # fails here on bad credentials
         except ShardError:
             raise
         except Exception as exc:  # permissions, bad credentials, unreachable endpoint
             raise ShardError(f"cannot use destination {self.url}: {type(exc).__name__}: {exc}") from exc
-        if exists:
-            # Refuse rather than leave a manifest that disagrees with half-replaced shards.
-            raise ShardError(f"destination already holds a shard set ({self.url}/manifest.json); "
-                             "choose an empty destination or remove it first")
+
+    def remove_stale_temps(self) -> None:
+        """Temp files of a killed earlier run (local only: remote temps live in a local temp dir)."""
+        if self.local:
+            for name in os.listdir(self.root):
+                if name.startswith(".") and ".tmp-" in name:
+                    try:
+                        os.remove(os.path.join(self.root, name))
+                    except FileNotFoundError:
+                        pass
+
+    def read(self, name: str) -> bytes | None:
+        """A published file's bytes, or None when it does not exist."""
+        try:
+            return self.fs.cat_file(self.join(name))
+        except FileNotFoundError:
+            return None
+
+    def size(self, name: str) -> int | None:
+        try:
+            return int(self.fs.size(self.join(name)))
+        except FileNotFoundError:
+            return None
 
     def join(self, name: str) -> str:
         return f"{self.root}/{name}" if not self.local else os.path.join(self.root, name)
@@ -104,5 +130,5 @@ class Destination:
             except FileNotFoundError:
                 pass
         self._pending.clear()
-        if not self.local:
+        if not self.local and self.create:
             shutil.rmtree(self.staging, ignore_errors=True)

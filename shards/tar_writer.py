@@ -3,53 +3,94 @@
 Each sample is two consecutive members, `<key>.<ext>` (image bytes) then `<key>.json`
 (metadata). Headers carry no wall-clock or machine identity (mtime 0, uid/gid 0, empty
 uname/gname, mode 0644, plain ustar), so the same inputs give byte-identical shards.
+
+The ustar headers are built here rather than by `tarfile` (whose header code cost more CPU than the
+rest of the main process together); the bytes are exactly what `tarfile` writes for these members
+(USTAR_FORMAT, see tests), and `tarfile`, webdataset and DALI read them back.
 """
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 
 from .validate import Sample
 
-
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = 0
-    info.mode = 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    info.type = tarfile.REGTYPE
-    return info
+BLOCK = tarfile.BLOCKSIZE       # 512
+RECORD = tarfile.RECORDSIZE     # 10240: tarfile pads the archive to a whole record
+MAX_NAME = 100                  # ustar name field (keys are capped so names fit: no prefix, no pax)
 
 
-def sample_json(key: str, source: str, label: str, sample: Sample) -> bytes:
+def ustar_header(name: str, size: int) -> bytes:
+    """The 512-byte header tarfile writes for a regular file `name` of `size` bytes, mode 0644,
+    uid/gid 0, empty uname/gname, mtime 0 (tarfile.TarInfo.tobuf(USTAR_FORMAT))."""
+    raw = name.encode("utf-8")
+    if len(raw) > MAX_NAME or size >= 8**11:
+        raise ValueError(f"member does not fit a plain ustar header: {name!r} ({size} bytes)")
+    h = bytearray(BLOCK)
+    h[0:len(raw)] = raw
+    h[100:108] = b"0000644\0"
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"%011o\0" % size
+    h[136:148] = b"00000000000\0"
+    h[148:156] = b" " * 8           # checksum is computed with its own field as spaces
+    h[156:157] = tarfile.REGTYPE
+    h[257:265] = tarfile.POSIX_MAGIC  # b"ustar\x0000"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def sample_json(key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> bytes:
     meta = {"key": key, "source": source, "label": label,
             "width": sample.width, "height": sample.height, "format": sample.ext}
-    return json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    for k, v in (extra or {}).items():  # caption, url, ... from the input; never over ours
+        meta.setdefault(k, v)
+    return json.dumps(meta, separators=(",", ":"), default=str).encode("utf-8")
+
+
+def _padded(n: int) -> int:
+    return BLOCK + (n + BLOCK - 1) // BLOCK * BLOCK  # header + data rounded up to whole blocks
 
 
 class TarShardWriter:
     suffix = "tar"
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, extra_fields=None):
         self.path = path
         self.samples = 0
-        # ustar (not pax/gnu): keys are capped so names fit, and no extended headers appear.
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self.bytes = RECORD  # upper bound of the end-of-archive padding
+        self.members: list[tuple[str, int, int, str]] = []  # (ext, data offset, size, name): the DALI index
+        self._f = open(path, "wb")
+        self._offset = 0
 
-    def add(self, key: str, source: str, label: str, sample: Sample) -> None:
-        for name, data in ((f"{key}.{sample.ext}", sample.data),
-                           (f"{key}.json", sample_json(key, source, label, sample))):
-            self._tar.addfile(_member(name, len(data)), io.BytesIO(data))
+    def cost(self, key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> int:
+        """Bytes this sample adds to the shard."""
+        return _padded(len(sample.data)) + _padded(len(sample_json(key, source, label, sample, extra)))
+
+    def add(self, key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> None:
+        for ext, data in ((sample.ext, sample.data), ("json", sample_json(key, source, label, sample, extra))):
+            name = f"{key}.{ext}"
+            header = ustar_header(name, len(data))
+            self.members.append((ext, self._offset + BLOCK, len(data), name))
+            pad = -len(data) % BLOCK
+            self._f.write(header)
+            self._f.write(data)
+            if pad:
+                self._f.write(b"\0" * pad)
+            self._offset += BLOCK + len(data) + pad
+        self.bytes = RECORD + self._offset
         self.samples += 1
 
+    def index_lines(self) -> list[str]:
+        """DALI index lines (wds_index format), from what was written: no second pass over the tar."""
+        return [" ".join(" ".join(map(str, m)) for m in self.members[i:i + 2])
+                for i in range(0, len(self.members), 2)]
+
     def close(self) -> None:
-        self._tar.close()
+        # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
+        end = self._offset + 2 * BLOCK
+        self._f.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+        self._f.close()
 
     def abort(self) -> None:
-        try:
-            self._tar.close()
-        except Exception:
-            pass
+        self._f.close()

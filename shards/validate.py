@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .dedup import image_digest
+
 # Reject reason codes (the complete set; manifests and rejects.jsonl use only these).
 NOT_AN_IMAGE = "not_an_image"
 TRUNCATED = "truncated"
@@ -20,7 +22,16 @@ DECOMPRESSION_BOMB = "decompression_bomb"
 UNREADABLE = "unreadable"
 TOO_SMALL = "too_small"
 UNSUPPORTED = "unsupported"
-REASONS = (NOT_AN_IMAGE, TRUNCATED, DECOMPRESSION_BOMB, UNREADABLE, TOO_SMALL, UNSUPPORTED)
+NEEDS_REENCODE = "needs_reencode"    # --reencode never, but the image is not usable as it is
+# Decided outside this module (worker pool, fetch, dedup), listed here so the set is in one place.
+TIMEOUT = "timeout"                  # decoding took longer than the per-file time budget
+CRASHED = "crashed"                  # the decoder process died (segfault, out of memory)
+DOWNLOAD_FAILED = "download_failed"  # a URL could not be fetched (404, connection refused, ...)
+DUPLICATE = "duplicate"              # same pixels (exact) or same picture (perceptual) as an earlier input
+REASONS = (NOT_AN_IMAGE, TRUNCATED, DECOMPRESSION_BOMB, UNREADABLE, TOO_SMALL, UNSUPPORTED, NEEDS_REENCODE,
+           TIMEOUT, CRASHED, DOWNLOAD_FAILED, DUPLICATE)
+REENCODE_MODES = ("auto", "always", "never")
+DEDUP_MODES = ("exact", "perceptual", "none")
 
 MIN_SIDE = 8  # px; smaller images are icons/tracking pixels, useless for 224-px crops
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own default bomb limit (~89.5 Mpx)
@@ -35,11 +46,23 @@ _UNSUPPORTED_RE = re.compile(r"not (?:available|supported|implemented)|unsupport
 
 
 @dataclass(frozen=True)
+class Options:
+    """How to normalise one image (everything here changes the output bytes)."""
+    min_size: int = MIN_SIDE            # drop images whose shorter side is under this (after rotation)
+    max_size: int = 0                   # resize so the longer side is at most this; 0 = never resize
+    quality: int = JPEG_QUALITY         # JPEG quality of re-encoded images
+    reencode: str = "auto"              # auto: only when needed; always; never: reject what needs it
+    max_pixels: int = MAX_PIXELS        # pixel budget per file (width x height of the first frame)
+    dedup: str = "none"                 # which dedup hash to compute: exact | perceptual | none
+
+
+@dataclass(frozen=True)
 class Sample:
     data: bytes
     ext: str  # "jpg" | "png" | "webp" (lowercase: DALI matches extensions case-sensitively)
     width: int
     height: int
+    digest: str = ""  # dedup hash (shards.dedup), "" when dedup is off
 
 
 @dataclass(frozen=True)
@@ -147,35 +170,73 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def _normalise(data: bytes, max_pixels: int) -> Sample | Reject:
+def _changes_needed(img: Image.Image, data: bytes, fmt: str, orientation: int, animated: bool) -> list[str]:
+    """Why the original bytes cannot be stored as they are (empty: keep them byte-for-byte)."""
+    needs = []
+    if fmt not in _KEEP:
+        needs.append(f"format {fmt or 'unknown'} (not decodable by DALI)")
+    if img.mode != "RGB":
+        needs.append(f"mode {img.mode}")
+    if orientation != 1:
+        needs.append(f"EXIF orientation {orientation}")
+    if animated:
+        needs.append("animated")
+    if "transparency" in img.info:
+        needs.append("transparency")
+    if fmt == "PNG" and _png_bit_depth(data) != 8:
+        needs.append(f"{_png_bit_depth(data)}-bit PNG")
+    if fmt == "JPEG" and not jpeg_structure_ok(data):
+        needs.append("broken JPEG marker segments")
+    return needs
+
+
+def _fit(size: tuple[int, int], max_size: int) -> tuple[int, int]:
+    w, h = size
+    scale = max_size / max(w, h)
+    return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _normalise(data: bytes, opt: Options) -> Sample | Reject:
     img = Image.open(io.BytesIO(data))
     width, height = img.size
-    if width * height > max_pixels:
-        return Reject(DECOMPRESSION_BOMB, f"{width}x{height} exceeds {max_pixels} pixels")
+    if width * height > opt.max_pixels:
+        return Reject(DECOMPRESSION_BOMB, f"{width}x{height} exceeds {opt.max_pixels} pixels")
     fmt = img.format or ""
     animated = bool(getattr(img, "is_animated", False))
-    img.load()  # full decode of the first frame: raises on truncated/corrupt data
     orientation = _orientation(img)
+    upright = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+    if min(upright) < opt.min_size:
+        img.load()  # still decode it: a tiny file can be corrupt too, and corrupt wins over small
+        return Reject(TOO_SMALL, f"{upright[0]}x{upright[1]} is under {opt.min_size} px on a side")
+    resize = opt.max_size > 0 and max(upright) > opt.max_size
+    if resize and fmt == "JPEG" and opt.reencode != "never":
+        # Decode at 1/2, 1/4 or 1/8 scale (DCT scaling): still decodes every entropy-coded block, so
+        # truncation is still caught, at a fraction of the cost. Never smaller than the target.
+        img.draft("RGB", _fit((width, height), opt.max_size))  # result is at least this size
+    img.load()  # full decode of the first frame: raises on truncated/corrupt data
+    needs = _changes_needed(img, data, fmt, orientation, animated)
+    if opt.reencode == "never" and (needs or resize):
+        return Reject(NEEDS_REENCODE, "; ".join(needs or ["larger than --max-size"]))
     if orientation != 1:
         img = ImageOps.exif_transpose(img)
-    width, height = img.size
-    if min(width, height) < MIN_SIDE:
-        return Reject(TOO_SMALL, f"{width}x{height} is under {MIN_SIDE} px on a side")
-    keep = (fmt in _KEEP and img.mode == "RGB" and orientation == 1 and not animated
-            and "transparency" not in img.info and (fmt != "PNG" or _png_bit_depth(data) == 8)
-            and (fmt != "JPEG" or jpeg_structure_ok(data)))
+    keep = opt.reencode != "always" and not needs and not resize
+    rgb = img if keep else to_rgb(img)
+    digest = image_digest(rgb, opt.dedup) if opt.dedup != "none" else ""
     if keep:
-        return Sample(data, _KEEP[fmt], width, height)
+        return Sample(data, _KEEP[fmt], width, height, digest)
+    if resize:
+        rgb = rgb.resize(_fit(rgb.size, opt.max_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
     buf = io.BytesIO()
-    to_rgb(img).save(buf, "JPEG", quality=JPEG_QUALITY)
-    return Sample(buf.getvalue(), "jpg", width, height)
+    rgb.save(buf, "JPEG", quality=opt.quality)
+    return Sample(buf.getvalue(), "jpg", rgb.width, rgb.height, digest)
 
 
-def normalise(data: bytes, max_pixels: int = MAX_PIXELS) -> Sample | Reject:
+def normalise(data: bytes, max_pixels: int = MAX_PIXELS, options: Options | None = None) -> Sample | Reject:
     """Validate `data` by decoding it fully; return shard-ready bytes or why it was left out.
 
     Never raises for bad data: every exception becomes a Reject with a reason code.
     """
+    opt = options or Options(max_pixels=max_pixels)
     if not data:
         return Reject(NOT_AN_IMAGE, "empty file")
     with warnings.catch_warnings():
@@ -183,15 +244,15 @@ def normalise(data: bytes, max_pixels: int = MAX_PIXELS) -> Sample | Reject:
         warnings.simplefilter("ignore")
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            return _normalise(data, max_pixels)
+            return _normalise(data, opt)
         except Exception as exc:  # data errors are data: classify, never crash
             return Reject(classify(exc), _short(exc))
 
 
-def normalise_file(path: str, max_pixels: int = MAX_PIXELS) -> Sample | Reject:
+def normalise_file(path: str, max_pixels: int = MAX_PIXELS, options: Options | None = None) -> Sample | Reject:
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as exc:
         return Reject(UNREADABLE, _short(exc))
-    return normalise(data, max_pixels)
+    return normalise(data, max_pixels, options)

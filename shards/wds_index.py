@@ -42,9 +42,10 @@ def index_lines(tar_path: str) -> list[str]:
     return [" ".join(" ".join(map(str, c)) for c in b) for b in bundles]
 
 
-def write_index(tar_path: str, idx_path: str) -> int:
-    """Write the `.idx` for `tar_path`; returns the number of samples indexed."""
-    lines = index_lines(tar_path)
+def write_index(tar_path: str, idx_path: str, lines: list[str] | None = None) -> int:
+    """Write the `.idx` for `tar_path` (from `lines` when the writer already knows them); returns
+    the number of samples indexed."""
+    lines = index_lines(tar_path) if lines is None else lines
     with open(idx_path, "w", encoding="utf-8", newline="\n") as f:
         f.write(f"{INDEX_VERSION} {len(lines)}\n")
         for line in lines:

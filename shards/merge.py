@@ -1,0 +1,82 @@
+"""`shards merge DEST`: join the manifests that `--part i/N` runs wrote under DEST into one.
+
+`create --part i/N --out DEST` writes into `DEST/part-IIIII-of-NNNNN/` (its own manifest, stats and
+rejects, so each host resumes independently). merge checks that all N parts are complete and were made
+with the same options, then writes DEST/manifest.json listing every part's shards under their relative
+names (`part-00000-of-00004/shard-000000.tar`, readable by pipeline/ as they are: nothing is copied),
+DEST/rejects.jsonl (all parts, in part order) and DEST/report.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
+from .errors import ShardError
+from .manifest import build_manifest, json_bytes
+from .output import Destination
+
+PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
+
+
+def part_dir(i: int, n: int) -> str:
+    return f"part-{i:05d}-of-{n:05d}"
+
+
+def _parts(dest: Destination) -> list[tuple[int, int, str]]:
+    try:
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in dest.fs.ls(dest.root, detail=False)]
+    except FileNotFoundError:
+        names = []
+    found = sorted((int(m.group(1)), int(m.group(2)), name) for name in names if (m := PART_DIR.match(name)))
+    if not found:
+        raise ShardError(f"no part-IIIII-of-NNNNN folders in {dest.url}: run `shards create --part i/N` first")
+    return found
+
+
+def merge(url: str) -> dict:
+    dest = Destination(url)
+    parts = _parts(dest)
+    counts = {n for _, n, _ in parts}
+    if len(counts) != 1:
+        raise ShardError(f"parts of different splits in {dest.url}: {sorted(counts)}")
+    n = counts.pop()
+    missing = sorted(set(range(n)) - {i for i, _, _ in parts})
+    manifests = []
+    for i, _, name in parts:
+        raw = dest.read(f"{name}/manifest.json")
+        if raw is None:
+            missing.append(i)
+        else:
+            manifests.append((name, json.loads(raw)))
+    if missing:
+        raise ShardError(f"parts not finished yet: {', '.join(part_dir(i, n) for i in sorted(set(missing)))} "
+                         f"(rerun `shards create --part i/{n}` for them)")
+    base = {k: v for k, v in manifests[0][1]["options"].items() if k not in ("part", "fingerprint")}
+    for name, m in manifests:
+        opts = {k: v for k, v in m["options"].items() if k not in ("part", "fingerprint")}
+        if opts != base:
+            diff = [k for k in sorted(set(opts) | set(base)) if opts.get(k) != base.get(k)]
+            raise ShardError(f"{name} was made with other options than {manifests[0][0]} ({', '.join(diff)})")
+    shards, rejects, bytes_in, seconds = [], b"", 0, 0.0
+    for name, m in manifests:
+        for e in m["shards"]:
+            shards.append({**e, **{k: f"{name}/{e[k]}" for k in ("name", "index", "stats") if k in e}})
+        rejects += dest.read(f"{name}/rejects.jsonl") or b""
+        report = json.loads(dest.read(f"{name}/report.json") or b"{}")
+        bytes_in += report.get("bytes_in", 0)
+        seconds = max(seconds, m.get("seconds", 0.0))
+    rejected = [(r["source"], r["reason"], r["detail"]) for r in map(json.loads, rejects.decode().splitlines())]
+    fp = hashlib.sha256("".join(m["options"]["fingerprint"] for _, m in manifests).encode()).hexdigest()
+    options = {**base, "part": f"merged {n}", "fingerprint": fp}
+    manifest = build_manifest(manifests[0][1]["format"], options, shards, rejected, seconds,
+                              inputs=sum(m["inputs"] for _, m in manifests))
+    report = {"parts": n, "inputs": manifest["inputs"], "written": manifest["total_samples"],
+              "rejected": manifest["rejected"], "rejected_by_reason": manifest["rejected_by_reason"],
+              "shards": len(shards), "bytes_in": bytes_in, "bytes_out": manifest["total_bytes"],
+              "manifest": dest.location("manifest.json")}
+    dest.write_bytes("rejects.jsonl", rejects)
+    dest.write_bytes("report.json", json_bytes(report))
+    dest.write_bytes("manifest.json", json_bytes(manifest))
+    dest.close()
+    return report

@@ -1,0 +1,115 @@
+"""The run plan: options that shape the output, their fingerprint, input order (--shuffle) and --part.
+
+Two runs with the same fingerprint produce the same shards byte for byte, so a rerun into a destination
+holding that fingerprint continues it; a different fingerprint there is refused (never mixed).
+Options that do not change the output (workers, timeout, progress) are not part of it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+from dataclasses import asdict, dataclass
+
+from .errors import ShardError
+from .validate import DEDUP_MODES, REENCODE_MODES, Options
+
+_PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
+FORMATS = ("tar", "parquet")
+
+
+@dataclass(frozen=True)
+class Plan:
+    format: str = "tar"
+    samples_per_shard: int = 1000
+    max_shard_bytes: int = 0          # 0 = no byte limit
+    prefix: str = "shard"
+    min_size: int = 8
+    max_size: int = 0
+    quality: int = 95
+    reencode: str = "auto"
+    max_pixels: int = 89_478_485
+    dedup: str = "exact"
+    dedup_threshold: int = 4
+    shuffle: bool = False
+    seed: int = 0
+    part: tuple[int, int] = (0, 1)    # (i, N): this host's slice of the input order
+
+    def check(self) -> None:
+        def bad(msg):
+            raise ShardError(msg)
+        if self.format not in FORMATS:
+            bad(f"unknown format {self.format!r}: use one of {', '.join(FORMATS)}")
+        if not isinstance(self.samples_per_shard, int) or self.samples_per_shard < 1:
+            bad(f"samples per shard must be a positive integer, got {self.samples_per_shard!r}")
+        if self.max_shard_bytes < 0:
+            bad(f"--max-shard-bytes must be 0 (no limit) or positive, got {self.max_shard_bytes}")
+        if not _PREFIX.match(self.prefix or ""):
+            bad(f"prefix must be letters, digits, '_' or '-', got {self.prefix!r}")
+        if self.min_size < 1:
+            bad(f"--min-size must be at least 1, got {self.min_size}")
+        if self.max_size and self.max_size < self.min_size:
+            bad(f"--max-size {self.max_size} is smaller than --min-size {self.min_size}")
+        if self.max_size < 0:
+            bad(f"--max-size must be 0 (no resize) or positive, got {self.max_size}")
+        if not 1 <= self.quality <= 100:
+            bad(f"--quality must be 1..100, got {self.quality}")
+        if self.reencode not in REENCODE_MODES:
+            bad(f"--reencode must be one of {', '.join(REENCODE_MODES)}, got {self.reencode!r}")
+        if self.reencode == "never" and self.max_size:
+            bad("--max-size needs re-encoding: it cannot be combined with --reencode never")
+        if self.dedup not in DEDUP_MODES:
+            bad(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
+        if not 0 <= self.dedup_threshold <= 32:
+            bad(f"--dedup-threshold must be 0..32 bits, got {self.dedup_threshold}")
+        if self.max_pixels < 1:
+            bad(f"--max-pixels must be positive, got {self.max_pixels}")
+        i, n = self.part
+        if not (n >= 1 and 0 <= i < n):
+            bad(f"--part must be i/N with 0 <= i < N, got {i}/{n}")
+
+    def normalise_options(self) -> Options:
+        return Options(min_size=self.min_size, max_size=self.max_size, quality=self.quality,
+                       reencode=self.reencode, max_pixels=self.max_pixels, dedup=self.dedup)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["part"] = f"{self.part[0]}/{self.part[1]}"
+        return d
+
+
+def parse_part(text: str | None) -> tuple[int, int]:
+    if not text:
+        return (0, 1)
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(text))
+    if not m:
+        raise ShardError(f"--part must look like i/N (e.g. 0/4), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def input_order(n: int, plan: Plan) -> list[int]:
+    """Indices into the discovered inputs, in processing order, for this part only.
+
+    --shuffle permutes ALL inputs with the seed (so sources mix across shards), then --part i/N takes
+    the i-th contiguous slice: N hosts over the same inputs cover each input exactly once.
+    """
+    order = list(range(n))
+    if plan.shuffle:
+        random.Random(plan.seed).shuffle(order)
+    i, parts = plan.part
+    return order[i * n // parts:(i + 1) * n // parts]
+
+
+def fingerprint(plan: Plan, sources: list[str], identities: list[str]) -> str:
+    """sha256 of the output-shaping options, the sources and the ordered inputs of this part."""
+    h = hashlib.sha256(json.dumps({"plan": plan.as_dict(), "sources": sources}, sort_keys=True).encode())
+    for ident in identities:
+        h.update(ident.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
+def differences(old: dict, new: dict) -> str:
+    diff = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and k != "fingerprint"]
+    return "; ".join(diff) or "the input files changed"

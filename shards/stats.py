@@ -1,0 +1,77 @@
+"""Per-shard stats files: the accounting of each shard, and the checkpoints a rerun resumes from.
+
+`DEST/<prefix>-NNNNNN_stats.json` is published right after its shard (so its presence means the shard
+is complete) and holds::
+
+    {"fingerprint": "<sha256 of options + inputs>",     # shards.plan.fingerprint
+     "options": {...},                                   # as in the manifest
+     "shard": {<the manifest entry: name, samples, bytes, sha256[, index]>},
+     "inputs": [start, end],          # positions in the processing order this shard accounts for
+     "written": [[key, source, bytes_out, digest], ...],
+     "rejects": [[source, reason, detail], ...],        # inputs in [start, end) left out, in order
+     "rejected_by_reason": {...}, "bytes_in": B, "bytes_out": B}
+
+written + rejects = end - start. A rerun reads them in order, checks the shard is there with its size,
+and continues at `end` of the last good one with the dedup index rebuilt from `written`.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .errors import ShardError
+from .output import Destination
+from .plan import differences
+
+
+def stats_name(shard_name: str) -> str:
+    return shard_name.rsplit(".", 1)[0] + "_stats.json"
+
+
+def stats_bytes(fingerprint: str, options: dict, entry: dict, start: int, end: int, written: list,
+                rejects: list, bytes_in: int) -> bytes:
+    doc = {"fingerprint": fingerprint, "options": options, "shard": entry, "inputs": [start, end], "written": written,
+           "rejects": rejects, "rejected_by_reason": dict(sorted(Counter(r for _, r, _ in rejects).items())),
+           "bytes_in": bytes_in, "bytes_out": entry["bytes"]}
+    return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+
+
+@dataclass
+class ResumeState:
+    entries: list[dict] = field(default_factory=list)      # manifest entries of complete shards
+    position: int = 0                                      # next input position to process
+    written: list[list] = field(default_factory=list)      # [key, source, bytes_out, digest] so far
+    rejects: list[list] = field(default_factory=list)      # [source, reason, detail] so far
+    bytes_in: int = 0
+
+
+def load_resume(dest: Destination, prefix: str, fmt: str, fingerprint: str, options: dict) -> ResumeState:
+    """The complete shards an earlier run with the same fingerprint left at `dest`."""
+    state = ResumeState()
+    n = 0
+    while True:
+        name = f"{prefix}-{n:06d}.{fmt}"
+        raw = dest.read(stats_name(name))
+        if raw is None:
+            return state
+        try:
+            doc = json.loads(raw)
+        except json.JSONDecodeError:
+            return state  # cannot happen with atomic publishing, but never trust it
+        if doc.get("fingerprint") != fingerprint:
+            raise ShardError(f"{dest.location(stats_name(name))} was made with different options or inputs "
+                             f"({differences(doc.get('options', {}), options)}); use another destination or "
+                             "remove it first")
+        entry = doc["shard"]
+        if dest.size(name) != entry["bytes"] or (entry.get("index") and dest.size(entry["index"]) is None):
+            return state  # shard missing or replaced: redo it and everything after it
+        start, end = doc["inputs"]
+        if start != state.position:
+            return state
+        state.entries.append(entry)
+        state.written.extend(doc["written"])
+        state.rejects.extend(doc["rejects"])
+        state.bytes_in += doc["bytes_in"]
+        state.position = end
+        n += 1
