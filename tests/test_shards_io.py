@@ -20,7 +20,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import conftest
 from shards import ShardError, create_shards, verify
 from shards.verify import tar_samples
 
@@ -60,45 +59,11 @@ def http_root(imagenette_small):
     server.server_close()
 
 
-class _S3(conftest.S3Server):
-    """conftest's SeaweedFS with its Iceberg/Lance listeners off: their fixed ports (8181, 9101) collide
-    with a second SeaweedFS on the same machine (another test session running at the same time)."""
-
-    def __init__(self, workdir: Path):
-        import shutil
-        weed = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
-        if not os.path.exists(weed):
-            pytest.skip("SeaweedFS not installed")
-        self.port = conftest.weed_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.key, self.secret = "mocostream-test", "mocostream-test-secret"
-        config = workdir / "s3.json"
-        config.write_text('{"identities":[{"name":"test","credentials":[{"accessKey":"%s","secretKey":"%s"}],'
-                          '"actions":["Admin","Read","Write","List","Tagging"]}]}' % (self.key, self.secret))
-        (workdir / "data").mkdir()
-        ports = [conftest.weed_port() for _ in range(3)]
-        self.log = open(workdir / "weed.log", "wb")
-        self.proc = subprocess.Popen(
-            [weed, "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={workdir / 'data'}",
-             f"-master.port={ports[0]}", f"-volume.port={ports[1]}", f"-filer.port={ports[2]}", "-s3",
-             f"-s3.port={self.port}", f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
-             "-volume.max=0", "-master.volumeSizeLimitMB=64"],
-            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    server = _S3(tmp_path_factory.mktemp("weed"))
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def s3env(s3, monkeypatch):
-    for k, v in s3.env.items():
+def s3env(s3_server, monkeypatch):
+    for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
-    return s3
+    return s3_server
 
 
 # ---------------------------------------------------------------- 6. inputs
