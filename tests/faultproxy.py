@@ -21,6 +21,9 @@ INTERNAL = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</
             b"<Message>We encountered an internal error. Please try again.</Message></Error>")
 
 
+KINDS = ("reset", "error_500", "slow_down_503", "truncate", "latency")
+
+
 @dataclass
 class Faults:
     reset: float = 0.0
@@ -31,6 +34,7 @@ class Faults:
     latency_seconds: float = 0.05
     only_get: bool = True  # inject only into GET (reads); writes pass through
     path_contains: str = ""  # inject only into requests for matching paths
+    cycle: bool = False  # instead of rates: every 2nd matching request gets the next fault kind in turn
     seed: int = 0
     counts: dict = field(default_factory=dict)
 
@@ -101,8 +105,15 @@ class FaultProxy:
         if (f.only_get and method != "GET") or f.path_contains not in path:
             return None
         with self.lock:
+            if f.cycle:
+                self.seen = getattr(self, "seen", 0) + 1
+                if self.seen % 2:
+                    return None
+                name = KINDS[(self.seen // 2 - 1) % len(KINDS)]
+                f.counts[name] = f.counts.get(name, 0) + 1
+                return name
             x = self.rng.random()
-            for name in ("reset", "error_500", "slow_down_503", "truncate", "latency"):
+            for name in KINDS:
                 rate = getattr(f, name)
                 if x < rate:
                     f.counts[name] = f.counts.get(name, 0) + 1
