@@ -234,7 +234,3 @@ def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):
         reasons.append(None)
     empty = np.zeros((0, 3, size, size), np.uint8)
     return (np.stack(qs) if qs else empty), (np.stack(ks) if ks else empty), reasons
-
-
-def build_loader(cfg: LoaderConfig) -> TwoViewLoader:
-    return TwoViewLoader(cfg)

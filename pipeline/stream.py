@@ -112,11 +112,6 @@ class SampleStream:
         with self._lock:
             self.skipped[reason] += n
 
-    @property
-    def samples_per_epoch(self) -> int:
-        """This rank's share of a fresh epoch (the same on every rank)."""
-        return samples_per_rank(self.counts, self.world)
-
     def progress(self) -> float:
         share = self._plan(self.epoch, self.history, self.world).share_length(self.history, self.world)
         return self.position / share if share else 1.0

@@ -4,13 +4,13 @@ from __future__ import annotations
 import copy
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import free_port
 from moco_core import (ARCHS, MoCo, build_encoder, build_optimizer, cosine_lr, info_nce, instance_accuracy,
                        scaled_lr)
 from moco_core.distributed import (batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, rank,
@@ -343,17 +343,11 @@ def _ddp_worker(rank_: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_two_ranks_gloo(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert (r0["world"], r0["rank"], r1["world"], r1["rank"]) == (2, 0, 2, 1)
 

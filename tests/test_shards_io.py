@@ -59,13 +59,6 @@ def http_root(imagenette_small):
     server.server_close()
 
 
-@pytest.fixture
-def s3env(s3_server, monkeypatch):
-    for k, v in s3_server.env.items():
-        monkeypatch.setenv(k, v)
-    return s3_server
-
-
 # ---------------------------------------------------------------- 6. inputs
 
 def test_tar_archives_plain_and_gzip(imagenette_small, tmp_path):
@@ -140,9 +133,9 @@ def test_unreadable_list_is_a_user_error(tmp_path):
 # ---------------------------------------------------------------- S3
 
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
-def test_create_on_s3_both_formats(s3env, imagenette_small, tmp_path, fmt):
-    bucket = s3env.make_bucket("shards-io")
-    fs = s3env.filesystem()
+def test_create_on_s3_both_formats(s3_env, imagenette_small, tmp_path, fmt):
+    bucket = s3_env.make_bucket("shards-io")
+    fs = s3_env.filesystem()
     # the input list lives on S3 too, and names S3 objects
     imgs = files(imagenette_small)[::8]  # 15 photos, 10 classes
     for p in imgs:
@@ -166,7 +159,7 @@ def test_create_on_s3_both_formats(s3env, imagenette_small, tmp_path, fmt):
     assert resumed.resumed_from == 12 and resumed.shards == r.shards
 
 
-def test_s3_errors_are_one_line(s3env, imagenette_small, monkeypatch):
+def test_s3_errors_are_one_line(s3_env, imagenette_small, monkeypatch):
     with pytest.raises(ShardError, match="bucket not found"):
         make([imagenette_small], "s3://no-such-bucket-xyz/shards")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
