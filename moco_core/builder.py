@@ -1,8 +1,10 @@
 """MoCo: a query encoder, a momentum key encoder and a queue of keys (He et al., arXiv 1911.05722).
 
-Follows facebookresearch/moco `moco/builder.py` (commit 7397dfe), with three changes:
-the queue takes any K and batch size, the momentum update is one fused pass, and Shuffle BN also works
-on a single device (`bn_splits`), not only across DDP ranks.
+Follows facebookresearch/moco `moco/builder.py` (commit 7397dfe), with these changes: the queue takes
+any K and batch size; the momentum update is one fused pass; Shuffle BN also works on a single device
+(`bn_splits`), not only across DDP ranks; an optional symmetric loss (both views serve as query, as in the
+reference CIFAR demo); and keys that are not finite are never enqueued, so one bad step cannot poison
+the queue for the next K samples.
 
 Under DDP every rank must start from the same queue: wrap with `DistributedDataParallel(model,
 forward_sync_buffers=False)` (torch >= 2.14: buffers synced once at init, no per-step broadcast of the queue).
@@ -26,7 +28,8 @@ class MoCo(nn.Module):
     """
 
     def __init__(self, base_encoder: Callable[..., nn.Module], dim: int = 128, K: int = 65536,
-                 m: float = 0.999, T: float = 0.07, mlp: bool = False, bn_splits: int = 1):
+                 m: float = 0.999, T: float = 0.07, mlp: bool = False, bn_splits: int = 1,
+                 symmetric: bool = False):
         """
         dim: feature dimension (default: 128)
         K: queue size; number of negative keys (default: 65536)
@@ -34,6 +37,7 @@ class MoCo(nn.Module):
         T: softmax temperature (default: 0.07)
         mlp: MoCo v2 projection head, fc -> Linear-ReLU-fc (default: False)
         bn_splits: Shuffle BN on one device: encode the batch in this many sub-batches (default: 1, off)
+        symmetric: also use im_k as query against im_q's key; logits hold both directions, 2N rows
         """
         super().__init__()
         if K < 1 or dim < 1:
@@ -45,6 +49,7 @@ class MoCo(nn.Module):
         self.T = T
         self.dim = dim
         self.bn_splits = bn_splits
+        self.symmetric = symmetric
 
         # create the encoders
         # num_classes is the output fc dimension
@@ -86,13 +91,17 @@ class MoCo(nn.Module):
         # gather keys before updating queue
         keys = concat_all_gather(keys)
         batch_size = keys.shape[0]
+        # a non-finite batch (the step will be skipped) leaves queue and pointer as they were; decided on
+        # the device from the gathered keys, so every rank agrees without a host sync
+        ok = torch.isfinite(keys).all()
 
         keep = min(batch_size, self.K)  # only the newest K keys survive a write larger than the queue
         start = self.queue_ptr + (batch_size - keep)
         idx = (start + torch.arange(keep, device=keys.device)) % self.K  # distinct, so the write is deterministic
-        self.queue.index_copy_(1, idx, keys[batch_size - keep:].T.to(self.queue.dtype))
+        new = torch.where(ok, keys[batch_size - keep:].T.to(self.queue.dtype), self.queue[:, idx])
+        self.queue.index_copy_(1, idx, new)
 
-        self.queue_ptr.copy_((self.queue_ptr + batch_size) % self.K)  # move pointer
+        self.queue_ptr.copy_((self.queue_ptr + batch_size * ok.long()) % self.K)  # move pointer
 
     @torch.no_grad()
     def _split_permutation(self, n: int, device: torch.device) -> torch.Tensor:
@@ -112,46 +121,32 @@ class MoCo(nn.Module):
             return encoder(x)
         return torch.cat([encoder(chunk) for chunk in x.chunk(self.bn_splits)], dim=0)
 
-    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """
-        Input:
-            im_q: a batch of query images
-            im_k: a batch of key images
-        Output:
-            logits, targets
-        """
-        n = im_q.shape[0]
-        if im_k.shape[0] != n:
-            raise ValueError(f"im_q and im_k must hold the same number of images, got {n} and {im_k.shape[0]}")
-        if n % self.bn_splits != 0:
-            raise ValueError(f"bn_splits={self.bn_splits} must divide the per-device batch size, got {n} images")
-
-        # compute query features
+    def _queries(self, im_q: torch.Tensor) -> torch.Tensor:
         q = self._encode_split(self.encoder_q, im_q)  # queries: NxC
-        q = F.normalize(q, dim=1)
+        return F.normalize(q, dim=1)
 
-        # compute key features
-        with torch.no_grad():  # no gradient to keys
-            self._momentum_update_key_encoder()  # update the key encoder
+    @torch.no_grad()  # no gradient to keys
+    def _keys(self, im_k: torch.Tensor) -> torch.Tensor:
+        """Keys of a batch, with Shuffle BN: the key of a sample must not see the BN statistics its query saw."""
+        n = im_k.shape[0]
+        distributed = world_size() > 1
+        if distributed:  # across ranks: shuffle the global batch, as in the reference
+            im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
+        if self.bn_splits > 1:  # within this device: reorder so key sub-batches mix query sub-batches
+            idx_split = self._split_permutation(n, im_k.device)
+            im_k = im_k[idx_split]
 
-            # Shuffle BN: the key of a sample must not see the BN statistics its query saw
-            distributed = world_size() > 1
-            if distributed:  # across ranks: shuffle the global batch, as in the reference
-                im_k, idx_unshuffle = batch_shuffle_ddp(im_k)
-            if self.bn_splits > 1:  # within this device: reorder so key sub-batches mix query sub-batches
-                idx_split = self._split_permutation(n, im_k.device)
-                im_k = im_k[idx_split]
+        k = self._encode_split(self.encoder_k, im_k)  # keys: NxC
+        k = F.normalize(k, dim=1)
 
-            k = self._encode_split(self.encoder_k, im_k)  # keys: NxC
-            k = F.normalize(k, dim=1)
+        # undo shuffle
+        if self.bn_splits > 1:
+            k = k[torch.argsort(idx_split)]
+        if distributed:
+            k = batch_unshuffle_ddp(k, idx_unshuffle)
+        return k
 
-            # undo shuffle
-            if self.bn_splits > 1:
-                k = k[torch.argsort(idx_split)]
-            if distributed:
-                k = batch_unshuffle_ddp(k, idx_unshuffle)
-
-        # compute logits
+    def _logits(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         # Einstein sum is more intuitive
         # positive logits: Nx1
         l_pos = torch.einsum("nc,nc->n", [q, k]).unsqueeze(-1)
@@ -162,12 +157,43 @@ class MoCo(nn.Module):
         logits = torch.cat([l_pos, l_neg], dim=1)
 
         # apply temperature
-        logits /= self.T
+        return logits / self.T
+
+    def forward(self, im_q: torch.Tensor, im_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """
+        Input:
+            im_q: a batch of query images
+            im_k: a batch of key images
+        Output:
+            logits, targets (2N rows when symmetric: im_q's queries, then im_k's)
+        """
+        n = im_q.shape[0]
+        if im_k.shape[0] != n:
+            raise ValueError(f"im_q and im_k must hold the same number of images, got {n} and {im_k.shape[0]}")
+        if n % self.bn_splits != 0:
+            raise ValueError(f"bn_splits={self.bn_splits} must divide the per-device batch size, got {n} images")
+
+        # compute query features
+        q = self._queries(im_q)
+
+        # compute key features, after the momentum update of the key encoder
+        with torch.no_grad():
+            self._momentum_update_key_encoder()
+            k = self._keys(im_k)
+
+        # compute logits
+        logits = self._logits(q, k)
+        keys = k
+        if self.symmetric:  # the other direction: im_k as query, im_q's key as its positive
+            q2 = self._queries(im_k)
+            k2 = self._keys(im_q)
+            logits = torch.cat([logits, self._logits(q2, k2)], dim=0)
+            keys = torch.cat([k2, k], dim=0)
 
         # labels: positive key indicators
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
 
         # dequeue and enqueue, after the logits: this batch's keys are never its own negatives
-        self._dequeue_and_enqueue(k)
+        self._dequeue_and_enqueue(keys)
 
         return logits, labels

@@ -1,4 +1,5 @@
-"""Learning rate and optimizer, as in the reference recipe: SGD, lr 0.03 per 256 images, cosine decay."""
+"""Learning rate, key-encoder momentum and optimizer, as in the reference recipes: SGD, lr 0.03 per 256
+images, step decay (MoCo v1) or cosine decay (v2), optional warmup; momentum constant or cosine to 1."""
 from __future__ import annotations
 
 import math
@@ -28,8 +29,40 @@ def cosine_lr(peak_lr: float, step: int, total_steps: int, warmup_steps: int = 0
     return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def step_lr(peak_lr: float, step: int, total_steps: int, warmup_steps: int = 0,
+            milestones: tuple[float, ...] = (0.6, 0.8)) -> float:
+    """MoCo v1's schedule: x0.1 at each milestone, given as fractions of the run (the reference's epochs
+    120 and 160 of 200), after the same linear warmup as `cosine_lr`."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    return peak_lr * 0.1 ** sum(step >= round(f * total_steps) for f in milestones)
+
+
+LR_SCHEDULES = {"cosine": cosine_lr, "step": step_lr}
+
+
+def momentum_at(m: float, step: int, total_steps: int, schedule: str = "constant") -> float:
+    """Key-encoder momentum for `step`: constant m (MoCo v1/v2), or a half cosine from m up to 1 at the
+    end of the run (as BYOL and MoCo v3 do), so the key encoder settles as training ends."""
+    if schedule == "constant":
+        return m
+    if schedule == "cosine":
+        progress = min(1.0, step / max(1, total_steps))
+        return 1.0 - (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown momentum schedule {schedule!r}; choose constant or cosine")
+
+
 def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
                     weight_decay: float = 1e-4) -> torch.optim.SGD:
-    """SGD over the trainable parameters only: the key encoder moves by momentum, not by gradient."""
+    """SGD over the trainable parameters only: the key encoder moves by momentum, not by gradient.
+
+    Fused, so a step can be skipped on the device (`optimizer.found_inf`, see `numerics.NonFiniteGuard`)
+    without a host sync. The momentum buffers start at zero, which is what SGD's first step computes
+    anyway, so a skipped first step leaves nothing uninitialised behind.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
+    if momentum:
+        for p in params:
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt

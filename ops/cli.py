@@ -1,12 +1,13 @@
-"""The `mocostream` command: demo, train, shards."""
+"""The `mocostream` command: demo, train, eval, shards."""
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 
-from .config import TrainConfig, build_config, read_config_file
+from .config import build_config, printable_config, read_config_file
 
 TRAIN_FLAGS = [
     # (flag, type, help)
@@ -25,7 +26,16 @@ TRAIN_FLAGS = [
     ("--bn-splits", int, "single-rank shuffle BN sub-batches (0 = auto)"),
     ("--base-lr", float, "learning rate for a global batch of 256 (scaled linearly)"),
     ("--weight-decay", float, "SGD weight decay"),
-    ("--warmup-steps", int, "linear warmup steps before the cosine schedule"),
+    ("--warmup-steps", int, "linear warmup steps from 0 to the peak lr"),
+    ("--lr-schedule", str, "cosine or step (x0.1 at 60%% and 80%% of --steps); default: the recipe's"),
+    ("--momentum-schedule", str, "constant m, or cosine: m rises to 1 over the run"),
+    ("--max-nonfinite-steps", int, "stop with an error after this many non-finite steps in a row (0: never)"),
+    ("--knn-data", str, "labelled eval set for the kNN monitor: train/ + test/ (or val/) class folders, "
+                        "one class-folder tree (every 5th image a query), or labelled shards"),
+    ("--knn-every", int, "steps between kNN evaluations (0: only at the end)"),
+    ("--knn-k", int, "neighbours of the weighted kNN"),
+    ("--knn-t", float, "temperature of the kNN vote weights"),
+    ("--knn-max-per-class", int, "use at most this many images per class and split (bounds eval time)"),
     ("--seed", int, "seed of the data order, augmentation and weights"),
     ("--workers", int, "torch backend: augmentation processes; dali: CPU threads"),
     ("--shuffle-shards", int, "shards mixed together by the in-memory shuffle"),
@@ -48,26 +58,37 @@ TRAIN_FLAGS = [
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="run MoCo pretraining (single process or under torchrun)",
-                       description="Run MoCo pretraining on a stream of shards. Options come from the defaults, "
-                                   "then --config FILE (YAML/TOML/JSON, keys as the long flags), then the flags.")
-    p.add_argument("--config", help="YAML, TOML or JSON file of options")
+                       description="Run MoCo pretraining on a stream of shards. Each option comes from, in "
+                                   "rising precedence: its default, the recipe, --config FILE (YAML/TOML/JSON, keys "
+                                   "as the long flags; or MOCOSTREAM_CONFIG), an environment variable "
+                                   "MOCOSTREAM_<OPTION> (e.g. MOCOSTREAM_BATCH_SIZE=64), the flag.")
+    p.add_argument("--config", help="YAML, TOML or JSON file of options (default: $MOCOSTREAM_CONFIG)")
     for flag, typ, help_text in TRAIN_FLAGS:
         p.add_argument(flag, type=typ, default=None, help=help_text)
     p.add_argument("--resume", action="store_true", default=None, help="continue from the latest checkpoint")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     p.add_argument("--mlp", action=argparse.BooleanOptionalAction, default=None, help="MLP projection head")
-    p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
+    p.add_argument("--symmetric", action=argparse.BooleanOptionalAction, default=None,
+                   help="symmetric loss: each view is also the query of the other")
+    p.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="SyncBatchNorm in the query encoder (GPU, several ranks)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the encoders")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration (secrets masked) and exit")
     p.set_defaults(func=run_train)
 
 
 def run_train(args) -> int:
     from .train import train
 
-    file_values = read_config_file(args.config) if args.config else {}
-    overrides = {k: v for k, v in vars(args).items() if k not in ("config", "func", "command", "print_config")}
+    config_file = args.config or os.environ.get("MOCOSTREAM_CONFIG")
+    file_values = read_config_file(config_file) if config_file else {}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("config", "func", "command", "print_config", "verbose")}
     cfg = build_config(file_values, overrides)
     if args.print_config:
-        print(json.dumps({k: v for k, v in vars(cfg).items() if k != "extra"}, indent=2))
+        print(json.dumps(printable_config(cfg), indent=2))
         return 0
     summary = train(cfg)
     summary.pop("_metrics").stop()
@@ -103,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_parser(sub)
     add_train_parser(sub)
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     from .cli_shards import add_shards_parser
 
     add_shards_parser(sub)

@@ -1,9 +1,19 @@
-"""Training configuration: one dataclass, filled from defaults < config file (YAML/TOML) < flags."""
+"""Training configuration: one dataclass, filled from, lowest precedence first:
+
+    defaults < recipe presets < config file (YAML/TOML/JSON; --config or MOCOSTREAM_CONFIG)
+             < environment variables MOCOSTREAM_<OPTION> < command-line flags
+
+Recipe presets only fill what nothing else set, so every preset value can be overridden.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -15,10 +25,13 @@ class ConfigError(ValueError):
 
 
 # Paper defaults per recipe (MoCo v1: arXiv 1911.05722; v2: arXiv 2003.04297). Flags override them.
+# v1: T 0.07, linear head, lr x0.1 at 60% and 80% of the run; v2: T 0.2, MLP 2048->128 head, cosine lr.
+# Both: base lr 0.03 per 256 images, SGD momentum 0.9, weight decay 1e-4, m 0.999 (the dataclass defaults).
 RECIPE_DEFAULTS = {
-    "moco_v1": {"temperature": 0.07, "mlp": False},
-    "moco_v2": {"temperature": 0.2, "mlp": True},
+    "moco_v1": {"temperature": 0.07, "mlp": False, "lr_schedule": "step"},
+    "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine"},
 }
+ENV_PREFIX = "MOCOSTREAM_"
 
 
 @dataclass
@@ -40,6 +53,17 @@ class TrainConfig:
     weight_decay: float = 1e-4
     sgd_momentum: float = 0.9
     warmup_steps: int = 0
+    lr_schedule: str | None = None  # cosine | step; None: the recipe's
+    momentum_schedule: str = "constant"  # constant m, or cosine from m to 1 over the run
+    symmetric: bool = False  # both views as query: loss(q1, k2) + loss(q2, k1), 2N keys enqueued
+    sync_bn: bool = False  # GPU DDP only: SyncBatchNorm in the query encoder
+    compile: bool = False  # torch.compile the encoders
+    max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row; 0: never
+    knn_data: str | None = None  # labelled eval set for the kNN monitor (class folders or labelled shards)
+    knn_every: int = 0  # steps between kNN evaluations (0: only at the end, when --knn-data is given)
+    knn_k: int = 200
+    knn_t: float = 0.1
+    knn_max_per_class: int | None = None  # cap on images per class and split, to bound CPU time
     seed: int = 0
     workers: int = 2  # torch: augmentation processes; dali: CPU threads
     shuffle_shards: int = 4
@@ -96,6 +120,12 @@ class TrainConfig:
             (self.read_ahead >= 1 and self.read_ahead_mb >= 1, "--read-ahead and --read-ahead-mb must be >= 1"),
             (self.storage_retries >= 0 and self.storage_timeout > 0, "--storage-retries >= 0, --storage-timeout > 0"),
             (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
+            (self.lr_schedule in (None, "cosine", "step"), "--lr-schedule must be cosine or step"),
+            (self.momentum_schedule in ("constant", "cosine"), "--momentum-schedule must be constant or cosine"),
+            (0 <= self.warmup_steps <= self.steps, "--warmup-steps must be in [0, --steps]"),
+            (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
+            (self.knn_every >= 0 and self.knn_k >= 1 and self.knn_t > 0,
+             "--knn-every >= 0, --knn-k >= 1 and --knn-t > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -122,13 +152,78 @@ def read_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def build_config(file_values: dict, overrides: dict) -> TrainConfig:
-    """Defaults < file < flags (flags given as None are 'not set')."""
+def _option_type(name: str) -> type:
+    """The plain type of a TrainConfig field (`int | None` -> int)."""
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _parse_env(name: str, raw: str):
+    typ = _option_type(name)
+    env = ENV_PREFIX + name.upper()
+    if typ is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{env} must be true or false, got {raw!r}")
+    if typ in (int, float):
+        try:
+            return typ(raw)
+        except ValueError:
+            raise ConfigError(f"{env} must be a{'n integer' if typ is int else ' number'}, got {raw!r}") from None
+    return raw
+
+
+def env_values(environ: typing.Mapping[str, str] | None = None) -> dict:
+    """Options from MOCOSTREAM_<OPTION> variables (MOCOSTREAM_CONFIG names the config file instead)."""
+    environ = os.environ if environ is None else environ
+    known = {f.name for f in fields(TrainConfig)} - {"extra"}
+    values = {}
+    for var, raw in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+            continue
+        name = var[len(ENV_PREFIX):].lower()
+        if name not in known:
+            raise ConfigError(f"unknown option in environment variable {var}")
+        values[name] = _parse_env(name, raw)
+    return values
+
+
+SECRET_NAME = re.compile(r"secret|password|token|credential|(^|_)key$", re.IGNORECASE)
+URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@/]*)@", re.IGNORECASE)
+
+
+def mask_secrets(value, name: str = ""):
+    """A copy of `value` safe to print: passwords in URLs and values of secret-looking names become ***."""
+    if isinstance(value, dict):
+        return {k: mask_secrets(v, k) for k, v in value.items()}
+    if isinstance(value, str):
+        if name and SECRET_NAME.search(name) and value:
+            return "***"
+        return URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+    return value
+
+
+def printable_config(cfg: TrainConfig, environ: typing.Mapping[str, str] | None = None) -> dict:
+    """The resolved configuration and the storage environment it will use, secrets masked."""
+    environ = os.environ if environ is None else environ
+    storage_env = {k: v for k, v in sorted(environ.items())
+                   if k.startswith("AWS_") or k.startswith(ENV_PREFIX)}
+    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}
+    return mask_secrets({"options": options, "environment": storage_env})
+
+
+def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str, str] | None = None) -> TrainConfig:
+    """Defaults < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set')."""
     known = {f.name for f in fields(TrainConfig)} - {"extra"}
     unknown = sorted(set(file_values) - known)
     if unknown:
         raise ConfigError(f"unknown option in config file: {unknown[0]}")
-    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None and k in known}}
+    values = {**file_values, **env_values(environ),
+              **{k: v for k, v in overrides.items() if v is not None and k in known}}
     try:
         return TrainConfig(**values).resolved()
     except TypeError as e:

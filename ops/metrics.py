@@ -35,6 +35,16 @@ class TrainMetrics:
         self.images_per_second = Gauge("mocostream_images_per_second",
                                        "Training throughput of this rank over the last log interval.", label, registry=r)
         self.step = Gauge("mocostream_step", "Optimizer steps done.", label, registry=r)
+        self.nonfinite_steps = PCounter("mocostream_nonfinite_steps", "Steps skipped for a non-finite loss or gradient.",
+                                        label, registry=r)
+        self.nonfinite_steps.labels(self.rank)
+        self.grad_norm = Gauge("mocostream_grad_norm", "Global L2 norm of the query encoder's gradient, latest logged step.",
+                               label, registry=r)
+        self.moco_momentum = Gauge("mocostream_moco_momentum", "Momentum m of the key encoder update.", label, registry=r)
+        self.knn_top1 = Gauge("mocostream_knn_top1", "Weighted kNN top-1 accuracy on the labelled eval set "
+                              "(latest evaluation).", label, registry=r)
+        self.knn_seconds = Histogram("mocostream_knn_duration_seconds", "Time of one kNN evaluation.", label,
+                                     buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1800), registry=r)
         self.epoch = Gauge("mocostream_epoch", "Epoch of the data stream.", label, registry=r)
         self.epoch_progress = Gauge("mocostream_epoch_progress_ratio", "Fraction of the current epoch consumed.",
                                     label, registry=r)
@@ -73,8 +83,11 @@ class TrainMetrics:
         self.data_wait.labels(self.rank).observe(wait_seconds)
 
     def record_log(self, *, step: int, loss: float, lr: float, accuracy: float, images_per_second: float,
-                   epoch: int, epoch_progress: float) -> None:
+                   epoch: int, epoch_progress: float, grad_norm: float, momentum: float, nonfinite: int) -> None:
         r = self.rank
+        self.grad_norm.labels(r).set(grad_norm)
+        self.moco_momentum.labels(r).set(momentum)
+        self.nonfinite_steps.labels(r).inc(nonfinite)
         self.step.labels(r).set(step)
         self.loss.labels(r).set(loss)
         self.lr.labels(r).set(lr)
@@ -82,6 +95,10 @@ class TrainMetrics:
         self.images_per_second.labels(r).set(images_per_second)
         self.epoch.labels(r).set(epoch)
         self.epoch_progress.labels(r).set(epoch_progress)
+
+    def record_knn(self, top1: float, seconds: float) -> None:
+        self.knn_top1.labels(self.rank).set(top1)
+        self.knn_seconds.labels(self.rank).observe(seconds)
 
     # pipeline.storage.StorageObserver: called from the shard reader threads (prometheus-client is thread-safe)
     def read(self, nbytes: int, seconds: float) -> None:

@@ -2,6 +2,8 @@
 
 Per step: wait for a (q, k) batch -> MoCo forward/backward/SGD step -> metrics. Checkpoints every
 `checkpoint_every` steps, at the end, and on SIGTERM (then exit 0), so preemption loses nothing.
+The step itself never waits for the GPU: loss, accuracy, gradient norm and the non-finite count are
+read at log steps only, a non-finite step is skipped on the device, and stop flags travel over gloo.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from datetime import timedelta
@@ -17,13 +20,17 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from moco_core import MoCo, build_encoder, build_optimizer, cosine_lr, info_nce, instance_accuracy, scaled_lr
+from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, build_encoder, build_optimizer, info_nce,
+                       instance_accuracy, momentum_at, scaled_lr)
+from pipeline.labeled import knn_sets
 from pipeline.loader import LoaderConfig, TwoViewLoader
 from pipeline.storage import StorageConfig
 
 from . import checkpoint
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
+from .evaluate import knn_eval
 from .metrics import TrainMetrics
 
 log = logging.getLogger("mocostream.train")
@@ -96,6 +103,43 @@ def gather(obj, world: int) -> list:
     return out
 
 
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class KnnMonitor:
+    """The weighted kNN monitor of the reference CIFAR demo, on rank 0: labelled images are decoded once,
+    features come from the query encoder's backbone in eval mode."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.bank, self.queries = knn_sets(cfg.knn_data, cfg.image_size, cfg.knn_max_per_class)
+        self.k, self.t, self.device = cfg.knn_k, cfg.knn_t, device
+        log.info("kNN monitor: %d labelled images, %d queries, %d classes", len(self.bank), len(self.queries),
+                 len(self.bank.classes))
+
+    def __call__(self, model: MoCo) -> float:
+        return knn_eval(backbone_of(model.encoder_q), self.bank, self.queries, self.device, self.k, self.t)
+
+
+def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = MoCo(build_encoder(cfg.arch), dim=cfg.dim, K=cfg.queue_size, m=cfg.moco_momentum,
+                 T=cfg.temperature, mlp=cfg.mlp, bn_splits=auto_bn_splits(cfg, world), symmetric=cfg.symmetric)
+    if cfg.sync_bn:
+        if device.type != "cuda" or world < 2:
+            raise ConfigError("--sync-bn needs CUDA and several ranks (one device uses split-batch Shuffle BN)")
+        # the query encoder only: the key encoder keeps Shuffle BN, which is what stops BN leakage
+        model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.compile:
+        model.encoder_q.compile()  # in place: parameter names and checkpoints stay the same
+        model.encoder_k.compile()
+    return model
+
+
 def train(cfg: TrainConfig) -> dict:
     rank, world, local_rank, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)
@@ -111,11 +155,7 @@ def train(cfg: TrainConfig) -> dict:
         epochs=cfg.epochs, storage=StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)),
         observer=metrics)
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = MoCo(build_encoder(cfg.arch), dim=cfg.dim, K=cfg.queue_size, m=cfg.moco_momentum,
-                 T=cfg.temperature, mlp=cfg.mlp, bn_splits=auto_bn_splits(cfg, world)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg, world, device)
     # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
     # all-gathered), so the 32 MB queue is not re-broadcast every step.
     ddp = torch.nn.parallel.DistributedDataParallel(
@@ -123,6 +163,13 @@ def train(cfg: TrainConfig) -> dict:
         if dist.is_initialized() else model
     peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * world)
     optimizer = build_optimizer(model, peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(device, cfg.max_nonfinite_steps)
+    lr_at = LR_SCHEDULES[cfg.lr_schedule]
+    knn = KnnMonitor(cfg, device) if cfg.knn_data and is_main else None
+    knn_value = None
+    # Stop/exhausted flags go over gloo on the CPU, so agreeing on them never waits for the GPU.
+    control = dist.new_group(backend="gloo") if dist.is_initialized() and device.type == "cuda" else None
 
     step = 0
     if cfg.resume:
@@ -153,10 +200,11 @@ def train(cfg: TrainConfig) -> dict:
     loss_trace = open(f"{cfg.trace_keys}.rank{rank}.loss", "a", buffering=1) if cfg.trace_keys else None
     stop = StopFlag()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress), unit="step",
-               dynamic_ncols=True, desc="train")
-    # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU (a host sync), and every
-    # step when --epochs can run a rank's stream dry (all ranks must then stop at the same step).
+    # A progress bar on a terminal; the compact log line every --log-every steps everywhere.
+    bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress and sys.stderr.isatty()),
+               unit="step", dynamic_ncols=True, desc="train")
+    # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU, and every step when
+    # --epochs can run a rank's stream dry (all ranks must then stop at the same step).
     stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
 
     def save(reason: str) -> str | None:
@@ -184,14 +232,25 @@ def train(cfg: TrainConfig) -> dict:
     last_checkpoint = None
     t_end = t_start = time.perf_counter()
     wait_total, samples_total, start_step = 0.0, 0, step
+    nonfinite_total = 0
+
+    def run_knn() -> float:
+        t0 = time.perf_counter()
+        value = knn(model)
+        metrics.record_knn(value, time.perf_counter() - t0)
+        log.info("step %d: kNN top-1 %.2f%% (%.1f s)", step, 100 * value, time.perf_counter() - t0)
+        return value
+
+    redirect = logging_redirect_tqdm() if not bar.disable else nullcontext()
+    redirect.__enter__()
     try:
         while step < cfg.steps:
             batch = next(batches, None)
             t_data = time.perf_counter()
             exhausted = batch is None
             if world > 1 and (step % stop_check_every == 0 or exhausted):
-                flags = torch.tensor([float(stop.set), float(exhausted)], device=device)
-                dist.all_reduce(flags)
+                flags = torch.tensor([float(stop.set), float(exhausted)], device="cpu" if control else device)
+                dist.all_reduce(flags, group=control)
                 stop.set, exhausted = bool(flags[0] > 0), bool(flags[1] > 0)
             if exhausted:  # --epochs done on some rank: every rank ends at this same step
                 log.info("rank %d: data exhausted after %d epochs at step %d", rank, cfg.epochs, step)
@@ -204,14 +263,17 @@ def train(cfg: TrainConfig) -> dict:
             if device.type == "cuda":
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)
-            lr = cosine_lr(peak_lr, step, cfg.steps, cfg.warmup_steps)
+            lr = lr_at(peak_lr, step, cfg.steps, cfg.warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            model.m = momentum_at(cfg.moco_momentum, step, cfg.steps, cfg.momentum_schedule)
             with autocast:
                 logits, labels = ddp(im_q, im_k)
-                loss = info_nce(logits.float(), labels)
+                # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
+                loss = info_nce(logits.float(), labels) * (2 if cfg.symmetric else 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            guard.before_step(optimizer, trainable)  # a non-finite step is skipped by the optimizer itself
             optimizer.step()
             loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
             step += 1
@@ -224,22 +286,38 @@ def train(cfg: TrainConfig) -> dict:
             t_end = t_step_end
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_value = loss.item()  # the only host sync: at log steps
+                loss_value = loss.item()  # the host syncs: at log steps only
                 acc_value = instance_accuracy(logits).item()
+                nonfinite = guard.check()  # raises after --max-nonfinite-steps in a row
+                nonfinite_total += nonfinite
+                grad_norm = guard.grad_norm.item()
                 now = time.perf_counter()
                 ips = (step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
                 last_log_time, last_log_step = now, step
                 epoch, progress = loader.epoch_progress
                 metrics.record_log(step=step, loss=loss_value, lr=lr, accuracy=acc_value, images_per_second=ips,
-                                   epoch=epoch, epoch_progress=progress)
+                                   epoch=epoch, epoch_progress=progress, grad_norm=grad_norm, momentum=model.m,
+                                   nonfinite=nonfinite)
                 metrics.sync_skipped(loader.skipped)
                 if loss_trace:
                     loss_trace.write(f"{step} {loss_value!r}\n")
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{ips * world:.1f}", refresh=False)
+                if is_main:
+                    elapsed = now - t_start
+                    eta = (cfg.steps - step) * elapsed / max(1, step - start_step)
+                    log.info("step %d/%d | %.1f img/s | data wait %.0f%% | loss %.4f | lr %.4g | acc %.2f | "
+                             "gnorm %.3g%s | ETA %s", step, cfg.steps, ips * world, 100 * wait_total / max(elapsed, 1e-9),
+                             loss_value, lr, acc_value, grad_norm,
+                             f" | non-finite {nonfinite}" if nonfinite else "", format_duration(eta))
+            if knn and cfg.knn_every and step % cfg.knn_every == 0 and step < cfg.steps:
+                knn_value = run_knn()
             if step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 last_checkpoint = save("periodic")
         last_checkpoint = save("stop" if stopped else "final") or last_checkpoint
+        if knn and not stopped:
+            knn_value = run_knn()
     finally:
+        redirect.__exit__(None, None, None)
         bar.close()
         batches.close()  # stops reader threads and augmentation workers
         stop.restore()
@@ -252,6 +330,7 @@ def train(cfg: TrainConfig) -> dict:
                "images_per_second": samples_total * world / max(elapsed, 1e-9),
                "data_wait_share": wait_total / max(elapsed, 1e-9), "stopped": stopped, "loss": loss_value, "instance_accuracy": acc_value,
                "checkpoint": last_checkpoint, "metrics_port": metrics_port, "skipped": dict(loader.skipped),
+               "knn_top1": knn_value, "nonfinite_steps": nonfinite_total,
                "rank": rank, "world": world}
     summary["_metrics"] = metrics
     if dist.is_initialized():

@@ -163,7 +163,7 @@ def test_config_file_and_flag_precedence(tmp_path):
     conf.write_text("data: /d\nsteps: 7\nbatch-size: 16\nrecipe: moco_v1\n")
     r = cli("train", "--config", str(conf), "--steps", "9", "--print-config")
     assert r.returncode == 0, r.stderr
-    cfg = json.loads(r.stdout)
+    cfg = json.loads(r.stdout)["options"]
     assert (cfg["steps"], cfg["batch_size"], cfg["temperature"], cfg["mlp"]) == (9, 16, 0.07, False)
     conf.write_text("data: /d\nbogus_option: 1\n")
     r = cli("train", "--config", str(conf))

@@ -1,0 +1,38 @@
+"""`mocostream eval knn|linear`: accuracy of a checkpoint's frozen backbone on a labelled set."""
+from __future__ import annotations
+
+import json
+
+
+def add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="kNN or linear-probe accuracy of a checkpoint on labelled images",
+                       description="Evaluate the query encoder's backbone (projection head removed), frozen and "
+                                   "in eval mode. DATA is train/ + test/ (or val/) class folders, one class-folder "
+                                   "tree (every 5th image per class is a test image), or labelled shards.")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    for kind, text in (("knn", "weighted kNN (k 200, T 0.1 as in the reference CIFAR demo)"),
+                       ("linear", "linear classifier on frozen features")):
+        q = kinds.add_parser(kind, help=text, description=text)
+        q.add_argument("--data", required=True, help="labelled images (see `mocostream eval --help`)")
+        q.add_argument("--checkpoint", help="checkpoint file, or a folder / s3:// prefix (its latest)")
+        q.add_argument("--arch", help="without --checkpoint: evaluate a randomly initialised encoder of this arch")
+        q.add_argument("--image-size", type=int, help="input side (default: 32 for *_cifar archs, else 224)")
+        q.add_argument("--device", default="cpu", help="cpu or cuda")
+        q.add_argument("--max-per-class", type=int, help="at most this many images per class and split")
+        if kind == "knn":
+            q.add_argument("--k", type=int, default=200, help="neighbours")
+            q.add_argument("--t", type=float, default=0.1, help="temperature of the vote weights")
+        else:
+            q.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier")
+            q.add_argument("--lr", type=float, default=0.1, help="its learning rate")
+        q.set_defaults(func=run_eval)
+
+
+def run_eval(args) -> int:
+    from .evaluate import evaluate
+
+    extra = {"k": args.k, "t": args.t} if args.kind == "knn" else {"epochs": args.epochs, "lr": args.lr}
+    result = evaluate(args.kind, args.data, args.checkpoint, args.arch, args.image_size, args.device,
+                      max_per_class=args.max_per_class, **extra)
+    print(json.dumps(result))
+    return 0

@@ -1,0 +1,108 @@
+"""Evaluation: the trainer's kNN monitor and its metric, `mocostream eval knn|linear` on a checkpoint
+(with the frozen-backbone check), and the trainer stopping cleanly on non-finite losses."""
+from __future__ import annotations
+
+import json
+import urllib.request
+
+import pytest
+import torch
+
+from conftest import free_port
+from ops.cli import main as cli_main
+from ops.config import build_config
+from ops.evaluate import fingerprint
+from ops.train import train
+from pipeline.labeled import knn_sets, load_labeled
+
+TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=64, workers=1, log_every=1,
+            progress=False, backend="torch")
+
+
+@pytest.fixture(scope="module")
+def shards(imagenette_small, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval-shards") / "tar"
+    assert cli_main(["shards", "create", str(imagenette_small), "--out", str(out), "--samples-per-shard", "40",
+                     "--quiet"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(shards, imagenette_small, tmp_path_factory):
+    """A short run with the kNN monitor every 2 steps, serving metrics."""
+    ckpt = tmp_path_factory.mktemp("eval-ckpt")
+    port = free_port()
+    cfg = build_config({}, dict(data=str(shards), steps=4, checkpoint_dir=str(ckpt), knn_data=str(imagenette_small),
+                                knn_every=2, metrics_port=port, momentum_schedule="cosine", symmetric=True, **TINY))
+    summary = train(cfg)
+    metrics = summary.pop("_metrics")
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.stop()
+    return summary, text, ckpt
+
+
+def test_labelled_folder_split_is_deterministic_and_stratified(imagenette_small):
+    bank, queries = knn_sets(str(imagenette_small), 32)
+    assert (len(bank), len(queries)) == (100, 20)  # 12 per class: images 5 and 10 of each are queries
+    assert bank.images.dtype == torch.uint8 and bank.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(queries.labels).tolist() == [2] * 10
+    again = load_labeled(str(imagenette_small), 32)
+    assert torch.equal(torch.cat([bank.labels, queries.labels]).sort().values, again.labels.sort().values)
+
+
+def test_trainer_runs_the_knn_monitor_and_exports_the_new_metrics(trained):
+    summary, text, _ = trained
+    assert 0.0 <= summary["knn_top1"] <= 1.0 and summary["nonfinite_steps"] == 0
+    assert 'mocostream_knn_top1{rank="0"}' in text
+    assert 'mocostream_nonfinite_steps_total{rank="0"} 0.0' in text
+    assert 'mocostream_knn_duration_seconds_count{rank="0"} 2.0' in text  # at step 2 and at the end
+    grad_norm = float(text.split('mocostream_grad_norm{rank="0"} ')[1].split()[0])
+    assert grad_norm > 0
+    momentum = float(text.split('mocostream_moco_momentum{rank="0"} ')[1].split()[0])
+    assert 0.999 < momentum < 1.0  # the cosine schedule has started to raise m
+
+
+@pytest.mark.parametrize("kind,extra", [("knn", []), ("linear", ["--epochs", "3"])])
+def test_eval_on_a_checkpoint_keeps_the_backbone_frozen(trained, imagenette_small, kind, extra, capsys):
+    _, _, ckpt = trained
+    assert cli_main(["eval", kind, "--checkpoint", str(ckpt), "--data", str(imagenette_small),
+                     "--image-size", "32", *extra]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["eval"] == kind and 0.0 <= result["top1"] <= 1.0
+    assert result["step"] == 4 and result["checkpoint"].endswith("checkpoint-00000004.pt")
+    assert (result["train_images"], result["test_images"], result["classes"]) == (100, 20, 10)
+    assert result["backbone_unchanged"] is True and len(result["backbone_sha256"]) == 64
+
+
+def test_random_init_baseline_and_bad_arguments(imagenette_small, capsys):
+    assert cli_main(["eval", "knn", "--arch", "resnet18", "--data", str(imagenette_small), "--image-size", "32",
+                     "--max-per-class", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["step"] == 0 and (result["train_images"], result["test_images"]) == (40, 10)
+    assert cli_main(["eval", "knn", "--data", str(imagenette_small)]) == 2
+    assert "give --checkpoint, or --arch" in capsys.readouterr().err
+    assert cli_main(["eval", "knn", "--arch", "resnet18", "--data", "/nonexistent/eval"]) == 2
+    assert capsys.readouterr().err.strip() == "mocostream: error: labelled eval data not found: /nonexistent/eval"
+
+
+def test_fingerprint_sees_a_change_in_bn_statistics():
+    from moco_core import backbone_of, build_encoder
+
+    backbone = backbone_of(build_encoder("resnet18")(num_classes=8))
+    before = fingerprint(backbone)
+    backbone.train()(torch.randn(4, 3, 32, 32))  # a train-mode forward moves the running statistics
+    assert fingerprint(backbone) != before
+
+
+def test_non_finite_losses_stop_the_job_with_one_line(shards, tmp_path, capsys):
+    # T so small that every logit overflows: every step is non-finite and skipped, then the job stops
+    args = ["train", "--data", str(shards), "--steps", "20", "--checkpoint-dir", str(tmp_path), "--temperature",
+            "1e-45", "--max-nonfinite-steps", "3", "--metrics-port", "0"]
+    for k, v in TINY.items():
+        args += [] if k == "progress" else [f"--{k.replace('_', '-')}", str(v)]
+    assert cli_main([*args, "--no-progress"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mocostream: error:")]
+    assert err == ["mocostream: error: 3 training steps in a row had a non-finite loss or gradient; stopping "
+                   "(lower --base-lr, check the data, or raise --max-nonfinite-steps)"]
