@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, world_size
+from .split_bn import split_batch_norms
 
 
 class MoCo(nn.Module):
@@ -36,7 +37,7 @@ class MoCo(nn.Module):
         m: moco momentum of updating key encoder (default: 0.999); a plain attribute, may change between steps
         T: softmax temperature (default: 0.07)
         mlp: MoCo v2 projection head, fc -> Linear-ReLU-fc (default: False)
-        bn_splits: Shuffle BN on one device: encode the batch in this many sub-batches (default: 1, off)
+        bn_splits: Shuffle BN on one device: BN statistics over this many sub-batches (default: 1, off)
         symmetric: also use im_k as query against im_q's key; logits hold both directions, 2N rows
         """
         super().__init__()
@@ -60,6 +61,10 @@ class MoCo(nn.Module):
             dim_mlp = self.encoder_q.fc.weight.shape[1]
             self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
             self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
+
+        if bn_splits > 1:  # BN statistics per sub-batch, as each GPU of a multi-GPU run would compute them
+            split_batch_norms(self.encoder_q, bn_splits)
+            split_batch_norms(self.encoder_k, bn_splits)
 
         # initialize the key encoder as a copy (parameters and BN statistics); not updated by gradient
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
@@ -105,24 +110,22 @@ class MoCo(nn.Module):
 
     @torch.no_grad()
     def _split_permutation(self, n: int, device: torch.device) -> torch.Tensor:
-        """A random order of the n keys in which consecutive keys come from different query sub-batches.
+        """A random order of the n keys in which no key lands in its query's BN sub-batch.
 
-        Reading it in `bn_splits` chunks, every key sub-batch draws round-robin from all query sub-batches,
-        so no key is normalised with the same set of samples as its query (plain randperm can repeat a split).
+        Sub-batch of position p is p % s (see SplitBatchNorm2d). Row r of the result (positions r*s .. r*s+s-1)
+        takes one sample from every query sub-batch, sub-batch c(r, j) = (j + 1 + r mod (s-1)) mod s going to
+        position j: never j itself, and round-robin over the others, so every key sub-batch mixes samples of
+        all the other query sub-batches.
         """
-        per = n // self.bn_splits
-        within = torch.rand(self.bn_splits, per, device=device).argsort(dim=1)  # shuffle inside each query chunk
-        offset = torch.arange(self.bn_splits, device=device)[:, None] * per
-        return (within + offset).T.reshape(-1)  # column-wise read: round-robin over query chunks
-
-    def _encode_split(self, encoder: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Encode in `bn_splits` contiguous sub-batches: one forward each, so BN statistics are per sub-batch."""
-        if self.bn_splits == 1:
-            return encoder(x)
-        return torch.cat([encoder(chunk) for chunk in x.chunk(self.bn_splits)], dim=0)
+        s, rows = self.bn_splits, n // self.bn_splits
+        within = torch.rand(s, rows, device=device).argsort(dim=1)  # random order inside each query sub-batch
+        r = torch.arange(rows, device=device)[:, None]
+        j = torch.arange(s, device=device)[None, :]
+        c = (j + 1 + r % (s - 1)) % s  # rows x s: the query sub-batch feeding each position
+        return (within[c, r.expand(rows, s)] * s + c).reshape(-1)
 
     def _queries(self, im_q: torch.Tensor) -> torch.Tensor:
-        q = self._encode_split(self.encoder_q, im_q)  # queries: NxC
+        q = self.encoder_q(im_q)  # queries: NxC
         return F.normalize(q, dim=1)
 
     @torch.no_grad()  # no gradient to keys
@@ -136,7 +139,7 @@ class MoCo(nn.Module):
             idx_split = self._split_permutation(n, im_k.device)
             im_k = im_k[idx_split]
 
-        k = self._encode_split(self.encoder_k, im_k)  # keys: NxC
+        k = self.encoder_k(im_k)  # keys: NxC
         k = F.normalize(k, dim=1)
 
         # undo shuffle

@@ -236,9 +236,10 @@ def test_instance_accuracy_counts_rows_won_by_the_positive():
 
 # ---------------------------------------------------------------------------------------------- Shuffle BN, one device
 
-def test_bn_splits_key_never_shares_its_query_sub_batch():
+@pytest.mark.parametrize("splits", [2, 4])
+def test_bn_splits_key_never_shares_its_query_sub_batch(splits):
     torch.manual_seed(0)
-    splits, n = 2, 8
+    n = 8
     model = MoCo(TinyNet, dim=8, K=32, m=0.9, bn_splits=splits)
     hooked_q, hooked_k = record_inputs(model.encoder_q), record_inputs(model.encoder_k)
     for step in range(3):
@@ -246,29 +247,57 @@ def test_bn_splits_key_never_shares_its_query_sub_batch():
         im_q, im_k = images_with_ids(ids), images_with_ids(ids)
         hooked_q.clear(), hooked_k.clear()
         logits, _ = model(im_q, im_k)
-        seen_q, seen_k = list(hooked_q), list(hooked_k)  # snapshot: the recomputation below calls the hooks again
+        seen_q, seen_k = hooked_q[0], hooked_k[0]  # one forward per encoder: BN splits the batch itself
+        assert len(hooked_q) == len(hooked_k) == 1
 
-        # one forward per sub-batch: queries in contiguous chunks, keys in reordered chunks
-        assert [len(x) for x in seen_q] == [n // splits] * splits == [len(x) for x in seen_k]
-        assert [ids_of(x) for x in seen_q] == [ids[:4], ids[4:]]
-        q_chunk = {i: frozenset(ids_of(c)) for c in seen_q for i in ids_of(c)}
-        k_chunk = {i: frozenset(ids_of(c)) for c in seen_k for i in ids_of(c)}
-        assert sorted(k_chunk) == ids  # every key computed exactly once
+        # BN sub-batch of a sample = its position % splits; the key of every sample sits in another one
+        q_group = {i: pos % splits for pos, i in enumerate(ids_of(seen_q))}
+        k_group = {i: pos % splits for pos, i in enumerate(ids_of(seen_k))}
+        assert sorted(k_group) == ids  # every key computed exactly once
         for i in ids:
-            assert k_chunk[i] != q_chunk[i], f"sample {i}: key normalised with its query's sub-batch"
+            assert k_group[i] != q_group[i], f"sample {i}: key normalised with its query's sub-batch"
+        # and each key sub-batch mixes samples of other query sub-batches, not one other sub-batch
+        if splits > 2:
+            for g in range(splits):
+                sources = {q_group[i] for i in ids if k_group[i] == g}
+                assert len(sources) == min(splits - 1, n // splits)
 
-        # the keys went back to their samples: recompute each key chunk and compare l_pos
+        # the keys went back to their samples: recompute them and compare l_pos
         with torch.no_grad():
-            q = torch.cat([F.normalize(model.encoder_q(c), dim=1) for c in im_q.chunk(splits)])
-            k = {}
-            for c in seen_k:
-                for i, row in zip(ids_of(c), F.normalize(model.encoder_k(c), dim=1)):
-                    k[i] = row
-            k = torch.stack([k[i] for i in ids])
+            q = F.normalize(model.encoder_q(im_q), dim=1)
+            k_perm = F.normalize(model.encoder_k(seen_k), dim=1)
+            k = torch.stack([k_perm[ids_of(seen_k).index(i)] for i in ids])
+            for m in model.encoder_q.modules():  # the same batch with ordinary, whole-batch BN
+                if hasattr(m, "splits"):
+                    m.splits = 1
             full_batch_q = F.normalize(model.encoder_q(im_q), dim=1)
+            for m in model.encoder_q.modules():
+                if hasattr(m, "splits"):
+                    m.splits = splits
         torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / model.T)
         assert not torch.allclose(q, full_batch_q, atol=1e-4)  # the split really changed BN statistics
         torch.testing.assert_close(model.queue[:, (n * step) % 32:(n * step) % 32 + n], k.T)
+
+
+def test_split_batch_norm_equals_bn_per_interleaved_sub_batch():
+    from moco_core.split_bn import SplitBatchNorm2d, split_batch_norms
+
+    torch.manual_seed(0)
+    splits, n, c = 4, 12, 5
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    split = split_batch_norms(nn.Sequential(copy.deepcopy(bn)), splits)[0]
+    assert isinstance(split, SplitBatchNorm2d) and split.state_dict().keys() == bn.state_dict().keys()
+    x = torch.randn(n, c, 3, 3) * 3 + 1
+    out = split(x)
+    singles = [copy.deepcopy(bn) for _ in range(splits)]
+    for g in range(splits):  # sample i belongs to sub-batch i % splits
+        torch.testing.assert_close(out[g::splits], singles[g](x[g::splits]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.running_mean, torch.stack([b.running_mean for b in singles]).mean(0))
+    torch.testing.assert_close(split.running_var, torch.stack([b.running_var for b in singles]).mean(0))
+    split.eval(), bn.eval()
+    torch.testing.assert_close(split(x), nn.BatchNorm2d.forward(split, x))
 
 
 def test_bn_splits_must_divide_batch():

@@ -1,0 +1,155 @@
+"""Does the whole system learn? MoCo on CIFAR-10 through the real path, judged by kNN accuracy.
+
+    python bench/learn_cifar.py --budget-minutes 30              # v1 and v2, on whatever device there is
+
+Steps: extract `../shared/data/cifar10-jpg.tar.gz`; `mocostream shards create` on `train/` (tar shards);
+kNN top-1 on `test/` of the randomly initialised encoder (the starting point of training: same seed);
+then for each recipe `mocostream train` on the shards for a fixed wall-clock budget, and kNN top-1 of the
+final checkpoint (`mocostream eval knn`: backbone features, k 200, T 0.1, bank = `train/`).
+
+The run length is set so the cosine schedule ends with the budget: a short calibration run measures the
+training throughput, and the budget run gets `--steps` = budget x throughput / batch (SIGTERM at the
+budget is the backstop; the trainer then checkpoints and exits like a preempted job).
+CPU defaults (2 cores): `resnet18` with the ImageNet stem at 32 px, ~10x cheaper than the CIFAR stem, so
+a 30-minute budget sees several epochs. On a GPU: `resnet18_cifar`, batch 512, as the reference CIFAR demo.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
+
+
+def cli(*args: str, timeout: float | None = None, env: dict | None = None) -> str:
+    r = subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=REPO, capture_output=True, text=True,
+                       timeout=timeout, env={**os.environ, **(env or {})})
+    if r.returncode != 0:
+        sys.exit(f"mocostream {' '.join(args[:2])} failed ({r.returncode}):\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def last_json(text: str) -> dict:
+    return json.loads([line for line in text.splitlines() if line.startswith("{")][-1])
+
+
+def extract(dest: Path) -> Path:
+    root = dest / "cifar10"
+    if not (root / "test").is_dir():
+        with tarfile.open(DATA) as tf:
+            tf.extractall(dest / "cifar10-tmp", filter="data")
+        inner = next(p.parent for p in (dest / "cifar10-tmp").rglob("train") if p.is_dir())
+        inner.rename(root)
+    return root
+
+
+def train_run(args, recipe: str, shards: Path, work: Path, steps: int, budget_s: float | None) -> dict:
+    ckpt = work / f"ckpt-{recipe}-{steps}"
+    flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", args.arch, "--image-size", "32",
+             "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size), "--moco-momentum",
+             str(args.moco_momentum), "--weight-decay", str(args.weight_decay), "--base-lr", str(args.base_lr),
+             "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(10 ** 9),
+             "--metrics-port", "0", "--no-progress", "--log-every", "20", "--workers", str(args.workers),
+             "--device", args.device, "--seed", "0"]
+    if recipe == "moco_v1":
+        flags += ["--lr-schedule", "cosine"]  # the budget is too short for v1's step milestones to matter
+    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    t0 = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=budget_s)
+    except subprocess.TimeoutExpired:  # past the budget: stop it as a preemption would
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=600)
+    if proc.returncode != 0:
+        sys.exit(f"training failed ({proc.returncode}):\n{err[-3000:]}")
+    summary = last_json(out)
+    summary["wall_seconds"] = time.monotonic() - t0
+    summary["checkpoint_dir"] = str(ckpt)
+    return summary
+
+
+def knn(args, data: Path, checkpoint: str | None) -> dict:
+    what = ["--checkpoint", checkpoint] if checkpoint else ["--arch", args.arch]
+    flags = ["eval", "knn", *what, "--data", str(data), "--image-size", "32", "--device", args.device]
+    if args.knn_max_per_class:
+        flags += ["--max-per-class", str(args.knn_max_per_class)]
+    return last_json(cli(*flags))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock per recipe")
+    p.add_argument("--recipes", default="moco_v1,moco_v2")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18 (ImageNet stem) on CPU")
+    p.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 256 on CPU")
+    p.add_argument("--queue-size", type=int, default=4096, help="K (the reference CIFAR demo's 4096)")
+    p.add_argument("--moco-momentum", type=float, default=0.99, help="m (the CIFAR demo's 0.99)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="(the CIFAR demo's 5e-4)")
+    p.add_argument("--base-lr", type=float, default=0.06, help="lr per 256 images")
+    p.add_argument("--workers", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--knn-max-per-class", type=int, default=0,
+                   help="cap images per class in bank and test set (0: all 50,000 / 10,000)")
+    p.add_argument("--workdir", help="keeps extracted data and shards between runs (default: a temp dir)")
+    args = p.parse_args()
+    if not DATA.exists():
+        sys.exit(f"needs {DATA}")
+    import torch
+
+    gpu = torch.cuda.is_available() and args.device in ("auto", "cuda")
+    args.device = "cuda" if gpu else "cpu"
+    args.arch = args.arch or ("resnet18_cifar" if gpu else "resnet18")
+    args.batch_size = args.batch_size or (512 if gpu else 256)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="learn-cifar-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.monotonic()
+    data = extract(work)
+    shards = work / "shards"
+    if not (shards / "manifest.json").exists():
+        cli("shards", "create", str(data / "train"), "--out", str(shards), "--format", "tar",
+            "--samples-per-shard", "2000", "--reencode", "never", "--dedup", "none", "--quiet",
+            "--workers", str(os.cpu_count() or 1))
+    print(f"data ready in {time.monotonic() - t0:.0f} s: {work}", flush=True)
+
+    rows = []
+    random_init = knn(args, data, None)
+    print(f"random init: kNN top-1 {100 * random_init['top1']:.2f}% "
+          f"({random_init['train_images']} bank / {random_init['test_images']} test images)", flush=True)
+    budget_s = 60 * args.budget_minutes
+    for recipe in args.recipes.split(","):
+        calib = train_run(args, recipe, shards, work, 30, None)
+        per_step = calib["seconds"] / max(1, calib["steps_run"])
+        steps = max(30, int(0.97 * budget_s / per_step))
+        print(f"{recipe}: calibration {calib['images_per_second']:.1f} img/s -> {steps} steps", flush=True)
+        run = train_run(args, recipe, shards, work, steps, budget_s + 120)
+        result = knn(args, data, run["checkpoint_dir"])
+        images = run["step"] * args.batch_size
+        rows.append((recipe, run, result, images))
+        print(f"{recipe}: {run['step']} steps, {images} images ({images / 50000:.1f} epochs) in "
+              f"{run['seconds'] / 60:.1f} min, {run['images_per_second']:.1f} img/s, loss {run['loss']:.3f}; "
+              f"kNN top-1 {100 * result['top1']:.2f}%", flush=True)
+
+    print(f"\n{args.arch}, 32 px, batch {args.batch_size}, K {args.queue_size}, m {args.moco_momentum}, "
+          f"{args.device}, budget {args.budget_minutes:g} min per recipe")
+    print("| encoder | images seen | training time | kNN top-1 | vs random init |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    print(f"| random init ({args.arch}) | 0 | – | {100 * random_init['top1']:.2f}% | – |")
+    for recipe, run, result, images in rows:
+        print(f"| {recipe} | {images:,} ({images / 50000:.1f} epochs) | {run['seconds'] / 60:.1f} min | "
+              f"{100 * result['top1']:.2f}% | {100 * (result['top1'] - random_init['top1']):+.2f} pts |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
