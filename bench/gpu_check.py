@@ -2,7 +2,9 @@
 
   1. DALI `mixed` (nvJPEG) decode + GPU two-view augmentation: loader images/s at 224 px;
   2. a short MoCo v2 training run, ResNet-50, NCCL on one GPU (torchrun, 1 process), bf16 autocast
-     and channels_last: training images/s and the share of step time spent waiting for data.
+     and channels_last: training images/s and the share of step time spent waiting for data;
+  3. the MoCo step (forward, loss, backward, non-finite guard, fused SGD) under
+     `torch.cuda.set_sync_debug_mode("error")`: it must not synchronise with the host.
 
     python bench/gpu_check.py [--seconds 30] [--steps 60] [--batch-size 128]
 
@@ -21,6 +23,44 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+def check_step_has_no_host_sync(batch_size: int) -> str:
+    """Run MoCo steps with CUDA sync debugging set to error: any host-device sync raises."""
+    import torch
+
+    from moco_core import MoCo, NonFiniteGuard, build_encoder, build_optimizer, info_nce
+
+    device = torch.device("cuda", 0)
+    model = MoCo(build_encoder("resnet50"), K=65536, m=0.999, T=0.2, mlp=True).to(device)
+    model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, 0.03)
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(device, 10)
+    x_q = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
+    x_k = torch.randn_like(x_q)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logits, labels = model(x_q, x_k)
+            loss = info_nce(logits.float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        guard.before_step(opt, params)
+        opt.step()
+
+    step()  # warm-up: allocations and cuDNN plans may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    except RuntimeError as e:
+        return f"host sync in the step: {e}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    return "none"
 
 
 def main() -> int:
@@ -81,8 +121,10 @@ def main() -> int:
                   steps=summary["step"])
     print(f"training (ResNet-50, NCCL, bf16, channels_last, batch {args.batch_size}): "
           f"{report['train_images_per_s']} images/s, data wait {report['data_wait_share']:.1%} of step time")
+    report["host_syncs_in_step"] = check_step_has_no_host_sync(min(args.batch_size, 64))
+    print(f"host syncs in the MoCo step: {report['host_syncs_in_step']}")
     print(json.dumps(report))
-    return 0
+    return 0 if report["host_syncs_in_step"] == "none" else 1
 
 
 if __name__ == "__main__":
