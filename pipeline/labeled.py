@@ -73,7 +73,8 @@ def _shard_items(spec: str):
             for key, image, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
                 yield f"{shard.url}:{key}", label, (lambda image=image: image)
             continue
-        for sample in group_by_keys(tar_file_iterator(io.BytesIO(data))):
+        members = ({**f, "__url__": shard.url} for f in tar_file_iterator(io.BytesIO(data)))
+        for sample in group_by_keys(members):
             image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             yield f"{shard.url}:{sample['__key__']}", _label_of(sample), (lambda image=image: image)
 

@@ -106,3 +106,36 @@ def test_non_finite_losses_stop_the_job_with_one_line(shards, tmp_path, capsys):
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mocostream: error:")]
     assert err == ["mocostream: error: 3 training steps in a row had a non-finite loss or gradient; stopping "
                    "(lower --base-lr, check the data, or raise --max-nonfinite-steps)"]
+
+
+def test_labelled_shards_tar_and_parquet(imagenette_small, tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import webdataset as wds
+
+    files = sorted(imagenette_small.rglob("*.JPEG"))[:30]
+    classes = sorted({f.parent.name for f in files})
+    with wds.TarWriter(str(tmp_path / "eval-000000.tar")) as tw:
+        for i, f in enumerate(files):
+            sample = {"__key__": f"s{i:03d}", "jpg": f.read_bytes()}
+            if i % 3 == 0:
+                sample["cls"] = str(classes.index(f.parent.name)).encode()
+            elif i % 3 == 1:
+                sample["json"] = json.dumps({"label": classes.index(f.parent.name)}).encode()
+            # every third sample has no label: skipped and counted
+            tw.write(sample)
+    got = load_labeled(str(tmp_path / "eval-000000.tar"), 32)
+    assert len(got) == 20 and got.skipped["no_label"] == 10
+    expected = [classes.index(f.parent.name) for i, f in enumerate(files) if i % 3 != 2]
+    assert got.labels.tolist() == expected
+
+    table = pa.table({"key": [f"s{i}" for i in range(len(files))], "image": [f.read_bytes() for f in files],
+                      "label": [classes.index(f.parent.name) for f in files]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    (tmp_path / "pq").mkdir()
+    (tmp_path / "pq" / "eval-000000.parquet").write_bytes(buf.getvalue())
+    got = load_labeled(str(tmp_path / "pq"), 32)
+    assert len(got) == 30 and got.labels.tolist() == [classes.index(f.parent.name) for f in files]
