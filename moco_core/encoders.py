@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
-ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar")
+ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar", "resnet18_cifar_half")
 
 
 def _resnet_cifar(resnet: Callable[..., nn.Module], **kwargs) -> nn.Module:
@@ -19,11 +19,38 @@ def _resnet_cifar(resnet: Callable[..., nn.Module], **kwargs) -> nn.Module:
     return net
 
 
+class _NarrowResNet(tvm.ResNet):
+    """torchvision's ResNet with stage widths (w, 2w, 4w, 8w) instead of (64, 128, 256, 512), and the CIFAR
+    stem: a quarter of ResNet-18's compute at half its width, for CPU-sized budgets on 32-px images."""
+
+    def __init__(self, layers: list[int], width: int, num_classes: int = 1000):
+        nn.Module.__init__(self)  # ResNet.__init__ hard-codes the widths; its helpers are reused below
+        self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.Identity()
+        self.layer1 = self._make_layer(tvm.resnet.BasicBlock, width, layers[0])
+        self.layer2 = self._make_layer(tvm.resnet.BasicBlock, 2 * width, layers[1], stride=2)
+        self.layer3 = self._make_layer(tvm.resnet.BasicBlock, 4 * width, layers[2], stride=2)
+        self.layer4 = self._make_layer(tvm.resnet.BasicBlock, 8 * width, layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width, num_classes)
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": partial(tvm.resnet18, weights=None),
     "resnet50": partial(tvm.resnet50, weights=None),
     "resnet18_cifar": partial(_resnet_cifar, tvm.resnet18),
     "resnet50_cifar": partial(_resnet_cifar, tvm.resnet50),
+    "resnet18_cifar_half": partial(_NarrowResNet, [2, 2, 2, 2], 32),
 }
 assert tuple(_BUILDERS) == ARCHS
 

@@ -51,7 +51,8 @@ def record_inputs(module: nn.Module) -> list[torch.Tensor]:
 
 # ---------------------------------------------------------------------------------------------- encoders
 
-@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet18_cifar", 32), ("resnet50_cifar", 32)])
+@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet18_cifar", 32), ("resnet50_cifar", 32),
+                                       ("resnet18_cifar_half", 32)])
 def test_encoder_output_shape(arch, size):
     torch.manual_seed(0)
     net = build_encoder(arch)(num_classes=16).eval()
@@ -81,6 +82,16 @@ def test_cifar_stem_keeps_resolution():
         with torch.no_grad():
             net.eval()(torch.randn(1, 3, 32, 32))
     assert shapes == {"std": (8, 8), "cifar": (32, 32)}
+
+
+def test_half_width_cifar_resnet():
+    half = build_encoder("resnet18_cifar_half")(num_classes=10)
+    full = build_encoder("resnet18_cifar")(num_classes=10)
+    widths = [half.layer1[0].conv1.out_channels, half.layer4[1].conv2.out_channels, half.fc.in_features]
+    assert widths == [32, 256, 256] and half.conv1.kernel_size == (3, 3) and isinstance(half.maxpool, nn.Identity)
+    n_half, n_full = (sum(p.numel() for p in m.parameters()) for m in (half, full))
+    assert 0.2 < n_half / n_full < 0.3  # a quarter of the weights (and of the compute)
+    assert [n for n, _ in half.named_children()] == [n for n, _ in full.named_children()]
 
 
 def test_unknown_arch_names_the_choices():
