@@ -10,7 +10,7 @@ Per view, for recipe moco_v2 (aug+) [moco_v1]:
     random resized crop   area U[0.2, 1], aspect log-U[3/4, 4/3] (torchvision's get_params, in python), bilinear + antialias
     colour, p 0.8 [1]     brightness, contrast, saturation factors U[0.6, 1.4], hue U[-0.1, 0.1] [0.4] turns
     grayscale, p 0.2
-    gaussian blur, p 0.5  sigma U[0.1, 2.0]                                                 [none]
+    gaussian blur, p 0.5  sigma U[0.1, 2.0] x S / 224 (see blur_sigma_range)                [none]
     flip, p 0.5; normalise; HWC -> CHW           (crop_mirror_normalize)
 
 How it maps onto DALI, and where it differs from torchvision (augment_torch.py is the reference):
@@ -65,7 +65,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorGPU
 
-from pipeline.augment_torch import MEAN, RECIPES, STD
+from pipeline.augment_torch import MEAN, RECIPES, STD, blur_sigma_range
 
 # PIL's "L" / ITU-R 601 luma weights: grayscale, saturation and the contrast pivot use them.
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -89,7 +89,7 @@ _RECIPES = {
     "moco_v2": _Recipe(jitter_p=0.8, hue=0.1, gray_p=0.2, blur_p=0.5),
 }
 _JITTER = 0.4            # brightness = contrast = saturation = 0.4: factors U[0.6, 1.4]
-_SIGMA = (0.1, 2.0)      # GaussianBlur sigma range
+# GaussianBlur sigma: blur_sigma_range(S), the reference's U[0.1, 2.0] at 224 px scaled to S
 _AREA = (0.2, 1.0)       # RandomResizedCrop scale
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
 
@@ -191,8 +191,9 @@ class _AugParams:
 
     OUTPUTS_PER_VIEW = 9
 
-    def __init__(self, recipe: str, batch_size: int, seed: int):
+    def __init__(self, recipe: str, batch_size: int, seed: int, size: int = 224):
         self.r = _RECIPES[recipe]
+        self.sigma = blur_sigma_range(size)
         self.n = batch_size
         self.rng = np.random.default_rng(seed)
 
@@ -218,7 +219,7 @@ class _AugParams:
             "hue": np.where(jitter, rng.uniform(-r.hue, r.hue, n), 0.0),
             "gray": rng.random(n) < r.gray_p,
             "blur": rng.random(n) < r.blur_p,
-            "sigma": rng.uniform(*_SIGMA, n),
+            "sigma": rng.uniform(*self.sigma, n),
             "mirror": rng.random(n) < 0.5,
         }
         return f
@@ -305,7 +306,7 @@ def build_two_view_pipeline(source: Callable[[], tuple[list[np.ndarray], list[np
         device_id = None
     elif device_id is None:
         device_id = torch.cuda.current_device()
-    params = _AugParams(recipe, batch_size, seed)
+    params = _AugParams(recipe, batch_size, seed, size)
 
     def feed():
         out = source()

@@ -27,6 +27,13 @@ from torchvision import transforms
 
 from pipeline.image_check import MAX_PIXELS
 
+
+def blur_sigma_range(size: int) -> tuple[float, float]:
+    """The reference blur, U[0.1, 2.0] px on 224-px crops, scaled to crops of side `size`: the same blur
+    relative to the image at every size (identical at 224; at 32 px an unscaled sigma of 2 wipes out
+    most detail)."""
+    return (0.1 * size / 224, 2.0 * size / 224)
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 RECIPES = ("moco_v1", "moco_v2")
@@ -97,7 +104,7 @@ def _augmentations(recipe: str, size: int) -> list:
             transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
             transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
             transforms.RandomGrayscale(p=0.2),
-            transforms.RandomApply([GaussianBlur([0.1, 2.0])], p=0.5),
+            transforms.RandomApply([GaussianBlur(blur_sigma_range(size))], p=0.5),
             transforms.RandomHorizontalFlip(),
         ]
     raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {RECIPES}")

@@ -469,3 +469,17 @@ def test_dali_gpu_pipeline_runs_and_matches_cpu_distribution(photos):
     # CPU tensors requested from a GPU pipeline
     q, k, ids = ad.dali_outputs_to_torch(pipe.run(), "cpu")
     assert not q.is_cuda and q.shape == (b, 3, size, size)
+
+
+def test_blur_is_the_reference_at_224_and_scaled_with_the_crop():
+    from pipeline import augment_dali as ad
+    from pipeline.augment_torch import GaussianBlur, blur_sigma_range, reference_transform
+
+    assert blur_sigma_range(224) == (0.1, 2.0)
+    lo, hi = blur_sigma_range(32)
+    assert abs(lo - 0.1 / 7) < 1e-9 and abs(hi - 2.0 / 7) < 1e-9
+    sigma = ad._AugParams("moco_v2", 2000, seed=0, size=32).draw()["sigma"]
+    assert lo <= sigma.min() < 1.05 * lo and 0.95 * hi < sigma.max() <= hi
+    blurs = [t.transforms[0] for t in reference_transform("moco_v2", 32).transforms
+             if type(t).__name__ == "RandomApply" and isinstance(t.transforms[0], GaussianBlur)]
+    assert len(blurs) == 1 and tuple(blurs[0].sigma) == (lo, hi)
