@@ -92,7 +92,7 @@ def main() -> int:
     p.add_argument("--recipes", default="moco_v1,moco_v2")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18 (ImageNet stem) on CPU")
-    p.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 256 on CPU")
+    p.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 128 on CPU")
     p.add_argument("--queue-size", type=int, default=4096, help="K (the reference CIFAR demo's 4096)")
     p.add_argument("--moco-momentum", type=float, default=0.99, help="m (the CIFAR demo's 0.99)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(the CIFAR demo's 5e-4)")
@@ -109,7 +109,7 @@ def main() -> int:
     gpu = torch.cuda.is_available() and args.device in ("auto", "cuda")
     args.device = "cuda" if gpu else "cpu"
     args.arch = args.arch or ("resnet18_cifar" if gpu else "resnet18")
-    args.batch_size = args.batch_size or (512 if gpu else 256)
+    args.batch_size = args.batch_size or (512 if gpu else 128)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="learn-cifar-"))
     work.mkdir(parents=True, exist_ok=True)
 

@@ -70,15 +70,17 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
 
 
 def auto_bn_splits(cfg: TrainConfig, world: int) -> int:
-    """Shuffle BN needs >1 BN groups: ranks under DDP, sub-batches on a single device."""
+    """Shuffle BN needs >1 BN groups: ranks under DDP, sub-batches on a single device. Sub-batches of
+    at least 32 (the paper's per-GPU batch; BN over fewer samples is noisy and slows learning), as many as
+    8; a small batch still gets 2 groups rather than none."""
     if cfg.bn_splits > 0:
         return cfg.bn_splits
     if world > 1:
         return 1
     for splits in (8, 4, 2):
-        if cfg.batch_size % splits == 0 and cfg.batch_size // splits >= 4:
+        if cfg.batch_size % splits == 0 and cfg.batch_size // splits >= 32:
             return splits
-    return 1
+    return 2 if cfg.batch_size % 2 == 0 and cfg.batch_size >= 8 else 1
 
 
 def rng_state() -> dict:

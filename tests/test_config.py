@@ -79,3 +79,14 @@ def test_print_config_masks_secrets(tmp_path, monkeypatch, capsys):
 def test_mask_secrets_leaves_plain_values():
     assert mask_secrets({"data": "s3://bucket/x", "steps": 3, "api_key": "k"}) == \
         {"data": "s3://bucket/x", "steps": 3, "api_key": "***"}
+
+
+@pytest.mark.parametrize("batch,world,expected", [(256, 1, 8), (128, 1, 4), (64, 1, 2), (32, 1, 2), (8, 1, 2),
+                                                  (6, 1, 1), (256, 2, 1)])
+def test_auto_bn_splits_keeps_sub_batches_of_32(batch, world, expected):
+    from ops.train import auto_bn_splits
+
+    cfg = build_config({}, {"data": "/d", "batch_size": batch}, environ={})
+    assert auto_bn_splits(cfg, world) == expected
+    cfg.bn_splits = 3
+    assert auto_bn_splits(cfg, world) == 3
