@@ -10,8 +10,9 @@ final checkpoint (`mocostream eval knn`: backbone features, k 200, T 0.1, bank =
 The run length is set so the cosine schedule ends with the budget: a short calibration run measures the
 training throughput, and the budget run gets `--steps` = budget x throughput / batch (SIGTERM at the
 budget is the backstop; the trainer then checkpoints and exits like a preempted job).
-CPU defaults (2 cores): `resnet18` with the ImageNet stem at 32 px, ~10x cheaper than the CIFAR stem, so
-a 30-minute budget sees several epochs. On a GPU: `resnet18_cifar`, batch 512, as the reference CIFAR demo.
+CPU defaults (2 cores): `resnet18` with the ImageNet stem at 32 px, batch 128: ~15x cheaper than the CIFAR
+stem, so a 30-minute budget sees several epochs instead of one. On a GPU: `resnet18_cifar`, batch 512, as the
+reference CIFAR demo. Both: K 4096, m 0.99, weight decay 5e-4 (the demo's), cosine lr, recipe presets for T/head.
 """
 from __future__ import annotations
 
