@@ -224,3 +224,18 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
         assert cut.read_text() == whole.read_text() and len(whole.read_text().split()) == steps * 8
         cut_loss, whole_loss = (Path(f"{p}.loss").read_text() for p in (cut, whole))
         assert cut_loss == whole_loss and len(whole_loss.splitlines()) == steps
+
+
+def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
+    import logging
+    import re
+
+    caplog.set_level(logging.INFO, logger="mocostream.train")
+    cfg = build_config({}, dict(data=str(local_shards), steps=4, backend="torch", checkpoint_dir=str(tmp_path),
+                                **{**TINY, "log_every": 2}))
+    train(cfg)["_metrics"].stop()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "ETA" in r.getMessage()]
+    pattern = (r"step (\d+)/4 \| [\d.]+ img/s \| data wait \d+% \| loss [\d.]+ \| lr [\d.e-]+ \| acc [\d.]+ \| "
+               r"gnorm [\d.e+-]+ \| ETA \d+:\d\d:\d\d")
+    assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [2, 4], lines
+    assert lines[-1].endswith("ETA 0:00:00")
