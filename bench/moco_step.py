@@ -44,7 +44,7 @@ def main() -> int:
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--K", type=int, default=16384)
-    p.add_argument("--bn-splits", type=int, default=8, help="single-device Shuffle BN sub-batches (trainer's auto: 8)")
+    p.add_argument("--bn-splits", type=int, default=0, help="single-device Shuffle BN sub-batches (0: the trainer's auto)")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="steps per round and side")
     p.add_argument("--device", default="cpu")
@@ -53,6 +53,11 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.bn_splits == 0:
+        from ops.config import TrainConfig
+        from ops.train import auto_bn_splits
+
+        args.bn_splits = auto_bn_splits(TrainConfig(data="-", batch_size=args.batch_size), 1)
     torch.manual_seed(0)
     n, size = args.batch_size, args.image_size
     im_q = torch.randn(n, 3, size, size, device=device)
