@@ -40,8 +40,13 @@ Normalisation: EXIF orientation applied; CMYK, palette, 16-bit, greyscale -> RGB
 frame of animations. Upright RGB JPEG/PNG/WebP are kept byte-for-byte (--reencode auto); anything that
 needed a change, or that DALI cannot decode, is stored as JPEG at --quality.
 
-Outputs: P-NNNNNN.tar (+ DALI .idx) or .parquet, P-NNNNNN_stats.json per shard, rejects.jsonl,
-report.json, and manifest.json (shard names, sample counts, bytes, sha256) written last.
+Bytes kept as they are must also decode with DALI's own decoder (nvImageCodec, CPU), which is stricter
+than PIL on headers; files only PIL reads are re-encoded (or, with --reencode never, rejected).
+
+Outputs: P-NNNNNN.tar (+ DALI .idx) and/or .parquet, P-NNNNNN_stats.json per shard, rejects.jsonl,
+report.json, and manifest.json (shard names, sample counts, bytes, sha256) written last. With
+--format tar,parquet, manifest.json describes the tars and manifest-parquet.json the parquet files
+(same samples, keys and order): `mocostream train --data DEST` reads the first format listed.
 Rerunning the same command continues a run that was killed (even with kill -9) and ends with the same
 bytes as an uninterrupted run; rerunning a finished one does nothing; other options into the same DEST
 are refused."""
@@ -67,10 +72,12 @@ def add_shards_parser(subparsers) -> None:
                    help="folder, tar archive, list of paths/URLs (.txt/.jsonl) or parquet table")
     c.add_argument("--out", required=True, metavar="DEST",
                    help="destination: a local folder (created if missing) or s3://bucket/prefix")
-    c.add_argument("--format", choices=["tar", "parquet"], default="tar", dest="fmt",
+    c.add_argument("--format", default="tar", dest="fmt", metavar="FORMAT",
                    help="tar: webdataset shards (<key>.jpg|png|webp + <key>.json) each with a DALI .idx "
                         "index; parquet: one row per image (image bytes + metadata columns), "
-                        "row groups of 256 (default: %(default)s)")
+                        "row groups of 256; tar,parquet: both, the same samples in the same shards, "
+                        "manifest.json for the first format listed and manifest-<format>.json for the other "
+                        "(default: %(default)s)")
     c.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
                    help="images per shard; the last shard may hold fewer (default: %(default)s)")
     c.add_argument("--max-shard-bytes", type=byte_size, default=0, metavar="SIZE",

@@ -1,4 +1,7 @@
-"""`shards inspect DEST`: what a shard set holds (counts, sizes, resolutions, formats, reject reasons)."""
+"""`shards inspect DEST`: what a shard set holds (counts, sizes, resolutions, formats, reject reasons).
+
+A set written in several formats is summarised from its primary format (manifest.json); `outputs` lists
+every format with its manifest, shard count and bytes."""
 from __future__ import annotations
 
 import json
@@ -39,9 +42,14 @@ def inspect(url: str) -> dict:
             formats[meta.get("format", "?")] += 1
             labels[meta.get("label", "")] += 1
     sizes = [e["bytes"] for e in m["shards"]]
+    outputs = {}
+    for fmt, name in m.get("formats", {m.get("format"): "manifest.json"}).items():
+        other = m if name == "manifest.json" else json.loads(dest.read(name) or b'{"shards": []}')
+        outputs[fmt] = {"manifest": name, "shards": len(other["shards"]), "bytes": other.get("total_bytes", 0)}
     return {
         "location": dest.url,
         "format": m.get("format"),
+        "outputs": outputs,
         "shards": len(m["shards"]),
         "samples": m.get("total_samples"),
         "inputs": m.get("inputs"),
@@ -64,11 +72,15 @@ def _mb(n) -> str:
 
 def summary_text(info: dict) -> str:
     sb, w, h = info["shard_bytes"], info["width"], info["height"]
+    outputs = info.get("outputs", {})
     lines = [
-        f"{info['location']}: {info['format']} shard set",
+        f"{info['location']}: {' + '.join(outputs) or info['format']} shard set",
         f"  samples   {info['samples']} in {info['shards']} shards, {_mb(info['bytes'] or 0)}"
         + (f" (inputs {info['inputs']}, rejected {info['rejected']})" if info.get("inputs") is not None else ""),
     ]
+    if len(outputs) > 1:
+        lines.append("  outputs   " + ", ".join(f"{f}: {o['shards']} shards, {_mb(o['bytes'])} ({o['manifest']})"
+                                                for f, o in outputs.items()))
     if sb:
         lines.append(f"  shards    {_mb(sb['min'])} .. {_mb(sb['max'])} (mean {_mb(sb['mean'])}); samples "
                      f"{info['shard_samples']['min']} .. {info['shard_samples']['max']}")

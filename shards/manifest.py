@@ -25,6 +25,13 @@
 
 `names` are relative to DEST (after `shards merge`: `part-00000-of-00004/shard-000000.tar`).
 
+Several formats in one run (`--format tar,parquet`): each format is a complete shard set of its own, with
+the same samples, keys and order (shard N of each holds the same samples), described by its own manifest:
+`manifest.json` for the first (primary) format, `manifest-<format>.json` for each other one. Both carry
+`"formats": {"tar": "manifest.json", "parquet": "manifest-parquet.json"}`. So every reader of a
+single-format manifest (the trainer's `--data DEST`) reads one copy of the data, never both;
+`--data DEST/manifest-parquet.json` picks the other format. manifest.json is still written last.
+
 `DEST/rejects.jsonl`: one line per rejected input, in processing order::
 
     {"source": "<path or URL as given>", "reason": "<code>", "detail": "<short message>"}
@@ -59,12 +66,18 @@ def by_reason(rejected) -> dict[str, int]:
     return dict(sorted(Counter(r[1] for r in rejected).items()))
 
 
+def manifest_names(formats) -> dict[str, str]:
+    """Each format's manifest file: manifest.json for the first (primary), manifest-<fmt>.json for the others."""
+    return {f: "manifest.json" if i == 0 else f"manifest-{f}.json" for i, f in enumerate(formats)}
+
+
 def build_manifest(fmt: str, options: dict, shards: list[dict], rejected: list, seconds: float,
-                   inputs: int | None = None) -> dict:
+                   inputs: int | None = None, formats=None) -> dict:
     total = sum(s["samples"] for s in shards)
     return {
         "format_version": FORMAT_VERSION,
         "format": fmt,
+        **({"formats": manifest_names(formats)} if formats and len(formats) > 1 else {}),
         "created_by": "mocostream",
         "options": options,
         "shards": shards,
@@ -79,8 +92,18 @@ def build_manifest(fmt: str, options: dict, shards: list[dict], rejected: list, 
 
 
 def run_report(manifest: dict, bytes_in: int, seconds: float, processed: int, resumed_from: int,
-               workers: int, replaced_workers: int, manifest_url: str) -> dict:
-    """What a job logs: counts per reason, bytes in/out, duration and rate of THIS run."""
+               workers: int, replaced_workers: int, manifest_url: str, others: dict | None = None,
+               checker: str = "", cpu: dict | None = None) -> dict:
+    """What a job logs: counts per reason, bytes in/out, duration and rate of THIS run. `others`: the
+    manifests of the other formats (bytes_out is the primary format's; `formats` lists each)."""
+    extra = {}
+    if others:
+        extra["formats"] = {f: {"shards": len(m["shards"]), "bytes_out": m["total_bytes"]}
+                            for f, m in {manifest["format"]: manifest, **others}.items()}
+    if checker:
+        extra["dali_check"] = checker
+    if cpu is not None:  # {"main", "workers"}: the main process writes every shard, its share limits scaling
+        extra["cpu_seconds"] = {k: round(v, 3) for k, v in cpu.items()}
     return {
         "inputs": manifest["inputs"],
         "written": manifest["total_samples"],
@@ -96,6 +119,7 @@ def run_report(manifest: dict, bytes_in: int, seconds: float, processed: int, re
         "workers": workers,
         "replaced_workers": replaced_workers,
         "manifest": manifest_url,
+        **extra,
     }
 
 

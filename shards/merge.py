@@ -4,7 +4,8 @@
 rejects, so each host resumes independently). merge checks that all N parts are complete and were made
 with the same options, then writes DEST/manifest.json listing every part's shards under their relative
 names (`part-00000-of-00004/shard-000000.tar`, readable by pipeline/ as they are: nothing is copied),
-DEST/rejects.jsonl (all parts, in part order) and DEST/report.json.
+DEST/rejects.jsonl (all parts, in part order) and DEST/report.json. Parts written in several formats
+merge into one manifest per format (manifest.json + manifest-<fmt>.json, as create writes them).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import json
 import re
 
 from .errors import ShardError
-from .manifest import build_manifest, json_bytes
+from .manifest import build_manifest, json_bytes, manifest_names
 from .output import Destination
 
 PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
@@ -58,10 +59,17 @@ def merge(url: str) -> dict:
         if opts != base:
             diff = [k for k in sorted(set(opts) | set(base)) if opts.get(k) != base.get(k)]
             raise ShardError(f"{name} was made with other options than {manifests[0][0]} ({', '.join(diff)})")
-    shards, rejects, bytes_in, seconds = [], b"", 0, 0.0
+    formats = list(manifests[0][1].get("formats", {manifests[0][1]["format"]: "manifest.json"}))
+    names = manifest_names(formats)
+    shards: dict[str, list[dict]] = {f: [] for f in formats}
+    rejects, bytes_in, seconds = b"", 0, 0.0
     for name, m in manifests:
-        for e in m["shards"]:
-            shards.append({**e, **{k: f"{name}/{e[k]}" for k in ("name", "index", "stats") if k in e}})
+        for fmt in formats:
+            part_m = m if names[fmt] == "manifest.json" else json.loads(dest.read(f"{name}/{names[fmt]}") or b"null")
+            if part_m is None:
+                raise ShardError(f"{name}/{names[fmt]} is missing: rerun that part")
+            for e in part_m["shards"]:
+                shards[fmt].append({**e, **{k: f"{name}/{e[k]}" for k in ("name", "index", "stats") if k in e}})
         rejects += dest.read(f"{name}/rejects.jsonl") or b""
         report = json.loads(dest.read(f"{name}/report.json") or b"{}")
         bytes_in += report.get("bytes_in", 0)
@@ -69,14 +77,16 @@ def merge(url: str) -> dict:
     rejected = [(r["source"], r["reason"], r["detail"]) for r in map(json.loads, rejects.decode().splitlines())]
     fp = hashlib.sha256("".join(m["options"]["fingerprint"] for _, m in manifests).encode()).hexdigest()
     options = {**base, "part": f"merged {n}", "fingerprint": fp}
-    manifest = build_manifest(manifests[0][1]["format"], options, shards, rejected, seconds,
-                              inputs=sum(m["inputs"] for _, m in manifests))
+    merged = {f: build_manifest(f, options, shards[f], rejected, seconds, inputs=sum(m["inputs"] for _, m in manifests),
+                                formats=formats) for f in formats}
+    manifest = merged[formats[0]]
     report = {"parts": n, "inputs": manifest["inputs"], "written": manifest["total_samples"],
               "rejected": manifest["rejected"], "rejected_by_reason": manifest["rejected_by_reason"],
-              "shards": len(shards), "bytes_in": bytes_in, "bytes_out": manifest["total_bytes"],
+              "shards": len(manifest["shards"]), "bytes_in": bytes_in, "bytes_out": manifest["total_bytes"],
               "manifest": dest.location("manifest.json")}
     dest.write_bytes("rejects.jsonl", rejects)
     dest.write_bytes("report.json", json_bytes(report))
-    dest.write_bytes("manifest.json", json_bytes(manifest))
+    for f in reversed(formats):  # manifest.json last
+        dest.write_bytes(names[f], json_bytes(merged[f]))
     dest.close()
     return report

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .validate import Sample
+from .manifest import file_digest
 
 ROW_GROUP_SIZE = 256  # a few hundred rows: small enough to stream, big enough to amortise footers
 
@@ -54,19 +54,20 @@ class ParquetShardWriter:
             write_statistics=[n for n in self.schema.names if n != "image"],
         )
 
-    def cost(self, key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> int:
-        return len(sample.data) + len(key) + len(source) + 64
+    def cost(self, key: str, source: str, record) -> int:
+        return record.size + len(key) + len(source) + 64
 
-    def add(self, key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> None:
-        for name, value in (("key", key), ("image", sample.data), ("ext", sample.ext), ("label", label),
-                            ("source", source), ("width", sample.width), ("height", sample.height)):
+    def add(self, key: str, source: str, label: str, record, extra: dict | None = None) -> None:
+        """Append a sample (a shards.record.Record)."""
+        for name, value in (("key", key), ("image", record.data), ("ext", record.ext), ("label", label),
+                            ("source", source), ("width", record.width), ("height", record.height)):
             self._rows[name].append(value)
         for name in self._extra:
             value = (extra or {}).get(name)
             if value is not None and name in self._string and not isinstance(value, str):
                 value = str(value)
             self._rows[name].append(value)
-        self.bytes += self.cost(key, source, label, sample, extra)
+        self.bytes += self.cost(key, source, record)
         self.samples += 1
         if len(self._rows["key"]) >= ROW_GROUP_SIZE:
             self._flush()
@@ -80,6 +81,10 @@ class ParquetShardWriter:
     def close(self) -> None:
         self._flush()
         self._writer.close()
+
+    def digest(self) -> tuple[int, str]:
+        """(bytes, sha256 hex) of the closed shard (pyarrow writes it: read back once)."""
+        return file_digest(self.path)
 
     def abort(self) -> None:
         try:

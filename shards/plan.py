@@ -19,9 +19,18 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
 FORMATS = ("tar", "parquet")
 
 
+def parse_formats(fmt) -> tuple[str, ...]:
+    """`tar`, `parquet`, `tar,parquet` (or a list) -> the output formats, the first one primary."""
+    names = [f.strip().lower() for f in (fmt.split(",") if isinstance(fmt, str) else fmt)]
+    bad = [f for f in names if f not in FORMATS]
+    if not names or bad or "" in names or len(set(names)) != len(names):
+        raise ShardError(f"--format must be tar, parquet or both (tar,parquet), got {fmt!r}")
+    return tuple(names)
+
+
 @dataclass(frozen=True)
 class Plan:
-    format: str = "tar"
+    format: str = "tar"               # one format, or several comma-separated (the first is the primary)
     samples_per_shard: int = 1000
     max_shard_bytes: int = 0          # 0 = no byte limit
     prefix: str = "shard"
@@ -39,8 +48,7 @@ class Plan:
     def check(self) -> None:
         def bad(msg):
             raise ShardError(msg)
-        if self.format not in FORMATS:
-            bad(f"unknown format {self.format!r}: use one of {', '.join(FORMATS)}")
+        parse_formats(self.format)
         if not isinstance(self.samples_per_shard, int) or self.samples_per_shard < 1:
             bad(f"samples per shard must be a positive integer, got {self.samples_per_shard!r}")
         if self.max_shard_bytes < 0:
@@ -68,6 +76,10 @@ class Plan:
         i, n = self.part
         if not (n >= 1 and 0 <= i < n):
             bad(f"--part must be i/N with 0 <= i < N, got {i}/{n}")
+
+    @property
+    def formats(self) -> tuple[str, ...]:
+        return parse_formats(self.format)
 
     def normalise_options(self) -> Options:
         return Options(min_size=self.min_size, max_size=self.max_size, quality=self.quality,

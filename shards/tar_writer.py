@@ -6,10 +6,13 @@ uname/gname, mode 0644, plain ustar), so the same inputs give byte-identical sha
 
 The ustar headers are built here rather than by `tarfile` (whose header code cost more CPU than the
 rest of the main process together); the bytes are exactly what `tarfile` writes for these members
-(USTAR_FORMAT, see tests), and `tarfile`, webdataset and DALI read them back.
+(USTAR_FORMAT, see tests), and `tarfile`, webdataset and DALI read them back. A sample's members are
+rendered by `render` in the decode worker (shards.record); the writer in the main process only appends
+them, hashing as it writes, so a finished shard's sha256 needs no second read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import tarfile
 
@@ -48,8 +51,14 @@ def sample_json(key: str, source: str, label: str, sample: Sample, extra: dict |
     return json.dumps(meta, separators=(",", ":"), default=str).encode("utf-8")
 
 
-def _padded(n: int) -> int:
-    return BLOCK + (n + BLOCK - 1) // BLOCK * BLOCK  # header + data rounded up to whole blocks
+def _pad(n: int) -> bytes:
+    return b"\0" * (-n % BLOCK)
+
+
+def render(key: str, ext: str, data: bytes, meta: bytes) -> bytes:
+    """Both members of one sample, `<key>.<ext>` then `<key>.json`, headers and padding included."""
+    return b"".join((ustar_header(f"{key}.{ext}", len(data)), data, _pad(len(data)),
+                     ustar_header(f"{key}.json", len(meta)), meta, _pad(len(meta))))
 
 
 class TarShardWriter:
@@ -60,24 +69,24 @@ class TarShardWriter:
         self.samples = 0
         self.bytes = RECORD  # upper bound of the end-of-archive padding
         self.members: list[tuple[str, int, int, str]] = []  # (ext, data offset, size, name): the DALI index
+        self.sha256 = hashlib.sha256()
         self._f = open(path, "wb")
         self._offset = 0
 
-    def cost(self, key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> int:
-        """Bytes this sample adds to the shard."""
-        return _padded(len(sample.data)) + _padded(len(sample_json(key, source, label, sample, extra)))
+    def cost(self, key: str, source: str, record) -> int:
+        """Bytes this sample (a shards.record.Record) adds to the shard."""
+        return len(record.tar)
 
-    def add(self, key: str, source: str, label: str, sample: Sample, extra: dict | None = None) -> None:
-        for ext, data in ((sample.ext, sample.data), ("json", sample_json(key, source, label, sample, extra))):
-            name = f"{key}.{ext}"
-            header = ustar_header(name, len(data))
-            self.members.append((ext, self._offset + BLOCK, len(data), name))
-            pad = -len(data) % BLOCK
-            self._f.write(header)
-            self._f.write(data)
-            if pad:
-                self._f.write(b"\0" * pad)
-            self._offset += BLOCK + len(data) + pad
+    def add(self, key: str, source: str, label: str, record, extra: dict | None = None) -> None:
+        """Append a sample rendered by shards.record.encode (its `tar` members); source, label and extra
+        are already in its JSON member."""
+        blob, size = record.tar, record.size
+        meta_offset = self._offset + BLOCK + size + (-size % BLOCK) + BLOCK
+        self.members.append((record.ext, self._offset + BLOCK, size, f"{key}.{record.ext}"))
+        self.members.append(("json", meta_offset, record.meta_size, f"{key}.json"))
+        self._f.write(blob)
+        self.sha256.update(blob)
+        self._offset += len(blob)
         self.bytes = RECORD + self._offset
         self.samples += 1
 
@@ -89,8 +98,15 @@ class TarShardWriter:
     def close(self) -> None:
         # End of archive as tarfile writes it: two zero blocks, then zeros up to a whole record.
         end = self._offset + 2 * BLOCK
-        self._f.write(b"\0" * (2 * BLOCK + (-end % RECORD)))
+        tail = b"\0" * (2 * BLOCK + (-end % RECORD))
+        self._f.write(tail)
+        self.sha256.update(tail)
         self._f.close()
+        self.bytes = self._offset + len(tail)  # the file's size now
+
+    def digest(self) -> tuple[int, str]:
+        """(bytes, sha256 hex) of the closed shard, from what was written."""
+        return self.bytes, self.sha256.hexdigest()
 
     def abort(self) -> None:
         self._f.close()

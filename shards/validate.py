@@ -1,7 +1,8 @@
 """Decode one input fully with PIL and turn it into shard-ready bytes, or a reject reason.
 
 Why decode fully: DALI cannot skip a corrupt image by itself, so anything that reaches a
-shard must already have been decoded end to end (`img.load()`), not just header-sniffed.
+shard must already have been decoded end to end (`img.load()`), not just header-sniffed; and bytes
+kept as they are must pass DALI's own decoder as well (shards.dali_check), which is stricter than PIL.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from .dali_check import dali_problem
 from .dedup import image_digest
 
 # Reject reason codes (the complete set; manifests and rejects.jsonl use only these).
@@ -186,7 +188,7 @@ def _changes_needed(img: Image.Image, data: bytes, fmt: str, orientation: int, a
     if fmt == "PNG" and _png_bit_depth(data) != 8:
         needs.append(f"{_png_bit_depth(data)}-bit PNG")
     if fmt == "JPEG" and not jpeg_structure_ok(data):
-        needs.append("broken JPEG marker segments")
+        needs.append("broken JPEG marker segments (DALI's decoder rejects them)")
     return needs
 
 
@@ -215,6 +217,11 @@ def _normalise(data: bytes, opt: Options) -> Sample | Reject:
         img.draft("RGB", _fit((width, height), opt.max_size))  # result is at least this size
     img.load()  # full decode of the first frame: raises on truncated/corrupt data
     needs = _changes_needed(img, data, fmt, orientation, animated)
+    if not needs and not resize and opt.reencode != "always":
+        # Bytes we would keep as they are must also pass DALI's own decoder (stricter than PIL on headers).
+        problem = dali_problem(data, fmt)
+        if problem:
+            needs.append(problem)
     if opt.reencode == "never" and (needs or resize):
         return Reject(NEEDS_REENCODE, "; ".join(needs or ["larger than --max-size"]))
     if orientation != 1:

@@ -2,7 +2,9 @@
 
 Checks per shard: present, byte size, sha256, sample count, every sample complete (image + json for
 tar; an image cell for parquet) and decodable end to end by PIL; for tar, the DALI index present and
-equal to the one the tar implies. Problems come back as one line each; none means the set is good.
+equal to the one the tar implies. A set written in several formats (manifest.json + manifest-<fmt>.json)
+is checked in each, and the formats must hold the same keys in the same shards and order.
+Problems come back as one line each; none means the set is good.
 """
 from __future__ import annotations
 
@@ -77,7 +79,9 @@ def decode_problem(parts: dict[str, bytes], fmt: str) -> str | None:
     return None
 
 
-def verify_shard(dest: Destination, entry: dict, fmt: str, decode: bool = True) -> list[str]:
+def verify_shard(dest: Destination, entry: dict, fmt: str, decode: bool = True,
+                 keys: list | None = None) -> list[str]:
+    """Problems of one shard; its sample keys are appended to `keys` when given."""
     name = entry["name"]
     data = dest.read(name)
     if data is None:
@@ -93,6 +97,8 @@ def verify_shard(dest: Destination, entry: dict, fmt: str, decode: bool = True) 
     try:
         for key, parts in reader(data):
             count += 1
+            if keys is not None:
+                keys.append(key)
             if decode and (why := decode_problem(parts, "tar" if name.endswith(".tar") else "parquet")):
                 problems.append(f"{name}: sample {key} {why}")
     except Exception as exc:  # not a tar / parquet at all, or cut short
@@ -118,18 +124,39 @@ def verify_shard(dest: Destination, entry: dict, fmt: str, decode: bool = True) 
     return problems
 
 
-def verify(url: str, decode: bool = True, on_shard: Callable[[dict, list[str]], None] | None = None) -> list[str]:
-    """Every problem found in the shard set at `url` (empty list: all good)."""
-    dest = Destination(url, create=False)
-    m = read_manifest(dest)
-    fmt = m.get("format", "tar")
-    problems = []
+def _verify_set(dest: Destination, name: str, m: dict, decode: bool, on_shard) -> tuple[list[str], list[list]]:
+    """Problems of one format's shard set (manifest `name`), and the keys of each of its shards."""
+    problems, keys = [], []
     for entry in m["shards"]:
-        found = verify_shard(dest, entry, fmt, decode)
+        keys.append([])
+        found = verify_shard(dest, entry, m.get("format", "tar"), decode, keys[-1])
         problems += found
         if on_shard:
             on_shard(entry, found)
     total = sum(e.get("samples", 0) for e in m["shards"])
     if m.get("total_samples") != total:
-        problems.append(f"manifest.json: total_samples {m.get('total_samples')} but its shards hold {total}")
+        problems.append(f"{name}: total_samples {m.get('total_samples')} but its shards hold {total}")
+    return problems, keys
+
+
+def verify(url: str, decode: bool = True, on_shard: Callable[[dict, list[str]], None] | None = None) -> list[str]:
+    """Every problem found in the shard set at `url`, in every format it was written in (empty list: all good)."""
+    dest = Destination(url, create=False)
+    m = read_manifest(dest)
+    problems, first_keys = _verify_set(dest, "manifest.json", m, decode, on_shard)
+    for fmt, name in m.get("formats", {}).items():
+        if name == "manifest.json":
+            continue
+        raw = dest.read(name)
+        if raw is None:
+            problems.append(f"{name}: missing (manifest.json lists it for {fmt})")
+            continue
+        other = json.loads(raw)
+        found, keys = _verify_set(dest, name, other, decode, on_shard)
+        problems += found
+        if other.get("options", {}).get("fingerprint") != m.get("options", {}).get("fingerprint"):
+            problems.append(f"{name}: made by another run than manifest.json")
+        elif keys != first_keys and not found:
+            shard = next((i for i, (a, b) in enumerate(zip(keys, first_keys)) if a != b), min(len(keys), len(first_keys)))
+            problems.append(f"{name}: shard {shard} does not hold the same samples as in manifest.json")
     return problems

@@ -1,9 +1,12 @@
 """Decode in worker processes that can be killed and replaced: a per-file time budget that holds
 even when a decoder hangs or spins, and a crash (segfault, OOM kill) that costs one input, not the run.
 
-`DecodePool(n, options).imap(tasks)` takes (locator) tasks in order and yields one `(result, bytes_in)`
-per task, in the same order, with at most `window` tasks in flight (memory is bounded by the options,
-not by the input size). Each worker holds up to DEPTH tasks so it never waits for the main process.
+`DecodePool(n, options).imap(tasks)` takes `(locator, meta)` tasks in order and yields one
+`(result, bytes_in)` per task, in the same order, with at most `window` tasks in flight (memory is
+bounded by the options, not by the input size). A result is a Reject, or (with `meta` = key, source,
+label, extra) a shards.record.Record whose shard bytes the worker already rendered: the main process,
+which writes every shard in order and so limits how well the tool scales, only appends them.
+Each worker holds up to DEPTH tasks so it never waits for the main process.
 A worker that passes `timeout` seconds on one input is SIGKILLed: that input is rejected as `timeout`,
 the worker's queued inputs go to other workers, and a fresh worker takes its place. n = 0 decodes in
 this process (no isolation: for debugging and tiny runs). Each worker's address space is capped at its
@@ -12,28 +15,37 @@ start size + `memory_limit` (default from the pixel budget; 0 = no cap).
 from __future__ import annotations
 
 import collections
+import math
 import multiprocessing as mp
 import os
+import pickle
+import select
 import signal
 import threading
 import time
-from multiprocessing.connection import wait
 from typing import Iterable, Iterator
 
+from . import dali_check
 from .fetch import FetchError, fetch
+from .record import Record, encode
 from .validate import CRASHED, TIMEOUT, Options, Reject, Sample, normalise
 
-DEPTH = 2     # tasks queued per worker
+DEPTH = 4     # tasks queued per worker: slack for when the main process is not scheduled for a while
 WINDOW = 8    # tasks in flight or waiting to be yielded, per worker
 
 
-def process(locator: tuple, options: Options) -> tuple[Sample | Reject, int]:
-    """One input: fetch its bytes, decode and normalise them. Never raises for bad data."""
+def process(task: tuple, options: Options, tar: bool) -> tuple[Sample | Record | Reject, int]:
+    """One input: fetch its bytes, decode and normalise them, render them for the shard (when `meta`
+    names the sample). Never raises for bad data."""
+    locator, meta = task
     try:
         data = fetch(locator)
     except FetchError as exc:
         return exc.reject, 0
-    return normalise(data, options=options), len(data)
+    result = normalise(data, options=options)
+    if isinstance(result, Sample) and meta is not None:
+        result = encode(result, *meta, tar=tar)
+    return result, len(data)
 
 
 def default_memory_limit(max_pixels: int) -> int:
@@ -56,10 +68,16 @@ def _limit_memory(extra_bytes: int) -> None:
         resource.setrlimit(resource.RLIMIT_AS, (vm + extra_bytes, resource.RLIM_INFINITY))
 
 
+def _dumps(obj) -> bytes:
+    # Plain pickle, not Connection.send's ForkingPickler: a quarter of its per-message cost, and tasks and
+    # results are only plain data (tuples, strings, dataclasses, bytes).
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 _PARENT_ENDS: set = set()  # our ends of the workers' pipes: a forked worker must close its copies
 
 
-def _worker_main(conn, options: Options, memory_limit: int, environ: dict, inherited: list[int],
+def _worker_main(conn, options: Options, tar: bool, memory_limit: int, environ: dict, inherited: list[int],
                  parent: int) -> None:
     # A forked worker holds copies of the main process's pipe ends (its own and its siblings'); closed,
     # the main process's death reaches every worker as EOF on its pipe.
@@ -75,6 +93,7 @@ def _worker_main(conn, options: Options, memory_limit: int, environ: dict, inher
     if parent < 0:  # forkserver: our parent is the forkserver, which exits with the main process
         parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the main process handles it
+    dali_check.checker()  # load DALI's decoder library before the address-space cap
     _limit_memory(memory_limit)
     # C decoders (libtiff, libjpeg) print warnings about bad files straight to fd 2; each bad file is
     # already reported once, with its reason, in rejects.jsonl. (Debug with --workers 0 to see them.)
@@ -86,37 +105,38 @@ def _worker_main(conn, options: Options, memory_limit: int, environ: dict, inher
             while not conn.poll(1.0):
                 if os.getppid() != parent:  # belt and braces: our parent died (kill -9) and we were reparented
                     return
-            msg = conn.recv()
+            msg = conn.recv_bytes()
         except (EOFError, OSError):  # the main process is gone (finished, crashed, kill -9): so are we
             return
-        if msg is None:
+        if not msg:  # stop
             return
-        seq, locator = msg
-        result = process(locator, options)
+        seq, task = pickle.loads(msg)
+        result = process(task, options, tar)
         try:
-            conn.send((seq, *result))
+            conn.send_bytes(_dumps((seq, *result)))
         except (BrokenPipeError, OSError):
             return
 
 
 class _Worker:
-    def __init__(self, ctx, options: Options, memory_limit: int):
+    def __init__(self, ctx, options: Options, tar: bool, memory_limit: int):
         self.conn, child = ctx.Pipe()
         inherited = [c.fileno() for c in _PARENT_ENDS | {self.conn}] if ctx.get_start_method() == "fork" else []
         parent = os.getpid() if ctx.get_start_method() == "fork" else -1
         self.proc = ctx.Process(target=_worker_main, daemon=True,
-                                args=(child, options, memory_limit, dict(os.environ), inherited, parent))
+                                args=(child, options, tar, memory_limit, dict(os.environ), inherited, parent))
         self.proc.start()
         child.close()
         _PARENT_ENDS.add(self.conn)
-        self.inflight: collections.deque = collections.deque()  # (seq, locator)
+        self.fd = self.conn.fileno()
+        self.inflight: collections.deque = collections.deque()  # (seq, task)
         self.started = 0.0  # when the head task began (as far as we can tell)
 
-    def send(self, seq: int, locator: tuple) -> None:
+    def send(self, seq: int, task: tuple) -> None:
         if not self.inflight:
             self.started = time.monotonic()
-        self.inflight.append((seq, locator))
-        self.conn.send((seq, locator))
+        self.inflight.append((seq, task))
+        self.conn.send_bytes(_dumps((seq, task)))
 
     def kill(self) -> None:
         self.proc.kill()
@@ -126,7 +146,7 @@ class _Worker:
 
     def stop(self) -> None:
         try:
-            self.conn.send(None)
+            self.conn.send_bytes(b"")  # stop
         except OSError:
             pass
         self.proc.join(2)
@@ -145,10 +165,12 @@ class _Worker:
 
 
 class DecodePool:
-    def __init__(self, workers: int, options: Options, timeout: float = 60.0, memory_limit: int | None = None):
+    def __init__(self, workers: int, options: Options, timeout: float = 60.0, memory_limit: int | None = None,
+                 tar: bool = True):
         if memory_limit is None:
             memory_limit = default_memory_limit(options.max_pixels)
         self.n, self.options, self.timeout, self.memory_limit = workers, options, timeout, memory_limit
+        self.tar = tar  # render tar members in the workers (Records for a tar output)
         self.replaced = 0  # workers killed (timeout) or lost (crash) and started again
         self._started: list[_Worker] = []
 
@@ -162,10 +184,13 @@ class DecodePool:
         ctx.set_forkserver_preload(["shards.workers"])
         return ctx
 
+    def _new_worker(self) -> _Worker:
+        return _Worker(self.ctx, self.options, self.tar, self.memory_limit)
+
     def start(self) -> None:
         """Start the workers now (before threads exist, so they can be forked); imap uses them."""
         if self.n > 0 and not self._started:
-            self._started = [_Worker(self.ctx, self.options, self.memory_limit) for _ in range(self.n)]
+            self._started = [self._new_worker() for _ in range(self.n)]
 
     def close(self) -> None:
         """Stop workers started but never used by imap (imap stops its own)."""
@@ -173,10 +198,10 @@ class DecodePool:
             w.stop()
         self._started = []
 
-    def imap(self, tasks: Iterable[tuple]) -> Iterator[tuple[Sample | Reject, int]]:
+    def imap(self, tasks: Iterable[tuple]) -> Iterator[tuple[Sample | Record | Reject, int]]:
         if self.n <= 0:
-            for locator in tasks:
-                yield process(locator, self.options)
+            for task in tasks:
+                yield process(task, self.options, self.tar)
             return
         self.start()
         workers, self._started = self._started, []
@@ -186,11 +211,14 @@ class DecodePool:
             for w in workers:
                 w.stop() if w.proc.is_alive() else w.kill()
 
-    def _replace(self, workers: list[_Worker], w: _Worker, requeue: collections.deque) -> None:
+    def _replace(self, workers: list[_Worker], w: _Worker, requeue: collections.deque, poller) -> None:
+        poller.unregister(w.fd)  # before its fd is closed (and its number reused)
         w.kill()
         # Its queued (not yet started) tasks go first to whoever is free next, in order.
         requeue.extendleft(reversed(list(w.inflight)[1:]))
-        workers[workers.index(w)] = _Worker(self.ctx, self.options, self.memory_limit)
+        fresh = self._new_worker()
+        workers[workers.index(w)] = fresh
+        poller.register(fresh.fd, select.POLLIN)
         self.replaced += 1
 
     def _run(self, workers: list[_Worker], tasks: Iterator[tuple]) -> Iterator[tuple]:
@@ -199,6 +227,11 @@ class DecodePool:
         next_seq = yielded = 0
         exhausted = False
         window = WINDOW * len(workers)
+        # One poll set for the whole run (multiprocessing.connection.wait builds a selector per call,
+        # which cost the main process more than reading the result itself).
+        poller = select.poll()
+        for w in workers:
+            poller.register(w.fd, select.POLLIN)
         while True:
             for w in workers:
                 while len(w.inflight) < DEPTH:
@@ -206,11 +239,11 @@ class DecodePool:
                         w.send(*requeue.popleft())
                     elif not exhausted and next_seq - yielded < window:
                         try:
-                            locator = next(tasks)
+                            task = next(tasks)
                         except StopIteration:
                             exhausted = True
                             break
-                        w.send(next_seq, locator)
+                        w.send(next_seq, task)
                         next_seq += 1
                     else:
                         break
@@ -222,18 +255,21 @@ class DecodePool:
                 if exhausted and not requeue:
                     return
                 continue
-            now = time.monotonic()
             deadline = min(w.started for w in busy) + self.timeout
-            ready = wait([w.conn for w in busy], timeout=max(0.0, deadline - now))
-            for w in busy:
-                if w.conn not in ready:
+            events = poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
+            ready = {fd for fd, _ in events}
+            for w in list(workers):
+                if w.fd not in ready:
                     continue
                 try:
-                    seq, result, nbytes = w.conn.recv()
+                    if not w.inflight:
+                        raise EOFError  # an idle worker's pipe only becomes readable when it died
+                    seq, result, nbytes = pickle.loads(w.conn.recv_bytes())
                 except (EOFError, OSError):
-                    head_seq, _ = w.inflight[0]
-                    results[head_seq] = (Reject(CRASHED, w.exit_detail()), 0)
-                    self._replace(workers, w, requeue)
+                    if w.inflight:
+                        head_seq, _ = w.inflight[0]
+                        results[head_seq] = (Reject(CRASHED, w.exit_detail()), 0)
+                    self._replace(workers, w, requeue, poller)
                     continue
                 assert seq == w.inflight[0][0]
                 w.inflight.popleft()
@@ -241,10 +277,10 @@ class DecodePool:
                 results[seq] = (result, nbytes)
             now = time.monotonic()
             for w in list(workers):
-                if w.inflight and now - w.started > self.timeout and w.conn not in ready:
+                if w.inflight and now - w.started > self.timeout and w.fd not in ready:
                     head_seq, _ = w.inflight[0]
                     results[head_seq] = (Reject(TIMEOUT, f"decoding took longer than {self.timeout:g} s"), 0)
-                    self._replace(workers, w, requeue)
+                    self._replace(workers, w, requeue, poller)
 
 
 def default_workers() -> int:

@@ -2,6 +2,7 @@
 shuffle, verify/inspect, --part + merge, the k8s Indexed Job, the CLI. Real images, real processes."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -399,6 +400,7 @@ def test_cli_help_lists_everything():
 def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
     """Our hand-built ustar headers are byte-for-byte tarfile's (USTAR_FORMAT), padding included."""
     import random
+    from shards.record import encode
     from shards.tar_writer import TarShardWriter, sample_json
     from shards.validate import Sample
     rng = random.Random(0)
@@ -409,7 +411,7 @@ def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
                 s = Sample(rng.randbytes(rng.choice([0, 1, 511, 512, 513, rng.randint(0, 5000)])),
                            rng.choice(["jpg", "png", "webp"]), 3, 4)
                 key = ("k" * rng.randint(1, 90) + f"_{i}")[-90:]
-                ours.add(key, "src/é", "lab", s, {"caption": "ç"})
+                ours.add(key, "src/é", "lab", encode(s, key, "src/é", "lab", {"caption": "ç"}, tar=True))
                 for name, data in ((f"{key}.{s.ext}", s.data), (f"{key}.json", sample_json(key, "src/é", "lab", s,
                                                                                            {"caption": "ç"}))):
                     info = tarfile.TarInfo(name)
@@ -417,5 +419,7 @@ def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
                     ref.addfile(info, io.BytesIO(data))
         ours.close()
         assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes(), trial
+        assert ours.digest() == (len((tmp_path / "ref.tar").read_bytes()),
+                                 hashlib.sha256((tmp_path / "ref.tar").read_bytes()).hexdigest())
         from shards.wds_index import index_lines
         assert ours.index_lines() == index_lines(str(tmp_path / "ours.tar"))
