@@ -100,6 +100,10 @@ def _worker_main(conn, options: Options, tar: bool, memory_limit: int, environ: 
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+    try:  # ready: a file's time budget starts now, not while the process and its libraries start
+        conn.send_bytes(b"")
+    except (BrokenPipeError, OSError):
+        return
     while True:
         try:
             while not conn.poll(1.0):
@@ -130,10 +134,11 @@ class _Worker:
         _PARENT_ENDS.add(self.conn)
         self.fd = self.conn.fileno()
         self.inflight: collections.deque = collections.deque()  # (seq, task)
-        self.started = 0.0  # when the head task began (as far as we can tell)
+        self.ready = False  # until its ready message: start-up time is not charged to a file
+        self.started = math.inf  # when the head task began (as far as we can tell)
 
     def send(self, seq: int, task: tuple) -> None:
-        if not self.inflight:
+        if not self.inflight and self.ready:
             self.started = time.monotonic()
         self.inflight.append((seq, task))
         self.conn.send_bytes(_dumps((seq, task)))
@@ -256,12 +261,18 @@ class DecodePool:
                     return
                 continue
             deadline = min(w.started for w in busy) + self.timeout
-            events = poller.poll(max(0, math.ceil((deadline - time.monotonic()) * 1000)))
+            wait_ms = None if math.isinf(deadline) else max(0, math.ceil((deadline - time.monotonic()) * 1000))
+            events = poller.poll(wait_ms)
             ready = {fd for fd, _ in events}
             for w in list(workers):
                 if w.fd not in ready:
                     continue
                 try:
+                    if not w.ready:
+                        if w.conn.recv_bytes():
+                            raise EOFError  # anything but the ready message first: treat as broken
+                        w.ready, w.started = True, time.monotonic()
+                        continue
                     if not w.inflight:
                         raise EOFError  # an idle worker's pipe only becomes readable when it died
                     seq, result, nbytes = pickle.loads(w.conn.recv_bytes())

@@ -191,7 +191,7 @@ def test_two_rank_ddp_from_s3(s3_shards, s3_server, backend, fmt, tmp_path):
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_server, tmp_path):
     """SIGTERM to both ranks mid-run: checkpoint, exit 0; --resume then consumes exactly the keys, and
     computes exactly the losses, of an uninterrupted run of the same length."""
-    steps = 20
+    steps = 60  # room for the signal to land mid-run on a fast machine
 
     def flags(name):
         return ["--data", s3_shards["tar"], "--backend", "torch", "--steps", str(steps),
