@@ -13,21 +13,10 @@ import torch.nn.functional as F
 from moco_core import (MoCo, NonFiniteError, NonFiniteGuard, build_optimizer, cosine_lr, info_nce, knn_top1,
                        momentum_at, step_lr)
 from moco_core.knn import backbone_of, knn_predict
+from test_moco_core import TinyNet
 
 
-class Tiny(nn.Module):
-    """A small conv net with BN and an `fc`, like the ResNets MoCo wraps."""
-
-    def __init__(self, num_classes: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.flat = nn.Flatten(1)
-        self.fc = nn.Linear(6, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.flat(self.pool(F.relu(self.bn1(self.conv1(x))))))
+Tiny = TinyNet  # a small conv net with BN and an `fc`, like the ResNets MoCo wraps
 
 
 class Algorithm1:
