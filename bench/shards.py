@@ -1,10 +1,12 @@
 """Shard creation throughput: `mocostream shards create` against a plain PIL loop + webdataset ShardWriter.
 
     python bench/shards.py                       # extracts ../shared/data/webphotos.tar.gz jpg/ itself
-    python bench/shards.py --images /tmp/wp/jpg --repeat 3
+    python bench/shards.py --images /tmp/wp/jpg --repeat 6 --rounds 5
 
 Each input photo is listed `--repeat` times (a path list, so every copy is a separate input with its own
-key; dedup is off so all are decoded and written). Measured in one run, side by side:
+key; dedup is off so all are decoded and written). 3,000 inputs by default: a 2-worker validate run then
+lasts ~3 s, so the fixed start-up (workers spawned, decoders loaded) does not dominate the scaling figure.
+Measured in one run, side by side:
   - ours, --workers 1 and 2, `--reencode never` (validate only: full decode, original bytes kept) and
     `--max-size 512` (decode, resize, re-encode JPEG q95), each as a real CLI process;
   - baseline: one process, PIL `Image.open` + `load()` (+ EXIF transpose, RGB, `thumbnail(512)`,
@@ -156,10 +158,10 @@ def run_baseline(paths: list[str], out: Path, max_size: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--images", help="folder of JPEGs (default: extract webphotos jpg/ to a temp dir)")
-    ap.add_argument("--repeat", type=int, default=3, help="list every photo this many times (default: 3)")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--repeat", type=int, default=6, help="list every photo this many times (default: 6)")
+    ap.add_argument("--rounds", type=int, default=5,
                     help="run every configuration this many times, interleaved, and keep the fastest of each "
-                         "(the machine is shared: the best round is the least disturbed one) (default: 3)")
+                         "(the machine is shared: the best round is the least disturbed one) (default: 5)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-shards-"))
     try:

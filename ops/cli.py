@@ -29,6 +29,8 @@ TRAIN_FLAGS = [
     ("--warmup-steps", int, "linear warmup steps from 0 to the peak lr"),
     ("--lr-schedule", str, "cosine or step (x0.1 at 60%% and 80%% of --steps); default: the recipe's"),
     ("--momentum-schedule", str, "constant m, or cosine: m rises to 1 over the run"),
+    ("--precision", str, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (also on CPUs with "
+                         "AMX/AVX512-BF16, about 2x faster there)"),
     ("--max-nonfinite-steps", int, "stop with an error after this many non-finite steps in a row (0: never)"),
     ("--knn-data", str, "labelled eval set for the kNN monitor: train/ + test/ (or val/) class folders, "
                         "one class-folder tree (every 5th image a query), or labelled shards"),

@@ -58,6 +58,7 @@ class TrainConfig:
     symmetric: bool = False  # both views as query: loss(q1, k2) + loss(q2, k1), 2N keys enqueued
     sync_bn: bool = False  # GPU DDP only: SyncBatchNorm in the query encoder
     compile: bool = False  # torch.compile the encoders
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (CPU too: AMX/AVX512-BF16)
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row; 0: never
     knn_data: str | None = None  # labelled eval set for the kNN monitor (class folders or labelled shards)
     knn_every: int = 0  # steps between kNN evaluations (0: only at the end, when --knn-data is given)
@@ -122,6 +123,7 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
             (self.lr_schedule in (None, "cosine", "step"), "--lr-schedule must be cosine or step"),
             (self.momentum_schedule in ("constant", "cosine"), "--momentum-schedule must be constant or cosine"),
+            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (0 <= self.warmup_steps <= self.steps, "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
             (self.knn_every >= 0 and self.knn_k >= 1 and self.knn_t > 0,

@@ -20,6 +20,10 @@ one core of the 2-core dev machine (shared, so +-20 %): 0.74-0.85 ms per image, 
 (a full PIL decode: ~1.7 ms; the whole DALI CPU two-view v2 pipeline: ~9.5 CPU-ms per image). So it adds
 under 10 % to the CPU cost of a sample, and on a GPU node it runs in the loader workers, off the GPU.
 
+JPEG, PNG and WebP files that PIL decodes are then also asked of nvImageCodec, the library DALI's decoder
+runs (pipeline/dali_check.py: JPEG as an 8x8 region, ~60 us; PNG/WebP in full): PIL tolerates broken
+structures (unknown critical PNG chunks, bad IDAT checksums, no IEND) that fail a whole DALI batch.
+
 The accepted set was checked against DALI: every file of the messy corpus (Pillow's test images,
 fuzzer crashes, EXIF rotations, huge photos) that this function accepts decodes with
 fn.decoders.image on CPU (tests/test_augment.py::test_every_image_check_accepts_decodes_in_dali).
@@ -29,6 +33,8 @@ from __future__ import annotations
 import io
 
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.dali_check import dali_problem
 
 # PIL's own decompression-bomb threshold (89.5 megapixels, ~270 MB as RGB): 7x a 12 MP camera photo,
 # 3.7x the largest legitimate file in the messy corpus (6000x4000). More than that in a data loader is an
@@ -156,6 +162,8 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
                 # Reduced-scale but complete decode of the entropy-coded data.
                 img.draft("RGB", (max(1, w // 8), max(1, h // 8)))
             img.load()
+        if fmt in ("JPEG", "MPO", "PNG", "WEBP") and dali_problem(data, fmt) is not None:
+            return "corrupt"
     except Image.DecompressionBombError:
         return "decompression_bomb"
     except UnidentifiedImageError:

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from . import dali_check
+from pipeline import dali_check
+
 from .dedup import Deduper
 from .discover import InputFile, discover
 from .errors import ShardError

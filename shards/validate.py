@@ -2,7 +2,7 @@
 
 Why decode fully: DALI cannot skip a corrupt image by itself, so anything that reaches a
 shard must already have been decoded end to end (`img.load()`), not just header-sniffed; and bytes
-kept as they are must pass DALI's own decoder as well (shards.dali_check), which is stricter than PIL.
+kept as they are must pass DALI's own decoder as well (pipeline.dali_check), which is stricter than PIL.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .dali_check import dali_problem
+from pipeline.dali_check import dali_problem
 from .dedup import image_digest
 
 # Reject reason codes (the complete set; manifests and rejects.jsonl use only these).

@@ -25,7 +25,8 @@ import threading
 import time
 from typing import Iterable, Iterator
 
-from . import dali_check
+from pipeline import dali_check
+
 from .fetch import FetchError, fetch
 from .record import Record, encode
 from .validate import CRASHED, TIMEOUT, Options, Reject, Sample, normalise

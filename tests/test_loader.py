@@ -106,3 +106,26 @@ def test_key_order_does_not_depend_on_worker_count(damaged_shards):
     dali = LoaderConfig(data="", batch_size=4, image_size=32, backend="dali", workers=2, epochs=1, seed=4)
     orders.append([k for b in TwoViewLoader(dali, shards=damaged_shards["tar"]) for k in b.keys])
     assert orders[0] and all(o == orders[0] for o in orders)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid APNG")  # PIL's note on apng_zero_frames
+def test_files_only_dali_rejects_are_skipped_before_they_fail_a_batch(imagenette_small, tmp_path):
+    """PIL decodes these crafted files, DALI's decoder fails on them. The pre-flight check asks nvImageCodec
+    too, so each is skipped as `corrupt` on its own, instead of failing its whole batch (`decoder_error`)."""
+    from pipeline.image_check import check_image
+    from test_shards_dali import crafted
+
+    files = photos(imagenette_small, 12)
+    bad = crafted(files[0].read_bytes())
+    assert {name: check_image(data) for name, data in bad.items()} == {name: "corrupt" for name in bad}
+    good = [(f"img{i:03d}", "jpg", f.read_bytes()) for i, f in enumerate(files)]
+    samples = good[:3] + [(name.split(".")[0], name.split(".")[1], data) for name, data in bad.items()] + good[3:]
+    path = tmp_path / "t-000000.tar"
+    with wds.TarWriter(str(path)) as w:
+        for key, ext, data in samples:
+            w.write({"__key__": key, ext: data})
+    loader = TwoViewLoader(LoaderConfig(data="", batch_size=4, image_size=32, backend="dali", workers=1,
+                                        epochs=1), shards=[Shard(str(path), len(samples), "tar")])
+    keys = [k for b in loader for k in b.keys]
+    assert sorted(keys) == [k for k, _, _ in good]  # 12 good samples: three full batches, none lost
+    assert loader.skipped == {"corrupt": len(bad)}

@@ -52,7 +52,7 @@ def record_inputs(module: nn.Module) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------------------------------- encoders
 
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet18_cifar", 32), ("resnet50_cifar", 32),
-                                       ("resnet18_cifar_half", 32)])
+                                       ("resnet18_cifar_half", 32), ("resnet18_cifar_small", 32)])
 def test_encoder_output_shape(arch, size):
     torch.manual_seed(0)
     net = build_encoder(arch)(num_classes=16).eval()
@@ -92,6 +92,19 @@ def test_half_width_cifar_resnet():
     n_half, n_full = (sum(p.numel() for p in m.parameters()) for m in (half, full))
     assert 0.2 < n_half / n_full < 0.3  # a quarter of the weights (and of the compute)
     assert [n for n, _ in half.named_children()] == [n for n, _ in full.named_children()]
+
+
+def test_small_cifar_resnet_pools_after_the_stem():
+    small = build_encoder("resnet18_cifar_small")(num_classes=10)
+    half = build_encoder("resnet18_cifar_half")(num_classes=10)
+    assert isinstance(small.maxpool, nn.MaxPool2d) and small.maxpool.kernel_size == 2
+    assert small.state_dict().keys() == half.state_dict().keys()  # same weights, only the grid differs
+    shapes = []
+    small.layer1.register_forward_pre_hook(lambda _m, a: shapes.append(a[0].shape[-2:]))
+    small.layer4.register_forward_hook(lambda _m, _a, out: shapes.append(out.shape[-2:]))
+    with torch.no_grad():
+        small.eval()(torch.randn(1, 3, 32, 32))
+    assert shapes == [(16, 16), (2, 2)]  # the ImageNet stem leaves 8x8 and 1x1
 
 
 def test_unknown_arch_names_the_choices():

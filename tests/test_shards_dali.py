@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from shards import create_shards
-from shards.dali_check import checker, dali_problem
+from pipeline.dali_check import checker, dali_problem
 from shards.verify import tar_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid APNG")  # PIL's note on apng_zero_frames.png

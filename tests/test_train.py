@@ -3,6 +3,7 @@ traces and a Prometheus endpoint; single process and 2-rank torchrun DDP (gloo) 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -13,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, free_port
 from ops.cli import main as cli_main
@@ -142,6 +144,7 @@ def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
     ["train", "--data", "x.tar", "--arch", "vgg11"],
     ["train", "--data", "x.tar", "--batch-size", "0"],
     ["train", "--data", "x.tar", "--backend", "opencv"],
+    ["train", "--data", "x.tar", "--precision", "fp16"],
     ["train"],
     ["train", "--config", "/nonexistent/c.yaml"],
     ["shards", "create", "/nonexistent/images", "--out", "/tmp/never-written"],
@@ -224,6 +227,25 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
         assert cut.read_text() == whole.read_text() and len(whole.read_text().split()) == steps * 8
         cut_loss, whole_loss = (Path(f"{p}.loss").read_text() for p in (cut, whole))
         assert cut_loss == whole_loss and len(whole_loss.splitlines()) == steps
+
+
+def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(local_shards, tmp_path):
+    """--precision bf16 on CPU: autocast plus channels_last (oneDNN's fast bf16 path); parameters and checkpoints
+    stay fp32. auto keeps CPU runs in fp32."""
+    from ops.train import build_model, uses_bf16
+
+    cpu = torch.device("cpu")
+    assert not uses_bf16(build_config({}, dict(data="x", **TINY)), cpu)
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="dali", precision="bf16",
+                                checkpoint_dir=str(tmp_path), **TINY))
+    assert uses_bf16(cfg, cpu)
+    model = build_model(cfg, 1, cpu)
+    assert model.encoder_q.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    summary = train(cfg)
+    summary.pop("_metrics").stop()
+    assert summary["step"] == 3 and math.isfinite(summary["loss"])
+    state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
 
 
 def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
