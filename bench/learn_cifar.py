@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import signal
@@ -61,7 +62,7 @@ def train_run(args, recipe: str, shards: Path, work: Path, steps: int, budget_s:
     flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", args.arch, "--image-size", "32",
              "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size), "--moco-momentum",
              str(args.moco_momentum), "--weight-decay", str(args.weight_decay), "--base-lr", str(args.base_lr),
-             "--warmup-steps", str(args.warmup_steps), "--precision", args.precision,
+             "--warmup-steps", str(min(args.warmup_steps, steps)), "--precision", args.precision,
              "--steps", str(steps), "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(10 ** 9),
              "--metrics-port", "0", "--no-progress", "--log-every", "20", "--workers", str(args.workers),
              "--device", args.device, "--seed", "0"]
@@ -78,6 +79,9 @@ def train_run(args, recipe: str, shards: Path, work: Path, steps: int, budget_s:
     if proc.returncode != 0:
         sys.exit(f"training failed ({proc.returncode}):\n{err[-3000:]}")
     summary = last_json(out)
+    # the rate of the last --log-every interval: steady state, without start-up and the first steps
+    rates = re.findall(r"step \d+/\d+ \| ([\d.]+) img/s", err)
+    summary["steady_images_per_second"] = float(rates[-1]) if rates else summary["images_per_second"]
     summary["wall_seconds"] = time.monotonic() - t0
     summary["checkpoint_dir"] = str(ckpt)
     return summary
@@ -137,15 +141,17 @@ def main() -> int:
     print(f"data ready in {time.monotonic() - t0:.0f} s: {work}", flush=True)
 
     rows = []
-    random_init = knn(args, data, None)
+    cached = work / f"knn-random-init-{args.arch}-{args.knn_max_per_class}.json"  # same seed: same weights
+    random_init = json.loads(cached.read_text()) if cached.exists() else knn(args, data, None)
+    cached.write_text(json.dumps(random_init))
     print(f"random init: kNN top-1 {100 * random_init['top1']:.2f}% "
           f"({random_init['train_images']} bank / {random_init['test_images']} test images)", flush=True)
     budget_s = 60 * args.budget_minutes
     for recipe in args.recipes.split(","):
-        calib = train_run(args, recipe, shards, work, 30, None)
-        per_step = calib["seconds"] / max(1, calib["steps_run"])
+        calib = train_run(args, recipe, shards, work, 60, None)
+        per_step = args.batch_size / calib["steady_images_per_second"]
         steps = max(30, int(0.97 * budget_s / per_step))
-        print(f"{recipe}: calibration {calib['images_per_second']:.1f} img/s -> {steps} steps", flush=True)
+        print(f"{recipe}: calibration {calib['steady_images_per_second']:.1f} img/s -> {steps} steps", flush=True)
         run = train_run(args, recipe, shards, work, steps, budget_s + 120)
         result = knn(args, data, run["checkpoint_dir"])
         images = run["step"] * args.batch_size
