@@ -2,14 +2,69 @@
 
 With several GPUs, each computes BN statistics over its own share of the batch, and Shuffle BN gives the
 key encoder a different share than the query encoder saw. On one device, `SplitBatchNorm2d` computes the
-statistics of `splits` sub-batches at once (sample i belongs to sub-batch i % splits) by viewing the batch
-as N/splits samples of splits x C channels, so the convolutions still run on the whole batch.
+statistics of `splits` sub-batches at once (sample i belongs to sub-batch i % splits), so the convolutions
+still run on the whole batch:
+* NCHW input: view the batch as N/splits samples of splits x C channels and call the plain batch norm;
+* channels_last input (bf16 on CPU and GPU): that view does not exist in NHWC memory (it would cost two
+  copies per BN and a layout change for the next convolution), so `_ChannelsLastSplitBN` normalises in
+  place in NHWC memory, viewed as (N/splits, splits, H*W, C), with the statistics per (sub-batch, channel).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def _sums(t: torch.Tensor) -> torch.Tensor:
+    """(N/s, s, H*W, C) -> (s, C) fp32 sums. Summing H*W first (a middle-dimension reduction) is ~40x faster on
+    CPU than one reduction over dims (0, 2); it accumulates in fp32 and rounds each partial sum once."""
+    return t.sum(2).float().sum(0)
+
+
+class _ChannelsLastSplitBN(torch.autograd.Function):
+    """Training-mode batch norm of an NHWC-memory batch with statistics per (sub-batch i % s, channel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, s: int, eps: float):
+        n, c, h, w = x.shape
+        count = (n // s) * h * w
+        x4 = x.permute(0, 2, 3, 1).view(n // s, s, h * w, c)  # a view of the NHWC memory, no copy
+        mean = _sums(x4) / count
+        var = (_sums(x4 * x4) / count - mean * mean).clamp_(min=0)  # biased, as batch norm normalises with
+        inv_std = torch.rsqrt(var + eps)
+        scale = weight.float() * inv_std
+        shift = bias.float() - mean * scale
+        y = torch.empty_like(x, memory_format=torch.channels_last)
+        torch.addcmul(shift[:, None].to(x.dtype), x4, scale[:, None].to(x.dtype),
+                      out=y.permute(0, 2, 3, 1).view(n // s, s, h * w, c))
+        ctx.save_for_backward(x, mean, inv_std, weight)
+        ctx.s = s
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, mean, inv_std, weight = ctx.saved_tensors
+        s = ctx.s
+        n, c, h, w = x.shape
+        count = (n // s) * h * w
+        x4 = x.permute(0, 2, 3, 1).view(n // s, s, h * w, c)
+        dy4 = dy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(n // s, s, h * w, c)
+        sum_dy = _sums(dy4)
+        sum_dy_xhat = (_sums(dy4 * x4) - mean * sum_dy) * inv_std
+        # dx = w * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), per (sub-batch, channel): dy*a + x*b + c
+        a = weight.float() * inv_std
+        b = -a * inv_std * sum_dy_xhat / count
+        c0 = -a * sum_dy / count - b * mean
+        dx = torch.empty_like(x, memory_format=torch.channels_last)
+        torch.addcmul(torch.addcmul(c0[:, None].to(x.dtype), x4, b[:, None].to(x.dtype)), dy4,
+                      a[:, None].to(x.dtype), out=dx.permute(0, 2, 3, 1).view(n // s, s, h * w, c))
+        return dx, sum_dy_xhat.sum(0).to(weight.dtype), sum_dy.sum(0).to(weight.dtype), None, None
+
+
+def _is_nhwc(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 class SplitBatchNorm2d(nn.BatchNorm2d):
@@ -22,6 +77,14 @@ class SplitBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         n, c, h, w = x.shape
         s = self.splits
+        if _is_nhwc(x):
+            out, mean, var = _ChannelsLastSplitBN.apply(x, self.weight, self.bias, s, self.eps)
+            count = (n // s) * h * w
+            with torch.no_grad():  # the running statistics (unbiased variance, as batch norm keeps them)
+                self.running_mean.lerp_(mean.mean(dim=0), self.momentum)
+                self.running_var.lerp_((var * count / max(count - 1, 1)).mean(dim=0), self.momentum)
+                self.num_batches_tracked += 1
+            return out
         mean, var = self.running_mean.repeat(s), self.running_var.repeat(s)  # updated in place by batch_norm
         out = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, self.weight.repeat(s), self.bias.repeat(s),
                            True, self.momentum, self.eps)

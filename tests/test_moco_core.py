@@ -324,6 +324,35 @@ def test_split_batch_norm_equals_bn_per_interleaved_sub_batch():
     torch.testing.assert_close(split(x), nn.BatchNorm2d.forward(split, x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_batch_norm_in_channels_last_memory_matches_the_nchw_path(dtype):
+    """bf16 + channels_last (CPU AMX, GPU) takes the NHWC kernel: same outputs, gradients and running stats."""
+    from moco_core.split_bn import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    nchw, nhwc = SplitBatchNorm2d(6, 4), SplitBatchNorm2d(6, 4)
+    with torch.no_grad():
+        nchw.weight.uniform_(0.5, 2), nchw.bias.uniform_(-1, 1)
+    nhwc.load_state_dict(nchw.state_dict())
+    x = (torch.randn(16, 6, 5, 7) * 3 + 1).to(dtype)
+    x_ref = x.float().clone().requires_grad_()
+    x_cl = x.contiguous(memory_format=torch.channels_last).detach().requires_grad_()
+    y_ref, y_cl = nchw(x_ref), nhwc(x_cl)
+    assert y_cl.dtype == dtype and y_cl.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn_like(y_ref)
+    (y_ref * grad).sum().backward()
+    (y_cl.float() * grad).sum().backward()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(y_cl.float(), y_ref, **tol)
+    torch.testing.assert_close(x_cl.grad.float(), x_ref.grad, **tol)
+    scale = {"rtol": tol["rtol"], "atol": tol["atol"] * 40}  # sums over 140 elements of rounded dy * xhat
+    torch.testing.assert_close(nhwc.weight.grad, nchw.weight.grad, **scale)
+    torch.testing.assert_close(nhwc.bias.grad, nchw.bias.grad, **scale)
+    torch.testing.assert_close(nhwc.running_mean, nchw.running_mean, **tol)
+    torch.testing.assert_close(nhwc.running_var, nchw.running_var, **tol)
+    assert nhwc.num_batches_tracked == nchw.num_batches_tracked == 1
+
+
 def test_bn_splits_must_divide_batch():
     model = MoCo(TinyNet, dim=8, K=16, bn_splits=4)
     with pytest.raises(ValueError, match="bn_splits=4 must divide"):
