@@ -7,8 +7,8 @@ kNN top-1 on `test/` of the randomly initialised encoder (the starting point of 
 then for each recipe `mocostream train` on the shards for a fixed wall-clock budget, and kNN top-1 of the
 final checkpoint (`mocostream eval knn`: backbone features, k 200, T 0.1, bank = `train/`).
 
-The run length is set so the cosine schedule ends with the budget: a short calibration run measures the
-training throughput, and the budget run gets `--steps` = budget x throughput / batch (SIGTERM at the
+The run length is set so the cosine schedule ends with the budget: a short calibration run (120 steps) measures
+the training throughput, and the budget run gets `--steps` = budget x throughput / batch (SIGTERM at the
 budget is the backstop; the trainer then checkpoints and exits like a preempted job).
 CPU defaults (2 cores): `resnet18_cifar_half` (the CIFAR stem at half width: a quarter of ResNet-18's compute)
 at 32 px, batch 128, base lr 0.3, bf16 autocast where the CPU has native bf16 (AMX: ~2x fp32). The ImageNet
@@ -79,9 +79,9 @@ def train_run(args, recipe: str, shards: Path, work: Path, steps: int, budget_s:
     if proc.returncode != 0:
         sys.exit(f"training failed ({proc.returncode}):\n{err[-3000:]}")
     summary = last_json(out)
-    # the rate of the last --log-every interval: steady state, without start-up and the first steps
-    rates = re.findall(r"step \d+/\d+ \| ([\d.]+) img/s", err)
-    summary["steady_images_per_second"] = float(rates[-1]) if rates else summary["images_per_second"]
+    # steady state: the median --log-every interval after the first (start-up); single intervals swing +-15 %
+    rates = sorted(float(r) for r in re.findall(r"step \d+/\d+ \| ([\d.]+) img/s", err)[1:])
+    summary["steady_images_per_second"] = rates[len(rates) // 2] if rates else summary["images_per_second"]
     summary["wall_seconds"] = time.monotonic() - t0
     summary["checkpoint_dir"] = str(ckpt)
     return summary
@@ -148,7 +148,7 @@ def main() -> int:
           f"({random_init['train_images']} bank / {random_init['test_images']} test images)", flush=True)
     budget_s = 60 * args.budget_minutes
     for recipe in args.recipes.split(","):
-        calib = train_run(args, recipe, shards, work, 60, None)
+        calib = train_run(args, recipe, shards, work, 120, None)
         per_step = args.batch_size / calib["steady_images_per_second"]
         steps = max(30, int(0.97 * budget_s / per_step))
         print(f"{recipe}: calibration {calib['steady_images_per_second']:.1f} img/s -> {steps} steps", flush=True)
