@@ -30,36 +30,37 @@ class _ChannelsLastSplitBN(torch.autograd.Function):
         n, c, h, w = x.shape
         count = (n // s) * h * w
         x4 = x.permute(0, 2, 3, 1).view(n // s, s, h * w, c)  # a view of the NHWC memory, no copy
-        mean = _sums(x4) / count
-        var = (_sums(x4 * x4) / count - mean * mean).clamp_(min=0)  # biased, as batch norm normalises with
+        # Centre on the (x.dtype-rounded) mean before squaring: E[x^2] - E[x]^2 from bf16 partial sums would
+        # lose the variance of any channel whose mean is large next to its spread.
+        rough_mean = (_sums(x4) / count).to(x.dtype)
+        d = x4 - rough_mean[:, None]
+        offset = _sums(d) / count  # mean = rough_mean + offset
+        var = (_sums(d * d) / count - offset * offset).clamp_(min=0)  # biased, as batch norm normalises with
         inv_std = torch.rsqrt(var + eps)
         scale = weight.float() * inv_std
-        shift = bias.float() - mean * scale
+        shift = bias.float() - offset * scale
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        torch.addcmul(shift[:, None].to(x.dtype), x4, scale[:, None].to(x.dtype),
+        torch.addcmul(shift[:, None].to(x.dtype), d, scale[:, None].to(x.dtype),
                       out=y.permute(0, 2, 3, 1).view(n // s, s, h * w, c))
-        ctx.save_for_backward(x, mean, inv_std, weight)
-        ctx.s = s
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        ctx.save_for_backward(d, offset, inv_std, weight)
+        ctx.mark_non_differentiable(rough_mean, var)
+        return y, rough_mean.float() + offset, var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, mean, inv_std, weight = ctx.saved_tensors
-        s = ctx.s
-        n, c, h, w = x.shape
-        count = (n // s) * h * w
-        x4 = x.permute(0, 2, 3, 1).view(n // s, s, h * w, c)
-        dy4 = dy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(n // s, s, h * w, c)
+        d, offset, inv_std, weight = ctx.saved_tensors
+        rows, s, hw, c = d.shape
+        count = rows * hw
+        dy4 = dy.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).view(rows, s, hw, c)
         sum_dy = _sums(dy4)
-        sum_dy_xhat = (_sums(dy4 * x4) - mean * sum_dy) * inv_std
-        # dx = w * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), per (sub-batch, channel): dy*a + x*b + c
+        sum_dy_xhat = (_sums(dy4 * d) - offset * sum_dy) * inv_std  # xhat = (d - offset) * inv_std
+        # dx = w * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)), per (sub-batch, channel): dy*a + d*b + c
         a = weight.float() * inv_std
         b = -a * inv_std * sum_dy_xhat / count
-        c0 = -a * sum_dy / count - b * mean
-        dx = torch.empty_like(x, memory_format=torch.channels_last)
-        torch.addcmul(torch.addcmul(c0[:, None].to(x.dtype), x4, b[:, None].to(x.dtype)), dy4,
-                      a[:, None].to(x.dtype), out=dx.permute(0, 2, 3, 1).view(n // s, s, h * w, c))
+        c0 = -a * sum_dy / count - b * offset
+        dx = torch.empty_like(dy, memory_format=torch.channels_last)
+        torch.addcmul(torch.addcmul(c0[:, None].to(d.dtype), d, b[:, None].to(d.dtype)), dy4,
+                      a[:, None].to(d.dtype), out=dx.permute(0, 2, 3, 1).view(rows, s, hw, c))
         return dx, sum_dy_xhat.sum(0).to(weight.dtype), sum_dy.sum(0).to(weight.dtype), None, None
 
 

@@ -334,7 +334,9 @@ def test_split_batch_norm_in_channels_last_memory_matches_the_nchw_path(dtype):
     with torch.no_grad():
         nchw.weight.uniform_(0.5, 2), nchw.bias.uniform_(-1, 1)
     nhwc.load_state_dict(nchw.state_dict())
-    x = (torch.randn(16, 6, 5, 7) * 3 + 1).to(dtype)
+    x = (torch.randn(16, 6, 5, 7) * 3 + 1)
+    x[:, 2] = x[:, 2] / 3 + 40  # a channel whose mean is large next to its spread
+    x = x.to(dtype)
     x_ref = x.float().clone().requires_grad_()
     x_cl = x.contiguous(memory_format=torch.channels_last).detach().requires_grad_()
     y_ref, y_cl = nchw(x_ref), nhwc(x_cl)
