@@ -12,7 +12,7 @@ import logging
 import multiprocessing as mp
 import random
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -155,7 +155,23 @@ class TwoViewLoader:
         from .image_check import check_image
 
         cfg, B = self.cfg, self.cfg.batch_size
-        items = iter(self.stream)
+        # DALI cannot skip a bad image itself: anything it could choke on is filtered by check_image. The checks
+        # run up to two batches ahead on their own threads (PIL and nvImageCodec decode without the GIL), so they
+        # overlap the training step instead of stalling it inside pipe.run().
+        checks = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="image-check")
+
+        def checked() -> Iterator[tuple[Item, str | None]]:
+            ahead: deque = deque()
+            for item in self.stream:
+                ahead.append((item, checks.submit(check_image, item.sample.data)))
+                if len(ahead) > 2 * B:
+                    item, reason = ahead.popleft()
+                    yield item, reason.result()
+            while ahead:
+                item, reason = ahead.popleft()
+                yield item, reason.result()
+
+        items = checked()
         pending: dict[int, Item] = {}  # sample id -> item, for batches inside the pipeline
         next_id = 0
 
@@ -163,9 +179,7 @@ class TwoViewLoader:
             nonlocal next_id
             encoded, ids, seed = [], [], None
             while len(encoded) < B:
-                item = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
-                # DALI cannot skip a bad image itself: anything it could choke on is filtered here.
-                reason = check_image(item.sample.data)
+                item, reason = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
                 if reason is not None:
                     self.stream.count(reason)
                     log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
@@ -186,23 +200,27 @@ class TwoViewLoader:
             return pipe
 
         pipe = build()
-        while True:
-            try:
-                outputs = pipe.run()
-            except StopIteration:  # only with a finite --epochs
-                if pending:
-                    self.stream.count("partial_last_batch", len(pending))
-                return
-            except Exception as e:  # a decoder failure: lose only what was inside the pipeline
-                self.stream.count("decoder_error", len(pending))
-                log.error("DALI pipeline failed, %d in-flight samples skipped, rebuilding: %s", len(pending), e)
-                pending.clear()
-                del pipe
-                pipe = build()
-                continue
-            q, k, ids = dali_outputs_to_torch(outputs, cfg.device)
-            batch_items = [pending.pop(int(i)) for i in ids.tolist()]
-            yield Batch(q, k, [it.sample.key for it in batch_items]), batch_items[-1]
+        try:
+            while True:
+                try:
+                    outputs = pipe.run()
+                except StopIteration:  # only with a finite --epochs
+                    if pending:
+                        self.stream.count("partial_last_batch", len(pending))
+                    return
+                except Exception as e:  # a decoder failure: lose only what was inside the pipeline
+                    self.stream.count("decoder_error", len(pending))
+                    log.error("DALI pipeline failed, %d in-flight samples skipped, rebuilding: %s", len(pending), e)
+                    pending.clear()
+                    del pipe
+                    pipe = build()
+                    continue
+                q, k, ids = dali_outputs_to_torch(outputs, cfg.device)
+                batch_items = [pending.pop(int(i)) for i in ids.tolist()]
+                yield Batch(q, k, [it.sample.key for it in batch_items]), batch_items[-1]
+        finally:
+            items.close()
+            checks.shutdown(wait=False, cancel_futures=True)
 
 
 def batch_seed(seed: int, rank: int, first: Item) -> int:
