@@ -18,7 +18,8 @@ the full entropy (Huffman) decode but only a 1/8-scale IDCT, so truncation and s
 found. Other formats are decoded in full. Measured on the webphotos set (500 JPEGs, ~500x375, 47 KB) on
 one core of the 2-core dev machine (shared, so +-20 %): 0.74-0.85 ms per image, ~1,200-1,350 images/s
 (a full PIL decode: ~1.7 ms; the whole DALI CPU two-view v2 pipeline: ~9.5 CPU-ms per image). So it adds
-under 10 % to the CPU cost of a sample, and on a GPU node it runs in the loader workers, off the GPU.
+under 10 % to the CPU cost of a sample. The DALI loader runs it off the training thread, on its own check
+threads, up to two batches ahead.
 
 JPEG, PNG and WebP files that PIL decodes are then also asked of nvImageCodec, the library DALI's decoder
 runs (pipeline/dali_check.py: JPEG as an 8x8 region, ~60 us; PNG/WebP in full): PIL tolerates broken
