@@ -59,6 +59,7 @@ def extract(dest: Path) -> Path:
 
 def train_run(args, recipe: str, shards: Path, work: Path, steps: int, budget_s: float | None) -> dict:
     ckpt = work / f"ckpt-{recipe}-{steps}"
+    shutil.rmtree(ckpt, ignore_errors=True)  # a run of the same length left by an earlier bench: never resume it
     flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", args.arch, "--image-size", "32",
              "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size), "--moco-momentum",
              str(args.moco_momentum), "--weight-decay", str(args.weight_decay), "--base-lr", str(args.base_lr),

@@ -129,3 +129,28 @@ def test_files_only_dali_rejects_are_skipped_before_they_fail_a_batch(imagenette
     keys = [k for b in loader for k in b.keys]
     assert sorted(keys) == [k for k, _, _ in good]  # 12 good samples: three full batches, none lost
     assert loader.skipped == {"corrupt": len(bad)}
+
+
+def test_dali_pre_flight_checks_run_ahead_off_the_training_thread(damaged_shards, monkeypatch):
+    """The checks run on the loader's own threads (up to two batches ahead): the training thread only collects
+    their answers, so decoding every image with PIL and nvImageCodec does not stall the step."""
+    import threading
+
+    import pipeline.image_check as image_check
+
+    real, threads = image_check.check_image, []
+
+    def recorded(data):
+        threads.append(threading.current_thread().name)
+        return real(data)
+
+    monkeypatch.setattr(image_check, "check_image", recorded)
+    loader = TwoViewLoader(LoaderConfig(data="", batch_size=4, image_size=32, backend="dali", workers=2,
+                                        epochs=1), shards=damaged_shards["tar"])
+    batches = iter(loader)
+    first = next(batches)
+    assert len(first.keys) == 4
+    assert threads and all(name.startswith("image-check") for name in threads)
+    keys = list(first.keys) + [k for b in batches for k in b.keys]
+    assert len(threads) == sum(s.samples for s in damaged_shards["tar"])  # every sample checked exactly once
+    assert not set(keys) & damaged_shards["bad"]
