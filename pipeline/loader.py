@@ -161,15 +161,18 @@ class TwoViewLoader:
         checks = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="image-check")
 
         def checked() -> Iterator[tuple[Item, str | None]]:
-            ahead: deque = deque()
+            ahead: deque = deque()  # (item, future reason), in stream order
+
+            def oldest() -> tuple[Item, str | None]:
+                item, reason = ahead.popleft()
+                return item, reason.result()
+
             for item in self.stream:
                 ahead.append((item, checks.submit(check_image, item.sample.data)))
                 if len(ahead) > 2 * B:
-                    item, reason = ahead.popleft()
-                    yield item, reason.result()
+                    yield oldest()
             while ahead:
-                item, reason = ahead.popleft()
-                yield item, reason.result()
+                yield oldest()
 
         items = checked()
         pending: dict[int, Item] = {}  # sample id -> item, for batches inside the pipeline
@@ -199,8 +202,8 @@ class TwoViewLoader:
             pipe.build()
             return pipe
 
-        pipe = build()
         try:
+            pipe = build()
             while True:
                 try:
                     outputs = pipe.run()
