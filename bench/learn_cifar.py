@@ -8,8 +8,8 @@ then for each recipe `mocostream train` on the shards for a fixed wall-clock bud
 final checkpoint (`mocostream eval knn`: backbone features, k 200, T 0.1, bank = `train/`).
 
 The run length is set so the cosine schedule ends with the budget: a short calibration run (120 steps) measures
-the training throughput, and the budget run gets `--steps` = budget x throughput / batch (SIGTERM at the
-budget is the backstop; the trainer then checkpoints and exits like a preempted job).
+the training throughput, and the budget run gets `--steps` = 0.97 x budget x throughput / batch. If the machine
+slows down, SIGTERM at the budget stops the run on time; the trainer then checkpoints and exits like a preempted job.
 CPU defaults (2 cores): `resnet18_cifar_half` (the CIFAR stem at half width: a quarter of ResNet-18's compute)
 on 24-px crops, batch 128, base lr 0.3, bf16 autocast where the CPU has native bf16 (AMX: ~2x fp32). The ImageNet
 stem is cheaper still but leaves a 32-px image at 1x1 and learned far less per CPU-minute. 24-px crops cost ~0.6x
@@ -162,7 +162,8 @@ def main() -> int:
         per_step = args.batch_size / calib["steady_images_per_second"]
         steps = max(30, int(0.97 * budget_s / per_step))
         print(f"{recipe}: calibration {calib['steady_images_per_second']:.1f} img/s -> {steps} steps", flush=True)
-        run = train_run(args, recipe, shards, work, steps, budget_s + 120)
+        # backstop: SIGTERM once the budget plus the trainer's start-up (~20 s, outside its own clock) has passed
+        run = train_run(args, recipe, shards, work, steps, budget_s + 30)
         result = knn(args, data, run["checkpoint_dir"])
         images = run["step"] * args.batch_size
         rows.append((recipe, run, result, images))
