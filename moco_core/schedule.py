@@ -1,5 +1,9 @@
 """Learning rate, key-encoder momentum and optimizer, as in the reference recipes: SGD, lr 0.03 per 256
-images, step decay (MoCo v1) or cosine decay (v2), optional warmup; momentum constant or cosine to 1."""
+images, step decay (MoCo v1) or cosine decay (v2), optional warmup; momentum constant or cosine to 1.
+
+A run is planned in steps (`cosine_lr`, `step_lr`: progress = step / total_steps) or in wall-clock time
+(`budget_lr`: progress = seconds trained / budget), so a time-boxed run ends its schedule with its budget
+whatever the machine's speed."""
 from __future__ import annotations
 
 import math
@@ -11,6 +15,17 @@ import torch.nn as nn
 def scaled_lr(base_lr: float, global_batch: int) -> float:
     """Linear scaling rule: base_lr is the rate for a global batch of 256 (the reference's 0.03 x batch/256)."""
     return base_lr * global_batch / 256
+
+
+def cosine_decay(progress: float) -> float:
+    """The cosine schedule's factor: a half cosine from 1 at progress 0 to 0 at progress 1 (and after)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+
+
+def step_decay(progress: float, milestones: tuple[float, ...] = (0.6, 0.8)) -> float:
+    """MoCo v1's factor: x0.1 at each milestone, given as fractions of the run (the reference's epochs
+    120 and 160 of 200)."""
+    return 0.1 ** sum(progress >= f for f in milestones)
 
 
 def cosine_lr(peak_lr: float, step: int, total_steps: int, warmup_steps: int = 0) -> float:
@@ -25,30 +40,38 @@ def cosine_lr(peak_lr: float, step: int, total_steps: int, warmup_steps: int = 0
         raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return peak_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak_lr * cosine_decay((step - warmup_steps) / max(1, total_steps - warmup_steps))
 
 
 def step_lr(peak_lr: float, step: int, total_steps: int, warmup_steps: int = 0,
             milestones: tuple[float, ...] = (0.6, 0.8)) -> float:
-    """MoCo v1's schedule: x0.1 at each milestone, given as fractions of the run (the reference's epochs
-    120 and 160 of 200), after the same linear warmup as `cosine_lr`."""
+    """MoCo v1's schedule (`step_decay`, milestones at whole steps) after the same linear warmup as `cosine_lr`."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
     return peak_lr * 0.1 ** sum(step >= round(f * total_steps) for f in milestones)
 
 
 LR_SCHEDULES = {"cosine": cosine_lr, "step": step_lr}
+DECAYS = {"cosine": cosine_decay, "step": step_decay}
 
 
-def momentum_at(m: float, step: int, total_steps: int, schedule: str = "constant") -> float:
-    """Key-encoder momentum for `step`: constant m (MoCo v1/v2), or a half cosine from m up to 1 at the
-    end of the run (as BYOL and MoCo v3 do), so the key encoder settles as training ends."""
+def budget_lr(peak_lr: float, schedule: str, step: int, warmup_steps: int, progress: float) -> float:
+    """lr of a run bounded by wall clock, progress = seconds trained / budget: the same linear warmup over
+    the first warmup_steps, then the schedule's decay at that progress. The decay counts from the start of
+    the run, so the decay has begun when the warmup ends (cosine: by 0.2% after a warmup of 3% of the run)."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    return peak_lr * DECAYS[schedule](progress)
+
+
+def momentum_at(m: float, step: float, total_steps: float, schedule: str = "constant") -> float:
+    """Key-encoder momentum at `step` of `total_steps` (or seconds trained of a budget in seconds): constant
+    m (MoCo v1/v2), or a half cosine from m up to 1 at the end of the run (as BYOL and MoCo v3 do), so the
+    key encoder settles as training ends."""
     if schedule == "constant":
         return m
     if schedule == "cosine":
-        progress = min(1.0, step / max(1, total_steps))
-        return 1.0 - (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - (1.0 - m) * cosine_decay(step / total_steps if total_steps > 0 else 1.0)
     raise ValueError(f"unknown momentum schedule {schedule!r}; choose constant or cosine")
 
 

@@ -13,7 +13,10 @@ TRAIN_FLAGS = [
     # (flag, type, help)
     ("--data", str, "training shards: manifest.json, a folder or s3:// prefix holding one, a brace pattern "
                     "(s3://b/shard-{000000..000099}.tar) or a comma-separated list of shard URLs"),
-    ("--steps", int, "optimizer steps to run (the lr schedule spans them)"),
+    ("--steps", int, "optimizer steps to run (the lr schedule spans them); default 1000, or no cap with "
+                     "--budget-minutes"),
+    ("--budget-minutes", float, "train for this many minutes of wall clock, summed over resumes; the lr and "
+                                "momentum schedules then span the budget, not --steps (which only caps the run)"),
     ("--batch-size", int, "samples per rank per step (global batch = this x ranks)"),
     ("--arch", str, "encoder: resnet18, resnet50, resnet18_cifar, resnet50_cifar (3x3 stem for small images)"),
     ("--image-size", int, "side of the square crops fed to the encoder"),
@@ -27,7 +30,7 @@ TRAIN_FLAGS = [
     ("--base-lr", float, "learning rate for a global batch of 256 (scaled linearly)"),
     ("--weight-decay", float, "SGD weight decay"),
     ("--warmup-steps", int, "linear warmup steps from 0 to the peak lr"),
-    ("--lr-schedule", str, "cosine or step (x0.1 at 60%% and 80%% of --steps); default: the recipe's"),
+    ("--lr-schedule", str, "cosine or step (x0.1 at 60%% and 80%% of the run); default: the recipe's"),
     ("--momentum-schedule", str, "constant m, or cosine: m rises to 1 over the run"),
     ("--precision", str, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (also on CPUs with "
                          "AMX/AVX512-BF16, about 2x faster there)"),
@@ -45,7 +48,8 @@ TRAIN_FLAGS = [
     ("--read-ahead-mb", int, "most MB of shards being fetched ahead at once"),
     ("--storage-retries", int, "retries of a failed shard read (exponential backoff with jitter)"),
     ("--storage-timeout", float, "seconds a storage read may stall before it is retried"),
-    ("--epochs", int, "stop after this many passes over the data (default: endless; --steps ends the run)"),
+    ("--epochs", int, "stop after this many passes over the data (default: endless; --steps or "
+                      "--budget-minutes ends the run)"),
     ("--device", str, "auto, cpu or cuda"),
     ("--metrics-port", int, "Prometheus endpoint port (rank r uses port + local rank); 0 disables"),
     ("--metrics-addr", str, "address the metrics endpoint binds to"),

@@ -37,7 +37,8 @@ ENV_PREFIX = "MOCOSTREAM_"
 @dataclass
 class TrainConfig:
     data: str = ""
-    steps: int = 1000
+    steps: int | None = None  # None: 1000, or no cap when budget_minutes is set
+    budget_minutes: float | None = None  # wall clock to train for, over all resumes; the schedules follow it
     batch_size: int = 32  # per rank
     arch: str = "resnet18"
     image_size: int = 224
@@ -72,7 +73,7 @@ class TrainConfig:
     read_ahead_mb: int = 1024  # ... and at most this many MB of them in flight
     storage_retries: int = 5
     storage_timeout: float = 60.0  # seconds for a storage read to make progress
-    epochs: int | None = None  # None: endless stream; the run ends after --steps either way
+    epochs: int | None = None  # None: endless stream; the run ends after --steps / --budget-minutes either way
     device: str = "auto"  # auto | cpu | cuda
     metrics_port: int = 9400  # 0 disables; rank r serves on port + local rank
     metrics_addr: str = "0.0.0.0"
@@ -94,6 +95,8 @@ class TrainConfig:
         for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
+        if cfg.steps is None and cfg.budget_minutes is None:
+            cfg.steps = 1000
         cfg.validate()
         return cfg
 
@@ -105,7 +108,8 @@ class TrainConfig:
         if not self.data:
             raise ConfigError("no training data: give --data (a manifest, shard folder, brace pattern or URL list)")
         checks = [
-            (self.steps >= 1, "--steps must be >= 1"),
+            (self.steps is None or self.steps >= 1, "--steps must be >= 1"),
+            (self.budget_minutes is None or self.budget_minutes > 0, "--budget-minutes must be > 0"),
             (self.batch_size >= 2, "--batch-size must be >= 2"),
             (self.image_size >= 8, "--image-size must be >= 8"),
             (self.queue_size >= 1, "--queue-size must be >= 1"),
@@ -124,7 +128,7 @@ class TrainConfig:
             (self.lr_schedule in (None, "cosine", "step"), "--lr-schedule must be cosine or step"),
             (self.momentum_schedule in ("constant", "cosine"), "--momentum-schedule must be constant or cosine"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
-            (0 <= self.warmup_steps <= self.steps, "--warmup-steps must be in [0, --steps]"),
+            (0 <= self.warmup_steps <= (self.steps or self.warmup_steps), "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
             (self.knn_every >= 0 and self.knn_k >= 1 and self.knn_t > 0,
              "--knn-every >= 0, --knn-k >= 1 and --knn-t > 0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import random
 import signal
@@ -22,8 +23,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, build_encoder, build_optimizer, info_nce,
-                       instance_accuracy, momentum_at, scaled_lr)
+from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
+                       info_nce, instance_accuracy, momentum_at, scaled_lr)
 from pipeline.labeled import knn_sets
 from pipeline.loader import LoaderConfig, TwoViewLoader
 from pipeline.storage import StorageConfig
@@ -180,6 +181,11 @@ def train(cfg: TrainConfig) -> dict:
     control = dist.new_group(backend="gloo") if dist.is_initialized() and device.type == "cuda" else None
 
     step = 0
+    # A time-boxed run (--budget-minutes) counts the seconds spent in the training loop over all resumes;
+    # its schedules follow them instead of the step count, and it ends when they reach the budget.
+    budget_s = 60 * cfg.budget_minutes if cfg.budget_minutes else None
+    max_steps = cfg.steps or math.inf
+    seconds_before = 0.0  # trained by earlier runs of this job
     if cfg.resume:
         path = checkpoint.latest(cfg.checkpoint_dir)
         if path is None:
@@ -189,6 +195,7 @@ def train(cfg: TrainConfig) -> dict:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step = int(state["step"])
+            seconds_before = float(state.get("train_seconds", 0.0))
             loader.load_states(state["loader"])  # another number of ranks: what is left is re-split
             if int(state["world"]) == world:
                 set_rng_state(state["rng"][rank])
@@ -222,7 +229,8 @@ def train(cfg: TrainConfig) -> dict:
         if is_main:
             t0 = time.perf_counter()
             path = checkpoint.save(cfg.checkpoint_dir, step, {
-                "step": step, "world": world, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "step": step, "train_seconds": trained, "world": world, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
                 "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
                 "config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
             metrics.checkpoint_seconds.labels(str(rank)).observe(time.perf_counter() - t0)
@@ -241,6 +249,7 @@ def train(cfg: TrainConfig) -> dict:
     last_checkpoint = None
     t_end = t_start = time.perf_counter()
     wait_total, samples_total, start_step = 0.0, 0, step
+    trained = seconds_before  # agreed by all ranks (the slowest clock), so they change lr and stop together
     nonfinite_total = 0
 
     def run_knn() -> float:
@@ -253,14 +262,21 @@ def train(cfg: TrainConfig) -> dict:
     redirect = logging_redirect_tqdm() if not bar.disable else nullcontext()
     redirect.__enter__()
     try:
-        while step < cfg.steps:
+        while step < max_steps:
             batch = next(batches, None)
             t_data = time.perf_counter()
             exhausted = batch is None
-            if world > 1 and (step % stop_check_every == 0 or exhausted):
-                flags = torch.tensor([float(stop.set), float(exhausted)], device="cpu" if control else device)
-                dist.all_reduce(flags, group=control)
-                stop.set, exhausted = bool(flags[0] > 0), bool(flags[1] > 0)
+            if world == 1:
+                trained = seconds_before + t_data - t_start
+            elif step % stop_check_every == 0 or exhausted:
+                flags = torch.tensor([float(stop.set), float(exhausted), seconds_before + t_data - t_start],
+                                     dtype=torch.float64, device="cpu" if control else device)
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
+                stop.set, exhausted, trained = bool(flags[0] > 0), bool(flags[1] > 0), float(flags[2])
+            if budget_s and trained >= budget_s:
+                if is_main:
+                    log.info("budget of %g minutes reached at step %d", cfg.budget_minutes, step)
+                break
             if exhausted:  # --epochs done on some rank: every rank ends at this same step
                 log.info("rank %d: data exhausted after %d epochs at step %d", rank, cfg.epochs, step)
                 break
@@ -272,10 +288,14 @@ def train(cfg: TrainConfig) -> dict:
             if bf16:
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(peak_lr, step, cfg.steps, cfg.warmup_steps)
+            if budget_s:
+                lr = budget_lr(peak_lr, cfg.lr_schedule, step, cfg.warmup_steps, trained / budget_s)
+                model.m = momentum_at(cfg.moco_momentum, trained, budget_s, cfg.momentum_schedule)
+            else:
+                lr = lr_at(peak_lr, step, cfg.steps, cfg.warmup_steps)
+                model.m = momentum_at(cfg.moco_momentum, step, cfg.steps, cfg.momentum_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            model.m = momentum_at(cfg.moco_momentum, step, cfg.steps, cfg.momentum_schedule)
             with autocast:
                 logits, labels = ddp(im_q, im_k)
                 # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
@@ -313,14 +333,16 @@ def train(cfg: TrainConfig) -> dict:
                 bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{ips * world:.1f}", refresh=False)
                 if is_main:
                     elapsed = now - t_start
-                    eta = (cfg.steps - step) * elapsed / max(1, step - start_step)
-                    log.info("step %d/%d | %.1f img/s | data wait %.0f%% | loss %.4f | lr %.4g | acc %.2f | "
-                             "gnorm %.3g%s | ETA %s", step, cfg.steps, ips * world, 100 * wait_total / max(elapsed, 1e-9),
+                    eta = min((max_steps - step) * elapsed / max(1, step - start_step),
+                              budget_s - trained if budget_s else math.inf)
+                    log.info("step %d%s | %.1f img/s | data wait %.0f%% | loss %.4f | lr %.4g | acc %.2f | "
+                             "gnorm %.3g%s | ETA %s", step, f"/{cfg.steps}" if cfg.steps else "", ips * world,
+                             100 * wait_total / max(elapsed, 1e-9),
                              loss_value, lr, acc_value, grad_norm,
                              f" | non-finite {nonfinite}" if nonfinite else "", format_duration(eta))
-            if knn and cfg.knn_every and step % cfg.knn_every == 0 and step < cfg.steps:
+            if knn and cfg.knn_every and step % cfg.knn_every == 0 and step < max_steps:
                 knn_value = run_knn()
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            if step % cfg.checkpoint_every == 0 and step < max_steps:
                 last_checkpoint = save("periodic")
         last_checkpoint = save("stop" if stopped else "final") or last_checkpoint
         if knn and not stopped:
@@ -335,9 +357,10 @@ def train(cfg: TrainConfig) -> dict:
             loss_trace.close()
         metrics.sync_skipped(loader.skipped)
     elapsed = time.perf_counter() - t_start
-    summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed,
+    summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed, "train_seconds": trained,
                "images_per_second": samples_total * world / max(elapsed, 1e-9),
-               "data_wait_share": wait_total / max(elapsed, 1e-9), "stopped": stopped, "loss": loss_value, "instance_accuracy": acc_value,
+               "data_wait_share": wait_total / max(elapsed, 1e-9), "stopped": stopped, "loss": loss_value,
+               "instance_accuracy": acc_value,
                "checkpoint": last_checkpoint, "metrics_port": metrics_port, "skipped": dict(loader.skipped),
                "knn_top1": knn_value, "nonfinite_steps": nonfinite_total,
                "rank": rank, "world": world}

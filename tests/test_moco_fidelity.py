@@ -10,8 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_core import (MoCo, NonFiniteError, NonFiniteGuard, build_optimizer, cosine_lr, info_nce, knn_top1,
-                       momentum_at, step_lr)
+from moco_core import (MoCo, NonFiniteError, NonFiniteGuard, budget_lr, build_optimizer, cosine_lr, info_nce,
+                       knn_top1, momentum_at, step_lr)
 from moco_core.knn import backbone_of, knn_predict
 from test_moco_core import TinyNet
 
@@ -223,6 +223,20 @@ def test_momentum_schedule():
     assert values == sorted(values)
     with pytest.raises(ValueError):
         momentum_at(0.99, 1, 10, "linear")
+
+
+def test_budget_lr_follows_the_clock_like_the_step_schedules_follow_steps():
+    """A time-boxed run: the same warmup in steps, then the decay at seconds trained / budget; without warmup
+    it is the step schedule at the same fraction of the run."""
+    assert budget_lr(2.0, "cosine", 5, 10, 0.9) == pytest.approx(1.0)  # warmup ignores the clock
+    for progress in (0.0, 0.3, 0.5, 0.77, 1.0):
+        assert budget_lr(1.0, "cosine", 10, 10, progress) == pytest.approx(cosine_lr(1.0, int(progress * 200), 200))
+    assert budget_lr(1.0, "cosine", 99, 0, 1.5) == 0.0  # past the budget (the last step's overrun)
+    assert [budget_lr(1.0, "step", 50, 0, p) for p in (0.59, 0.6, 0.79, 0.8)] == pytest.approx([1, 0.1, 0.1, 0.01])
+    lrs = [budget_lr(1.0, "cosine", s, 0, s / 100) for s in range(101)]
+    assert lrs == sorted(lrs, reverse=True)
+    # momentum takes seconds and the budget in seconds as it takes steps and the step count
+    assert momentum_at(0.99, 900.0, 1800.0, "cosine") == pytest.approx(0.995)
 
 
 # ---------------------------------------------------------------------------------------------- kNN

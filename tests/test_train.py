@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -139,12 +140,59 @@ def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
     assert len(set(whole[:120])) == 120
 
 
+def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tmp_path, caplog):
+    """--budget-minutes: the run ends when its training seconds reach the budget, with the cosine lr near 0; the
+    seconds are checkpointed, so a resumed run (here with the budget extended) continues the schedule."""
+    import logging
+
+    from moco_core import cosine_lr
+
+    caplog.set_level(logging.INFO, logger="mocostream.train")
+    peak = 0.03 * 8 / 256
+
+    def run(budget_minutes, resume=False):
+        caplog.clear()
+        s = train(build_config({}, dict(data=str(local_shards), backend="torch", budget_minutes=budget_minutes,
+                                        resume=resume, checkpoint_dir=str(tmp_path / "ckpt"), **TINY)))
+        s.pop("_metrics").stop()
+        lrs = [float(m) for r in caplog.records for m in re.findall(r"\| lr ([\d.e-]+) \|", r.getMessage())]
+        return s, lrs
+
+    first, lrs = run(0.1)  # 6 s, the loader's start-up included; how many steps fit depends on the machine
+    assert not first["stopped"] and first["train_seconds"] >= 6 and first["step"] == len(lrs) >= 1
+    assert any(f"budget of 0.1 minutes reached at step {first['step']}" in r.getMessage() for r in caplog.records)
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] < peak  # the cosine decays with the seconds, from the first
+    state = torch.load(first["checkpoint"], map_location="cpu", weights_only=False)
+    assert state["train_seconds"] == first["train_seconds"]
+    seconds_before = first["train_seconds"]
+
+    second, lrs = run(0.25, resume=True)  # 15 s in all
+    assert second["step"] > first["step"] and second["train_seconds"] >= 15
+    assert second["train_seconds"] - second["seconds"] >= seconds_before - 1  # the clock went on from the checkpoint
+    # every resumed step is at least seconds_before into the 15 s: no restart of the schedule at the peak
+    bound = cosine_lr(peak, int(1000 * seconds_before / 15), 1000)
+    assert lrs and max(lrs) <= bound * 1.001, (lrs[:3], bound)
+
+
+@pytest.mark.slow
+def test_two_rank_budget_run_stops_every_rank_at_the_same_step(local_shards, tmp_path):
+    """The ranks agree on the clock (the slowest one's), so they change lr and stop at the same step."""
+    proc = torchrun("train", "--data", str(local_shards), "--backend", "torch", "--budget-minutes", "0.1",
+                    "--checkpoint-dir", str(tmp_path / "ckpt"), "--trace-keys", str(tmp_path / "keys"),
+                    *tiny_flags())
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    steps = int(re.search(r"budget of 0.1 minutes reached at step (\d+)", out).group(1))
+    assert steps >= 1 and [len((tmp_path / f"keys.rank{r}").read_text().split()) for r in (0, 1)] == [steps * 8] * 2
+
+
 @pytest.mark.parametrize("args", [
     ["train", "--data", "/nonexistent/folder", "--steps", "1"],
     ["train", "--data", "x.tar", "--arch", "vgg11"],
     ["train", "--data", "x.tar", "--batch-size", "0"],
     ["train", "--data", "x.tar", "--backend", "opencv"],
     ["train", "--data", "x.tar", "--precision", "fp16"],
+    ["train", "--data", "x.tar", "--budget-minutes", "0"],
     ["train"],
     ["train", "--config", "/nonexistent/c.yaml"],
     ["shards", "create", "/nonexistent/images", "--out", "/tmp/never-written"],
