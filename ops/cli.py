@@ -39,6 +39,8 @@ TRAIN_FLAGS = [
                         "one class-folder tree (every 5th image a query), or labelled shards"),
     ("--knn-every", int, "steps between kNN evaluations (0: only at the end)"),
     ("--knn-k", int, "neighbours of the weighted kNN"),
+    ("--knn-image-size", int, "side the kNN images are resized to (default: --image-size; training on small "
+                              "random crops, the images' own size measures better)"),
     ("--knn-t", float, "temperature of the kNN vote weights"),
     ("--knn-max-per-class", int, "use at most this many images per class and split (bounds eval time)"),
     ("--seed", int, "seed of the data order, augmentation and weights"),

@@ -66,6 +66,7 @@ class TrainConfig:
     knn_k: int = 200
     knn_t: float = 0.1
     knn_max_per_class: int | None = None  # cap on images per class and split, to bound CPU time
+    knn_image_size: int | None = None  # side the labelled images are resized to; None: image_size
     seed: int = 0
     workers: int = 2  # torch: augmentation processes; dali: CPU threads
     shuffle_shards: int = 4
@@ -130,6 +131,7 @@ class TrainConfig:
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (0 <= self.warmup_steps <= (self.steps or self.warmup_steps), "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
+            (self.knn_image_size is None or self.knn_image_size >= 8, "--knn-image-size must be >= 8"),
             (self.knn_every >= 0 and self.knn_k >= 1 and self.knn_t > 0,
              "--knn-every >= 0, --knn-k >= 1 and --knn-t > 0"),
         ]

@@ -116,7 +116,7 @@ class KnnMonitor:
     features come from the query encoder's backbone in eval mode."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.bank, self.queries = knn_sets(cfg.knn_data, cfg.image_size, cfg.knn_max_per_class)
+        self.bank, self.queries = knn_sets(cfg.knn_data, cfg.knn_image_size or cfg.image_size, cfg.knn_max_per_class)
         self.k, self.t, self.device = cfg.knn_k, cfg.knn_t, device
         log.info("kNN monitor: %d labelled images, %d queries, %d classes", len(self.bank), len(self.queries),
                  len(self.bank.classes))
@@ -344,6 +344,8 @@ def train(cfg: TrainConfig) -> dict:
                 knn_value = run_knn()
             if step % cfg.checkpoint_every == 0 and step < max_steps:
                 last_checkpoint = save("periodic")
+        if step > start_step and step != last_log_step:  # a run cut between log steps reports its last step
+            loss_value, acc_value = loss.item(), instance_accuracy(logits).item()
         last_checkpoint = save("stop" if stopped else "final") or last_checkpoint
         if knn and not stopped:
             knn_value = run_knn()

@@ -64,6 +64,16 @@ def test_trainer_runs_the_knn_monitor_and_exports_the_new_metrics(trained):
     assert 0.999 < momentum < 1.0  # the cosine schedule has started to raise m
 
 
+def test_knn_monitor_images_at_their_own_size(imagenette_small):
+    """--knn-image-size: a run on small crops can measure its features on larger images; default: --image-size."""
+    from ops.train import KnnMonitor
+
+    cfg = dict(data="x", knn_data=str(imagenette_small), **TINY)
+    assert KnnMonitor(build_config({}, cfg), torch.device("cpu")).bank.images.shape[-1] == 32
+    monitor = KnnMonitor(build_config({}, dict(cfg, image_size=24, knn_image_size=40)), torch.device("cpu"))
+    assert monitor.bank.images.shape[-2:] == monitor.queries.images.shape[-2:] == (40, 40)
+
+
 @pytest.mark.parametrize("kind,extra", [("knn", []), ("linear", ["--epochs", "3"])])
 def test_eval_on_a_checkpoint_keeps_the_backbone_frozen(trained, imagenette_small, kind, extra, capsys):
     _, _, ckpt = trained

@@ -309,3 +309,9 @@ def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
                r"gnorm [\d.e+-]+ \| ETA \d+:\d\d:\d\d")
     assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [2, 4], lines
     assert lines[-1].endswith("ETA 0:00:00")
+    # a run cut between log steps (preemption, a spent --budget-minutes) still reports its last step's loss
+    cfg = build_config({}, dict(data=str(local_shards), steps=4, stop_after=3, backend="torch",
+                                checkpoint_dir=str(tmp_path / "cut"), **{**TINY, "log_every": 2}))
+    summary = train(cfg)
+    summary.pop("_metrics").stop()
+    assert summary["stopped"] and summary["step"] == 3 and math.isfinite(summary["loss"])
