@@ -48,7 +48,7 @@ def step_lr(peak_lr: float, step: int, total_steps: int, warmup_steps: int = 0,
     """MoCo v1's schedule (`step_decay`, milestones at whole steps) after the same linear warmup as `cosine_lr`."""
     if step < warmup_steps:
         return peak_lr * step / warmup_steps
-    return peak_lr * 0.1 ** sum(step >= round(f * total_steps) for f in milestones)
+    return peak_lr * step_decay(step, tuple(round(f * total_steps) for f in milestones))
 
 
 LR_SCHEDULES = {"cosine": cosine_lr, "step": step_lr}
