@@ -16,10 +16,11 @@ stem is cheaper still but leaves a 32-px image at 1x1 and learned far less per C
 the compute of 32-px ones and learned as much per step (kNN after 600 steps: 38.0 vs 38.1 %; 16 px: 32.9 %).
 RandomResizedCrop enlarges objects, so a net trained on smaller crops sees test images at 32 px at about the
 object size it trained on (the FixRes effect); kNN is always measured on the 32-px images. On a GPU:
-`resnet18_cifar`, batch 512, base lr 0.06, as the reference CIFAR demo. Both: K 4096, m 0.99, T 0.1, weight
-decay 5e-4 (the demo's), 100 warmup steps, cosine lr, `--compile` (the step 1.3x faster on CPU); the recipe presets
-set head and augmentation. (T 0.1 against v2's 0.2 on CPU: kNN after 600 steps 39.8 vs 38.0 %; for v1, 0.1 and 0.07
-were alike.) Shards: `--shuffle`.
+`resnet18_cifar`, batch 512, base lr 0.06, as the reference CIFAR demo. Both: K 4096, m 0.99, weight decay 5e-4
+(the demo's), 100 warmup steps, cosine lr, `--compile` (the step 1.3x faster on CPU); the recipe presets set head
+and augmentation. T per recipe: v1 0.1 (the demo's; 0.07 learned alike), v2 0.2 (its own). On CPU v2, with its MLP
+head, wants half v1's lr: 0.15 (cosine ending at 1,400 steps, kNN with 500 images per class: lr 0.6 35.5 %, 0.3
+41.1 %, 0.15 42.3 %, 0.075 42.6 %; T 0.1 at lr 0.3 40.0 %). Shards: `--shuffle`.
 """
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+TEMPERATURE = {"moco_v1": 0.1, "moco_v2": 0.2}
+CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15}
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
@@ -62,13 +65,20 @@ def extract(dest: Path) -> Path:
     return root
 
 
+def recipe_settings(args, recipe: str) -> tuple[float, float]:
+    """(temperature, base lr) of one recipe's run: the flags if given, else the per-recipe defaults above."""
+    default_lr = 0.06 if args.device == "cuda" else CPU_BASE_LR.get(recipe, 0.3)
+    return args.temperature or TEMPERATURE.get(recipe, 0.1), args.base_lr or default_lr
+
+
 def train_run(args, recipe: str, shards: Path, work: Path) -> dict:
     ckpt = work / f"ckpt-{recipe}"
+    temperature, base_lr = recipe_settings(args, recipe)
     shutil.rmtree(ckpt, ignore_errors=True)  # an earlier bench's run: never resume it
     flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", args.arch, "--image-size",
              str(args.train_size), "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size),
-             "--moco-momentum", str(args.moco_momentum), "--temperature", str(args.temperature),
-             "--weight-decay", str(args.weight_decay), "--base-lr", str(args.base_lr),
+             "--moco-momentum", str(args.moco_momentum), "--temperature", str(temperature),
+             "--weight-decay", str(args.weight_decay), "--base-lr", str(base_lr),
              "--warmup-steps", str(args.warmup_steps), "--precision", args.precision,
              "--budget-minutes", str(args.budget_minutes), "--checkpoint-dir", str(ckpt),
              "--checkpoint-every", str(10 ** 9),
@@ -116,9 +126,10 @@ def main() -> int:
                    "kNN is always measured on the 32-px images")
     p.add_argument("--queue-size", type=int, default=4096, help="K (the reference CIFAR demo's 4096)")
     p.add_argument("--moco-momentum", type=float, default=0.99, help="m (the CIFAR demo's 0.99)")
-    p.add_argument("--temperature", type=float, default=0.1, help="T (the CIFAR demo's 0.1)")
+    p.add_argument("--temperature", type=float, help="T (default: v1 0.1, the CIFAR demo's; v2 0.2, its own)")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="(the CIFAR demo's 5e-4)")
-    p.add_argument("--base-lr", type=float, help="lr per 256 images (default: 0.06 on a GPU, 0.3 on CPU)")
+    p.add_argument("--base-lr", type=float,
+                   help="lr per 256 images (default: 0.06 on a GPU; on CPU v1 0.3, v2 0.15)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--precision", help="default: bf16 on a GPU and on CPUs with native bf16 (AMX/AVX512-BF16)")
     p.add_argument("--workers", type=int, default=2, help="DALI CPU threads")
@@ -137,7 +148,6 @@ def main() -> int:
     args.arch = args.arch or ("resnet18_cifar" if gpu else "resnet18_cifar_half")
     args.batch_size = args.batch_size or (512 if gpu else 128)
     args.train_size = args.train_size or (32 if gpu else 24)
-    args.base_lr = args.base_lr or (0.06 if gpu else 0.3)
     args.precision = args.precision or ("bf16" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="learn-cifar-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -174,15 +184,16 @@ def main() -> int:
               f"kNN top-1 {100 * result['top1']:.2f}%", flush=True)
 
     print(f"\n{args.arch}, {args.train_size}-px crops, batch {args.batch_size}, K {args.queue_size}, "
-          f"m {args.moco_momentum}, T {args.temperature}, "
-          f"base lr {args.base_lr}, warmup {args.warmup_steps}, {args.precision}"
+          f"m {args.moco_momentum}, warmup {args.warmup_steps}, {args.precision}"
           f"{', compiled' if args.compile else ''}, {args.device}, "
           f"budget {args.budget_minutes:g} min per recipe")
-    print("| encoder | images seen | training time | kNN top-1 | vs random init |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    print(f"| random init ({args.arch}) | 0 | – | {100 * random_init['top1']:.2f}% | – |")
+    print("| encoder | T | base lr | images seen | training time | kNN top-1 | vs random init |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| random init ({args.arch}) | – | – | 0 | – | {100 * random_init['top1']:.2f}% | – |")
     for recipe, run, result, images in rows:
-        print(f"| {recipe} | {images:,} ({images / 50000:.1f} epochs) | {run['train_seconds'] / 60:.1f} min | "
+        temperature, base_lr = recipe_settings(args, recipe)
+        print(f"| {recipe} | {temperature:g} | {base_lr:g} | {images:,} ({images / 50000:.1f} epochs) | "
+              f"{run['train_seconds'] / 60:.1f} min | "
               f"{100 * result['top1']:.2f}% | {100 * (result['top1'] - random_init['top1']):+.2f} pts |")
     return 0
 
