@@ -10,17 +10,17 @@ are compared. The first compiled steps (compilation) are timed apart: the traine
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moco_core import build_optimizer, info_nce  # noqa: E402
+from moco_core import build_optimizer  # noqa: E402
 from ops.config import build_config  # noqa: E402
 from ops.train import build_model, uses_bf16  # noqa: E402
+from step_timing import alternating_rounds, moco_train_step, timed  # noqa: E402
 
 
 def main() -> int:
@@ -48,30 +48,13 @@ def main() -> int:
     im_q = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=fmt)
     im_k = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=fmt)
 
-    def step(name: str) -> float:
-        model, opt, bf16 = models[name]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits, labels = model(im_q, im_k)
-            loss = info_nce(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    first = sum(step("compiled") for _ in range(3))  # compilation (forward, backward, the momentum-updated key)
-    step("eager")
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        for name in models:
-            times[name] += [step(name) for _ in range(args.steps)]
-        print(f"round {r + 1}: " + ", ".join(f"{k} {statistics.median(v[-args.steps:]) * 1e3:.0f} ms"
-                                             for k, v in times.items()), flush=True)
-    eager, compiled = (statistics.median(times[k]) for k in ("eager", "compiled"))
+    steps = {name: partial(moco_train_step, model, opt, im_q, im_k, bf16)
+             for name, (model, opt, bf16) in models.items()}
+    # compilation (forward, backward, the momentum-updated key), timed apart
+    first = sum(timed(steps["compiled"], device, 3))
+    timed(steps["eager"], device, 1)
+    med = alternating_rounds(steps, device, args.rounds, args.steps)
+    eager, compiled = med["eager"], med["compiled"]
     print(f"\n{args.arch}, {size} px, batch {n}, K {args.K}, {args.precision}, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
     print("| figure | value |\n| --- | ---: |")

@@ -13,16 +13,16 @@ Rounds alternate the three so machine noise hits all of them; medians are compar
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import moco_core.split_bn as split_bn  # noqa: E402
-from moco_core import MoCo, build_encoder, build_optimizer, info_nce  # noqa: E402
+from moco_core import MoCo, build_encoder, build_optimizer  # noqa: E402
+from step_timing import alternating_rounds, moco_train_step, timed  # noqa: E402
 
 
 def main() -> int:
@@ -52,32 +52,16 @@ def main() -> int:
     variants = {"nhwc": (model(args.bn_splits), nhwc_check), "reshape": (model(args.bn_splits), lambda x: False),
                 "plain": (model(1), nhwc_check)}
 
-    def step(name: str) -> float:
+    def step(name: str) -> None:
         (m, opt), route = variants[name]
         split_bn._is_nhwc = route
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits, labels = m(*images)
-            loss = info_nce(logits.float(), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        moco_train_step(m, opt, *images, bf16=True)
 
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for name in variants:  # warm-up: allocator, oneDNN/cuDNN plans
-        step(name), step(name)
-    for r in range(args.rounds):
-        for name in variants:
-            times[name] += [step(name) for _ in range(args.steps)]
-        print(f"round {r + 1}: " + ", ".join(f"{k} {statistics.median(v[-args.steps:]) * 1e3:.0f} ms"
-                                              for k, v in times.items()), flush=True)
+    steps = {name: partial(step, name) for name in variants}
+    for fn in steps.values():  # warm-up: allocator, oneDNN/cuDNN plans
+        timed(fn, device, 2)
+    med = alternating_rounds(steps, device, args.rounds, args.steps)
     split_bn._is_nhwc = nhwc_check
-    med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n{args.arch}, {size} px, batch {n}, K {args.K}, bn_splits {args.bn_splits}, bf16 + channels_last, "
           f"{device}, {torch.get_num_threads()} threads")
     print("| MoCo step | median | img/s | vs nhwc |\n| --- | ---: | ---: | ---: |")
