@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -84,6 +85,8 @@ def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int
         data=str(shards_dir), steps=steps, batch_size=32, arch="resnet18", image_size=64, backend=backend,
         recipe="moco_v2", queue_size=512, moco_momentum=0.99, base_lr=0.06, checkpoint_dir=str(ckpt_dir), checkpoint_every=max(1, steps // 2),
         metrics_port=metrics_port, metrics_addr="127.0.0.1", log_every=5, trace_keys=str(root / "trace-keys")))
+    if ckpt_dir.exists():  # a rerun of the demo is a new run: train never writes into another run's folder
+        shutil.rmtree(ckpt_dir)
     if metrics_port == 0 or not port_is_free(metrics_port):  # taken (or 0): any free port will do for a demo
         cfg.metrics_port = free_port()
     summary = train(cfg)

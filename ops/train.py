@@ -149,6 +149,33 @@ def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
     return model
 
 
+def check_checkpoint_dir(cfg: TrainConfig, model: torch.nn.Module) -> None:
+    """At start, not at the first checkpoint: a fresh run never writes into a folder holding another run's
+    checkpoints (its retention, or a later --resume, would mix the two runs), and the folder must take a
+    write of about a checkpoint's size (model + optimizer momentum + slack)."""
+    if not cfg.resume:
+        existing = checkpoint.list_checkpoints(cfg.checkpoint_dir)
+        if existing:
+            raise checkpoint.CheckpointError(
+                f"{cfg.checkpoint_dir} already holds checkpoints of a run (latest: step "
+                f"{checkpoint.step_of(existing[-1])}); give --resume to continue it, or another --checkpoint-dir")
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    checkpoint.check_writable(cfg.checkpoint_dir, 2 * state_bytes + (1 << 20))
+
+
+def load_model_state(model: MoCo, state: dict, path: str, cfg: TrainConfig) -> None:
+    """The checkpoint's weights, or a one-line error when they belong to another model."""
+    saved = state.get("config") or {}
+    if saved.get("arch", cfg.arch) != cfg.arch:
+        raise ConfigError(f"{path} was trained with --arch {saved['arch']}, not {cfg.arch}: resume with the "
+                          "same architecture, or use another --checkpoint-dir")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:  # shapes differ: --dim, --mlp, --queue-size ...
+        raise ConfigError(f"{path} does not fit this model (another --dim, --mlp or --queue-size?): "
+                          f"{checkpoint.first_line(e)}") from None
+
+
 def train(cfg: TrainConfig) -> dict:
     rank, world, local_rank, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)
@@ -165,6 +192,7 @@ def train(cfg: TrainConfig) -> dict:
         observer=metrics)
 
     model = build_model(cfg, world, device)
+    check_checkpoint_dir(cfg, model)
     # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
     # all-gathered), so the 32 MB queue is not re-broadcast every step.
     ddp = torch.nn.parallel.DistributedDataParallel(
@@ -187,12 +215,11 @@ def train(cfg: TrainConfig) -> dict:
     max_steps = cfg.steps or math.inf
     seconds_before = 0.0  # trained by earlier runs of this job
     if cfg.resume:
-        path = checkpoint.latest(cfg.checkpoint_dir)
+        path, state = checkpoint.load_latest_intact(cfg.checkpoint_dir)
         if path is None:
             log.warning("--resume: no checkpoint in %s, starting fresh", cfg.checkpoint_dir)
         else:
-            state = checkpoint.load(path, cfg.checkpoint_dir)
-            model.load_state_dict(state["model"])
+            load_model_state(model, state, path, cfg)
             optimizer.load_state_dict(state["optimizer"])
             step = int(state["step"])
             seconds_before = float(state.get("train_seconds", 0.0))

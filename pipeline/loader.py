@@ -9,10 +9,9 @@ samples, so every step on every rank has the same shape.
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import random
 from collections import Counter, deque
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -22,6 +21,7 @@ import torch
 from .sources import Shard, resolve_shards, with_counts
 from .storage import ShardReader, StorageConfig, StorageObserver
 from .stream import Item, SampleStream
+from .worker_pool import augmentation_pool
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ class TwoViewLoader:
         items = iter(self.stream)
         pool = None
         if cfg.workers > 0:
-            # forkserver: the stream's reader threads must not be forked into the workers.
-            pool = ProcessPoolExecutor(cfg.workers, mp_context=mp.get_context("forkserver"))
+            pool = augmentation_pool(cfg.workers)  # ignores Ctrl-C, dies with the trainer
         try:
             in_flight: deque = deque()
             ready: list[tuple[np.ndarray, np.ndarray, Item]] = []
