@@ -27,7 +27,7 @@ from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_l
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
 from pipeline.labeled import knn_sets
 from pipeline.loader import LoaderConfig, TwoViewLoader
-from pipeline.storage import StorageConfig
+from pipeline.storage import StorageConfig, resolve_at_start
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig
@@ -153,14 +153,14 @@ def check_checkpoint_dir(cfg: TrainConfig, model: torch.nn.Module) -> None:
     """At start, not at the first checkpoint: a fresh run never writes into a folder holding another run's
     checkpoints (its retention, or a later --resume, would mix the two runs), and the folder must take a
     write of about a checkpoint's size (model + optimizer momentum + slack)."""
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    checkpoint.check_writable(cfg.checkpoint_dir, 2 * state_bytes + (1 << 20))
     if not cfg.resume:
         existing = checkpoint.list_checkpoints(cfg.checkpoint_dir)
         if existing:
             raise checkpoint.CheckpointError(
                 f"{cfg.checkpoint_dir} already holds checkpoints of a run (latest: step "
                 f"{checkpoint.step_of(existing[-1])}); give --resume to continue it, or another --checkpoint-dir")
-    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    checkpoint.check_writable(cfg.checkpoint_dir, 2 * state_bytes + (1 << 20))
 
 
 def load_model_state(model: MoCo, state: dict, path: str, cfg: TrainConfig) -> None:
@@ -183,13 +183,14 @@ def train(cfg: TrainConfig) -> dict:
     is_main = rank == 0
 
     metrics = TrainMetrics(rank)
+    storage = StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)
     loader = TwoViewLoader(LoaderConfig(
         data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
         backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
-        epochs=cfg.epochs, storage=StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)),
-        observer=metrics)
+        epochs=cfg.epochs, storage=storage),
+        shards=resolve_at_start(cfg.data, storage, metrics), observer=metrics)
 
     model = build_model(cfg, world, device)
     check_checkpoint_dir(cfg, model)

@@ -37,16 +37,27 @@ class Shard:
     sha256: str | None = None
 
 
+# botocore settings of the S3 metadata calls (manifests, listings, checkpoints); the trainer sets them from
+# --storage-timeout (storage.use_storage_timeouts), so nothing at start-up can wait forever.
+S3_CLIENT_CONFIG: dict = {}
+
+
 def storage_options(url: str) -> dict:
     """fsspec options for `url`: the S3 endpoint from AWS_ENDPOINT_URL when set."""
+    options: dict = {}
     if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        return {"client_kwargs": {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}}
-    return {}
+        options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
+    if url.startswith("s3://") and S3_CLIENT_CONFIG:
+        options["config_kwargs"] = dict(S3_CLIENT_CONFIG)
+    return options
 
 
 def filesystem(url: str):
     """(fs, path) for a local path or URL."""
-    return fsspec.core.url_to_fs(url, **storage_options(url))
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    if S3_CLIENT_CONFIG and url.startswith("s3://"):
+        fs.retries = 1  # the caller's retry loop is the only one (see storage.py)
+    return fs, path
 
 
 def shard_format(url: str) -> str:

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .sources import Shard, storage_options
+from . import sources
+from .sources import DataSpecError, Shard, storage_options
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,59 @@ class StorageObserver:
 
 class ShardReadError(IOError):
     pass
+
+
+class StorageUnavailable(IOError):
+    """Start-up could not reach the storage within --storage-timeout and --storage-retries; one line."""
+
+    user_error = True
+
+
+def backoff_delay(c: StorageConfig, attempt: int) -> float:
+    return min(c.max_backoff_seconds, c.backoff_seconds * 2**attempt) * (0.5 + random.random())
+
+
+def use_storage_timeouts(c: StorageConfig) -> None:
+    """Give the S3 metadata calls (manifest, listing, sample counts, checkpoints) the shard reads' timeouts,
+    with a single attempt each: the retries are `retrying`'s, bounded and logged."""
+    sources.S3_CLIENT_CONFIG.update(connect_timeout=min(c.connect_timeout, c.read_timeout),
+                                    read_timeout=c.read_timeout, retries={"max_attempts": 1, "mode": "standard"})
+
+
+def retrying(c: StorageConfig, what: str, call):
+    """call(), retried like a shard read; user errors and missing files are not retried."""
+    for attempt in range(c.retries + 1):
+        try:
+            return call()
+        except (FileNotFoundError, DataSpecError):
+            raise
+        except Exception as e:
+            if attempt == c.retries:
+                raise StorageUnavailable(f"cannot read {what}: {type(e).__name__}: {str(e)[:200]} (after {attempt} "
+                                         f"retries, --storage-timeout {c.read_timeout:g} s)") from None
+            delay = backoff_delay(c, attempt)
+            log.warning("reading %s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__, e,
+                        attempt + 1, c.retries, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def resolve_at_start(spec: str, c: StorageConfig, observer: StorageObserver | None = None) -> list[Shard]:
+    """The shard list with sample counts, under the same timeouts and retries as shard reads. A shard of a
+    pattern or list that does not exist is skipped, logged and counted as failed (as a manifest's would be)."""
+    use_storage_timeouts(c)
+    observer = observer or StorageObserver()
+    shards = retrying(c, spec, lambda: sources.resolve_shards(spec))
+    counted = []
+    for shard in shards:
+        try:
+            counted.append(retrying(c, shard.url, lambda shard=shard: sources.with_counts([shard])[0]))
+        except FileNotFoundError:
+            observer.failed()
+            log.error("shard not found, skipped: %s", shard.url)
+    if not counted:
+        raise DataSpecError(f"none of the shards of {spec} exists")
+    return counted
 
 
 class ShardReader:
@@ -88,7 +142,7 @@ class ShardReader:
                 if attempt == c.retries:
                     self.observer.failed()
                     raise ShardReadError(f"{shard.url}: {type(e).__name__}: {e} (after {attempt} retries)") from e
-                delay = min(c.max_backoff_seconds, c.backoff_seconds * 2**attempt) * (0.5 + random.random())
+                delay = backoff_delay(c, attempt)
                 self.observer.retry()
                 log.warning("read of %s failed (%s: %s); retry %d/%d in %.2fs",
                             shard.url, type(e).__name__, e, attempt + 1, c.retries, delay)

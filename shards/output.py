@@ -30,7 +30,23 @@ def storage_options(url: str) -> dict:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
+    # An endpoint that accepts connections and never answers must not hang the run: every S3 call has a
+    # timeout (MOCOSTREAM_STORAGE_TIMEOUT seconds, as the trainer's --storage-timeout; default 60).
+    timeout = storage_timeout()
+    opts["config_kwargs"] = {"connect_timeout": min(10.0, timeout), "read_timeout": timeout,
+                             "retries": {"max_attempts": 3, "mode": "standard"}}
     return opts
+
+
+def storage_timeout() -> float:
+    raw = os.environ.get("MOCOSTREAM_STORAGE_TIMEOUT", "60")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value <= 0:
+        raise ShardError(f"MOCOSTREAM_STORAGE_TIMEOUT must be a number of seconds > 0, got {raw!r}")
+    return value
 
 
 class Destination:
@@ -59,14 +75,26 @@ class Destination:
                     pass
                 os.remove(probe)
             else:
-                bucket = self.root.split("/", 1)[0]
-                if not self.fs.exists(bucket):
-                    raise ShardError(f"bucket not found: {bucket} (in {self.url})")
-                self.fs.exists(self.join("manifest.json"))  # fails here on bad credentials
+                self._check_bucket()
         except ShardError:
             raise
         except Exception as exc:  # permissions, bad credentials, unreachable endpoint
             raise ShardError(f"cannot use destination {self.url}: {type(exc).__name__}: {exc}") from exc
+
+    def _check_bucket(self) -> None:
+        """A listing (not `exists`, which answers False to refused credentials too) tells a missing bucket
+        from a wrong key or secret."""
+        bucket = self.root.split("/", 1)[0]
+        retries, self.fs.retries = self.fs.retries, 1  # at start botocore's bounded retries are enough
+        try:
+            self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+        except FileNotFoundError:
+            raise ShardError(f"bucket not found: {bucket} (in {self.url})") from None
+        except PermissionError as exc:
+            raise ShardError(f"S3 refused access to {self.url}: {exc} (check AWS_ACCESS_KEY_ID and "
+                             f"AWS_SECRET_ACCESS_KEY)") from None
+        finally:
+            self.fs.retries = retries
 
     def remove_stale_temps(self) -> None:
         """Temp files of a killed earlier run (local only: remote temps live in a local temp dir)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -154,3 +157,156 @@ def test_kill_9_of_the_trainer_leaves_no_worker_behind(shards, tmp_path):
             except ProcessLookupError:
                 pass
         proc.communicate()
+
+
+# ---- damaged checkpoints ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_folder(shards, tmp_path_factory) -> Path:
+    """Checkpoints at steps 4 and 6 of a 6-step run."""
+    ckpt = tmp_path_factory.mktemp("trained") / "ckpt"
+    summary_of(train(shards, ckpt, "--steps", "6", "--checkpoint-every", "2"))
+    assert steps_in(ckpt) == [4, 6]
+    return ckpt
+
+
+DAMAGE = {
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+    "garbage": lambda data: os.urandom(4096),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_resume_falls_back_from_a_damaged_latest_checkpoint(shards, trained_folder, tmp_path, damage):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_folder, ckpt)
+    latest = ckpt / "checkpoint-00000006.pt"
+    latest.write_bytes(DAMAGE[damage](latest.read_bytes()))
+    r = train(shards, ckpt, "--steps", "7", "--resume")
+    summary = summary_of(r)
+    assert "checkpoint-00000006.pt is damaged" in r.stderr and "ERROR" in r.stderr  # loudly
+    assert "resumed from" in r.stderr and "checkpoint-00000004.pt at step 4" in r.stderr
+    assert summary["steps_run"] == 3 and summary["step"] == 7
+
+
+def test_resume_with_only_damaged_checkpoints_is_a_one_line_error(shards, trained_folder, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_folder, ckpt)
+    for path in ckpt.glob("checkpoint-*.pt"):
+        path.write_bytes(b"")
+    error = one_line_error(train(shards, ckpt, "--steps", "7", "--resume"))
+    assert "no intact checkpoint" in error and "2 damaged" in error
+
+
+def test_resume_with_another_architecture_is_a_one_line_error(shards, trained_folder, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(trained_folder, ckpt)
+    args = [a if a != "resnet18_cifar_small" else "resnet18_cifar_half" for a in SMALL]
+    r = cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", str(ckpt), *args,
+            "--steps", "7", "--resume")
+    assert "trained with --arch resnet18_cifar_small" in one_line_error(r)
+    r = train(shards, ckpt, "--steps", "7", "--resume", "--dim", "32")
+    assert "does not fit this model" in one_line_error(r)
+
+
+# ---- the checkpoint folder is checked at start ----------------------------------------------------------
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size, read_only) -> a fresh real tmpfs (needs root or CAP_SYS_ADMIN; skips otherwise)."""
+    mounted = []
+
+    def mount(size: str, read_only: bool = False) -> Path:
+        path = tmp_path / f"mnt{len(mounted)}"
+        path.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}" + (",ro" if read_only else ""), "tmpfs",
+                            str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_read_only_checkpoint_folder_fails_at_start(shards, tmpfs):
+    ckpt = tmpfs("1m", read_only=True)
+    r = train(shards, ckpt, "--steps", "3")
+    error = one_line_error(r)
+    assert "is not writable" in error and "Read-only file system" in error
+    assert "step 1" not in r.stderr  # found before any work, not at the first checkpoint
+
+
+def test_full_checkpoint_disk_fails_at_start(shards, tmpfs):
+    ckpt = tmpfs("4m")
+    r = train(shards, ckpt, "--steps", "3")
+    error = one_line_error(r)
+    assert "MB free; a checkpoint needs about" in error and "step 1" not in r.stderr
+
+
+def test_a_checkpoint_that_fills_the_disk_leaves_no_partial_file(tmpfs):
+    from ops import checkpoint
+
+    ckpt = tmpfs("4m")
+    with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
+        checkpoint.save(str(ckpt), 1, {"step": 1, "weights": torch.zeros(2 << 20)})  # 8 MB
+    assert list(ckpt.iterdir()) == []
+
+
+def test_bad_s3_credentials_for_checkpoints_fail_at_start(shards, s3_server):
+    s3_server.make_bucket("ckpt-creds")
+    env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    r = cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", "s3://ckpt-creds/run", *SMALL,
+            "--steps", "3", env=env)
+    error = one_line_error(r)
+    assert "is not writable" in error and "signature" in error.lower() and "step 1" not in r.stderr
+
+
+# ---- storage that never answers --------------------------------------------------------------------------
+@pytest.fixture
+def silent_endpoint():
+    """An HTTP endpoint that accepts connections and never answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    stop.set()
+    server.close()
+    for conn in held:
+        conn.close()
+
+
+SILENT_ENV = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def test_training_start_up_honours_storage_timeout_and_retries(silent_endpoint, tmp_path):
+    r = cli("train", "--data", "s3://bucket/data", "--storage-timeout", "1", "--storage-retries", "1",
+            "--checkpoint-dir", str(tmp_path), "--metrics-port", "0",
+            env={**SILENT_ENV, "AWS_ENDPOINT_URL": silent_endpoint}, timeout=180)
+    error = one_line_error(r)
+    assert "cannot read s3://bucket/data" in error and "after 1 retries, --storage-timeout 1 s" in error
+    assert r.stderr.count("retry 1/1") == 1
+
+
+def test_shards_create_to_a_silent_endpoint_fails_instead_of_hanging(silent_endpoint, imagenette_small):
+    r = cli("shards", "create", str(imagenette_small), "--out", "s3://bucket/x", "--quiet",
+            env={**SILENT_ENV, "AWS_ENDPOINT_URL": silent_endpoint, "MOCOSTREAM_STORAGE_TIMEOUT": "1"}, timeout=180)
+    assert "Read timeout" in one_line_error(r)
+
+
+def test_shards_create_with_a_wrong_secret_says_so(s3_server, imagenette_small):
+    s3_server.make_bucket("create-creds")
+    r = cli("shards", "create", str(imagenette_small), "--out", "s3://create-creds/x", "--quiet",
+            env={**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
+    error = one_line_error(r)
+    assert "S3 refused access" in error and "AWS_SECRET_ACCESS_KEY" in error and "not found" not in error
