@@ -10,10 +10,14 @@ from collections import Counter
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, start_http_server
 
 # Reasons a sample can be skipped, exported at 0 from the start so rates and alerts have a series.
-SKIP_REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format", "no_image",
+SKIP_REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format", "no_image", "too_large",
                 "missing_in_shard", "shard_unreadable", "unreadable_row_group", "decoder_error", "epoch_remainder")
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class MetricsError(OSError):
+    user_error = True
 
 
 class TrainMetrics:
@@ -68,7 +72,11 @@ class TrainMetrics:
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
         """Start the HTTP endpoint; returns the bound port (useful when port 0 asks for any)."""
-        self.server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        try:
+            self.server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:  # in use, or an address this host does not have
+            raise MetricsError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e} (choose another "
+                               "--metrics-port, or 0 to turn the endpoint off)") from None
         return self.server.server_port
 
     def stop(self) -> None:

@@ -71,7 +71,7 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def read_manifest(url: str) -> list[Shard]:
+def read_manifest(url: str, allow_external: bool = False) -> list[Shard]:
     try:
         fs, path = filesystem(url)
         manifest = json.loads(fs.cat_file(path))
@@ -82,28 +82,48 @@ def read_manifest(url: str) -> list[Shard]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise DataSpecError(f"manifest has no 'shards' list: {url}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    shards = []
-    for entry in manifest["shards"]:
-        name = entry["name"]
-        shard_url = name if "://" in name or name.startswith("/") else _join(base, name)
-        shards.append(Shard(shard_url, int(entry["samples"]), shard_format(name),
-                            entry.get("bytes"), entry.get("sha256")))
-    return shards
+    return [_manifest_shard(entry, i, base, url, allow_external) for i, entry in enumerate(manifest["shards"])]
 
 
-def resolve_shards(spec: str) -> list[Shard]:
-    """Turn a data spec into shards, in a stable order."""
+# A tar sample is at least one member: a 512-byte header and a 512-byte block of data.
+MIN_SAMPLE_BYTES = {"tar": 1024, "parquet": 1}
+
+
+def _manifest_shard(entry, index: int, base: str, url: str, allow_external: bool) -> Shard:
+    """One manifest entry, checked: a manifest is input like any other and may be hostile. Names resolve
+    under the manifest's own location (no `..`, absolute paths or URLs unless allowed), and sample counts
+    are positive integers that fit in the shard's bytes (a claim of millions would size the plan)."""
+    where = f"manifest {url}, shard entry {index}"
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
+        raise DataSpecError(f"{where}: needs a 'name' string, got {str(entry)[:100]}")
+    name, samples, size = entry["name"], entry.get("samples"), entry.get("bytes")
+    external = "://" in name or name.startswith("/") or ".." in name.replace("\\", "/").split("/")
+    if external and not allow_external:
+        raise DataSpecError(f"{where}: shard {name!r} is outside the manifest's folder (pass "
+                            "--allow-external-shards to read it)")
+    fmt = shard_format(name)
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise DataSpecError(f"{where} ({name}): 'samples' must be a positive integer, got {samples!r}")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
+        raise DataSpecError(f"{where} ({name}): 'bytes' must be a non-negative integer, got {size!r}")
+    if size is not None and samples * MIN_SAMPLE_BYTES[fmt] > size:
+        raise DataSpecError(f"{where} ({name}): {samples} samples cannot fit in {size} bytes")
+    return Shard(name if external else _join(base, name), samples, fmt, size, entry.get("sha256"))
+
+
+def resolve_shards(spec: str, allow_external: bool = False) -> list[Shard]:
+    """Turn a data spec into shards, in a stable order (`allow_external`: see _manifest_shard)."""
     spec = spec.strip()
     if not spec:
         raise DataSpecError("no data given (--data)")
     if spec.endswith(".json"):
-        return read_manifest(spec)
+        return read_manifest(spec, allow_external)
     if "," not in spec and "{" not in spec and not spec.endswith((".tar", ".parquet")):
         # A folder or prefix: prefer its manifest, else list its shards.
         fs, path = filesystem(spec)
         manifest = _join(spec, "manifest.json")
         if fs.exists(_join(path, "manifest.json")):
-            return read_manifest(manifest)
+            return read_manifest(manifest, allow_external)
         if not fs.exists(path):
             raise DataSpecError(f"data not found: {spec}")
         names = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".parquet")))
