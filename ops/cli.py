@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .config import build_config, printable_config, read_config_file
+from .config import build_config, mask_logs, mask_text, printable_config, read_config_file
 
 TRAIN_FLAGS = [
     # (flag, type, help)
@@ -54,7 +54,8 @@ TRAIN_FLAGS = [
                       "--budget-minutes ends the run)"),
     ("--device", str, "auto, cpu or cuda"),
     ("--metrics-port", int, "Prometheus endpoint port (rank r uses port + local rank); 0 disables"),
-    ("--metrics-addr", str, "address the metrics endpoint binds to"),
+    ("--metrics-addr", str, "address the metrics endpoint binds to (default 0.0.0.0: every interface, no "
+                            "authentication, as a pod's scrape target needs; 127.0.0.1 keeps it on this host)"),
     ("--checkpoint-dir", str, "folder or s3:// prefix for checkpoints"),
     ("--checkpoint-every", int, "steps between checkpoints"),
     ("--keep-checkpoints", int, "how many recent checkpoints to keep"),
@@ -82,6 +83,8 @@ def add_train_parser(sub) -> None:
                    help="SyncBatchNorm in the query encoder (GPU, several ranks)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the encoders")
+    p.add_argument("--allow-external-shards", action=argparse.BooleanOptionalAction, default=None,
+                   help="let a manifest name shards outside its own folder (../, absolute paths, URLs)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (secrets masked) and exit")
     p.set_defaults(func=run_train)
@@ -146,13 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    mask_logs()  # shard URLs in log lines keep no password or signature
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except Exception as e:
         if getattr(e, "user_error", False) or isinstance(e, (FileNotFoundError, PermissionError)):
-            print(f"mocostream: error: {e}", file=sys.stderr)
+            print(f"mocostream: error: {mask_text(str(e))}", file=sys.stderr)
             return 2
         raise
 

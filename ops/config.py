@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
 import tomllib
@@ -74,6 +75,7 @@ class TrainConfig:
     read_ahead_mb: int = 1024  # ... and at most this many MB of them in flight
     storage_retries: int = 5
     storage_timeout: float = 60.0  # seconds for a storage read to make progress
+    allow_external_shards: bool = False  # manifest names outside the manifest's folder (.., /abs, URLs)
     epochs: int | None = None  # None: endless stream; the run ends after --steps / --budget-minutes either way
     device: str = "auto"  # auto | cpu | cuda
     metrics_port: int = 9400  # 0 disables; rank r serves on port + local rank
@@ -114,6 +116,9 @@ class TrainConfig:
             (self.batch_size >= 2, "--batch-size must be >= 2"),
             (self.image_size >= 8, "--image-size must be >= 8"),
             (self.queue_size >= 1, "--queue-size must be >= 1"),
+            (self.dim >= 1, "--dim must be >= 1"),
+            (self.bn_splits >= 0 and (self.bn_splits == 0 or self.batch_size % self.bn_splits == 0),
+             f"--bn-splits must divide --batch-size {self.batch_size} (or be 0 for auto)"),
             (0.0 <= self.moco_momentum <= 1.0, "--moco-momentum must be in [0, 1]"),
             (self.temperature is None or self.temperature > 0, "--temperature must be > 0"),
             (self.arch in ARCHS, f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}"),
@@ -168,21 +173,43 @@ def _option_type(name: str) -> type:
     return hint
 
 
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _optional(name: str) -> bool:
+    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
+
+
 def _parse_env(name: str, raw: str):
+    return _typed(name, raw, ENV_PREFIX + name.upper())
+
+
+def _typed(name: str, value, where: str):
+    """`value` as the option's type: strings are parsed (environment, quoted config values); other values
+    must already be of that type (YAML/TOML/JSON numbers and booleans). Anything else: ConfigError naming
+    the option, so `"resume": "no"` never turns resuming on."""
     typ = _option_type(name)
-    env = ENV_PREFIX + name.upper()
-    if typ is bool:
-        if raw.lower() in ("1", "true", "yes", "on"):
-            return True
-        if raw.lower() in ("0", "false", "no", "off"):
-            return False
-        raise ConfigError(f"{env} must be true or false, got {raw!r}")
-    if typ in (int, float):
-        try:
-            return typ(raw)
-        except ValueError:
-            raise ConfigError(f"{env} must be a{'n integer' if typ is int else ' number'}, got {raw!r}") from None
-    return raw
+    if value is None and _optional(name):
+        return None
+    if isinstance(value, str) and typ is not str:
+        text = value.strip().lower()
+        if typ is bool and text in TRUE_WORDS + FALSE_WORDS:
+            return text in TRUE_WORDS
+        if typ in (int, float):
+            try:
+                return typ(text)
+            except ValueError:
+                pass
+    elif typ is bool and isinstance(value, bool):
+        return value
+    elif typ is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif typ is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif typ is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where} must be {TYPE_WORDS.get(typ, typ.__name__)}, got {value!r}")
 
 
 def env_values(environ: typing.Mapping[str, str] | None = None) -> dict:
@@ -204,15 +231,46 @@ SECRET_NAME = re.compile(r"secret|password|token|credential|(^|_)key$", re.IGNOR
 URL_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@]*):(?P<password>[^@/]*)@", re.IGNORECASE)
 
 
+# Query parameters of presigned / SAS URLs that grant access (X-Amz-Signature, X-Amz-Security-Token, sig, ...).
+SECRET_QUERY = re.compile(r"(?P<name>[?&][^=&\s]*(?:signature|sig|token|secret|credential|password|key)[^=&\s]*=)"
+                          r"[^&\s#'\"]*", re.IGNORECASE)
+
+
+# user:password@host without its scheme, as storage clients quote a URL's "bucket" in their errors
+BARE_USERINFO = re.compile(r"(?P<pre>[\s\"'(]|^)(?P<user>[^\s:/@\"']+):[^\s@/\"']+@(?=[\w.-])")
+
+
+def mask_text(text: str) -> str:
+    """`text` with passwords in URLs and presigned-URL signatures replaced by ***."""
+    text = URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    text = BARE_USERINFO.sub(lambda m: f"{m['pre']}{m['user']}:***@", text)
+    return SECRET_QUERY.sub(lambda m: f"{m['name']}***", text)
+
+
 def mask_secrets(value, name: str = ""):
-    """A copy of `value` safe to print: passwords in URLs and values of secret-looking names become ***."""
+    """A copy of `value` safe to print: passwords in URLs, URL signatures and values of secret-looking
+    names become ***."""
     if isinstance(value, dict):
         return {k: mask_secrets(v, k) for k, v in value.items()}
     if isinstance(value, str):
         if name and SECRET_NAME.search(name) and value:
             return "***"
-        return URL_USERINFO.sub(lambda m: f"{m['scheme']}{m['user']}:***@", value)
+        return mask_text(value)
     return value
+
+
+class MaskingFormatter(logging.Formatter):
+    """Log lines (shard URLs in warnings and errors) never carry a password or a URL signature."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return mask_text(super().format(record))
+
+
+def mask_logs() -> None:
+    """Give every handler of the root logger the masking formatter (keeping its format)."""
+    for handler in logging.getLogger().handlers:
+        fmt = handler.formatter
+        handler.setFormatter(MaskingFormatter(fmt._fmt if fmt else None, fmt.datefmt if fmt else None))
 
 
 def printable_config(cfg: TrainConfig, environ: typing.Mapping[str, str] | None = None) -> dict:
@@ -230,6 +288,7 @@ def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str
     unknown = sorted(set(file_values) - known)
     if unknown:
         raise ConfigError(f"unknown option in config file: {unknown[0]}")
+    file_values = {k: _typed(k, v, f"{k} in the config file") for k, v in file_values.items()}
     values = {**file_values, **env_values(environ),
               **{k: v for k, v in overrides.items() if v is not None and k in known}}
     try:
