@@ -30,7 +30,7 @@ from pipeline.loader import LoaderConfig, TwoViewLoader
 from pipeline.storage import StorageConfig, resolve_at_start
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig
+from .config import ConfigError, TrainConfig, mask_secrets
 from .evaluate import knn_eval
 from .metrics import TrainMetrics
 
@@ -176,6 +176,24 @@ def load_model_state(model: MoCo, state: dict, path: str, cfg: TrainConfig) -> N
                           f"{checkpoint.first_line(e)}") from None
 
 
+def trace_lines(keys) -> str:
+    """One line per key: a newline (or backslash) inside a key is escaped, so every line is one key."""
+    return "".join(str(k).replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r") + "\n" for k in keys)
+
+
+def roll_back_traces(cfg: TrainConfig, state: dict, rank: int) -> None:
+    """Cut this rank's key and loss traces back to what the checkpoint covers: steps done after it (by a run
+    killed with -9) are trained again, so without this their keys would appear twice."""
+    offsets = state.get("trace") or []
+    if not cfg.trace_keys or rank >= len(offsets) or offsets[rank] is None:
+        return
+    for path, offset in zip((f"{cfg.trace_keys}.rank{rank}", f"{cfg.trace_keys}.rank{rank}.loss"), offsets[rank]):
+        if os.path.exists(path) and os.path.getsize(path) > offset:
+            log.warning("%s: %d bytes written after the checkpoint removed (those steps run again)",
+                        path, os.path.getsize(path) - offset)
+            os.truncate(path, offset)
+
+
 def train(cfg: TrainConfig) -> dict:
     rank, world, local_rank, device = setup_distributed(cfg)
     torch.manual_seed(cfg.seed + rank)
@@ -190,7 +208,7 @@ def train(cfg: TrainConfig) -> dict:
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
         epochs=cfg.epochs, storage=storage),
-        shards=resolve_at_start(cfg.data, storage, metrics), observer=metrics)
+        shards=resolve_at_start(cfg.data, storage, metrics, cfg.allow_external_shards), observer=metrics)
 
     model = build_model(cfg, world, device)
     check_checkpoint_dir(cfg, model)
@@ -232,6 +250,7 @@ def train(cfg: TrainConfig) -> dict:
                             world, state["world"], cfg.batch_size * world)
             if is_main:
                 log.info("resumed from %s at step %d", path, step)
+            roll_back_traces(cfg, state, rank)
 
     metrics_port = None
     if cfg.metrics_port:
@@ -252,7 +271,8 @@ def train(cfg: TrainConfig) -> dict:
     stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
 
     def save(reason: str) -> str | None:
-        states = gather({"loader": loader.state_dict(), "rng": rng_state()}, world)
+        states = gather({"loader": loader.state_dict(), "rng": rng_state(),
+                         "trace": (trace.tell(), loss_trace.tell()) if trace else None}, world)
         path = None
         if is_main:
             t0 = time.perf_counter()
@@ -260,7 +280,8 @@ def train(cfg: TrainConfig) -> dict:
                 "step": step, "train_seconds": trained, "world": world, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
-                "config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
+                "trace": [s["trace"] for s in states],
+                "config": mask_secrets(dataclasses.asdict(cfg))}, keep=cfg.keep_checkpoints)
             metrics.checkpoint_seconds.labels(str(rank)).observe(time.perf_counter() - t0)
             log.info("checkpoint (%s) at step %d: %s", reason, step, path)
         if trace:
@@ -335,7 +356,7 @@ def train(cfg: TrainConfig) -> dict:
             loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
             step += 1
             if trace:
-                trace.write("".join(k + "\n" for k in batch.keys))
+                trace.write(trace_lines(batch.keys))
             t_step_end = time.perf_counter()
             metrics.record_step(len(batch.keys), t_step_end - t_end, t_data - t_end)
             wait_total += t_data - t_end

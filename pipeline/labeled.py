@@ -50,14 +50,29 @@ def _folder_items(root: Path, max_per_class: int | None):
             yield str(f), index, f.read_bytes
 
 
+BAD_LABEL = -1  # a label that is there but is not a class index: skipped and counted, never fatal
+
+
+def _as_label(raw) -> int:
+    """A class index (an integer >= 0, or its text), else BAD_LABEL."""
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    if isinstance(raw, str) and raw.strip().isdigit():
+        return int(raw.strip())
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else BAD_LABEL
+
+
 def _label_of(sample: dict) -> int | None:
     if "cls" in sample:
-        return int(sample["cls"].decode().strip())
+        return _as_label(sample["cls"])
     if "json" in sample:
-        meta = json.loads(sample["json"])
+        try:
+            meta = json.loads(sample["json"])
+        except ValueError:
+            return BAD_LABEL
         for name in ("label", "cls"):
-            if name in meta:
-                return int(meta[name])
+            if isinstance(meta, dict) and name in meta:
+                return _as_label(meta[name])
     return None
 
 
@@ -71,7 +86,7 @@ def _shard_items(spec: str):
 
             table = pq.read_table(io.BytesIO(data), columns=["key", "image", "label"])
             for key, image, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
-                yield f"{shard.url}:{key}", label, (lambda image=image: image)
+                yield f"{shard.url}:{key}", None if label is None else _as_label(label), (lambda image=image: image)
             continue
         members = ({**f, "__url__": shard.url} for f in tar_file_iterator(io.BytesIO(data)))
         for sample in group_by_keys(members):
@@ -98,9 +113,10 @@ def load_labeled(spec: str, size: int, max_per_class: int | None = None) -> Labe
         raise DataSpecError(f"labelled eval data not found: {spec}")
     per_class: Counter = Counter()
     for name, label, read in items:
-        if label is None:
-            skipped["no_label"] += 1
-            log.warning("eval sample without a label skipped: %s", name)
+        if label is None or label == BAD_LABEL:
+            reason = "no_label" if label is None else "bad_label"
+            skipped[reason] += 1
+            log.warning("eval sample skipped (%s): %s", reason, name)
             continue
         if max_per_class is not None and per_class[label] >= max_per_class:
             continue
@@ -114,9 +130,26 @@ def load_labeled(spec: str, size: int, max_per_class: int | None = None) -> Labe
         per_class[label] += 1
     if not images:
         raise DataSpecError(f"no labelled images in {spec}")
-    if classes is None:
-        classes = [str(i) for i in range(max(labels) + 1)]
+    if classes is None:  # shard labels: the classes present, so a label of 20M costs one class, not 20M
+        classes = [str(c) for c in sorted(set(labels))]
+        index = {int(c): i for i, c in enumerate(classes)}
+        labels = [index[label] for label in labels]
     return LabeledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes, skipped)
+
+
+def _class_order(name: str) -> tuple:
+    return (0, int(name), "") if name.isdigit() else (1, 0, name)
+
+
+def aligned(*sets: LabeledImages) -> list[LabeledImages]:
+    """The sets with one class list (by class name), so the same class has the same index in each."""
+    classes = sorted(set().union(*(s.classes for s in sets)), key=_class_order)
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for s in sets:
+        remap = torch.tensor([index[c] for c in s.classes], dtype=torch.long)
+        out.append(LabeledImages(s.images, remap[s.labels] if len(s.labels) else s.labels, classes, s.skipped))
+    return out
 
 
 def knn_sets(spec: str, size: int, max_per_class: int | None = None) -> tuple[LabeledImages, LabeledImages]:
@@ -125,7 +158,9 @@ def knn_sets(spec: str, size: int, max_per_class: int | None = None) -> tuple[La
     path = Path(spec)
     test = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
     if (path / "train").is_dir() and test is not None:
-        return load_labeled(str(path / "train"), size, max_per_class), load_labeled(str(test), size, max_per_class)
+        bank, queries = aligned(load_labeled(str(path / "train"), size, max_per_class),
+                                load_labeled(str(test), size, max_per_class))
+        return bank, queries
     full = load_labeled(spec, size, max_per_class)
     seen: Counter = Counter()
     is_query = []

@@ -80,12 +80,13 @@ def retrying(c: StorageConfig, what: str, call):
     raise AssertionError("unreachable")
 
 
-def resolve_at_start(spec: str, c: StorageConfig, observer: StorageObserver | None = None) -> list[Shard]:
+def resolve_at_start(spec: str, c: StorageConfig, observer: StorageObserver | None = None,
+                     allow_external: bool = False) -> list[Shard]:
     """The shard list with sample counts, under the same timeouts and retries as shard reads. A shard of a
     pattern or list that does not exist is skipped, logged and counted as failed (as a manifest's would be)."""
     use_storage_timeouts(c)
     observer = observer or StorageObserver()
-    shards = retrying(c, spec, lambda: sources.resolve_shards(spec))
+    shards = retrying(c, spec, lambda: sources.resolve_shards(spec, allow_external))
     counted = []
     for shard in shards:
         try:

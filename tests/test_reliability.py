@@ -2,6 +2,7 @@
 checkpoint folders, Ctrl-C and kill -9 of the process group, damaged checkpoints, unwritable folders."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -310,3 +311,223 @@ def test_shards_create_with_a_wrong_secret_says_so(s3_server, imagenette_small):
             env={**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"})
     error = one_line_error(r)
     assert "S3 refused access" in error and "AWS_SECRET_ACCESS_KEY" in error and "not found" not in error
+
+
+# ---- hostile shards and manifests ------------------------------------------------------------------------
+def jpegs(folder: Path, n: int) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(folder.rglob("*.JPEG"))[:n] or sorted(folder.rglob("*.jp*g"))[:n]]
+
+
+def write_tar(path: Path, members: list[tuple[str, bytes | int]]) -> None:
+    """Members: (name, bytes), or (name, size) for a member of `size` zero bytes streamed from /dev/zero."""
+    import tarfile
+
+    with tarfile.open(path, "w") as tf:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(content, int):
+                info.size = content
+                with open("/dev/zero", "rb") as zeros:
+                    tf.addfile(info, zeros)
+            else:
+                info.size = len(content)
+                tf.addfile(info, io.BytesIO(content))
+
+
+@pytest.fixture(scope="module")
+def hostile_shards(imagenette_small, tmp_path_factory) -> Path:
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    out = tmp_path_factory.mktemp("hostile")
+    images = jpegs(imagenette_small, 24)
+    assert len(images) == 24
+    write_tar(out / "a-good.tar", [(f"good{i}.jpg", img) for i, img in enumerate(images[:8])])
+    # a member of 65 MiB (over the 64 MiB limit) beside an ordinary sample
+    write_tar(out / "b-big-member.tar", [("huge.jpg", 65 << 20), ("fine.jpg", images[8])])
+    # a gzip-compressed `.tar` expanding 1 MiB -> 300 MiB: refused unread
+    write_tar(out / "bomb-inner.tar", [("bomb.jpg", 300 << 20)])
+    (out / "c-bomb.tar").write_bytes(gzip.compress((out / "bomb-inner.tar").read_bytes(), compresslevel=1))
+    (out / "bomb-inner.tar").unlink()
+    # parquet without a key column, and one with integer keys
+    pq.write_table(pa.table({"image": images[9:15]}), out / "d-no-key.parquet")
+    pq.write_table(pa.table({"key": list(range(100, 108)), "image": images[16:24]}), out / "e-int-key.parquet")
+    # a member name with a newline in it
+    write_tar(out / "f-newline.tar", [("two\nlines.jpg", images[0])])
+    return out
+
+
+def test_hostile_shards_cost_only_their_own_samples(hostile_shards, tmp_path):
+    trace = tmp_path / "keys"
+    r = cli("train", "--data", str(hostile_shards), "--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"),
+            "--trace-keys", str(trace), "--epochs", "1", "--steps", "100", *SMALL)
+    summary = summary_of(r)
+    assert summary["skipped"].get("too_large") == 1
+    assert "gzip-compressed tar shard skipped" in r.stderr and "c-bomb.tar" in r.stderr
+    keys = Path(f"{trace}.rank0").read_text().splitlines()
+    # 8 + 1 + 6 + 8 + 1 = 24 readable samples, 6 batches of 4; a newline in a key is escaped in the trace
+    expected = ({f"good{i}" for i in range(8)} | {"fine"} | {f"d-no-key-row{i}" for i in range(6)}
+                | {str(k) for k in range(100, 108)} | {"two\\nlines"})
+    assert summary["step"] == 6 and len(keys) == 24 and set(keys) == expected
+
+
+def test_keys_rolled_back_by_kill_9_are_cut_from_the_trace_on_resume(shards, tmp_path):
+    ckpt, trace = tmp_path / "ckpt", tmp_path / "keys"
+    summary_of(train(shards, ckpt, "--steps", "6", "--stop-after", "4", "--trace-keys", str(trace)))
+    keys, losses = Path(f"{trace}.rank0"), Path(f"{trace}.rank0.loss")
+    before = keys.read_text()
+    assert len(before.split()) == 16 and len(losses.read_text().splitlines()) == 4
+    # What a run killed with -9 two steps after its checkpoint leaves behind: steps 5 and 6, never checkpointed.
+    keys.write_text(before + "".join(f"rolled-back-{i}\n" for i in range(8)))
+    losses.write_text(losses.read_text() + "5 1.0\n6 1.0\n")
+    r = train(shards, ckpt, "--steps", "6", "--resume", "--trace-keys", str(trace))
+    summary_of(r)
+    after = keys.read_text().split()
+    assert after[:16] == before.split() and len(after) == 24 == len(set(after)) and "rolled-back-0" not in after
+    assert [int(line.split()[0]) for line in losses.read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert "written after the checkpoint removed" in r.stderr
+
+
+def test_missing_shard_of_a_brace_pattern_is_skipped_and_counted(shards, tmp_path):
+    pattern = f"{shards}/shard-{{000000..000008}}.tar"  # 8 shards exist: 000000 to 000007
+    r = cli("train", "--data", pattern, "--backend", "torch", "--checkpoint-dir", str(tmp_path), "--steps", "2", *SMALL)
+    assert summary_of(r)["step"] == 2
+    assert "shard not found, skipped" in r.stderr and "shard-000008.tar" in r.stderr
+
+
+# ---- configuration ---------------------------------------------------------------------------------------
+def test_config_file_values_are_type_checked(tmp_path):
+    conf = tmp_path / "c.json"
+    conf.write_text(json.dumps({"data": "/d", "resume": "false", "symmetric": "no", "mlp": "false"}))
+    r = cli("train", "--config", str(conf), "--print-config")
+    options = json.loads(r.stdout)["options"]
+    assert (options["resume"], options["symmetric"], options["mlp"]) == (False, False, False)
+    for bad, words in [({"batch_size": "eight"}, "batch_size in the config file must be an integer, got 'eight'"),
+                       ({"resume": "maybe"}, "resume in the config file must be true or false"),
+                       ({"steps": 2.5}, "steps in the config file must be an integer")]:
+        conf.write_text(json.dumps({"data": "/d", **bad}))
+        assert words in one_line_error(cli("train", "--config", str(conf), "--print-config"))
+
+
+def test_secrets_are_masked_in_print_config_and_error_lines(tmp_path):
+    presigned = ("https://bucket.s3.amazonaws.com/shard.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&"
+                 "X-Amz-Credential=AKIDEXAMPLE%2F20261201&X-Amz-Signature=deadbeefcafe")
+    r = cli("train", "--data", presigned, "--print-config")
+    data = json.loads(r.stdout)["options"]["data"]
+    assert "deadbeefcafe" not in data and "AKIDEXAMPLE" not in data and "X-Amz-Signature=***" in data
+    r = cli("train", "--data", "s3://user:hunter2@127.0.0.1:9/b/shard.tar,s3://user:hunter2@127.0.0.1:9/b/x.tar",
+            "--storage-retries", "1", "--storage-timeout", "1", "--checkpoint-dir", str(tmp_path),
+            "--metrics-port", "0", env=SILENT_ENV, timeout=180)
+    assert r.returncode != 0 and "hunter2" not in r.stderr and "user:***@" in r.stderr
+
+
+def test_checkpoints_store_the_masked_config(tmp_path):
+    from ops.config import build_config, mask_secrets
+
+    cfg = build_config({}, {"data": "s3://u:hunter2@host/b/s.tar"}, environ={})
+    assert "hunter2" not in json.dumps(mask_secrets(__import__("dataclasses").asdict(cfg)))
+    assert "mask_secrets(dataclasses.asdict(cfg))" in (REPO / "ops" / "train.py").read_text()
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--dim", "0"], "--dim must be >= 1"),
+    (["--bn-splits", "3"], "--bn-splits must divide --batch-size 4"),
+])
+def test_bad_model_options_give_one_line_errors(args, words, capsys):
+    from ops.cli import main as cli_main
+
+    assert cli_main(["train", "--data", "x.tar", "--batch-size", "4", *args, "--print-config"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+
+
+def test_metrics_port_in_use_is_a_one_line_error(shards, tmp_path):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        args = [a for a in SMALL]
+        args[args.index("--metrics-port") + 1] = str(port)
+        r = cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", str(tmp_path), *args,
+                "--metrics-addr", "127.0.0.1", "--steps", "1")
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in one_line_error(r)
+
+
+def test_metrics_bind_address_is_explained_in_help():
+    r = cli("train", "--help")
+    assert "0.0.0.0" in r.stdout and "no authentication" in " ".join(r.stdout.split())
+
+
+# ---- manifests -------------------------------------------------------------------------------------------
+def manifest_with(folder: Path, tmp_path: Path, **changes) -> Path:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key, value in changes.items():
+        manifest["shards"][0][key] = value
+    path = tmp_path / "m" / "manifest.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(manifest))
+    for entry in manifest["shards"][1:]:
+        (path.parent / entry["name"]).symlink_to(folder / entry["name"])
+    return path
+
+
+def test_manifest_names_outside_its_folder_are_refused_unless_allowed(shards, tmp_path):
+    folder = Path(shards)
+    manifest = manifest_with(folder, tmp_path, name="../outside/shard-000000.tar")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "shard-000000.tar").symlink_to(folder / "shard-000000.tar")
+    flags = ["--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"), "--steps", "1", *SMALL]
+    error = one_line_error(cli("train", "--data", str(manifest), *flags))
+    assert "'../outside/shard-000000.tar' is outside the manifest's folder" in error
+    assert "--allow-external-shards" in error
+    assert summary_of(cli("train", "--data", str(manifest), "--allow-external-shards", *flags))["step"] == 1
+
+
+@pytest.mark.parametrize("name", ["/etc/shard.tar", "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
+def test_external_manifest_names_are_refused(shards, tmp_path, name):
+    from pipeline.sources import DataSpecError, resolve_shards
+
+    with pytest.raises(DataSpecError, match="outside the manifest's folder"):
+        resolve_shards(str(manifest_with(Path(shards), tmp_path, name=name)))
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"samples": -5}, "'samples' must be a positive integer, got -5"),
+    ({"samples": 0}, "'samples' must be a positive integer, got 0"),
+    ({"samples": 2.5}, "'samples' must be a positive integer, got 2.5"),
+    ({"samples": "16"}, "'samples' must be a positive integer, got '16'"),
+    ({"samples": 30_000_000}, "30000000 samples cannot fit in"),
+    ({"bytes": -1}, "'bytes' must be a non-negative integer"),
+    ({"name": None}, "needs a 'name' string"),
+])
+def test_manifest_entries_are_validated(shards, tmp_path, changes, words):
+    from pipeline.sources import DataSpecError, resolve_shards
+
+    with pytest.raises(DataSpecError, match="shard entry 0") as e:
+        resolve_shards(str(manifest_with(Path(shards), tmp_path, **changes)))
+    assert words in str(e.value)
+
+
+def test_a_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp_path):
+    manifest = manifest_with(Path(shards), tmp_path, samples=30_000_000)
+    r = cli("train", "--data", str(manifest), "--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"),
+            "--steps", "1", *SMALL)
+    assert "30000000 samples cannot fit in" in one_line_error(r)
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps({"shards": ["shard-000000.tar"]}))
+    assert "needs a 'name' string" in one_line_error(cli("train", "--data", str(manifest), "--steps", "1", *SMALL))
+
+
+# ---- labelled evaluation data ----------------------------------------------------------------------------
+def test_eval_skips_bad_labels_and_a_huge_label_costs_one_class(imagenette_small, tmp_path):
+    images = jpegs(imagenette_small, 12)
+    members = []
+    for i, img in enumerate(images):
+        label = {0: b"abc", 1: b"-3", 2: b"20000000"}.get(i, str(i % 2).encode())
+        members += [(f"s{i:02d}.jpg", img), (f"s{i:02d}.cls", label)]
+    write_tar(tmp_path / "eval-000000.tar", members)
+    r = cli("eval", "knn", "--data", str(tmp_path), "--arch", "resnet18_cifar_small", "--image-size", "16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["train_images"] + result["test_images"] == 10  # 12 - "abc" - "-3"
+    assert result["classes"] == 3 and result["skipped"] == {"bad_label": 2}
+    assert r.stderr.count("eval sample skipped (bad_label)") == 2
