@@ -30,7 +30,7 @@ from pipeline.loader import LoaderConfig, TwoViewLoader
 from pipeline.storage import StorageConfig, resolve_at_start
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, mask_secrets
+from .config import ConfigError, TrainConfig, mask_secrets, mask_text
 from .evaluate import knn_eval
 from .metrics import TrainMetrics
 
@@ -185,8 +185,9 @@ def roll_back_traces(cfg: TrainConfig, state: dict, rank: int) -> None:
     """Cut this rank's key and loss traces back to what the checkpoint covers: steps done after it (by a run
     killed with -9) are trained again, so without this their keys would appear twice."""
     offsets = state.get("trace") or []
-    if not cfg.trace_keys or rank >= len(offsets) or offsets[rank] is None:
-        return
+    same_trace = (state.get("config") or {}).get("trace_keys") == mask_text(cfg.trace_keys or "")
+    if not cfg.trace_keys or not same_trace or rank >= len(offsets) or offsets[rank] is None:
+        return  # another trace path than the checkpointed run's: not its file to cut
     for path, offset in zip((f"{cfg.trace_keys}.rank{rank}", f"{cfg.trace_keys}.rank{rank}.loss"), offsets[rank]):
         if os.path.exists(path) and os.path.getsize(path) > offset:
             log.warning("%s: %d bytes written after the checkpoint removed (those steps run again)",
