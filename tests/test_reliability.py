@@ -84,7 +84,14 @@ def start(shards: str, ckpt: Path, trace: Path, *extra: str) -> subprocess.Popen
            "--checkpoint-dir", str(ckpt), "--trace-keys", str(trace), "--steps", "100000",
            "--checkpoint-every", "100000", *SMALL, "--workers", "2", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True,
+                            preexec_fn=default_sigint)
+
+
+def default_sigint() -> None:
+    """Ctrl-C as at a terminal: a test runner started in the background inherits SIGINT ignored, and so
+    would every process of the job, hiding what Ctrl-C does to it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_steps(proc: subprocess.Popen, trace: Path, steps: int) -> None:
@@ -110,6 +117,12 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def ignores(pid: int, sig: int) -> bool:
+    """Whether process `pid` has `sig` set to SIG_IGN (the SigIgn mask of /proc/PID/status)."""
+    mask = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask.split()[1], 16) >> (sig - 1) & 1)
+
+
 def alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -126,6 +139,8 @@ def test_ctrl_c_to_the_process_group_checkpoints_and_exits_0(shards, tmp_path, a
         wait_for_steps(proc, trace, 2)
         workers = descendants(proc.pid)
         assert len(workers) >= 2  # the augmentation workers (+ forkserver, resource tracker) get it too
+        # Whether a worker dying first breaks the step in flight is a race; that none can die is not.
+        assert all(ignores(pid, signal.SIGINT) for pid in workers), [ignores(p, signal.SIGINT) for p in workers]
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -136,23 +151,28 @@ def test_ctrl_c_to_the_process_group_checkpoints_and_exits_0(shards, tmp_path, a
     assert summary["stopped"] and summary["step"] >= 2
     assert steps_in(ckpt) == [summary["step"]]
     assert len(Path(f"{trace}.rank0").read_text().split()) == 4 * summary["step"]
-    assert not [p for p in workers if alive(p)]
+    wait_until_gone(workers)
+
+
+def wait_until_gone(pids: set[int]) -> None:
+    deadline = time.monotonic() + 120  # a failure bound only: they go as soon as the trainer is gone
+    while [p for p in pids if alive(p)] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in pids if alive(p)], [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids if alive(p)]
 
 
 def test_kill_9_of_the_trainer_leaves_no_worker_behind(shards, tmp_path):
     proc = start(shards, tmp_path / "ckpt", tmp_path / "keys")
+    left: set[int] = set()
     try:
         wait_for_steps(proc, tmp_path / "keys", 1)
         left = descendants(proc.pid)
         assert len(left) >= 3  # 2 workers, the forkserver, the resource tracker
         proc.kill()  # SIGKILL to the trainer alone: no clean-up code runs in it
         proc.wait(timeout=60)
-        deadline = time.monotonic() + 120  # a failure bound only: they go as soon as the trainer is gone
-        while [p for p in left if alive(p)] and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert not [p for p in left if alive(p)], [Path(f"/proc/{p}/cmdline").read_bytes() for p in left if alive(p)]
-    finally:
-        for p in descendants(proc.pid) | {proc.pid}:
+        wait_until_gone(left)
+    finally:  # orphans keep the output pipes open: without this a failure would hang in communicate()
+        for p in descendants(proc.pid) | left | {proc.pid}:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
