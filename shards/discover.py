@@ -26,7 +26,7 @@ from typing import Iterator
 
 from .errors import ShardError
 from .keys import assign_keys, natural_key
-from .tables import Columns, head_types, identity, parquet_file, row_ranges, rows, table_kind
+from .tables import Columns, check_columns, head_types, identity, parquet_file, row_ranges, rows, table_kind
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
 IMAGE_COLUMN = "image"
@@ -146,6 +146,9 @@ class Inputs:
         for (i, (path, rel, label, loc, extra)), key in zip(listed, keys):
             self._listed.setdefault(i, []).append(InputFile(path, rel, label, key, loc, extra))
         self._taken = set(keys)
+        for i, kind in enumerate(self.kinds):
+            if kind == "table":
+                check_columns(sources[i], columns, (0, 1) if shuffle else part)
         streamed = [i for i, k in enumerate(self.kinds) if k in ("table", "images")]
         stems = assign_keys([_stem(sources[i]) for i in streamed])
         self._stems = dict(zip(streamed, stems))

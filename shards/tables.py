@@ -232,6 +232,19 @@ def rows(src: str, part: tuple[int, int], cols: Columns = Columns()) -> Iterator
     return _rows_parquet(src, part, cols)
 
 
+def check_columns(src: str, cols: Columns, part: tuple[int, int] = (0, 1)) -> None:
+    """Raise ShardError now (not mid-run) when the table lacks the columns asked for."""
+    kind = table_kind(src)
+    if kind in ("csv", "tsv"):
+        cols.resolve(_header(src, "," if kind == "csv" else "\t"), src)
+    elif kind == "parquet":
+        cols.resolve(parquet_file(src).schema_arrow.names, src)
+    elif kind == "jsonl":
+        head = rows(src, part, cols)  # this part's first row: a part reads nothing before its slice
+        next(head, None)
+        head.close()
+
+
 def head_types(src: str, cols: Columns) -> dict[str, object]:
     """Arrow types of the extra fields, from the table's schema (parquet) or its first HEAD_ROWS rows
     (jsonl; csv fields are strings). The same for every part: read from the start of the table."""
