@@ -10,6 +10,7 @@ rejects.jsonl, report.json, the other formats' manifests, manifest.json last.
 from __future__ import annotations
 
 import json
+import resource
 import time
 from dataclasses import dataclass, field
 
@@ -83,6 +84,7 @@ def write_set(job: Job, entries: dict[str, list[dict]], rejected: list, inputs: 
                         {"main": time.process_time() - job.cpu_started, "workers": stats.worker_cpu})
     report["success_rate"] = round(manifest["total_samples"] / inputs, 4) if inputs else 0.0
     report["http_status"] = dict(sorted(stats.http_status.items()))  # this run's URLs, by final status
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # main process
     dest.write_bytes("rejects.jsonl", rejects_file.jsonl_bytes(rejected))
     dest.write_bytes("report.json", json_bytes(report))
     names = manifest_names(formats)

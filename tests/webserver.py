@@ -114,7 +114,7 @@ class _Server(ThreadingHTTPServer):
 
 class WebServer:
     def __init__(self, images: list[bytes], latency: float = 0.0, hang: float = 60.0, retry_after: int = 1,
-                 big_bytes: int = 4 << 20):
+                 big_bytes: int = 4 << 20, hosts: int = 1):
         self.images, self.latency, self.hang, self.retry_after, self.big_bytes = images, latency, hang, retry_after, big_bytes
         self.stopping = threading.Event()
         self.lock = threading.Lock()
@@ -123,14 +123,24 @@ class WebServer:
         self.active = self.peak = self.requests = 0
         self.agents: set[str] = set()
         self.times: dict[str, list[float]] = defaultdict(list)
-        self.httpd = _Server(("127.0.0.1", 0), _Handler)
-        self.httpd.handle_error = lambda request, address: None  # clients that hang up are expected here
-        self.httpd.owner = self
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # hosts > 1: the same content on 127.0.0.1, 127.0.0.2, ... (one listener each), standing in for
+        # the many hosts of a web-scale list (per-host limits apply per address).
+        self.servers = []
+        for h in range(hosts):
+            httpd = _Server((f"127.0.0.{h + 1}", 0), _Handler)
+            httpd.handle_error = lambda request, address: None  # clients that hang up are expected here
+            httpd.owner = self
+            self.servers.append(httpd)
+        self.httpd = self.servers[0]
+        self.threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in self.servers]
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"http://{s.server_address[0]}:{s.server_address[1]}" for s in self.servers]
 
     def enter(self, handler) -> None:
         with self.lock:
@@ -151,15 +161,17 @@ class WebServer:
             self.times.clear()
 
     def __enter__(self) -> "WebServer":
-        self.thread.start()
+        for t in self.threads:
+            t.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stopping.set()
         with self.seen:
             self.seen.notify_all()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        for httpd in self.servers:
+            httpd.shutdown()
+            httpd.server_close()
 
 
 def mix(n: int, rates: dict[str, float], seed: int = 0) -> list[str]:
