@@ -22,6 +22,7 @@ from .discover import Inputs
 from .download import HttpOptions
 from .errors import ShardError
 from .ingest import Ingest, PassStats
+from .keys import json_safe
 from .manifest import build_manifest, json_bytes, manifest_names, run_report
 from .merge import part_dir
 from .metrics import IngestMetrics
@@ -167,7 +168,7 @@ def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_sh
     cols = Columns(url_col or None, caption_col or None,
                    tuple(c.strip() for c in extra_cols.split(",") if c.strip()) if extra_cols else None)
     inputs = Inputs(list(sources), plan.part, cols, shuffle, seed)
-    options = {**plan.as_dict(), "sources": [_text(s) for s in sources]}
+    options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
@@ -187,7 +188,3 @@ def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_sh
         return _fresh_or_resumed(job, inputs)
     finally:
         dest.close()
-
-
-def _text(s: str) -> str:
-    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -16,13 +16,9 @@ from typing import Iterable, Iterator
 
 from .discover import InputFile
 from .download import Downloader, Outcome
+from .keys import json_safe
 
 PENDING = object()  # yielded by `tasks` when nothing is ready yet: wait on `fileno()`
-
-
-def _text(s: str) -> str:
-    # Undecodable file names (surrogate escapes) cannot go into JSON/parquet strings as-is.
-    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class Feed:
@@ -80,7 +76,7 @@ class Feed:
                     self.held -= len(loc[1])
                 it = self._by_pos[pos]
                 self._sent.append(pos)
-                yield loc, (it.key, _text(it.path), _text(it.label), it.extra)
+                yield loc, (it.key, json_safe(it.path), json_safe(it.label), it.extra)
             elif self._exhausted and not self.in_flight:
                 return
             else:

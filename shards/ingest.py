@@ -13,7 +13,8 @@ from . import rejects as rejects_file
 from .dedup import Deduper
 from .discover import InputFile
 from .download import Downloader, HttpOptions
-from .feed import Feed, _text
+from .feed import Feed
+from .keys import json_safe
 from .metrics import IngestMetrics
 from .record import Record
 from .sequence import ShardSequence
@@ -75,7 +76,7 @@ class Ingest:
                     reasons[result.reason] += 1
                 else:
                     deduper.add(result.digest, item.key)
-                    seq.add(pos, item, _text(item.path), _text(item.label), result, nbytes)
+                    seq.add(pos, item, json_safe(item.path), json_safe(item.label), result, nbytes)
                     written += 1
                 if self.metrics:
                     self.metrics.done(result.reason if isinstance(result, Reject) else "written")
@@ -99,6 +100,6 @@ class Ingest:
         outcome = feed.outcomes.pop(pos, None)
         if outcome is not None:
             info.update(status=outcome.status, attempts=outcome.attempts)
-        record = rejects_file.record(_text(item.path), result.reason, result.detail, info)
+        record = rejects_file.record(json_safe(item.path), result.reason, result.detail, info)
         rejected.append(record)
         seq.reject(record, nbytes)

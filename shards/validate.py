@@ -178,7 +178,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         out = Image.new("RGB", rgba.size, (255, 255, 255))
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # RGB already: no copy (a resize copies anyway)
 
 
 def _changes_needed(img: Image.Image, data: bytes, fmt: str, orientation: int, animated: bool) -> list[str]:
@@ -219,7 +219,9 @@ def _needs_resize(size: tuple[int, int], opt: Options) -> bool:
 def _resize(img: Image.Image, opt: Options) -> Image.Image:
     size = _fit(img.size, opt.max_size, opt.resize_mode)
     if size != img.size:
-        img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        # Bicubic (antialiased when shrinking, like every PIL filter): 0.6x Lanczos's CPU, and JPEG draft
+        # decoding has already done most of a large reduction.
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
     if opt.resize_mode == "center_crop":
         side = min(img.size)
         left, top = (img.width - side) // 2, (img.height - side) // 2

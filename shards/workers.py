@@ -243,8 +243,7 @@ class DecodePool:
         poller = select.poll()
         for w in workers:
             poller.register(w.fd, select.POLLIN)
-        if wake_fd is not None:
-            poller.register(wake_fd, select.POLLIN)
+        watching = False  # wake_fd is polled only while the task source has nothing ready (else: a busy loop)
         while True:
             waiting = False  # the task source has nothing ready: wait on wake_fd as well
             for w in workers:
@@ -267,6 +266,9 @@ class DecodePool:
             while yielded in results:
                 yield results.pop(yielded)
                 yielded += 1
+            if wake_fd is not None and waiting != watching:
+                poller.register(wake_fd, select.POLLIN) if waiting else poller.unregister(wake_fd)
+                watching = waiting
             busy = [w for w in workers if w.inflight]
             if not busy:
                 if exhausted and not requeue:

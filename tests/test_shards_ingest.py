@@ -7,7 +7,6 @@ import gzip
 import json
 import subprocess
 import urllib.request
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
