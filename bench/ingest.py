@@ -123,6 +123,8 @@ def main() -> None:
     ap.add_argument("--urls", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--latencies", default="0,0.2", help="seconds per request, comma-separated")
+    ap.add_argument("--hang-rate", type=float, default=MIX["hang"],
+                    help="share of URLs hanging past the timeout (each costs ~3 x 10 s: the run's tail)")
     ap.add_argument("--memory-lines", type=int, default=10_000_000, help="0 skips the memory check")
     ap.add_argument("--memory-part-urls", type=int, default=10_000)
     ap.add_argument("--work", default="/tmp/mocostream-bench-ingest")
@@ -137,7 +139,7 @@ def main() -> None:
             srv.slow = 1.0
             urls = work / "urls.txt"
             urls.write_text("".join(f"{srv.urls[i % HOSTS]}/{k}/{i}.jpg\n"
-                                    for i, k in enumerate(mix(a.urls, MIX, seed=1))))
+                                    for i, k in enumerate(mix(a.urls, {**MIX, "hang": a.hang_rate}, seed=1))))
             for rnd in range(a.rounds):
                 order = ("mocostream", "img2dataset") if rnd % 2 == 0 else ("img2dataset", "mocostream")
                 for tool in order:

@@ -1,4 +1,5 @@
-"""The run plan: options that shape the output, their fingerprint, input order (--shuffle) and --part.
+"""The run plan: options that shape the output, and their fingerprint (the input order, --shuffle and
+--part slices are shards.discover's).
 
 Two runs with the same fingerprint produce the same shards byte for byte, so a rerun into a destination
 holding that fingerprint continues it; a different fingerprint there is refused (never mixed).
