@@ -61,7 +61,7 @@ class HttpOptions:
     respect_opt_out: bool = True
     max_bytes: int = 64 << 20       # 0 = no cap
     max_retry_after: float = 60.0   # a longer Retry-After is cut to this
-    backoff: float = 1.0            # first retry after ~backoff s (x0.5-1.5 jitter), doubling
+    backoff: float = 0.5            # first retry after ~backoff s (x0.5-1.5 jitter), doubling
 
 
 @dataclass
