@@ -91,6 +91,7 @@ class EpochPlan:
         self.ends = np.cumsum(counts[self.order])  # level-0 offset after each shuffled shard
         self.total = int(self.ends[-1]) if len(self.ends) else 0
         self.per0 = self.total // base_world
+        self._spans: dict[int, tuple[int, int, int, int]] = {}
 
     def _position(self, offset: int) -> int:
         """Index in the shuffled order of the shard holding epoch sample `offset`."""
@@ -98,8 +99,10 @@ class EpochPlan:
 
     def _span(self, rank0: int) -> tuple[int, int, int, int]:
         """(first, last shuffled position, lo, hi sample offsets) of a level-0 rank's share."""
-        lo, hi = rank0 * self.per0, (rank0 + 1) * self.per0
-        return self._position(lo), self._position(hi - 1), lo, hi
+        if rank0 not in self._spans:
+            lo, hi = rank0 * self.per0, (rank0 + 1) * self.per0
+            self._spans[rank0] = self._position(lo), self._position(hi - 1), lo, hi
+        return self._spans[rank0]
 
     def pieces(self, rank0: int) -> list[Piece]:
         first, last, lo, hi = self._span(rank0)

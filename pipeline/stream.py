@@ -94,7 +94,6 @@ class SampleStream:
         self._plans: dict[tuple, Future] = {}
         self._planner = ThreadPoolExecutor(1, thread_name_prefix="plan")
         self._share_lengths: dict[int, int] = {}
-        self._fingerprints: dict[int, str] = {}
 
     # ---- layouts and plans -----------------------------------------------------------------------
     def _total(self, shards: int) -> int:
@@ -149,10 +148,7 @@ class SampleStream:
 
     # ---- state ---------------------------------------------------------------------------------
     def fingerprint(self, shards: int | None = None) -> str:
-        n = len(self.shards) if shards is None else shards
-        if n not in self._fingerprints:
-            self._fingerprints[n] = self.shards.fingerprint(n)
-        return self._fingerprints[n]
+        return self.shards.fingerprint(shards)
 
     def position_state(self) -> list[int]:
         """What differs between ranks: gathered from every rank for a checkpoint."""

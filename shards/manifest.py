@@ -150,7 +150,7 @@ def columnar_bytes(manifest: dict, json_size: int) -> bytes:
         "sha256": pa.array([bytes.fromhex(s["sha256"]) for s in shards], pa.binary(32)),
     }).replace_schema_metadata({"mocostream_manifest": json.dumps({"json_bytes": json_size})})
     out = io.BytesIO()
-    pq.write_table(table, out, row_group_size=65536)
+    pq.write_table(table, out, row_group_size=65536, use_dictionary=False)  # unique names and digests
     return out.getvalue()
 
 
