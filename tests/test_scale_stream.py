@@ -215,3 +215,12 @@ def test_skip_warnings_are_aggregated_per_reason_and_interval(caplog):
     assert len(lines) == 2 + 2 + 2  # the first of each reason, then one line per reason per interval
     assert lines[1].endswith("(corrupt): key1 (further ones are logged every 60 s)")
     assert "corrupt): 399 in the last 60 s, e.g. key2, key4, key5" in lines[2]
+
+
+def test_next_epochs_plan_is_made_on_the_planning_thread_while_this_one_is_read():
+    counts = [5] * 40
+    stream = SyntheticStream(table(counts), seed=3, world=2, rank=1, epochs=3)
+    consume(stream, 3)
+    pending = stream._plans[(1, 40, 2)]  # submitted when epoch 0 started, long before it ends
+    plan = pending.result()
+    assert plan.epoch == 1 and len(plan.order) == 40 and plan.ends.nbytes == 40 * 8  # arrays: O(shards)
