@@ -84,6 +84,7 @@ class SampleStream:
         self.shuffle_shards, self.epochs = max(1, shuffle_shards), epochs
         self.read_ahead, self.read_ahead_bytes = max(1, read_ahead), read_ahead_bytes
         self.reader = reader or ShardReader()
+        self._totals: dict[int, int] = {}
         if self._total(len(self.shards)) // world == 0:
             raise DataSpecError(f"the data has {self._total(len(self.shards))} samples: fewer than the {world} ranks")
         # Resume state: where the next sample comes from, and how epochs other than plain ones are read.
@@ -97,7 +98,9 @@ class SampleStream:
 
     # ---- layouts and plans -----------------------------------------------------------------------
     def _total(self, shards: int) -> int:
-        return int(self.counts[:shards].sum())
+        if shards not in self._totals:
+            self._totals[shards] = int(self.counts[:shards].sum())
+        return self._totals[shards]
 
     def layout(self, epoch: int) -> Layout:
         if epoch in self.layouts:
@@ -113,21 +116,17 @@ class SampleStream:
         return np.array([[0, self._total(lay.shards) // lay.base_world * lay.base_world]], np.int64)
 
     def _plan(self, epoch: int, lay: Layout) -> EpochPlan:
+        for old in [k for k in self._plans if k[0] < epoch - 1]:
+            del self._plans[old]
+        return self._submit_plan(epoch, lay).result()
+
+    def _submit_plan(self, epoch: int, lay: Layout) -> Future:
+        """The plan of `epoch`, built on the planning thread: asked for an epoch ahead, no step waits for it."""
         key = (epoch, lay.shards, lay.base_world)
         if key not in self._plans:
             self._plans[key] = self._planner.submit(
                 EpochPlan, self.counts[: lay.shards], self.seed, epoch, self.shuffle_shards, lay.base_world)
-        for old in [k for k in self._plans if k[0] < epoch - 1]:
-            del self._plans[old]
-        return self._plans[key].result()
-
-    def _prefetch_plan(self, epoch: int) -> None:
-        """Start the plan of `epoch` on the planning thread: no step waits for it at the epoch boundary."""
-        lay = self.layout(epoch)
-        key = (epoch, lay.shards, lay.base_world)
-        if key not in self._plans and (self.epochs is None or epoch < self.epochs):
-            self._plans[key] = self._planner.submit(
-                EpochPlan, self.counts[: lay.shards], self.seed, epoch, self.shuffle_shards, lay.base_world)
+        return self._plans[key]
 
     def _share(self, lay: Layout) -> tuple[np.ndarray, int]:
         """This rank's intervals of the epoch and the level's remainder (dropped to keep ranks equal)."""
@@ -262,7 +261,8 @@ class SampleStream:
         while self.epochs is None or epoch < self.epochs:
             lay = self.layout(epoch)
             plan = self._plan(epoch, lay)
-            self._prefetch_plan(epoch + 1)
+            if self.epochs is None or epoch + 1 < self.epochs:
+                self._submit_plan(epoch + 1, self.layout(epoch + 1))
             share, remainder = self._share(lay)
             total = int(lengths(share).sum())
             fresh = skip == 0 and lay.pool is None
