@@ -115,8 +115,8 @@ def on_one_rank(compute):
     if dist.get_rank() == 0:
         try:
             box = [("ok", compute())]
-        except Exception as e:
-            box = [("error", e if getattr(e, "user_error", False) else RuntimeError(f"{type(e).__name__}: {e}"))]
+        except Exception as e:  # every rank raises it (none left waiting for the broadcast)
+            box = [("error", e)]
     dist.broadcast_object_list(box, src=0)
     kind, value = box[0]
     if kind == "error":
