@@ -23,7 +23,7 @@ from .download import HttpOptions
 from .errors import ShardError
 from .ingest import Ingest, PassStats
 from .keys import json_safe
-from .manifest import build_manifest, json_bytes, manifest_names, run_report
+from .manifest import build_manifest, json_bytes, manifest_names, run_report, write_manifests
 from .merge import part_dir
 from .metrics import IngestMetrics
 from .output import Destination
@@ -88,9 +88,7 @@ def write_set(job: Job, entries: dict[str, list[dict]], rejected: list, inputs: 
     report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # main process
     dest.write_bytes("rejects.jsonl", rejects_file.jsonl_bytes(rejected))
     dest.write_bytes("report.json", json_bytes(report))
-    names = manifest_names(formats)
-    for f in reversed(formats):
-        dest.write_bytes(names[f], json_bytes(manifests[f]))
+    write_manifests(dest, manifest_names(formats), manifests)  # manifest.json (the primary format's) last
     return CreateReport(shards=entries[formats[0]], written=manifest["total_samples"],
                         rejected=[tuple(r[:3]) for r in rejected], inputs=inputs, seconds=seconds,
                         manifest_url=dest.location("manifest.json"), report=report, resumed_from=resumed_from,
