@@ -27,7 +27,7 @@ from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_l
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
 from pipeline.labeled import knn_sets
 from pipeline.loader import LoaderConfig, TwoViewLoader
-from pipeline.storage import StorageConfig, resolve_at_start
+from pipeline.storage import StorageConfig, at_start, retrying
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
@@ -98,12 +98,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather(obj, world: int) -> list:
+def gather(obj, world: int) -> list | None:
+    """Every rank's `obj` on rank 0 (None elsewhere): a checkpoint needs them there only."""
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+    out = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
+
+
+def on_one_rank(compute):
+    """Run `compute` on rank 0 only and give every rank its result (or its one-line error)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as e:  # every rank raises it (none left waiting for the broadcast)
+            box = [("error", e)]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def format_duration(seconds: float) -> str:
@@ -203,13 +221,14 @@ def train(cfg: TrainConfig) -> dict:
 
     metrics = TrainMetrics(rank)
     storage = StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)
-    loader = TwoViewLoader(LoaderConfig(
+    at_start(storage, cfg.allow_external_shards)  # start-up storage calls: timeouts, bounded retries
+    loader = retrying(storage, cfg.data, lambda: TwoViewLoader(LoaderConfig(
         data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
         backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
         epochs=cfg.epochs, storage=storage),
-        shards=resolve_at_start(cfg.data, storage, metrics, cfg.allow_external_shards), observer=metrics)
+        observer=metrics, share=on_one_rank))
 
     model = build_model(cfg, world, device)
     check_checkpoint_dir(cfg, model)
@@ -272,7 +291,7 @@ def train(cfg: TrainConfig) -> dict:
     stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
 
     def save(reason: str) -> str | None:
-        states = gather({"loader": loader.state_dict(), "rng": rng_state(),
+        states = gather({"loader": loader.position_state(), "rng": rng_state(),
                          "trace": (trace.tell(), loss_trace.tell()) if trace else None}, world)
         path = None
         if is_main:
@@ -280,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
             path = checkpoint.save(cfg.checkpoint_dir, step, {
                 "step": step, "train_seconds": trained, "world": world, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
+                "loader": loader.checkpoint_state([s["loader"] for s in states]), "rng": [s["rng"] for s in states],
                 "trace": [s["trace"] for s in states],
                 "config": mask_secrets(dataclasses.asdict(cfg))}, keep=cfg.keep_checkpoints)
             metrics.checkpoint_seconds.labels(str(rank)).observe(time.perf_counter() - t0)

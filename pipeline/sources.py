@@ -40,6 +40,8 @@ class Shard:
 # botocore settings of the S3 metadata calls (manifests, listings, checkpoints); the trainer sets them from
 # --storage-timeout (storage.use_storage_timeouts), so nothing at start-up can wait forever.
 S3_CLIENT_CONFIG: dict = {}
+# Whether manifest names may point outside the manifest's folder (--allow-external-shards).
+ALLOW_EXTERNAL_SHARDS = False
 
 
 def storage_options(url: str) -> dict:
@@ -71,7 +73,7 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def read_manifest(url: str, allow_external: bool = False) -> list[Shard]:
+def read_manifest(url: str, allow_external: bool | None = None) -> list[Shard]:
     try:
         fs, path = filesystem(url)
         manifest = json.loads(fs.cat_file(path))
@@ -82,7 +84,8 @@ def read_manifest(url: str, allow_external: bool = False) -> list[Shard]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise DataSpecError(f"manifest has no 'shards' list: {url}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    return [_manifest_shard(entry, i, base, url, allow_external) for i, entry in enumerate(manifest["shards"])]
+    allow = ALLOW_EXTERNAL_SHARDS if allow_external is None else allow_external
+    return [_manifest_shard(entry, i, base, url, allow) for i, entry in enumerate(manifest["shards"])]
 
 
 # A tar sample is at least one member: a 512-byte header and a 512-byte block of data.
@@ -111,7 +114,7 @@ def _manifest_shard(entry, index: int, base: str, url: str, allow_external: bool
     return Shard(name if external else _join(base, name), samples, fmt, size, entry.get("sha256"))
 
 
-def resolve_shards(spec: str, allow_external: bool = False) -> list[Shard]:
+def resolve_shards(spec: str, allow_external: bool | None = None) -> list[Shard]:
     """Turn a data spec into shards, in a stable order (`allow_external`: see _manifest_shard)."""
     spec = spec.strip()
     if not spec:
@@ -126,7 +129,8 @@ def resolve_shards(spec: str, allow_external: bool = False) -> list[Shard]:
             return read_manifest(manifest, allow_external)
         if not fs.exists(path):
             raise DataSpecError(f"data not found: {spec}")
-        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".parquet")))
+        names = sorted(p for p in fs.ls(path, detail=False)  # not a columnar manifest left by an unfinished set
+                       if p.endswith((".tar", ".parquet")) and not p.rsplit("/", 1)[-1].startswith("manifest"))
         if not names:
             raise DataSpecError(f"no manifest.json and no .tar/.parquet shards in {spec}")
         prefix = spec.split("://")[0] + "://" if "://" in spec else ""
@@ -166,7 +170,12 @@ def with_counts(shards: list[Shard]) -> list[Shard]:
         return shards
     out = []
     for s in shards:
-        out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format, s.bytes, s.sha256))
+        try:
+            out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format, s.bytes, s.sha256))
+        except FileNotFoundError:  # one missing shard of a pattern or list costs only itself
+            log.error("shard not found, skipped: %s", s.url)
+    if shards and not out:
+        raise DataSpecError(f"none of the {len(shards)} shards exists (first: {shards[0].url})")
     return out
 
 

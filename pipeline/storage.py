@@ -55,21 +55,25 @@ def backoff_delay(c: StorageConfig, attempt: int) -> float:
     return min(c.max_backoff_seconds, c.backoff_seconds * 2**attempt) * (0.5 + random.random())
 
 
-def use_storage_timeouts(c: StorageConfig) -> None:
+def at_start(c: StorageConfig, allow_external: bool = False) -> None:
     """Give the S3 metadata calls (manifest, listing, sample counts, checkpoints) the shard reads' timeouts,
-    with a single attempt each: the retries are `retrying`'s, bounded and logged."""
+    with a single attempt each (the retries are `retrying`'s, bounded and logged), and set whether manifests
+    may name shards outside their folder."""
     sources.S3_CLIENT_CONFIG.update(connect_timeout=min(c.connect_timeout, c.read_timeout),
                                     read_timeout=c.read_timeout, retries={"max_attempts": 1, "mode": "standard"})
+    sources.ALLOW_EXTERNAL_SHARDS = allow_external
 
 
 def retrying(c: StorageConfig, what: str, call):
-    """call(), retried like a shard read; user errors and missing files are not retried."""
+    """call(), retried like a shard read; user errors and missing files are raised at once."""
     for attempt in range(c.retries + 1):
         try:
             return call()
         except (FileNotFoundError, DataSpecError):
             raise
         except Exception as e:
+            if getattr(e, "user_error", False) or isinstance(e, (ValueError, TypeError)):
+                raise  # a bad spec or option: retrying cannot fix it
             if attempt == c.retries:
                 raise StorageUnavailable(f"cannot read {what}: {type(e).__name__}: {str(e)[:200]} (after {attempt} "
                                          f"retries, --storage-timeout {c.read_timeout:g} s)") from None
@@ -78,25 +82,6 @@ def retrying(c: StorageConfig, what: str, call):
                         attempt + 1, c.retries, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
-
-
-def resolve_at_start(spec: str, c: StorageConfig, observer: StorageObserver | None = None,
-                     allow_external: bool = False) -> list[Shard]:
-    """The shard list with sample counts, under the same timeouts and retries as shard reads. A shard of a
-    pattern or list that does not exist is skipped, logged and counted as failed (as a manifest's would be)."""
-    use_storage_timeouts(c)
-    observer = observer or StorageObserver()
-    shards = retrying(c, spec, lambda: sources.resolve_shards(spec, allow_external))
-    counted = []
-    for shard in shards:
-        try:
-            counted.append(retrying(c, shard.url, lambda shard=shard: sources.with_counts([shard])[0]))
-        except FileNotFoundError:
-            observer.failed()
-            log.error("shard not found, skipped: %s", shard.url)
-    if not counted:
-        raise DataSpecError(f"none of the shards of {spec} exists")
-    return counted
 
 
 class ShardReader:
