@@ -54,7 +54,7 @@ def train_epoch(backbone: nn.Module, head: nn.Module, optimizer, stream: Labeled
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += float(loss) * len(y)
+            total_loss += float(loss.detach()) * len(y)
             images += len(y)
     finally:
         batches.close()
