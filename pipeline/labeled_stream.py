@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .labeled import FILE_EXTS, _class_folders, shard_items
-from .plan import Block, rank_blocks
+from .plan import Block, Piece, rank_blocks
 from .sources import DataSpecError, Shard, read_bytes, resolve_shards, with_counts
 
 log = logging.getLogger(__name__)
@@ -123,9 +123,10 @@ class LabeledStream:
         counts = [u.count for u in self.units]
         if self.train:
             return rank_blocks(counts, self.seed, epoch, self.world, self.rank, self.shuffle_units)
-        # validation: the same equal split, read in stored order
-        blocks = rank_blocks(counts, self.seed, 0, self.world, self.rank, self.shuffle_units)
-        return (Block(b.pieces, tuple(range(b.size))) for b in blocks)
+        # validation: every sample once, in stored order, units dealt round-robin (no equal split is needed:
+        # no collective runs per batch, so ranks may read different numbers of images)
+        return (Block((Piece(i, 0, counts[i]),), tuple(range(counts[i])))
+                for i in range(self.rank, len(counts), self.world))
 
     def _samples(self, epoch: int) -> Iterator[tuple[str, int | None, bytes | None]]:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="labeled-read") as pool:

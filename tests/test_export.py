@@ -16,19 +16,12 @@ from ops.cli import main as cli_main
 from ops.config import build_config
 from ops.evaluate import load_query_encoder
 from ops.train import train
-from pipeline.labeled import load_labeled
 from pipeline.augment_torch import normalize
+from pipeline.labeled import load_labeled
+from test_eval import shards  # noqa: F401  (the labelled tar shards fixture)
 
 TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=1, log_every=1, progress=False, backend="torch",
             metrics_port=0)
-
-
-@pytest.fixture(scope="module")
-def shards(imagenette_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export-shards") / "tar"
-    assert cli_main(["shards", "create", str(imagenette_small), "--out", str(out), "--samples-per-shard", "60",
-                     "--quiet"]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
