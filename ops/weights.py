@@ -37,7 +37,8 @@ def resolve_checkpoint(path: str) -> str:
     file = checkpoint.latest(path)
     if file is None:
         raise WeightsError(f"no checkpoint in {path}")
-    return file
+    scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return file if "://" in file or not scheme else scheme + file  # listings drop the s3:// scheme
 
 
 def _read(path: str) -> bytes:

@@ -236,3 +236,17 @@ def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(shar
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     state = torch.load(tmp_path / "checkpoint-00000003.pt", weights_only=True)
     assert state["grad_scaler"]["scale"] > 0 and state["model"]["encoder_q.conv1.weight"].dtype == torch.float32
+
+
+def test_export_from_and_to_s3_and_init_from_s3(s3_env, r50_checkpoint, tmp_path, capsys):
+    from ops.weights import read_backbone
+
+    bucket = s3_env.make_bucket("export")
+    fs = s3_env.filesystem()
+    fs.put_file(str(r50_checkpoint), f"{bucket}/ckpt/{r50_checkpoint.name}")
+    report = export(capsys, f"s3://{bucket}/ckpt", "--out", f"s3://{bucket}/out/r50.safetensors",
+                    "--format", "safetensors")
+    assert report["source"].endswith(f"{bucket}/ckpt/{r50_checkpoint.name}") and report["step"] == 2
+    export(capsys, r50_checkpoint, "--out", tmp_path / "r50.safetensors", "--format", "safetensors")
+    remote, local = read_backbone(f"s3://{bucket}/out/r50.safetensors"), read_backbone(str(tmp_path / "r50.safetensors"))
+    assert set(remote) == set(local) and all(torch.equal(remote[k], local[k]) for k in local)
