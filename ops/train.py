@@ -167,7 +167,7 @@ def train(cfg: TrainConfig) -> dict:
         observer=metrics)
 
     model = build_model(cfg, world, device)
-    if cfg.init_from:  # continued pretraining; a checkpoint resumed below replaces these weights
+    if cfg.init_from and not (cfg.resume and checkpoint.latest(cfg.checkpoint_dir)):  # a resumed run has its own
         init_backbones(model, cfg.init_from, cfg.arch)
     # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
     # all-gathered), so the 32 MB queue is not re-broadcast every step.

@@ -178,6 +178,11 @@ def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
             assert torch.equal(model[f"encoder_k.{name}"], value), name
     assert model["encoder_q.fc.0.weight"].shape == (512, 512)  # the v2 MLP head: fresh, not the classifier
     assert torch.equal(model["encoder_q.fc.2.weight"], model["encoder_k.fc.2.weight"])
+    # a resumed run continues from its checkpoint: --init-from is not read again
+    summary = train(build_config({}, dict(data=str(shards), steps=5, arch="resnet18", init_from=str(tmp_path / "gone"),
+                                          checkpoint_dir=str(ckpt), resume=True, stop_after=0, **TINY)))
+    summary.pop("_metrics").stop()
+    assert summary["step"] == 0 and summary["stopped"]
 
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
     args = ["train", "--data", str(shards), "--arch", "resnet18", "--init-from", str(tmp_path / "r50.pth"),
