@@ -19,7 +19,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .sources import Shard, resolve_shards, with_counts
+from .shard_table import ShardTable, load_shard_table
+from .skip_log import SkipLog
+from .sources import Shard, with_counts
 from .storage import ShardReader, StorageConfig, StorageObserver
 from .stream import Item, SampleStream
 
@@ -59,7 +61,7 @@ class Batch:
 
 class TwoViewLoader:
     def __init__(self, cfg: LoaderConfig, shards: list[Shard] | None = None,
-                 observer: StorageObserver | None = None):
+                 observer: StorageObserver | None = None, share=None):
         if cfg.backend not in BACKENDS:
             raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
         if cfg.recipe not in RECIPES:
@@ -67,7 +69,9 @@ class TwoViewLoader:
         if cfg.batch_size < 1 or cfg.image_size < 8:
             raise ValueError("batch_size must be >= 1 and image_size >= 8")
         self.cfg = cfg
-        shards = with_counts(shards if shards is not None else resolve_shards(cfg.data))
+        # share: run a function on one rank, give all its result (a shard list without manifest is counted once)
+        shards = ShardTable.from_shards(with_counts(shards)) if shards is not None else load_shard_table(cfg.data, share)
+        self.skip_log = SkipLog(log)
         self.stream = SampleStream(shards, seed=cfg.seed, world=cfg.world, rank=cfg.rank,
                                    shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead,
                                    read_ahead_bytes=cfg.read_ahead_bytes, epochs=cfg.epochs,
@@ -84,7 +88,14 @@ class TwoViewLoader:
     def skipped(self) -> Counter:
         return self.stream.skipped
 
-    def load_states(self, states: list[dict]) -> None:
+    def position_state(self) -> list[int]:
+        return self.stream.position_state()
+
+    def checkpoint_state(self, positions: list[list[int]]) -> dict:
+        """Every rank's state (rank 0 has gathered their positions): small at any number of ranks."""
+        return self.stream.checkpoint_state(positions)
+
+    def load_states(self, states) -> None:
         """Resume from every rank's saved state (elastic when the number of ranks changed)."""
         self.stream.load_states(states)
 
@@ -94,9 +105,17 @@ class TwoViewLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self._dali_batches() if self.cfg.backend == "dali" else self._torch_batches()
-        for batch, last in batches:
-            batch.last = last
-            yield batch
+        try:
+            for batch, last in batches:
+                batch.last = last
+                yield batch
+        finally:
+            self.skip_log.flush()
+
+    def skipped_image(self, item: Item, reason: str) -> None:
+        """An image neither backend can decode: counted every time, logged aggregated."""
+        self.stream.count(reason)
+        self.skip_log.note(reason, item.sample.key)
 
     def consumed(self, batch: Batch) -> None:
         """Call once a batch has been trained on: the resume state then starts after it."""
@@ -135,8 +154,7 @@ class TwoViewLoader:
                 row = 0
                 for item, reason in zip(chunk, reasons):
                     if reason is not None:
-                        self.stream.count(reason)
-                        log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
+                        self.skipped_image(item, reason)
                         continue
                     ready.append((q[row], k[row], item))
                     row += 1
@@ -184,8 +202,7 @@ class TwoViewLoader:
             while len(encoded) < B:
                 item, reason = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
                 if reason is not None:
-                    self.stream.count(reason)
-                    log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
+                    self.skipped_image(item, reason)
                     continue
                 if seed is None:  # augmentation keyed to the data position, as in the torch backend
                     seed = batch_seed(cfg.seed, cfg.rank, item)
