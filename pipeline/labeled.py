@@ -51,13 +51,18 @@ def _folder_items(root: Path, max_per_class: int | None):
 
 
 def _label_of(sample: dict) -> int | None:
-    if "cls" in sample:
-        return int(sample["cls"].decode().strip())
-    if "json" in sample:
-        meta = json.loads(sample["json"])
-        for name in ("label", "cls"):
-            if name in meta:
-                return int(meta[name])
+    """The class index of a tar sample; None (skipped as no_label) when it has none or it is not an integer
+    (a class name, as `shards create` writes the folder name, is no index)."""
+    try:
+        if "cls" in sample:
+            return int(sample["cls"].decode().strip())
+        if "json" in sample:
+            meta = json.loads(sample["json"])
+            for name in ("label", "cls"):
+                if name in meta:
+                    return int(meta[name])
+    except (ValueError, TypeError):
+        return None
     return None
 
 

@@ -208,3 +208,24 @@ def test_reference_linear_protocol_under_torchrun(trained, imagenette_small):
     assert len(results) == 1  # rank 0 reports
     assert results[0]["world"] == 2 and results[0]["test_images"] == 20 and results[0]["train_images"] == 100
     assert results[0]["backbone_unchanged"] is True
+
+
+def test_labelled_stream_reads_labelled_shards(imagenette_small, tmp_path):
+    import webdataset as wds
+
+    from pipeline.labeled_stream import LabeledStream, labeled_units
+
+    files = sorted(imagenette_small.rglob("*.JPEG"))[:24]
+    classes = sorted({f.parent.name for f in files})
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "eval-000000.tar")) as tw:
+        for i, f in enumerate(files):
+            label = classes.index(f.parent.name)
+            meta = {"label": f.parent.name if i == 0 else label}  # a class name is no index: skipped, counted
+            tw.write({"__key__": f"s{i:03d}", "jpg": f.read_bytes(), "json": json.dumps(meta).encode()})
+    units, names = labeled_units(str(tmp_path / "s"))
+    assert names is None and [u.count for u in units] == [24]
+    stream = LabeledStream(units, batch_size=8, size=32, train=True, workers=0)
+    labels = torch.cat([y for _, y in stream.epoch(0)])
+    assert sorted(labels.tolist()) == sorted(classes.index(f.parent.name) for f in files[1:])
+    assert stream.skipped == {"no_label": 1}
