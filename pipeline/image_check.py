@@ -44,6 +44,27 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format")
 
+# Version of the rules an image must pass to reach DALI: shards/validate.py (at shard creation) and
+# check_image (at training time) enforce them. Bump it when they get stricter, so that shard sets
+# validated under older rules are checked again by the loader.
+CHECK_VERSION = 1
+
+
+def validation_stamp(max_pixels: int) -> dict:
+    """What `shards create` writes into the manifest (options.validated_by) for the shards it validated."""
+    from pipeline.dali_check import checker
+
+    return {"check_version": CHECK_VERSION, "decoder": checker(), "max_pixels": max_pixels}
+
+
+def trusted(stamp: dict | None, max_pixels: int = MAX_PIXELS) -> bool:
+    """True when a manifest's `validated_by` stamp promises what check_image would find: the same rules,
+    DALI's own decoder (nvImageCodec) consulted, and no larger pixel budget than the loader's."""
+    if not isinstance(stamp, dict):
+        return False
+    return (stamp.get("check_version") == CHECK_VERSION and str(stamp.get("decoder", "")).startswith("nvimgcodec")
+            and isinstance(stamp.get("max_pixels"), int) and stamp["max_pixels"] <= max_pixels)
+
 # PIL format name -> accepted. These are the formats fn.decoders.image (nvImageCodec) decodes on both
 # the CPU and the mixed (GPU) backend: "JPEG, JPEG 2000, TIFF, PNG, BMP, PNM, PPM, PGM, PBM, WebP".
 # MPO is a JPEG with extra frames appended; decoders read the first (JPEG) frame.

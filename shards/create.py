@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from pipeline import dali_check
+from pipeline.image_check import validation_stamp
 
 from .dedup import Deduper
 from .discover import InputFile, discover
@@ -215,6 +216,7 @@ def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_sh
     options = {**plan.as_dict(), "sources": [_text(s) for s in sources]}
     fp = fingerprint(plan, options["sources"], [f"{it.path}\0{it.key}" for it in items])
     options["fingerprint"] = fp
+    options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
 
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"

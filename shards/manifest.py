@@ -8,7 +8,8 @@
       "created_by": "mocostream",
       "options": {"format", "samples_per_shard", "max_shard_bytes", "prefix", "min_size", "max_size",
                   "quality", "reencode", "max_pixels", "dedup", "dedup_threshold", "shuffle", "seed",
-                  "part": "i/N", "sources": [...], "fingerprint": "<sha256>"},
+                  "part": "i/N", "sources": [...], "fingerprint": "<sha256>",
+                  "validated_by": {"check_version", "decoder", "max_pixels"}},  # pipeline.image_check
       "shards": [
         {"name": "shard-000000.tar", "samples": N, "bytes": B, "sha256": "<hex>",
          "index": "shard-000000.idx",             # tar only: the DALI index next to it
