@@ -192,7 +192,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="shards (manifest, folder, pattern or s3:// prefix)")
     src.add_argument("--images", help="a folder of images, made into tar shards first (by `shards create`)")
-    p.add_argument("--backend", default="dali", choices=["dali", "torch", "all"])
+    p.add_argument("--backend", default="dali", choices=["dali", "torch", "reference", "all"])
     p.add_argument("--reference", action="store_true", help="also run the reference recipe (the ratio baseline)")
     p.add_argument("--feed-only", action="store_true", help="dali: the feed path alone, no decode/augment graph")
     p.add_argument("--profile", action="store_true", help="per stage CPU ms per image")
@@ -216,12 +216,12 @@ def main() -> None:
 
         args.data = tempfile.mkdtemp(prefix="bench-shards-")
         create_shards([args.images], args.data, fmt="tar", samples_per_shard=100, progress=False, dedup="none")
-    names = ["dali", "torch"] if args.backend == "all" else [args.backend]
+    names = {"all": ["dali", "torch"], "reference": []}.get(args.backend, [args.backend])
     if args.feed_only:
         if names != ["dali"]:
             raise SystemExit("error: --feed-only measures the dali backend only")
         names = ["dali-feed"]
-    names += ["reference"] * args.reference
+    names += ["reference"] * (args.reference or args.backend == "reference")
     print(f"load average at start: {load_average()}", flush=True)
     rounds = []
     for r in range(args.rounds):
@@ -237,7 +237,8 @@ def main() -> None:
             flush=True)
         for k, v in results.items():
             if "profile_ms_per_image" in v:
-                print(f"    {k} CPU ms/image: " + ", ".join(f"{s} {ms:.3f}" for s, ms in v["profile_ms_per_image"].items()))
+                stages = v["profile_ms_per_image"].items()
+                print(f"    {k} CPU ms/image: " + ", ".join(f"{s} {ms:.3f}" for s, ms in stages))
     summary = {}
     for name in names:
         runs = [rd["results"][name] for rd in rounds]
@@ -252,7 +253,8 @@ def main() -> None:
         if "images_per_cpu_s" in runs[0]:
             summary[name]["images_per_cpu_s"] = statistics.median(x["images_per_cpu_s"] for x in runs)
     print("median: " + json.dumps(summary))
-    print(json.dumps({"rounds": rounds, "median": summary, "load_end": load_average(), "cores": os.cpu_count(),
+    print(json.dumps({"images_per_s": summary[names[0]]["images_per_s"], "rounds": rounds, "median": summary,
+                      "load_end": load_average(), "cores": os.cpu_count(),
                       "workers": args.workers, "image_size": args.image_size, "batch_size": args.batch_size,
                       "seconds": args.seconds, "recipe": "moco_v2"}))
 

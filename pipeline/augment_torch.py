@@ -166,7 +166,8 @@ class TwoViewTransform:
         views = []
         for top, left, h, w in windows:  # crop and resize in one step, window mapped to the decoded scale
             box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            views.append(self.rest(img.resize((self.size, self.size), pil_modes_mapping[self.crop.interpolation], box=box)))
+            resample = pil_modes_mapping[self.crop.interpolation]
+            views.append(self.rest(img.resize((self.size, self.size), resample, box=box)))
         return views[0], views[1]
 
     def __repr__(self) -> str:
