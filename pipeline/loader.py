@@ -164,8 +164,8 @@ class TwoViewLoader:
                     row += 1
                 while len(ready) >= B:
                     rows, ready = ready[:B], ready[B:]
-                    qb = normalize(torch.from_numpy(np.stack([r[0] for r in rows])))
-                    kb = normalize(torch.from_numpy(np.stack([r[1] for r in rows])))
+                    qb = normalize(np.stack([r[0] for r in rows]))
+                    kb = normalize(np.stack([r[1] for r in rows]))
                     yield Batch(qb, kb, [r[2].sample.key for r in rows]), rows[-1][2]
         finally:
             if pool:

@@ -187,8 +187,11 @@ def test_normalize_matches_totensor_normalize(photos):
     out = normalize(batch)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert torch.equal(normalize(batch.numpy()), out)  # the loader's numpy path: the same float32 operations
     with pytest.raises(TypeError):
         normalize(batch.float())
+    with pytest.raises(TypeError):
+        normalize(batch.numpy().astype(np.float32))
 
 
 def test_decode_rgb_errors_and_orientation(photos, messy_images):
