@@ -438,7 +438,7 @@ def test_gpu_graph_places_every_image_op_on_gpu():
             kind = type(op._op).__name__ if op._op is not None else op.name
             devices = {op.spec.OutputDevice(i) for i in range(op.spec.NumOutput())}
             placement.setdefault(kind, set()).update(devices)
-        assert placement["Image"] == {"gpu"}  # the mixed decoder: CPU bytes in, GPU image out
+        assert placement["ImageSlice"] == {"gpu"}  # the mixed region decoder: CPU bytes in, GPU image out
         for kind in ("Resize", "CoordTransform", "Cast", "CropMirrorNormalize", "Mean"):
             assert placement[kind] == {"gpu"}, (kind, placement[kind])
         if recipe == "moco_v2":
