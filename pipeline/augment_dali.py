@@ -155,16 +155,11 @@ def gaussian_kernel(sigma: float, passes: int = 3) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
-def crop_window(rng: np.random.Generator, width: int, height: int) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop.get_params (scale 0.2-1, ratio 3/4-4/3): (top, left, h, w)."""
-    top, left, h, w = crop_windows(rng, np.array([width]), np.array([height]))
-    return int(top[0]), int(left[0]), int(h[0]), int(w[0])
-
-
 def crop_windows(rng: np.random.Generator, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, ...]:
-    """crop_window for a batch at once (the per-image Python loop cost ~40 us/image): (top, left, h, w) arrays.
+    """torchvision's RandomResizedCrop.get_params (scale 0.2-1, ratio 3/4-4/3) for a whole batch at once (a
+    per-image Python loop cost ~40 us/image): (top, left, h, w) arrays.
 
-    Same algorithm: up to 10 tries of area U[0.2, 1] x image area and aspect log-U[3/4, 4/3], the first
+    The same algorithm: up to 10 tries of area U[0.2, 1] x image area and aspect log-U[3/4, 4/3], the first
     that fits wins, its position uniform; else the central crop of the nearest allowed aspect ratio.
     """
     n = len(width)
@@ -342,7 +337,7 @@ def _blur(img, kernel_h, kernel_v):
 
 def _view(images, params: Sequence, size: int):
     roi_start, roi_end, colour_on, m, k, blur_on, kh, kv, mirror = params
-    # The crop window comes from crop_window (torchvision's algorithm), so it is reproducible too.
+    # The crop window comes from crop_windows (torchvision's algorithm), so it is reproducible too.
     img = fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end, antialias=True)
     if colour_on:  # conditional: samples that neither jitter nor go gray skip the op entirely
         img = _colour(img, m, k)

@@ -155,3 +155,28 @@ def test_torch_reduced_scale_views_match_full_scale_views(large_photos, monkeypa
         diffs += [(a.float() - b.float()).abs().mean().item() for a, b in zip(fast, full)]
     assert reduced >= 5  # the reduced path was taken
     assert np.mean(diffs) < 3.0 and max(diffs) < 8.0, diffs  # grey levels out of 255
+
+
+def test_header_size_is_the_decoded_size(messy_images):
+    """The crop windows (and the decoded region) are drawn from the size read in the JPEG header, EXIF
+    rotation applied: it must be the size the decoder outputs, for every JPEG of the messy corpus."""
+    import io
+
+    from PIL import Image, ImageOps
+
+    from pipeline.augment_dali import _jpeg_size, image_size
+    from pipeline.image_check import check_image
+
+    checked = rotated = 0
+    for path in sorted(Path(messy_images).rglob("*")):
+        data = path.read_bytes() if path.is_file() else b""
+        if data[:2] != b"\xff\xd8" or check_image(data) is not None:
+            continue
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format != "JPEG":
+                continue
+            expected = ImageOps.exif_transpose(img).size
+        assert image_size(np.frombuffer(data, np.uint8)) == expected, path.name
+        checked += 1
+        rotated += _jpeg_size(data) is not None and expected != img.size
+    assert checked >= 20 and rotated >= 2, (checked, rotated)
