@@ -190,8 +190,9 @@ def first_batch(states, world=1):
     t0 = time.perf_counter()
     ld.load_states(states)
     t1 = time.perf_counter()
-    plan = ld.stream._plan(ld.stream.epoch, ld.stream.history, 1)
-    plan.segments(plan.share(ld.stream.history, 1, 0))
+    st = ld.stream
+    lay = st.layout(st.epoch)
+    next(st._plan(st.epoch, lay).segments(st._share(lay)[0]), None)
     t2 = time.perf_counter()
     it = iter(ld)
     next(it)
@@ -200,13 +201,13 @@ def first_batch(states, world=1):
     return {"load_states_s": t1 - t0, "plan_s": t2 - t1, "first_batch_s": t3 - t0}
 
 # Deep into the epoch: the same trainer state, but 90 % of the epoch consumed.
-s = dict(state["loader"][0])
-total = sum(sh.samples for sh in make().stream.shards)
-s["position"] = int(total * 0.9)
-out["deep"] = dict(first_batch([s]), position=s["position"])
+s = dict(state["loader"])
+total = int(make().stream.counts.sum())
+s["ranks"] = [[s["ranks"][0][0], int(total * 0.9)]]
+out["deep"] = dict(first_batch(s), position=s["ranks"][0][1])
 # Elastic: two ranks' states (each 40 % into its share) resumed on one rank.
 half = total // 2
-two = [dict(state["loader"][0], world=2, position=int(half * 0.4)) for _ in range(2)]
+two = dict(state["loader"], world=2, ranks=[[s["ranks"][0][0], int(half * 0.4)]] * 2)
 out["elastic_2_to_1"] = first_batch(two)
 print("RESULT " + json.dumps(out), flush=True)
 """

@@ -98,12 +98,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def gather(obj, world: int) -> list:
+def gather(obj, world: int) -> list | None:
+    """Every rank's `obj` on rank 0 (None elsewhere): a checkpoint needs them there only."""
     if world == 1:
         return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+    out = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
     return out
+
+
+def on_one_rank(compute):
+    """Run `compute` on rank 0 only and give every rank its result (or its one-line error)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return compute()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as e:  # every rank raises it (none left waiting for the broadcast)
+            box = [("error", e)]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
 
 
 def format_duration(seconds: float) -> str:
@@ -163,7 +181,7 @@ def train(cfg: TrainConfig) -> dict:
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
         epochs=cfg.epochs, storage=StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout),
         preflight=cfg.preflight_check),
-        observer=metrics)
+        observer=metrics, share=on_one_rank)
 
     model = build_model(cfg, world, device)
     # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
@@ -225,14 +243,14 @@ def train(cfg: TrainConfig) -> dict:
     stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
 
     def save(reason: str) -> str | None:
-        states = gather({"loader": loader.state_dict(), "rng": rng_state()}, world)
+        states = gather({"loader": loader.position_state(), "rng": rng_state()}, world)
         path = None
         if is_main:
             t0 = time.perf_counter()
             path = checkpoint.save(cfg.checkpoint_dir, step, {
                 "step": step, "train_seconds": trained, "world": world, "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
-                "loader": [s["loader"] for s in states], "rng": [s["rng"] for s in states],
+                "loader": loader.checkpoint_state([s["loader"] for s in states]), "rng": [s["rng"] for s in states],
                 "config": dataclasses.asdict(cfg)}, keep=cfg.keep_checkpoints)
             metrics.checkpoint_seconds.labels(str(rank)).observe(time.perf_counter() - t0)
             log.info("checkpoint (%s) at step %d: %s", reason, step, path)

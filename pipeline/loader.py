@@ -25,7 +25,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .sources import Shard, resolve_shards, with_counts
+from .shard_table import ShardTable, load_shard_table
+from .skip_log import SkipLog
+from .sources import Shard, with_counts
 from .storage import ShardReader, StorageConfig, StorageObserver
 from .stream import Item, SampleStream
 
@@ -74,7 +76,7 @@ class Batch:
 
 class TwoViewLoader:
     def __init__(self, cfg: LoaderConfig, shards: list[Shard] | None = None,
-                 observer: StorageObserver | None = None):
+                 observer: StorageObserver | None = None, share=None):
         if cfg.backend not in BACKENDS:
             raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
         if cfg.recipe not in RECIPES:
@@ -85,8 +87,10 @@ class TwoViewLoader:
             raise LoaderConfigError(f"unknown pre-flight check mode {cfg.preflight!r}; "
                                     f"choose from {', '.join(PREFLIGHT)}")
         self.cfg = cfg
-        shards = with_counts(shards if shards is not None else resolve_shards(cfg.data))
-        self.preflight = needs_preflight(cfg.preflight, shards)
+        # share: run a function on one rank, give all its result (a shard list without manifest is counted once)
+        shards = ShardTable.from_shards(with_counts(shards)) if shards is not None else load_shard_table(cfg.data, share)
+        self.skip_log = SkipLog(log)
+        self.preflight = needs_preflight(cfg.preflight, shards.validated_by)
         if cfg.backend == "dali":
             log.info("pre-flight image check: %s",
                      "on" if self.preflight else "off (shards validated by shards create)")
@@ -106,7 +110,14 @@ class TwoViewLoader:
     def skipped(self) -> Counter:
         return self.stream.skipped
 
-    def load_states(self, states: list[dict]) -> None:
+    def position_state(self) -> list[int]:
+        return self.stream.position_state()
+
+    def checkpoint_state(self, positions: list[list[int]]) -> dict:
+        """Every rank's state (rank 0 has gathered their positions): small at any number of ranks."""
+        return self.stream.checkpoint_state(positions)
+
+    def load_states(self, states) -> None:
         """Resume from every rank's saved state (elastic when the number of ranks changed)."""
         self.stream.load_states(states)
 
@@ -116,9 +127,17 @@ class TwoViewLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         batches = self._dali_batches() if self.cfg.backend == "dali" else self._torch_batches()
-        for batch, last in batches:
-            batch.last = last
-            yield batch
+        try:
+            for batch, last in batches:
+                batch.last = last
+                yield batch
+        finally:
+            self.skip_log.flush()
+
+    def skipped_image(self, item: Item, reason: str) -> None:
+        """An image neither backend can decode: counted every time, logged aggregated."""
+        self.stream.count(reason)
+        self.skip_log.note(reason, item.sample.key)
 
     def consumed(self, batch: Batch) -> None:
         """Call once a batch has been trained on: the resume state then starts after it."""
@@ -157,8 +176,7 @@ class TwoViewLoader:
                 row = 0
                 for item, reason in zip(chunk, reasons):
                     if reason is not None:
-                        self.stream.count(reason)
-                        log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
+                        self.skipped_image(item, reason)
                         continue
                     ready.append((q[row], k[row], item))
                     row += 1
@@ -204,8 +222,7 @@ class TwoViewLoader:
             while len(encoded) < B:
                 item, reason = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
                 if reason is not None:
-                    self.stream.count(reason)
-                    log.warning("undecodable image skipped (%s): %s", reason, item.sample.key)
+                    self.skipped_image(item, reason)
                     continue
                 first = first or item
                 pending[next_id + len(encoded)] = item
@@ -247,14 +264,12 @@ class TwoViewLoader:
                 checks.shutdown(wait=False, cancel_futures=True)
 
 
-def needs_preflight(mode: str, shards: list[Shard]) -> bool:
-    """always / never as asked; auto: unless every shard comes from a manifest whose validation stamp
-    (written by `shards create`) covers what the check would find."""
+def needs_preflight(mode: str, validated_by: dict | None) -> bool:
+    """always / never as asked; auto: unless the shards' manifest carries the validation stamp written by
+    `shards create` and it covers what the check would find."""
     from .image_check import trusted
 
-    if mode != "auto":
-        return mode == "always"
-    return not (shards and all(trusted(s.validated_by) for s in shards))
+    return mode == "always" if mode != "auto" else not trusted(validated_by)
 
 
 def batch_seed(seed: int, rank: int, first: Item) -> int:

@@ -1,18 +1,24 @@
 """Which samples each rank reads in an epoch, and in what order: a pure function of
 (shard sizes, seed, epoch, world size, rank), so every restart can recompute it.
 
-1. The shard list is shuffled with the epoch's seed.
+1. The shard list is shuffled with the epoch's seed (one array permutation).
 2. The epoch's samples, laid end to end in that order, are cut into `world` equal contiguous spans
    (the last `total % world` samples of the epoch are dropped and counted, so every rank gets
    exactly the same number of samples: no rank can run dry and hang the others at a collective).
 3. Each rank reads its span in blocks of `shuffle_shards` consecutive shard pieces and shuffles the
    samples within a block: a bounded in-memory shuffle that mixes several shards at a time.
+
+Costs grow with shards, never with samples: the plan is the shuffled shard order and its cumulative sample
+counts (two arrays); a block's pieces are found by binary search, and its read order (a seeded permutation)
+is drawn only when the block is read. Nothing builds a rank's whole share.
 """
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from typing import Iterator
+
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -22,78 +28,140 @@ class Piece:
     stop: int
 
 
-@dataclass(frozen=True)
+def _rng(*parts) -> np.random.Generator:
+    """A generator seeded from the parts' text: the same on every process and platform."""
+    digest = hashlib.blake2b("-".join(str(p) for p in parts).encode(), digest_size=16).digest()
+    return np.random.Generator(np.random.PCG64(int.from_bytes(digest, "little")))
+
+
+@dataclass
 class Block:
+    """A few consecutive shard pieces of one rank's level-0 share, read in a shuffled order."""
+
     pieces: tuple[Piece, ...]
-    order: tuple[int, ...]  # a permutation of range(size): the read order of the block's samples
+    seed: tuple  # what the read order is drawn from
+    _order: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def size(self) -> int:
-        return len(self.order)
+        return sum(p.stop - p.start for p in self.pieces)
+
+    @property
+    def order(self) -> np.ndarray:
+        """A permutation of range(size): drawn on first use, when the block is read."""
+        if self._order is None:
+            self._order = _rng(*self.seed).permutation(self.size)
+        return self._order
+
+    def locate(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard indices, sample indices within their shards) of read positions start..stop."""
+        lengths = np.array([p.stop - p.start for p in self.pieces], dtype=np.int64)
+        ends = np.cumsum(lengths)
+        j = self.order[start:stop]
+        k = np.searchsorted(ends, j, side="right")
+        shards = np.array([p.shard for p in self.pieces], dtype=np.int64)[k]
+        firsts = np.array([p.start for p in self.pieces], dtype=np.int64)
+        return shards, firsts[k] + j - (ends - lengths)[k]
 
     def sample_at(self, i: int) -> tuple[int, int]:
         """(shard index, sample index within shard) of the i-th sample read from this block."""
-        j = self.order[i]
-        for p in self.pieces:
-            n = p.stop - p.start
-            if j < n:
-                return p.shard, p.start + j
-            j -= n
-        raise IndexError(i)
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        shards, index = self.locate(i, i + 1)
+        return int(shards[0]), int(index[0])
 
 
-def _rng(*parts) -> random.Random:
-    return random.Random("-".join(str(p) for p in parts))
+def samples_per_rank(counts, world: int) -> int:
+    return int(np.sum(counts, dtype=np.int64)) // world
 
 
-def samples_per_rank(counts: list[int], world: int) -> int:
-    return sum(counts) // world
+def dropped_per_epoch(counts, world: int) -> int:
+    return int(np.sum(counts, dtype=np.int64)) % world
 
 
-def dropped_per_epoch(counts: list[int], world: int) -> int:
-    return sum(counts) % world
+class EpochPlan:
+    """One epoch's level-0 plan over `counts` with `base_world` ranks: O(shards) arrays, built in milliseconds."""
+
+    def __init__(self, counts, seed: int, epoch: int, shuffle_shards: int, base_world: int):
+        counts = np.asarray(counts, dtype=np.int64)
+        self.seed, self.epoch, self.shuffle_shards, self.base_world = seed, epoch, shuffle_shards, base_world
+        self.shard_count = len(counts)
+        dtype = np.int32 if len(counts) < 2**31 else np.int64
+        self.order = _rng(seed, epoch, "shards").permutation(len(counts)).astype(dtype, copy=False)
+        self.ends = np.cumsum(counts[self.order])  # level-0 offset after each shuffled shard
+        self.total = int(self.ends[-1]) if len(self.ends) else 0
+        self.per0 = self.total // base_world
+        self._spans: dict[int, tuple[int, int, int, int]] = {}
+
+    def _position(self, offset: int) -> int:
+        """Index in the shuffled order of the shard holding epoch sample `offset`."""
+        return int(np.searchsorted(self.ends, offset, side="right"))
+
+    def _span(self, rank0: int) -> tuple[int, int, int, int]:
+        """(first, last shuffled position, lo, hi sample offsets) of a level-0 rank's share."""
+        if rank0 not in self._spans:
+            lo, hi = rank0 * self.per0, (rank0 + 1) * self.per0
+            self._spans[rank0] = self._position(lo), self._position(hi - 1), lo, hi
+        return self._spans[rank0]
+
+    def pieces(self, rank0: int) -> list[Piece]:
+        first, last, lo, hi = self._span(rank0)
+        return self._pieces(first, last, lo, hi) if self.per0 else []
+
+    def _pieces(self, first: int, last: int, lo: int, hi: int) -> list[Piece]:
+        out = []
+        for p in range(first, last + 1):
+            begin, end = (int(self.ends[p - 1]) if p else 0), int(self.ends[p])
+            a, b = max(lo, begin), min(hi, end)
+            if a < b:
+                out.append(Piece(int(self.order[p]), a - begin, b - begin))
+        return out
+
+    def block_count(self, rank0: int) -> int:
+        first, last, _, _ = self._span(rank0)
+        return -(-(last - first + 1) // self.shuffle_shards) if self.per0 else 0
+
+    def block(self, rank0: int, k: int) -> tuple[Block, int]:
+        """Block k of a level-0 rank's share and the share offset of its first sample."""
+        first, last, lo, hi = self._span(rank0)
+        a = first + k * self.shuffle_shards
+        pieces = self._pieces(a, min(last, a + self.shuffle_shards - 1), lo, hi)
+        start = max(lo, int(self.ends[a - 1]) if a else 0) - lo
+        return Block(tuple(pieces), (self.seed, self.epoch, rank0, self.base_world, k, "samples")), start
+
+    def block_at(self, entry: int) -> tuple[int, int]:
+        """(level-0 rank, block index) holding level-0 entry `entry`."""
+        rank0, j = divmod(entry, self.per0)
+        first, _, lo, _ = self._span(rank0)
+        return rank0, (self._position(lo + j) - first) // self.shuffle_shards
+
+    def segments(self, intervals: np.ndarray) -> Iterator["Segment"]:
+        """The intervals (level-0 entries) as runs within single blocks, in read order; lazily."""
+        for a, b in intervals.tolist():
+            while a < b:
+                rank0, k = self.block_at(a)
+                block, start = self.block(rank0, k)
+                j = a - rank0 * self.per0
+                take = min(b - a, start + block.size - j)
+                yield Segment(rank0, k, j - start, j - start + take, block)
+                a += take
 
 
-def rank_pieces(counts: list[int], seed: int, epoch: int, world: int, rank: int) -> list[Piece]:
-    order = list(range(len(counts)))
-    _rng(seed, epoch, "shards").shuffle(order)
-    per_rank = samples_per_rank(counts, world)
-    lo, hi = rank * per_rank, (rank + 1) * per_rank
-    pieces, offset = [], 0
-    for s in order:
-        a, b = max(lo, offset), min(hi, offset + counts[s])
-        if a < b:
-            pieces.append(Piece(s, a - offset, b - offset))
-        offset += counts[s]
-        if offset >= hi:
-            break
-    return pieces
+def rank_pieces(counts, seed: int, epoch: int, world: int, rank: int) -> list[Piece]:
+    return EpochPlan(counts, seed, epoch, 1, world).pieces(rank)
 
 
-def rank_blocks(counts: list[int], seed: int, epoch: int, world: int, rank: int,
-                shuffle_shards: int) -> Iterator[Block]:
-    pieces = rank_pieces(counts, seed, epoch, world, rank)
-    for b in range(0, len(pieces), shuffle_shards):
-        group = tuple(pieces[b : b + shuffle_shards])
-        order = list(range(sum(p.stop - p.start for p in group)))
-        _rng(seed, epoch, rank, world, b, "samples").shuffle(order)
-        yield Block(group, tuple(order))
+def rank_blocks(counts, seed: int, epoch: int, world: int, rank: int, shuffle_shards: int) -> Iterator[Block]:
+    plan = EpochPlan(counts, seed, epoch, shuffle_shards, world)
+    for k in range(plan.block_count(rank)):
+        yield plan.block(rank, k)[0]
 
 
 # ---- Elastic resume ------------------------------------------------------------------------------
 # An epoch in progress may be resumed with another number of ranks. The samples not yet consumed are
-# then re-split equally over the new ranks: a new "level" of the epoch's plan. Every level is a list of
-# intervals over the epoch's level-0 sequence (the ranks' level-0 sequences laid end to end), so the whole
-# history of an epoch is a few (world, positions) pairs and nothing per sample is stored.
-
-Interval = tuple[int, int]
-
-
-@dataclass(frozen=True)
-class Level:
-    world: int
-    positions: tuple[int, ...]  # samples each rank had consumed of its share at this level
-
+# then re-split equally over the new ranks. What is left is kept as merged intervals over the epoch's
+# level-0 sequence (the level-0 ranks' shares laid end to end): however many resizes, the state is the
+# intervals left (at most one more per rank and resize, fewer once merged), never a history to replay.
 
 @dataclass(frozen=True)
 class Segment:
@@ -101,81 +169,40 @@ class Segment:
     block: int  # index of the block in that rank's level-0 blocks
     start: int  # read positions start..stop of the block's order
     stop: int
+    ref: Block | None = field(default=None, compare=False, repr=False)
 
 
-def _length(intervals: list[Interval]) -> int:
-    return sum(b - a for a, b in intervals)
+def lengths(intervals: np.ndarray) -> np.ndarray:
+    return intervals[:, 1] - intervals[:, 0]
 
 
-def _slice(intervals: list[Interval], lo: int, hi: int) -> list[Interval]:
-    """Entries lo..hi of the concatenation of `intervals`."""
-    out, offset = [], 0
-    for a, b in intervals:
-        n = b - a
-        s, e = max(lo, offset), min(hi, offset + n)
-        if s < e:
-            out.append((a + s - offset, a + e - offset))
-        offset += n
-        if offset >= hi:
-            break
+def slice_intervals(intervals: np.ndarray, lo: int, hi: int, ends: np.ndarray | None = None) -> np.ndarray:
+    """Entries lo..hi of the concatenation of `intervals` (an (n, 2) array; `ends`: its cumulative lengths)."""
+    if hi <= lo or not len(intervals):
+        return np.zeros((0, 2), np.int64)
+    ends = np.cumsum(lengths(intervals)) if ends is None else ends
+    i, j = np.searchsorted(ends, lo, side="right"), np.searchsorted(ends, hi - 1, side="right")
+    out = intervals[i : j + 1].copy()
+    starts = ends[i : j + 1] - lengths(out)
+    out[0, 0] += lo - starts[0]
+    out[-1, 1] -= ends[j] - hi
     return out
 
 
-class EpochPlan:
-    """One epoch's plan: which level-0 entries each rank reads, after any elastic re-splits."""
+def merge(intervals: np.ndarray) -> np.ndarray:
+    """Join intervals that touch (b == next a) and drop empty ones."""
+    intervals = intervals[lengths(intervals) > 0]
+    if len(intervals) < 2:
+        return intervals
+    breaks = np.flatnonzero(intervals[1:, 0] != intervals[:-1, 1]) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(intervals)]]) - 1
+    return np.stack([intervals[starts, 0], intervals[stops, 1]], axis=1)
 
-    def __init__(self, counts: list[int], seed: int, epoch: int, shuffle_shards: int, base_world: int):
-        self.counts, self.seed, self.epoch = counts, seed, epoch
-        self.shuffle_shards, self.base_world = shuffle_shards, base_world
-        self.per0 = samples_per_rank(counts, base_world)
-        self._blocks: dict[int, tuple[list[Block], list[int]]] = {}
 
-    def blocks(self, rank0: int) -> tuple[list[Block], list[int]]:
-        if rank0 not in self._blocks:
-            blocks = list(rank_blocks(self.counts, self.seed, self.epoch, self.base_world, rank0, self.shuffle_shards))
-            starts, offset = [], 0
-            for b in blocks:
-                starts.append(offset)
-                offset += b.size
-            self._blocks[rank0] = (blocks, starts)
-        return self._blocks[rank0]
-
-    def pool(self, history: list[Level]) -> tuple[list[Interval], int]:
-        """The entries left for the current level, and how many earlier levels dropped to stay balanced."""
-        intervals: list[Interval] = [(0, self.per0 * self.base_world)]
-        dropped = 0
-        for level in history:
-            per = _length(intervals) // level.world
-            dropped += _length(intervals) - per * level.world
-            rest = []
-            for r in range(level.world):
-                rest += _slice(intervals, r * per + level.positions[r], (r + 1) * per)
-            intervals = rest
-        return intervals, dropped
-
-    def share(self, history: list[Level], world: int, rank: int) -> list[Interval]:
-        intervals, _ = self.pool(history)
-        per = _length(intervals) // world
-        return _slice(intervals, rank * per, (rank + 1) * per)
-
-    def share_length(self, history: list[Level], world: int) -> int:
-        return _length(self.pool(history)[0]) // world
-
-    def remainder(self, history: list[Level], world: int) -> int:
-        """Entries of this level dropped so that every rank gets the same number."""
-        return _length(self.pool(history)[0]) % world
-
-    def segments(self, intervals: list[Interval]) -> list[Segment]:
-        """The intervals as runs within single blocks, in read order."""
-        import bisect
-
-        out = []
-        for a, b in intervals:
-            while a < b:
-                r, j = divmod(a, self.per0)
-                blocks, starts = self.blocks(r)
-                k = bisect.bisect_right(starts, j) - 1
-                take = min(b - a, starts[k] + blocks[k].size - j)
-                out.append(Segment(r, k, j - starts[k], j - starts[k] + take))
-                a += take
-        return out
+def remaining(pool: np.ndarray, world: int, positions) -> np.ndarray:
+    """What is left of `pool` split equally over `world` ranks that consumed `positions` of their shares."""
+    ends = np.cumsum(lengths(pool))
+    per = int(ends[-1]) // world if len(ends) else 0
+    parts = [slice_intervals(pool, r * per + min(int(p), per), (r + 1) * per, ends) for r, p in enumerate(positions)]
+    return merge(np.concatenate(parts)) if parts else np.zeros((0, 2), np.int64)

@@ -97,7 +97,8 @@ def resolve_shards(spec: str) -> list[Shard]:
             return read_manifest(manifest)
         if not fs.exists(path):
             raise DataSpecError(f"data not found: {spec}")
-        names = sorted(p for p in fs.ls(path, detail=False) if p.endswith((".tar", ".parquet")))
+        names = sorted(p for p in fs.ls(path, detail=False)  # not a columnar manifest left by an unfinished set
+                       if p.endswith((".tar", ".parquet")) and not p.rsplit("/", 1)[-1].startswith("manifest"))
         if not names:
             raise DataSpecError(f"no manifest.json and no .tar/.parquet shards in {spec}")
         prefix = spec.split("://")[0] + "://" if "://" in spec else ""

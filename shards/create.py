@@ -23,7 +23,8 @@ from pipeline.image_check import validation_stamp
 from .dedup import Deduper
 from .discover import InputFile, discover
 from .errors import ShardError
-from .manifest import build_manifest, by_reason, json_bytes, manifest_names, rejects_bytes, run_report
+from .manifest import (build_manifest, by_reason, json_bytes, manifest_names, rejects_bytes, run_report,
+                       write_manifests)
 from .merge import part_dir
 from .output import Destination
 from .parquet_writer import ParquetShardWriter, extra_schema
@@ -281,8 +282,7 @@ def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_sh
                                       "workers": _children_cpu() - children_cpu})
         dest.write_bytes("rejects.jsonl", rejects_bytes(rejected))
         dest.write_bytes("report.json", json_bytes(report))
-        for f in reversed(formats):  # manifest.json (the primary format's) last: marks the set complete
-            dest.write_bytes(names[f], json_bytes(manifests[f]))
+        write_manifests(dest, names, manifests)  # manifest.json (the primary format's) last: marks the set complete
     except BaseException:
         seq.abort()
         raise

@@ -14,7 +14,7 @@ import json
 import re
 
 from .errors import ShardError
-from .manifest import build_manifest, json_bytes, manifest_names
+from .manifest import build_manifest, json_bytes, manifest_names, write_manifests
 from .output import Destination
 
 PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
@@ -86,7 +86,6 @@ def merge(url: str) -> dict:
               "manifest": dest.location("manifest.json")}
     dest.write_bytes("rejects.jsonl", rejects)
     dest.write_bytes("report.json", json_bytes(report))
-    for f in reversed(formats):  # manifest.json last
-        dest.write_bytes(names[f], json_bytes(merged[f]))
+    write_manifests(dest, names, merged)  # manifest.json last
     dest.close()
     return report

@@ -183,15 +183,15 @@ def created_shards(imagenette_small, tmp_path_factory):
 
 @pytest.mark.parametrize("mode,checked", [("auto", False), ("always", True), ("never", False)])
 def test_validated_shards_skip_the_pre_flight_check(created_shards, monkeypatch, mode, checked):
-    from pipeline.sources import resolve_shards
+    from pipeline.shard_table import load_shard_table
 
-    shards = resolve_shards(str(created_shards))
-    assert shards[0].validated_by["check_version"] >= 1
+    table = load_shard_table(str(created_shards))  # the columnar manifest carries the stamp too
+    assert table.validated_by["check_version"] >= 1
     calls = _recording_check(monkeypatch)
     loader = TwoViewLoader(LoaderConfig(data=str(created_shards), batch_size=8, image_size=32, backend="dali",
                                         workers=1, epochs=1, preflight=mode))
     keys = [k for b in loader for k in b.keys]
-    total = sum(s.samples for s in shards)
+    total = int(table.counts.sum())
     assert len(keys) + loader.skipped["partial_last_batch"] == total
     assert len(calls) == (total if checked else 0)
 
@@ -201,18 +201,20 @@ def test_foreign_or_stale_shards_keep_the_check(created_shards, monkeypatch):
     checked; `never` forces the check off for them too."""
     import dataclasses
 
-    from pipeline.image_check import CHECK_VERSION, MAX_PIXELS, trusted
+    from pipeline.image_check import CHECK_VERSION, MAX_PIXELS
     from pipeline.loader import needs_preflight
+    from pipeline.shard_table import ShardTable
     from pipeline.sources import resolve_shards
 
-    shards = resolve_shards(str(created_shards))
-    stamp = shards[0].validated_by
-    assert trusted(stamp) and needs_preflight("auto", shards) is False
+    shards = resolve_shards(str(created_shards / "manifest.json"))  # the JSON manifest
+    stamp = ShardTable.from_shards(shards).validated_by
+    assert stamp == shards[0].validated_by and needs_preflight("auto", stamp) is False
     for bad in ({**stamp, "check_version": CHECK_VERSION + 1}, {**stamp, "max_pixels": MAX_PIXELS + 1},
                 {**stamp, "decoder": "none (nvImageCodec not installed)"}, None, "yes"):
-        assert needs_preflight("auto", [dataclasses.replace(s, validated_by=bad) for s in shards])
-    assert needs_preflight("auto", shards[:1] + [dataclasses.replace(shards[1], validated_by=None)])
-    assert needs_preflight("never", [dataclasses.replace(s, validated_by=None) for s in shards]) is False
+        assert needs_preflight("auto", bad)
+    mixed = ShardTable.from_shards(shards[:1] + [dataclasses.replace(shards[1], validated_by=None)])
+    assert mixed.validated_by is None and needs_preflight("auto", mixed.validated_by)
+    assert needs_preflight("never", None) is False
 
     calls = _recording_check(monkeypatch)
     listed = ",".join(s.url for s in shards)  # the same tar files, named one by one: no manifest, no stamp

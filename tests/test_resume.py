@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -97,3 +98,35 @@ def test_finite_epochs_on_uneven_damaged_shards_end_every_rank_together(imagenet
     counts = [len(read(tmp_path / f"keys.rank{r}")) for r in (0, 1)]
     assert counts == [min(good) // 8 * 8] * 2
     assert (tmp_path / "ck" / f"checkpoint-{counts[0] // 8:08d}.pt").exists()
+
+
+def test_resume_checks_seed_and_shard_list_and_accepts_appended_shards(shards, tmp_path):
+    """--resume with another --seed or another --data is refused in one line; a list that only grew resumes."""
+    import hashlib
+    import json
+    import shutil
+
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--backend", "torch", *tiny_flags()]
+    run(1, "--data", shards, "--steps", "2", *ck)
+
+    def refused(*args: str, says: str) -> None:
+        r = cli("train", *args, "--steps", "3", "--resume", *ck)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert says in r.stderr.strip().splitlines()[-1]
+
+    refused("--data", shards, "--seed", "1", says="--seed 0")
+    manifest = json.loads((Path(shards) / "manifest.json").read_text())
+    fewer = ",".join(f"{shards}/{s['name']}" for s in manifest["shards"][:-1])
+    refused("--data", fewer, says=f"it had {len(manifest['shards'])} shards")
+
+    grown = tmp_path / "grown"
+    shutil.copytree(shards, grown)  # the same shards, one more appended (a stale manifest.parquet copied too)
+    extra = grown / "extra-000000.tar"
+    shutil.copy(grown / manifest["shards"][0]["name"], extra)
+    data = extra.read_bytes()
+    manifest["shards"].append({"name": extra.name, "samples": manifest["shards"][0]["samples"], "bytes": len(data),
+                               "sha256": hashlib.sha256(data).hexdigest()})
+    (grown / "manifest.json").write_text(json.dumps(manifest))
+    r = cli("train", "--data", str(grown), "--steps", "3", "--resume", *ck)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "the shard list grew from 5 to 6 shards: epoch 0 finishes on the old list" in r.stderr

@@ -126,7 +126,7 @@ def test_tar_manifest_matches_files(imagenette_tar, imagenette_small):
     assert (out / "rejects.jsonl").read_text() == ""
     # nothing else in DEST: no temp files left behind
     assert sorted(os.listdir(out)) == sorted(
-        ["manifest.json", "rejects.jsonl", "report.json"] + [s["name"] for s in m["shards"]]
+        ["manifest.json", "manifest.parquet", "rejects.jsonl", "report.json"] + [s["name"] for s in m["shards"]]
         + [s["index"] for s in m["shards"]] + [s["stats"] for s in m["shards"]])
     # the report says the same as the manifest
     assert report.written == 120 and report.inputs == 120 and report.rejected == []

@@ -103,7 +103,8 @@ def test_one_manifest_per_format_same_shards(dual):
     assert report["formats"] == {"tar": {"shards": 3, "bytes_out": m["total_bytes"]},
                                  "parquet": {"shards": 3, "bytes_out": mp["total_bytes"]}}
     assert report["dali_check"].startswith("nvimgcodec")
-    expected = ["manifest.json", "manifest-parquet.json", "rejects.jsonl", "report.json"] + \
+    expected = ["manifest.json", "manifest.parquet", "manifest-parquet.json", "manifest-parquet.parquet", "rejects.jsonl",
+                "report.json"] + \
         [s[k] for s in m["shards"] for k in ("name", "index", "stats")] + [s["name"] for s in mp["shards"]]
     assert sorted(os.listdir(out)) == sorted(expected)  # nothing else, no temp files
 

@@ -147,7 +147,7 @@ def test_create_on_s3_both_formats(s3_env, imagenette_small, tmp_path, fmt):
     local = make([f"s3://{bucket}/raw/list.txt"], tmp_path / "local", fmt=fmt, samples_per_shard=6, workers=0)
     assert [s["sha256"] for s in r.shards] == [s["sha256"] for s in local.shards]  # same bytes either way
     names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/{fmt}"))
-    expected = ["manifest.json", "rejects.jsonl", "report.json"] + [s[k] for s in r.shards for k in ("name", "stats", "index") if k in s]
+    expected = ["manifest.json", "manifest.parquet", "rejects.jsonl", "report.json"] + [s[k] for s in r.shards for k in ("name", "stats", "index") if k in s]
     assert names == sorted(expected)  # nothing partial, no temp objects
     assert verify(url) == []
     again = make([f"s3://{bucket}/raw/list.txt"], url, fmt=fmt, samples_per_shard=6, workers=2)
