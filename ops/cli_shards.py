@@ -7,6 +7,7 @@ import re
 import sys
 
 from shards import REASONS, CreateReport, ShardError, create_shards
+from shards.download import HttpOptions, user_agent
 from shards.workers import default_workers
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
@@ -31,10 +32,20 @@ Rejected inputs are listed in DEST/rejects.jsonl and do not make the exit status
 SRC can be, mixed in one run:
   a folder              walked recursively in sorted order; the label is the parent folder's name
   a tar archive         .tar / .tar.gz / .tgz of images (members in archive order)
-  a list of inputs      .txt / .lst / .urls: one path or URL per line (s3://, http(s)://, any fsspec URL);
-                        .jsonl: one {{"url": ..., "caption": ..., ...}} per line
-  a parquet table       with an `image` bytes column or a `url` / `path` column
+  a table of inputs     .txt / .lst / .urls: one path or URL per line (s3://, http(s)://, any fsspec URL);
+                        .csv / .tsv (header line), .jsonl, .parquet: a URL column (url, URL, image_url,
+                        path or --url-col), a caption (caption, TEXT, text or --caption-col) and extra
+                        columns (all, or --extra-cols); text tables may be .gz/.bz2/.xz compressed.
+                        LAION / DataComp / CC12M tables work as they are. Tables are streamed, and
+                        --part i/N reads only its slice (a byte range, or parquet row groups).
+  a parquet table       with an `image` bytes column
 Extra fields (caption, label, ...) travel into each sample's JSON (tar) or columns (parquet).
+
+http(s) URLs are downloaded by the main process, --io-concurrency at a time (at most
+--per-host-connections per host), with timeouts, retries (backoff, Retry-After) and the User-Agent
+"{user_agent('TOKEN')}"; the decode workers get the bytes. Images whose
+response says X-Robots-Tag noai / noimageai / noindex / noimageindex are not written (opted_out).
+rejects.jsonl gives each failed URL's status and attempts; --retry-failed retries the retryable ones.
 
 Normalisation: EXIF orientation applied; CMYK, palette, 16-bit, greyscale -> RGB; alpha on white; first
 frame of animations. Upright RGB JPEG/PNG/WebP are kept byte-for-byte (--reencode auto); anything that
@@ -99,7 +110,12 @@ def add_shards_parser(subparsers) -> None:
     c.add_argument("--min-size", type=int, default=8, metavar="PX",
                    help="reject images whose shorter side is under PX as too_small (default: %(default)s)")
     c.add_argument("--max-size", type=int, default=0, metavar="PX",
-                   help="resize images whose longer side is over PX (re-encoded as JPEG); 0 = keep size")
+                   help="resize images whose longer side (see --resize-mode) is over PX (re-encoded as JPEG); "
+                        "0 = keep size; never upscales")
+    c.add_argument("--resize-mode", choices=["longer", "shorter", "center_crop"], default="longer",
+                   help="longer: cap the longer side at --max-size; shorter: cap the shorter side (the size "
+                        "training crops from); center_crop: cap the shorter side, then keep the centre square "
+                        "(default: %(default)s)")
     c.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality of re-encoded images "
                                                                         "(default: %(default)s)")
     c.add_argument("--reencode", choices=["auto", "always", "never"], default="auto",
@@ -116,6 +132,10 @@ def add_shards_parser(subparsers) -> None:
     c.add_argument("--part", metavar="i/N",
                    help="process only the i-th of N slices of the inputs, into DEST/part-IIIII-of-NNNNN; "
                         "run all N (e.g. a Kubernetes Indexed Job), then `shards merge DEST`")
+    _add_table_and_http_args(c)
+    c.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus metrics (inputs by result, HTTP codes, bytes, latency, in flight) "
+                        "on this port while running")
     c.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     c.add_argument("--json", action="store_true",
                    help="print the run report (as in DEST/report.json) as one JSON line instead of the summary")
@@ -145,6 +165,35 @@ def add_shards_parser(subparsers) -> None:
     m.set_defaults(func=run_shards_merge)
 
 
+def _add_table_and_http_args(c) -> None:
+    d = HttpOptions()
+    c.add_argument("--url-col", default="", metavar="NAME", help="the tables' URL column (default: url, URL, "
+                                                                  "image_url or path, the first found)")
+    c.add_argument("--caption-col", default="", metavar="NAME",
+                   help="the tables' caption column, stored as `caption` (default: caption, TEXT or text)")
+    c.add_argument("--extra-cols", default="", metavar="A,B",
+                   help="table columns to keep besides URL and caption (default: all of them)")
+    c.add_argument("--io-concurrency", type=int, default=d.concurrency, metavar="N",
+                   help="http(s) downloads in flight at once (default: %(default)s)")
+    c.add_argument("--http-timeout", type=float, default=d.timeout, metavar="S",
+                   help="connect timeout, and the longest silence while reading a reply (default: %(default)s)")
+    c.add_argument("--retries", type=int, default=d.retries, metavar="N",
+                   help="more tries after a timeout, connection error, 408, 429 or 5xx, with exponential "
+                        "backoff and jitter or the server's Retry-After (capped at 60 s); never for other "
+                        "4xx (default: %(default)s)")
+    c.add_argument("--per-host-connections", type=int, default=d.per_host, metavar="N",
+                   help="connections open to one host at once (default: %(default)s)")
+    c.add_argument("--user-agent-token", default="", metavar="TOKEN",
+                   help="added to the User-Agent, e.g. your project's name or contact address")
+    c.add_argument("--ignore-opt-out", action="store_true",
+                   help="write images even when their X-Robots-Tag says noai / noindex (default: skip them)")
+    c.add_argument("--max-download-bytes", type=byte_size, default=d.max_bytes, metavar="SIZE",
+                   help="bodies larger than this are rejected as too_large (default: 64MiB; 0 = no limit)")
+    c.add_argument("--retry-failed", action="store_true",
+                   help="on a finished DEST: retry only the retryable rejects (timeouts, connection and DNS "
+                        "errors, 408/429/5xx) and append what they give as new shards")
+
+
 def summary(report: CreateReport) -> str:
     """One paragraph: what was written, what was left out and why, where the manifest is."""
     rate = report.report.get("images_per_second")
@@ -171,7 +220,12 @@ def run_shards_create(args) -> int:
         min_size=args.min_size, max_size=args.max_size, quality=args.quality, reencode=args.reencode,
         dedup=args.dedup, dedup_threshold=args.dedup_threshold, shuffle=args.shuffle, seed=args.seed,
         max_shard_bytes=args.max_shard_bytes, part=args.part, max_pixels=args.max_pixels,
-        memory_limit=args.worker_memory)
+        memory_limit=args.worker_memory, resize_mode=args.resize_mode, url_col=args.url_col,
+        caption_col=args.caption_col, extra_cols=args.extra_cols, retry_failed=args.retry_failed,
+        metrics_port=args.metrics_port,
+        http=HttpOptions(concurrency=args.io_concurrency, timeout=args.http_timeout, retries=args.retries,
+                         per_host=args.per_host_connections, user_agent_token=args.user_agent_token,
+                         respect_opt_out=not args.ignore_opt_out, max_bytes=args.max_download_bytes))
     print(json.dumps(report.report) if args.json else summary(report), flush=True)
     return 0
 

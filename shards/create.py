@@ -1,149 +1,52 @@
 """create_shards: inputs -> validated, normalised, deduplicated tar/parquet shards + manifest, resumably.
 
-Flow: discover inputs (deterministic order) -> plan (--shuffle order, --part slice, fingerprint) ->
-resume from the stats files a killed run with the same fingerprint left -> decode, normalise and render
-in worker processes (workers.py, in input order) -> dedup (in order, so deterministic) -> append to
-the current shard (in every output format) -> when full (samples or bytes), finish it (tar: + DALI .idx),
-publish it atomically, then its stats file (the checkpoint) -> at the end rejects.jsonl, report.json,
-the manifests of the other formats, then manifest.json last.
+Flow: stream this part's inputs (discover.Inputs: --shuffle order, --part slice) -> fingerprint -> resume
+from the stats files a killed run with the same fingerprint left -> one pass (ingest.py: download http(s)
+URLs many at a time, decode in worker processes, back in input order, dedup) into the shard sequence
+(sequence.py: each full shard published atomically, then its stats file, the checkpoint) -> at the end
+rejects.jsonl, report.json, the other formats' manifests, manifest.json last.
+`--retry-failed` (retry.py) reruns only the retryable rejects of a finished set and appends shards.
 """
 from __future__ import annotations
 
 import json
 import resource
 import time
-from collections import Counter
 from dataclasses import dataclass, field
-
-from tqdm import tqdm
 
 from pipeline import dali_check
 from pipeline.image_check import validation_stamp
 
+from . import rejects as rejects_file
 from .dedup import Deduper
-from .discover import InputFile, discover
+from .discover import Inputs
+from .download import HttpOptions
 from .errors import ShardError
-from .manifest import (build_manifest, by_reason, json_bytes, manifest_names, rejects_bytes, run_report,
-                       write_manifests)
+from .ingest import Ingest, PassStats
+from .keys import json_safe
+from .manifest import build_manifest, json_bytes, manifest_names, run_report, write_manifests
 from .merge import part_dir
+from .metrics import IngestMetrics
 from .output import Destination
-from .parquet_writer import ParquetShardWriter, extra_schema
-from .plan import Plan, differences, fingerprint, input_order, parse_formats, parse_part
-from .background import InOrder
-from .record import Record
-from .stats import load_resume, stats_bytes, stats_name
-from .tar_writer import TarShardWriter
-from .validate import DUPLICATE, MAX_PIXELS, MIN_SIDE, Reject
-from .wds_index import write_index
+from .plan import Plan, differences, fingerprint, parse_formats, parse_part
+from .sequence import CreateReport, ShardSequence
+from .stats import load_resume
+from .tables import Columns
+from .validate import MAX_PIXELS, MIN_SIDE, REASONS
 from .workers import DecodePool
-
-WRITERS = {"tar": TarShardWriter, "parquet": ParquetShardWriter}
 
 
 @dataclass
-class CreateReport:
-    shards: list[dict]                                            # as in manifest["shards"] (primary format)
-    written: int
-    rejected: list[tuple[str, str, str]] = field(default_factory=list)  # (source, reason, detail)
-    inputs: int = 0
-    seconds: float = 0.0
-    manifest_url: str = ""
-    report: dict = field(default_factory=dict)                    # as in DEST/report.json
-    resumed_from: int = 0                                         # inputs already done by an earlier run
-    already_complete: bool = False                                # the destination was finished before
-    by_format: dict[str, list[dict]] = field(default_factory=dict)  # every format's shards (shards = the first's)
-
-    def rejected_by_reason(self) -> dict[str, int]:
-        return by_reason(self.rejected)
-
-
-def _text(s: str) -> str:
-    # Undecodable file names (surrogate escapes) cannot go into JSON/parquet strings as-is.
-    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-
-
-class _ShardSequence:
-    """Opens shard N lazily (one writer per output format), hands it to the publisher thread when full,
-    and keeps the accounting of the input range [start, end) each shard covers (its samples and the
-    rejects in between). Every format's shard N holds the same samples: a shard ends when any of its
-    formats reaches a limit."""
-
-    def __init__(self, dest: Destination, plan: Plan, fp: str, options: dict, extra_fields,
-                 entries: dict[str, list[dict]], position: int):
-        self.dest, self.plan, self.fp, self.options, self.extra_fields = dest, plan, fp, options, extra_fields
-        self.formats = plan.formats
-        self.entries = {f: list(entries.get(f, [])) for f in self.formats}  # published shards, in order
-        self.count = len(self.entries[self.formats[0]])                      # shards started
-        self.start = position
-        self.written: list[list] = []
-        self.rejects: list[list] = []
-        self.bytes_in = 0
-        self._writers: list = []  # (format, name, writer) of the open shard
-        self._limit = plan.max_shard_bytes
-        self._publisher = InOrder()
-
-    def reject(self, record: tuple, nbytes: int) -> None:
-        self.rejects.append(list(record))
-        self.bytes_in += nbytes
-
-    def add(self, pos: int, item: InputFile, source: str, label: str, record: Record, nbytes: int) -> None:
-        if self._writers and self._limit and any(w.bytes + w.cost(item.key, source, record) > self._limit
-                                                 for _, _, w in self._writers):
-            self.finish(pos)
-        if not self._writers:
-            for fmt in self.formats:
-                name = f"{self.plan.prefix}-{self.count:06d}.{fmt}"
-                self._writers.append((fmt, name, WRITERS[fmt](self.dest.staging_path(name), self.extra_fields)))
-            self.count += 1
-        for _, _, w in self._writers:
-            w.add(item.key, source, label, record, item.extra)
-        self.written.append([item.key, source, record.size, record.digest])
-        self.bytes_in += nbytes
-        if self._writers[0][2].samples >= self.plan.samples_per_shard:
-            self.finish(pos + 1)
-
-    def finish(self, end: int) -> None:
-        """Hand the open shard to the publisher thread; the next one can start at once."""
-        if self._writers:
-            self._publisher.submit(self._publish, self._writers, self.start, end, self.written, self.rejects,
-                                   self.bytes_in)
-        self._writers = []
-        self.start, self.written, self.rejects, self.bytes_in = end, [], [], 0
-
-    def _publish(self, writers: list, start: int, end: int, written: list, rejects: list, bytes_in: int) -> None:
-        entries = []
-        for fmt, name, writer in writers:
-            writer.close()
-            entry = {"name": name, "samples": writer.samples}
-            entry["bytes"], entry["sha256"] = writer.digest()
-            if fmt == "tar":
-                # Publish the index before its tar: a visible tar always has its .idx next to it.
-                idx_name = name[: -len(".tar")] + ".idx"
-                idx_staged = self.dest.staging_path(idx_name)
-                write_index(writer.path, idx_staged, writer.index_lines())
-                self.dest.publish(idx_staged, idx_name)
-                entry["index"] = idx_name
-            entry["stats"] = stats_name(name)  # the same file for every format: shard N holds the same samples
-            self.dest.publish(writer.path, name)
-            entries.append(entry)
-        # The stats file last: it is the checkpoint a rerun trusts.
-        self.dest.write_bytes(entries[0]["stats"], stats_bytes(self.fp, self.options, entries, start, end,
-                                                               written, rejects, bytes_in))
-        for fmt, entry in zip(self.formats, entries):
-            self.entries[fmt].append(entry)
-
-    def close(self, end: int) -> dict[str, list[dict]]:
-        """Finish the last shard and wait until every shard is published; the entries per format."""
-        self.finish(end)
-        self._publisher.drain()
-        self._publisher.close()
-        return self.entries
-
-    def abort(self) -> None:
-        for _, _, w in self._writers:
-            w.abort()
-        self._writers = []
-        self._publisher.close()  # shards already handed over are complete: let them land
+class Job:
+    """What a run needs besides the inputs: its plan, options, fingerprint, destination, one pass runner."""
+    plan: Plan
+    options: dict
+    fp: str
+    dest: Destination
+    ingest: Ingest
+    extra_fields: list | None
+    started: float = field(default_factory=time.monotonic)
+    cpu_started: float = field(default_factory=time.process_time)
 
 
 def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> CreateReport | None:
@@ -157,8 +60,7 @@ def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> Cr
         raise ShardError(f"destination already holds a shard set made with other options or inputs "
                          f"({differences(m.get('options', {}), options)}): {dest.location('manifest.json')}; "
                          "use another destination or remove it first")
-    lines = (dest.read("rejects.jsonl") or b"").decode().splitlines()
-    rejected = [(r["source"], r["reason"], r["detail"]) for r in map(json.loads, lines)]
+    rejected = [tuple(r[:3]) for r in rejects_file.parse(dest.read("rejects.jsonl"))]
     by_format = {f: json.loads(dest.read(name) or b'{"shards": []}')["shards"]
                  for f, name in m.get("formats", {m.get("format"): "manifest.json"}).items()}
     return CreateReport(shards=m["shards"], written=m["total_samples"], rejected=rejected, inputs=m["inputs"],
@@ -167,131 +69,122 @@ def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> Cr
                         already_complete=True, by_format=by_format)
 
 
-def _progress_text(counts: Counter) -> str:
-    return f"rejected {sum(counts.values())}" + (" (" + ", ".join(f"{n} {r}" for r, n in sorted(counts.items()))
-                                                 + ")" if counts else "")
+def write_set(job: Job, entries: dict[str, list[dict]], rejected: list, inputs: int, processed: int,
+              resumed_from: int, stats: PassStats, bytes_in: int) -> CreateReport:
+    """rejects.jsonl, report.json and the manifests (manifest.json last: it marks the set complete)."""
+    formats, dest = job.plan.formats, job.dest
+    seconds = time.monotonic() - job.started
+    manifests = {f: build_manifest(f, job.options, entries[f], rejected, seconds, inputs=inputs, formats=formats)
+                 for f in formats}
+    manifest = manifests[formats[0]]
+    if manifest["total_samples"] + len(rejected) != inputs:  # every input accounted for, always
+        raise RuntimeError(f"accounting error: {manifest['total_samples']} written + {len(rejected)} "
+                           f"rejected != {inputs} inputs")
+    report = run_report(manifest, bytes_in, seconds, processed, resumed_from, job.ingest.pool.n,
+                        stats.replaced_workers, dest.location("manifest.json"),
+                        {f: m for f, m in manifests.items() if f != formats[0]}, dali_check.checker(),
+                        {"main": time.process_time() - job.cpu_started, "workers": stats.worker_cpu})
+    report["success_rate"] = round(manifest["total_samples"] / inputs, 4) if inputs else 0.0
+    report["http_status"] = dict(sorted(stats.http_status.items()))  # this run's URLs, by final status
+    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # main process
+    dest.write_bytes("rejects.jsonl", rejects_file.jsonl_bytes(rejected))
+    dest.write_bytes("report.json", json_bytes(report))
+    write_manifests(dest, manifest_names(formats), manifests)  # manifest.json (the primary format's) last
+    return CreateReport(shards=entries[formats[0]], written=manifest["total_samples"],
+                        rejected=[tuple(r[:3]) for r in rejected], inputs=inputs, seconds=seconds,
+                        manifest_url=dest.location("manifest.json"), report=report, resumed_from=resumed_from,
+                        by_format=entries)
 
 
-def _children_cpu() -> float:
-    # Workers forked by this process count here once joined (forkserver-started ones do not).
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
+def _fresh_or_resumed(job: Job, inputs: Inputs) -> CreateReport:
+    plan, dest = job.plan, job.dest
+    dest.remove_stale_temps()
+    state = load_resume(dest, plan.prefix, plan.formats, job.fp, job.options)
+    deduper = Deduper(plan.dedup, plan.dedup_threshold)
+    for key, _, _, digest in state.written:
+        deduper.add(digest, key)
+    seq = ShardSequence(dest, plan, job.fp, job.options, job.extra_fields, state.entries, state.position)
+    rejected = [list(r) for r in state.rejects]
+    items = iter(inputs)
+    for _ in range(state.position):  # a resumed run skips what the checkpoints account for
+        next(items)
+    try:
+        stats = job.ingest.run(items, state.position, None, seq, deduper, rejected)
+        done = stats.end
+        entries = seq.close(done)
+    except BaseException:
+        seq.abort()
+        raise
+    return write_set(job, entries, rejected, done, done - state.position, state.position, stats,
+                     state.bytes_in + stats.bytes_in)
 
 
-def _tasks(items: list[InputFile]):
-    # What a worker needs to fetch, decode and render one input (texts made JSON/parquet-safe here).
-    for it in items:
-        yield it.locator, (it.key, _text(it.path), _text(it.label), it.extra)
+def make_plan(fmt, samples_per_shard, prefix, kw: dict) -> Plan:
+    formats = parse_formats(fmt)
+    part = kw.pop("part", None)
+    plan = Plan(format=",".join(formats), samples_per_shard=samples_per_shard, prefix=prefix,
+                part=part if isinstance(part, tuple) else parse_part(part), **kw)
+    plan.check()
+    return plan
+
+
+def check_http(http: HttpOptions) -> None:
+    for name, value, low in (("--io-concurrency", http.concurrency, 1), ("--per-host-connections", http.per_host, 1),
+                             ("--retries", http.retries, 0)):
+        if value < low:
+            raise ShardError(f"{name} must be at least {low}, got {value}")
+    if http.timeout <= 0:
+        raise ShardError(f"--http-timeout must be positive, got {http.timeout}")
 
 
 def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_shard: int = 1000,
                   prefix: str = "shard", progress: bool = True, *, workers: int = 1, timeout: float = 60.0,
-                  min_size: int = MIN_SIDE, max_size: int = 0, quality: int = 95, reencode: str = "auto",
-                  dedup: str = "exact", dedup_threshold: int = 4, shuffle: bool = False, seed: int = 0,
-                  max_shard_bytes: int = 0, part: str | tuple[int, int] | None = None,
-                  max_pixels: int = MAX_PIXELS, memory_limit: int | None = None) -> CreateReport:
+                  min_size: int = MIN_SIDE, max_size: int = 0, resize_mode: str = "longer", quality: int = 95,
+                  reencode: str = "auto", dedup: str = "exact", dedup_threshold: int = 4, shuffle: bool = False,
+                  seed: int = 0, max_shard_bytes: int = 0, part: str | tuple[int, int] | None = None,
+                  max_pixels: int = MAX_PIXELS, memory_limit: int | None = None, url_col: str = "",
+                  caption_col: str = "", extra_cols: str = "", http: HttpOptions | None = None,
+                  retry_failed: bool = False, metrics_port: int | None = None) -> CreateReport:
     """Turn image sources into validated, normalised shards plus manifest.json at `out`.
 
-    `sources`: folders, tar archives, lists of paths/URLs, parquet tables (shards.discover). `out`: local
+    `sources`: folders, tar archives, tables of paths/URLs, parquet tables (shards.discover). `out`: local
     folder or fsspec URL (s3://bucket/prefix; endpoint and keys from the AWS_* environment variables).
     `fmt`: "tar", "parquet", or both ("tar,parquet": the same samples in each; see shards.manifest).
-    A rerun with the same sources and options continues a killed run (or does nothing if it finished);
-    other options into the same `out` raise. Raises ShardError for user errors; bad images never
-    raise, they are recorded in rejects.jsonl with a reason code.
+    `http`: the download stage's options (shards.download.HttpOptions). A rerun with the same sources and
+    options continues a killed run (or does nothing if it finished); other options into the same `out`
+    raise; `retry_failed` on a finished `out` retries its retryable rejects. Raises ShardError for user
+    errors; bad images never raise, they are recorded in rejects.jsonl with a reason code.
     """
-    start, cpu_start = time.monotonic(), time.process_time()
-    formats = parse_formats(fmt)
-    plan = Plan(format=",".join(formats), samples_per_shard=samples_per_shard, max_shard_bytes=max_shard_bytes,
-                prefix=prefix, min_size=min_size, max_size=max_size, quality=quality, reencode=reencode,
-                max_pixels=max_pixels, dedup=dedup, dedup_threshold=dedup_threshold, shuffle=shuffle,
-                seed=seed, part=part if isinstance(part, tuple) else parse_part(part))
-    plan.check()
+    http = http or HttpOptions()
+    plan = make_plan(fmt, samples_per_shard, prefix, dict(
+        max_shard_bytes=max_shard_bytes, min_size=min_size, max_size=max_size, resize_mode=resize_mode,
+        quality=quality, reencode=reencode, max_pixels=max_pixels, dedup=dedup, dedup_threshold=dedup_threshold,
+        shuffle=shuffle, seed=seed, part=part, url_col=url_col, caption_col=caption_col, extra_cols=extra_cols,
+        respect_opt_out=http.respect_opt_out, max_download_bytes=http.max_bytes))
     if timeout <= 0:
         raise ShardError(f"--timeout must be positive, got {timeout}")
-    inputs = discover(list(sources))
-    extra_fields = None
-    if "parquet" in formats:
-        names = list(dict.fromkeys(k for it in inputs for k in it.extra))
-        extra_fields = extra_schema({n: [it.extra.get(n) for it in inputs] for n in names})
-    items = [inputs[i] for i in input_order(len(inputs), plan)]
-    options = {**plan.as_dict(), "sources": [_text(s) for s in sources]}
-    fp = fingerprint(plan, options["sources"], [f"{it.path}\0{it.key}" for it in items])
-    options["fingerprint"] = fp
+    check_http(http)
+    cols = Columns(url_col or None, caption_col or None,
+                   tuple(c.strip() for c in extra_cols.split(",") if c.strip()) if extra_cols else None)
+    inputs = Inputs(list(sources), plan.part, cols, shuffle, seed)
+    options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
+    options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
-
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
     dest = Destination(out)
     try:
-        done = _existing_set(dest, fp, options, start)
-    except BaseException:
-        dest.close()
-        raise
-    if done is not None:
-        dest.close()
-        return done
-    dest.remove_stale_temps()
-    state = load_resume(dest, prefix, formats, fp, options)
-    deduper = Deduper(plan.dedup, plan.dedup_threshold)
-    for key, _, _, digest in state.written:
-        deduper.add(digest, key)
-    seq = _ShardSequence(dest, plan, fp, options, extra_fields, state.entries, state.position)
-    rejected: list[tuple[str, str, str]] = [tuple(r) for r in state.rejects]
-    bytes_in = state.bytes_in
-    reasons = Counter(r[1] for r in rejected)
-    checker = dali_check.checker()  # loads DALI's decoder library once, before the workers fork
-    children_cpu = _children_cpu()
-    pool = DecodePool(workers, plan.normalise_options(), timeout, memory_limit, tar="tar" in formats)
-    pool.start()  # before the progress bar's thread
-    todo = items[state.position:]
-    tasks = _tasks(todo)
-    results = pool.imap(tasks)
-    bar = tqdm(total=len(items), initial=state.position, unit="img", desc=f"shards {plan.format}",
-               disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    try:
-        for pos, item in enumerate(todo, start=state.position):
-            result, nbytes = next(results)
-            bytes_in += nbytes
-            if isinstance(result, Record):
-                kept = deduper.check(result.digest)
-                if kept is not None:
-                    result = Reject(DUPLICATE, f"duplicate of {kept}")
-            if isinstance(result, Reject):
-                record = (_text(item.path), result.reason, result.detail)
-                rejected.append(record)
-                seq.reject(record, nbytes)
-                reasons[result.reason] += 1
-                bar.set_postfix_str(_progress_text(reasons), refresh=False)
-            else:
-                deduper.add(result.digest, item.key)
-                seq.add(pos, item, _text(item.path), _text(item.label), result, nbytes)
-            bar.update()
-        seq.close(len(items))
-        results.close()
-        seconds = time.monotonic() - start
-        names = manifest_names(formats)
-        manifests = {f: build_manifest(f, options, seq.entries[f], rejected, seconds, inputs=len(items),
-                                       formats=formats) for f in formats}
-        manifest = manifests[formats[0]]
-        if manifest["total_samples"] + len(rejected) != len(items):  # every input accounted for, always
-            raise RuntimeError(f"accounting error: {manifest['total_samples']} written + {len(rejected)} "
-                               f"rejected != {len(items)} inputs")
-        report = run_report(manifest, bytes_in, seconds, len(todo), state.position, workers, pool.replaced,
-                            dest.location("manifest.json"), {f: m for f, m in manifests.items() if f != formats[0]},
-                            checker, {"main": time.process_time() - cpu_start,
-                                      "workers": _children_cpu() - children_cpu})
-        dest.write_bytes("rejects.jsonl", rejects_bytes(rejected))
-        dest.write_bytes("report.json", json_bytes(report))
-        write_manifests(dest, names, manifests)  # manifest.json (the primary format's) last: marks the set complete
-    except BaseException:
-        seq.abort()
-        raise
+        done = _existing_set(dest, fp, options, time.monotonic())
+        if done is not None and not retry_failed:
+            return done
+        dali_check.checker()  # loads DALI's decoder library once, before the workers fork
+        pool = DecodePool(workers, plan.normalise_options(), timeout, memory_limit, tar="tar" in plan.formats)
+        ingest = Ingest(pool, http if inputs.table_sources() else None,
+                        IngestMetrics(plan.part[0], REASONS), metrics_port, progress, f"shards {plan.format}")
+        job = Job(plan, options, fp, dest, ingest, inputs.extra_types() if "parquet" in plan.formats else None)
+        if retry_failed:
+            from .retry import retry_rejects
+            return retry_rejects(job, inputs, done)
+        return _fresh_or_resumed(job, inputs)
     finally:
-        results.close()
-        pool.close()
-        bar.close()
         dest.close()
-    return CreateReport(shards=seq.entries[formats[0]], written=manifest["total_samples"], rejected=rejected,
-                        inputs=len(items), seconds=time.monotonic() - start,
-                        manifest_url=dest.location("manifest.json"), report=report,
-                        resumed_from=state.position, by_format=seq.entries)

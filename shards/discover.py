@@ -3,28 +3,32 @@
 A source is one of
   - a folder: every regular file under it, walked recursively in sorted order;
   - a tar archive (`.tar`, `.tar.gz`, `.tgz`): every regular member, in archive order;
-  - a list (`.txt`, `.lst`, `.urls`): one local path or URL (`s3://`, `http(s)://`, any fsspec URL) per
-    line; or `.jsonl`: one object per line with `url` (or `path`) and any extra fields;
-  - a parquet table: a binary `image` column (bytes) or a `url` / `path` column, plus extra columns.
-Lists and tables may themselves live at an fsspec URL. Extra fields travel into each sample's JSON (tar)
-or columns (parquet); a `label` field overrides the default label (the parent folder's name).
+  - a table of paths/URLs (shards.tables: `.txt`/`.lst`/`.urls`, `.csv`, `.tsv`, `.jsonl`, `.parquet`,
+    compressed text too): one input per row, plus its caption and extra columns;
+  - a parquet table with a binary `image` column (the bytes themselves).
+Tables may live at an fsspec URL. Extra fields travel into each sample's JSON (tar) or columns (parquet);
+a `label` field overrides the default label (the parent folder's name).
+
+Tables are streamed: `Inputs` yields one part's rows (`--part i/N`) without holding the list, so memory
+does not grow with a 10^9-row table. Folders and archives are small enough to list (their keys need the
+whole listing to stay collision-free); `--shuffle` lists everything too (a permutation needs it all).
+A table row's key is `<table stem>_<row id>` (byte offset of its line, or parquet row number), so keys do
+not depend on --part.
 """
 from __future__ import annotations
 
-import json
+import hashlib
 import os
+import random
 import tarfile
 from dataclasses import dataclass, field
-
-import fsspec
+from typing import Iterator
 
 from .errors import ShardError
 from .keys import assign_keys, natural_key
-from .output import storage_options
+from .tables import Columns, check_columns, head_types, identity, parquet_file, row_ranges, rows, table_kind
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
-LISTS = (".txt", ".lst", ".urls")
-URL_COLUMNS = ("url", "path")
 IMAGE_COLUMN = "image"
 _RESERVED = {"key", "source", "width", "height", "format", "image", "ext"}  # ours, never overridden
 
@@ -50,28 +54,19 @@ def _walk(root: str) -> list[str]:
     return rel
 
 
-def _open(url: str, mode: str = "rb"):
-    try:
-        return fsspec.open(url, mode, **storage_options(url)).open()
-    except FileNotFoundError:
-        raise ShardError(f"source not found: {url}") from None
-    except Exception as exc:
-        raise ShardError(f"cannot read source {url}: {type(exc).__name__}: {exc}") from exc
-
-
 def _clean_extra(row: dict) -> dict:
     return {k: v for k, v in row.items() if k not in _RESERVED and v is not None}
 
 
 def _stem(src: str) -> str:
     base = src.rstrip("/").rsplit("/", 1)[-1]
-    for suffix in ARCHIVES + LISTS + (".jsonl", ".parquet"):
-        if base.endswith(suffix):
-            return natural_key(base[: -len(suffix)] + ".x")
+    for suffix in (".gz", ".bz2", ".xz", ".zst"):
+        if base.endswith(suffix) and table_kind(base):
+            base = base[: -len(suffix)]
     return natural_key(base)
 
 
-def _folder(src: str) -> list[tuple[str, str, str, tuple, dict]]:
+def _folder(src: str) -> list[tuple]:
     return [(os.path.join(src, rel), rel, os.path.basename(os.path.dirname(rel)), ("file", os.path.join(src, rel)), {})
             for rel in _walk(src)]
 
@@ -94,89 +89,149 @@ def _archive(src: str) -> list[tuple]:
     return out
 
 
-def _locator(url: str) -> tuple:
+def locator(url: str) -> tuple:
+    if url.startswith(("http://", "https://")):
+        return ("http", url)  # downloaded by the main process's download stage (shards.download)
     return ("url", url) if "://" in url else ("file", url)
 
 
-def _list(src: str) -> list[tuple]:
-    stem, out = _stem(src), []
-    with _open(src, "rt") as f:
-        for n, line in enumerate(f):
-            line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            if src.endswith(".jsonl"):
-                try:
-                    row = json.loads(line)
-                    url = row.get("url") or row.get("path")
-                except (json.JSONDecodeError, AttributeError):
-                    row, url = {}, None
-                if not isinstance(url, str):
-                    raise ShardError(f"{src} line {n + 1}: expected a JSON object with a 'url' or 'path'")
-                extra = _clean_extra({k: v for k, v in row.items() if k not in URL_COLUMNS})
-            else:
-                url, extra = line, {}
-            out.append((url, f"{stem}/{n:09d}", str(extra.pop("label", "")), _locator(url), extra))
-    return out
-
-
-def _table(src: str) -> list[tuple]:
-    import pyarrow.parquet as pq
-
-    stem, out = _stem(src), []
-    with _open(src) as f:
-        try:
-            pf = pq.ParquetFile(f)
-        except Exception as exc:
-            raise ShardError(f"cannot read parquet table {src}: {exc}") from exc
-        names = pf.schema_arrow.names
-        url_col = next((c for c in URL_COLUMNS if c in names), None)
-        if IMAGE_COLUMN not in names and url_col is None:
-            raise ShardError(f"parquet table {src} has neither an '{IMAGE_COLUMN}' column nor one of "
-                             f"{', '.join(URL_COLUMNS)}")
-        extra_cols = [c for c in names if c not in _RESERVED and c not in URL_COLUMNS]
-        row = 0
-        for rg in range(pf.num_row_groups):
-            cols = extra_cols + ([url_col] if url_col and IMAGE_COLUMN not in names else [])
-            t = pf.read_row_group(rg, columns=cols).to_pylist() if cols else [{}] * pf.metadata.row_group(rg).num_rows
-            for i, values in enumerate(t):
-                extra = _clean_extra({c: values.get(c) for c in extra_cols})
-                if IMAGE_COLUMN in names:
-                    loc, path = ("parquet", src, rg, i), f"{src}#{row}"
-                else:
-                    path = values.get(url_col) or ""
-                    loc = _locator(path)
-                out.append((path, f"{stem}/{row:09d}", str(extra.pop("label", "")), loc, extra))
-                row += 1
-    return out
+def _is_image_table(src: str) -> bool:
+    return table_kind(src) == "parquet" and IMAGE_COLUMN in parquet_file(src).schema_arrow.names
 
 
 def _kind(src: str) -> str:
     if src.endswith(ARCHIVES):
         return "archive"
-    if src.endswith(LISTS + (".jsonl",)):
-        return "list"
-    if src.endswith(".parquet"):
-        return "table"
+    if table_kind(src):
+        return "images" if _is_image_table(src) else "table"
     if "://" in src:
-        raise ShardError(f"remote sources must be a list (.txt/.jsonl) or a parquet table: {src}")
+        raise ShardError(f"remote sources must be a table (.txt/.csv/.tsv/.jsonl/.parquet): {src}")
     if not os.path.exists(src):
         raise ShardError(f"source not found: {src}")
     if not os.path.isdir(src):
-        raise ShardError(f"source is not a folder, tar archive, list (.txt/.jsonl) or parquet table: {src}")
+        raise ShardError(f"source is not a folder, tar archive or table (.txt/.csv/.tsv/.jsonl/.parquet): {src}")
     return "folder"
 
 
-READERS = {"folder": _folder, "archive": _archive, "list": _list, "table": _table}
+def _image_rows(src: str, part: tuple[int, int]) -> Iterator[tuple[int, tuple, dict]]:
+    """(row, locator, extra fields) of a parquet table holding the image bytes."""
+    pf = parquet_file(src)
+    extra_cols = [c for c in pf.schema_arrow.names if c not in _RESERVED]
+    for first, rg, lo, hi in row_ranges(pf, part):
+        t = pf.read_row_group(rg, columns=extra_cols) if extra_cols else None
+        values = {c: t.column(c).to_pylist() for c in extra_cols} if t is not None else {}
+        for j in range(max(lo - first, 0), min(hi - first, pf.metadata.row_group(rg).num_rows)):
+            yield first + j, ("parquet", src, rg, j), {c: v[j] for c, v in values.items()}
+    pf.close()
+
+
+def _slice(n: int, part: tuple[int, int]) -> range:
+    i, parts = part
+    return range(i * n // parts, (i + 1) * n // parts)
+
+
+class Inputs:
+    """This part's inputs, in processing order; iterate as often as needed (tables are re-read)."""
+
+    def __init__(self, sources: list[str], part: tuple[int, int] = (0, 1), columns: Columns = Columns(),
+                 shuffle: bool = False, seed: int = 0):
+        if not sources:
+            raise ShardError("no sources given")
+        self.sources, self.part, self.columns, self.shuffle, self.seed = sources, part, columns, shuffle, seed
+        self.kinds = [_kind(s) for s in sources]
+        listed = [(i, t) for i, s in enumerate(sources) if self.kinds[i] in ("folder", "archive")
+                  for t in (_folder(s) if self.kinds[i] == "folder" else _archive(s))]
+        keys = assign_keys([t[1] for _, t in listed])
+        self._listed: dict[int, list[InputFile]] = {}
+        for (i, (path, rel, label, loc, extra)), key in zip(listed, keys):
+            self._listed.setdefault(i, []).append(InputFile(path, rel, label, key, loc, extra))
+        self._taken = set(keys)
+        for i, kind in enumerate(self.kinds):
+            if kind == "table":
+                check_columns(sources[i], columns, (0, 1) if shuffle else part)
+        streamed = [i for i, k in enumerate(self.kinds) if k in ("table", "images")]
+        stems = assign_keys([_stem(sources[i]) for i in streamed])
+        self._stems = dict(zip(streamed, stems))
+
+    def _table(self, i: int, part: tuple[int, int]) -> Iterator[InputFile]:
+        src, stem = self.sources[i], self._stems[i]
+        if self.kinds[i] == "images":
+            found = ((row, f"{src}#{row}", loc, extra) for row, loc, extra in _image_rows(src, part))
+            width = 9
+        else:
+            found = ((rid, r.get("url") or "", locator(r.get("url") or ""), r) for rid, r in rows(src, part, self.columns))
+            width = 9 if table_kind(src) == "parquet" else 12
+        for rid, path, loc, row in found:
+            extra = _clean_extra({k: v for k, v in row.items() if k != "url"})
+            rel = f"{stem}/{rid:0{width}d}"
+            key = natural_key(rel)
+            while key in self._taken:  # a folder file with the same natural key: rare, still never a clash
+                key += "_t"
+            yield InputFile(path, rel, str(extra.pop("label", "")), key, loc, extra)
+
+    def _source(self, i: int, part: tuple[int, int]) -> Iterator[InputFile]:
+        if i in self._listed or self.kinds[i] in ("folder", "archive"):
+            items = self._listed.get(i, [])
+            yield from (items[j] for j in _slice(len(items), part))
+        else:
+            yield from self._table(i, part)
+
+    def __iter__(self) -> Iterator[InputFile]:
+        if not self.shuffle:
+            for i in range(len(self.sources)):
+                yield from self._source(i, self.part)
+            return
+        # --shuffle permutes ALL inputs (so sources mix across shards), then takes the part's slice.
+        every = [it for i in range(len(self.sources)) for it in self._source(i, (0, 1))]
+        order = list(range(len(every)))
+        random.Random(self.seed).shuffle(order)
+        yield from (every[order[j]] for j in _slice(len(order), self.part))
+
+    def identity(self) -> str:
+        """sha256 of what the inputs are: listed files one by one, tables by size and modification time."""
+        h = hashlib.sha256()
+        for i, src in enumerate(self.sources):
+            if self.kinds[i] in ("table", "images"):
+                h.update(identity(src).encode("utf-8", "surrogateescape") + b"\0")
+            else:
+                for it in self._source(i, (0, 1) if self.shuffle else self.part):
+                    h.update(f"{it.path}\0{it.key}".encode("utf-8", "surrogateescape") + b"\0")
+        return h.hexdigest()
+
+    def listed_extras(self) -> Iterator[dict]:
+        for items in self._listed.values():
+            yield from (it.extra for it in items)
+
+    def extra_types(self) -> list[tuple[str, object]]:
+        """Arrow types of the extra fields for parquet output: listed files' values as they are; tables'
+        from their schema or first rows (never the whole table); a field typed two ways is a string."""
+        import pyarrow as pa
+
+        from .parquet_writer import extra_schema
+
+        values: dict[str, list] = {}
+        for extra in self.listed_extras():
+            for k, v in extra.items():
+                values.setdefault(k, []).append(v)
+        types = dict(extra_schema(values))
+        for i, src in enumerate(self.sources):
+            if self.kinds[i] == "images":
+                schema = parquet_file(src).schema_arrow
+                found = {c: schema.field(c).type for c in schema.names if c not in _RESERVED}
+            elif self.kinds[i] == "table":
+                found = head_types(src, self.columns)
+            else:
+                continue
+            for k, t in found.items():
+                if k in _RESERVED or k == "label":
+                    continue
+                types[k] = t if types.get(k, t) == t else pa.string()
+        return list(types.items())
+
+    def table_sources(self) -> list[str]:
+        return [s for s, k in zip(self.sources, self.kinds) if k in ("table", "images")]
 
 
 def discover(sources: list[str]) -> list[InputFile]:
     """Every input of every source, in order (no extension filter: a non-image is a reject, not skipped)."""
-    if not sources:
-        raise ShardError("no sources given")
-    found: list[tuple] = []
-    for src in sources:
-        found.extend(READERS[_kind(src)](src))
-    keys = assign_keys([rel for _, rel, _, _, _ in found])
-    return [InputFile(path=path, relpath=rel, label=label, key=key, locator=loc, extra=extra)
-            for (path, rel, label, loc, extra), key in zip(found, keys)]
+    return list(Inputs(list(sources)))

@@ -6,6 +6,8 @@ Locators (built by shards.discover):
   ("tar", archive, offset, size)       a member of an uncompressed tar: one seek + read
   ("tarz", archive, member)            a member of a compressed tar (archive kept open per worker)
   ("parquet", table, row_group, row)   the `image` cell of a parquet table (row group cached per worker)
+  ("bytes", data)                      already downloaded by the main process (shards.feed)
+  ("failed", reason, detail)           a download that failed: its Reject
 """
 from __future__ import annotations
 
@@ -65,11 +67,15 @@ def _parquet(table: str, rg: int, row: int) -> bytes:
 def fetch(locator: tuple) -> bytes:
     """The input's bytes; raises FetchError (carrying a Reject) when they cannot be read."""
     kind = locator[0]
+    if kind == "bytes":
+        return locator[1]
+    if kind == "failed":
+        raise FetchError(locator[1], locator[2])
     try:
         if kind == "file":
             with open(locator[1], "rb") as f:
                 return f.read()
-        if kind == "url":
+        if kind in ("url", "http"):
             return _url(locator[1])
         if kind == "tar":
             with open(locator[1], "rb") as f:

@@ -49,3 +49,8 @@ def assign_keys(relpaths: list[str]) -> list[str]:
         used.add(key)
         keys.append(key)
     return keys
+
+
+def json_safe(s: str) -> str:
+    """Undecodable file names (surrogate escapes) cannot go into JSON/parquet strings as they are."""
+    return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

@@ -1,4 +1,5 @@
-"""The run plan: options that shape the output, their fingerprint, input order (--shuffle) and --part.
+"""The run plan: options that shape the output, and their fingerprint (the input order, --shuffle and
+--part slices are shards.discover's).
 
 Two runs with the same fingerprint produce the same shards byte for byte, so a rerun into a destination
 holding that fingerprint continues it; a different fingerprint there is refused (never mixed).
@@ -8,12 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import asdict, dataclass
 
 from .errors import ShardError
-from .validate import DEDUP_MODES, REENCODE_MODES, Options
+from .validate import DEDUP_MODES, REENCODE_MODES, RESIZE_MODES, Options
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
 FORMATS = ("tar", "parquet")
@@ -36,6 +36,7 @@ class Plan:
     prefix: str = "shard"
     min_size: int = 8
     max_size: int = 0
+    resize_mode: str = "longer"
     quality: int = 95
     reencode: str = "auto"
     max_pixels: int = 89_478_485
@@ -44,6 +45,11 @@ class Plan:
     shuffle: bool = False
     seed: int = 0
     part: tuple[int, int] = (0, 1)    # (i, N): this host's slice of the input order
+    url_col: str = ""                 # table columns ("" = the usual names: url/URL, caption/TEXT/text)
+    caption_col: str = ""
+    extra_cols: str = ""              # comma-separated; "" = every other column
+    respect_opt_out: bool = True      # X-Robots-Tag noai & co. -> opted_out
+    max_download_bytes: int = 64 << 20
 
     def check(self) -> None:
         def bad(msg):
@@ -71,6 +77,10 @@ class Plan:
             bad(f"--dedup must be one of {', '.join(DEDUP_MODES)}, got {self.dedup!r}")
         if not 0 <= self.dedup_threshold <= 32:
             bad(f"--dedup-threshold must be 0..32 bits, got {self.dedup_threshold}")
+        if self.resize_mode not in RESIZE_MODES:
+            bad(f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.max_download_bytes < 0:
+            bad(f"--max-download-bytes must be 0 (no limit) or positive, got {self.max_download_bytes}")
         if self.max_pixels < 1:
             bad(f"--max-pixels must be positive, got {self.max_pixels}")
         i, n = self.part
@@ -82,7 +92,7 @@ class Plan:
         return parse_formats(self.format)
 
     def normalise_options(self) -> Options:
-        return Options(min_size=self.min_size, max_size=self.max_size, quality=self.quality,
+        return Options(min_size=self.min_size, max_size=self.max_size, resize_mode=self.resize_mode, quality=self.quality,
                        reencode=self.reencode, max_pixels=self.max_pixels, dedup=self.dedup)
 
     def as_dict(self) -> dict:
@@ -100,24 +110,10 @@ def parse_part(text: str | None) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def input_order(n: int, plan: Plan) -> list[int]:
-    """Indices into the discovered inputs, in processing order, for this part only.
-
-    --shuffle permutes ALL inputs with the seed (so sources mix across shards), then --part i/N takes
-    the i-th contiguous slice: N hosts over the same inputs cover each input exactly once.
-    """
-    order = list(range(n))
-    if plan.shuffle:
-        random.Random(plan.seed).shuffle(order)
-    i, parts = plan.part
-    return order[i * n // parts:(i + 1) * n // parts]
-
-
-def fingerprint(plan: Plan, sources: list[str], identities: list[str]) -> str:
-    """sha256 of the output-shaping options, the sources and the ordered inputs of this part."""
+def fingerprint(plan: Plan, sources: list[str], identity: str) -> str:
+    """sha256 of the output-shaping options, the sources and what the inputs are (shards.discover)."""
     h = hashlib.sha256(json.dumps({"plan": plan.as_dict(), "sources": sources}, sort_keys=True).encode())
-    for ident in identities:
-        h.update(ident.encode("utf-8", "surrogateescape") + b"\0")
+    h.update(identity.encode())
     return h.hexdigest()
 
 

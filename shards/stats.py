@@ -38,7 +38,7 @@ def stats_bytes(fingerprint: str, options: dict, entries: list[dict], start: int
     if len(entries) > 1:
         doc["also"] = entries[1:]
     doc.update({"inputs": [start, end], "written": written, "rejects": rejects,
-                "rejected_by_reason": dict(sorted(Counter(r for _, r, _ in rejects).items())),
+                "rejected_by_reason": dict(sorted(Counter(r[1] for r in rejects).items())),
                 "bytes_in": bytes_in, "bytes_out": entries[0]["bytes"]})
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 

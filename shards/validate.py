@@ -28,11 +28,18 @@ NEEDS_REENCODE = "needs_reencode"    # --reencode never, but the image is not us
 # Decided outside this module (worker pool, fetch, dedup), listed here so the set is in one place.
 TIMEOUT = "timeout"                  # decoding took longer than the per-file time budget
 CRASHED = "crashed"                  # the decoder process died (segfault, out of memory)
-DOWNLOAD_FAILED = "download_failed"  # a URL could not be fetched (404, connection refused, ...)
+DOWNLOAD_FAILED = "download_failed"  # a non-http URL (s3://, ...) could not be read
 DUPLICATE = "duplicate"              # same pixels (exact) or same picture (perceptual) as an earlier input
+# http(s) downloads (shards.download); TIMEOUT there means no answer within --http-timeout.
+HTTP_ERROR = "http_error"            # an HTTP status other than 2xx (detail: the code)
+DNS = "dns"                          # the host name does not resolve
+CONNECTION = "connection"            # refused, reset, cut short, bad URL
+OPTED_OUT = "opted_out"              # X-Robots-Tag noai / noimageai / noindex / noimageindex
+TOO_LARGE = "too_large"              # body over --max-download-bytes
 REASONS = (NOT_AN_IMAGE, TRUNCATED, DECOMPRESSION_BOMB, UNREADABLE, TOO_SMALL, UNSUPPORTED, NEEDS_REENCODE,
-           TIMEOUT, CRASHED, DOWNLOAD_FAILED, DUPLICATE)
+           TIMEOUT, CRASHED, DOWNLOAD_FAILED, DUPLICATE, HTTP_ERROR, DNS, CONNECTION, OPTED_OUT, TOO_LARGE)
 REENCODE_MODES = ("auto", "always", "never")
+RESIZE_MODES = ("longer", "shorter", "center_crop")  # which side --max-size caps; center_crop also squares
 DEDUP_MODES = ("exact", "perceptual", "none")
 
 MIN_SIDE = 8  # px; smaller images are icons/tracking pixels, useless for 224-px crops
@@ -52,6 +59,8 @@ class Options:
     """How to normalise one image (everything here changes the output bytes)."""
     min_size: int = MIN_SIDE            # drop images whose shorter side is under this (after rotation)
     max_size: int = 0                   # resize so the longer side is at most this; 0 = never resize
+    resize_mode: str = "longer"         # longer | shorter: that side at most max_size; center_crop: shorter
+    #                                     side at most max_size, then the centre square (never upscaled)
     quality: int = JPEG_QUALITY         # JPEG quality of re-encoded images
     reencode: str = "auto"              # auto: only when needed; always; never: reject what needs it
     max_pixels: int = MAX_PIXELS        # pixel budget per file (width x height of the first frame)
@@ -169,7 +178,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         out = Image.new("RGB", rgba.size, (255, 255, 255))
         out.paste(rgba, mask=rgba.getchannel("A"))
         return out
-    return img.convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")  # RGB already: no copy (a resize copies anyway)
 
 
 def _changes_needed(img: Image.Image, data: bytes, fmt: str, orientation: int, animated: bool) -> list[str]:
@@ -192,10 +201,32 @@ def _changes_needed(img: Image.Image, data: bytes, fmt: str, orientation: int, a
     return needs
 
 
-def _fit(size: tuple[int, int], max_size: int) -> tuple[int, int]:
+def _fit(size: tuple[int, int], max_size: int, mode: str = "longer") -> tuple[int, int]:
+    """`size` scaled so its longer (mode longer) or shorter side is max_size; never larger than `size`."""
     w, h = size
-    scale = max_size / max(w, h)
+    scale = min(1.0, max_size / (max(w, h) if mode == "longer" else min(w, h)))
     return max(1, round(w * scale)), max(1, round(h * scale))
+
+
+def _needs_resize(size: tuple[int, int], opt: Options) -> bool:
+    if opt.max_size <= 0:
+        return False
+    if opt.resize_mode == "center_crop" and size[0] != size[1]:
+        return True
+    return (max(size) if opt.resize_mode == "longer" else min(size)) > opt.max_size
+
+
+def _resize(img: Image.Image, opt: Options) -> Image.Image:
+    size = _fit(img.size, opt.max_size, opt.resize_mode)
+    if size != img.size:
+        # Bicubic (antialiased when shrinking, like every PIL filter): 0.6x Lanczos's CPU, and JPEG draft
+        # decoding has already done most of a large reduction.
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if opt.resize_mode == "center_crop":
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    return img
 
 
 def _normalise(data: bytes, opt: Options) -> Sample | Reject:
@@ -210,11 +241,11 @@ def _normalise(data: bytes, opt: Options) -> Sample | Reject:
     if min(upright) < opt.min_size:
         img.load()  # still decode it: a tiny file can be corrupt too, and corrupt wins over small
         return Reject(TOO_SMALL, f"{upright[0]}x{upright[1]} is under {opt.min_size} px on a side")
-    resize = opt.max_size > 0 and max(upright) > opt.max_size
+    resize = _needs_resize(upright, opt)
     if resize and fmt == "JPEG" and opt.reencode != "never":
         # Decode at 1/2, 1/4 or 1/8 scale (DCT scaling): still decodes every entropy-coded block, so
         # truncation is still caught, at a fraction of the cost. Never smaller than the target.
-        img.draft("RGB", _fit((width, height), opt.max_size))  # result is at least this size
+        img.draft("RGB", _fit((width, height), opt.max_size, opt.resize_mode))  # at least this size
     img.load()  # full decode of the first frame: raises on truncated/corrupt data
     needs = _changes_needed(img, data, fmt, orientation, animated)
     if not needs and not resize and opt.reencode != "always":
@@ -232,7 +263,7 @@ def _normalise(data: bytes, opt: Options) -> Sample | Reject:
     if keep:
         return Sample(data, _KEEP[fmt], width, height, digest)
     if resize:
-        rgb = rgb.resize(_fit(rgb.size, opt.max_size), Image.Resampling.LANCZOS, reducing_gap=3.0)
+        rgb = _resize(rgb, opt)
     buf = io.BytesIO()
     rgb.save(buf, "JPEG", quality=opt.quality)
     return Sample(buf.getvalue(), "jpg", rgb.width, rgb.height, digest)

@@ -3,7 +3,8 @@ even when a decoder hangs or spins, and a crash (segfault, OOM kill) that costs 
 
 `DecodePool(n, options).imap(tasks)` takes `(locator, meta)` tasks in order and yields one
 `(result, bytes_in)` per task, in the same order, with at most `window` tasks in flight (memory is
-bounded by the options, not by the input size). A result is a Reject, or (with `meta` = key, source,
+bounded by the options, not by the input size). `tasks` may yield PENDING (nothing ready yet, e.g.
+downloads in flight): the pool then also waits on `wake_fd`, which turns readable when there may be more. A result is a Reject, or (with `meta` = key, source,
 label, extra) a shards.record.Record whose shard bytes the worker already rendered: the main process,
 which writes every shard in order and so limits how well the tool scales, only appends them.
 Each worker holds up to DEPTH tasks so it never waits for the main process.
@@ -27,6 +28,7 @@ from typing import Iterable, Iterator
 
 from pipeline import dali_check
 
+from .feed import PENDING
 from .fetch import FetchError, fetch
 from .record import Record, encode
 from .validate import CRASHED, TIMEOUT, Options, Reject, Sample, normalise
@@ -204,15 +206,18 @@ class DecodePool:
             w.stop()
         self._started = []
 
-    def imap(self, tasks: Iterable[tuple]) -> Iterator[tuple[Sample | Record | Reject, int]]:
+    def imap(self, tasks: Iterable[tuple], wake_fd: int | None = None) -> Iterator[tuple[Sample | Record | Reject, int]]:
         if self.n <= 0:
             for task in tasks:
+                if task is PENDING:
+                    select.select([wake_fd], [], [])
+                    continue
                 yield process(task, self.options, self.tar)
             return
         self.start()
         workers, self._started = self._started, []
         try:
-            yield from self._run(workers, iter(tasks))
+            yield from self._run(workers, iter(tasks), wake_fd)
         finally:
             for w in workers:
                 w.stop() if w.proc.is_alive() else w.kill()
@@ -227,7 +232,7 @@ class DecodePool:
         poller.register(fresh.fd, select.POLLIN)
         self.replaced += 1
 
-    def _run(self, workers: list[_Worker], tasks: Iterator[tuple]) -> Iterator[tuple]:
+    def _run(self, workers: list[_Worker], tasks: Iterator[tuple], wake_fd: int | None) -> Iterator[tuple]:
         results: dict[int, tuple] = {}
         requeue: collections.deque = collections.deque()
         next_seq = yielded = 0
@@ -238,9 +243,11 @@ class DecodePool:
         poller = select.poll()
         for w in workers:
             poller.register(w.fd, select.POLLIN)
+        watching = False  # wake_fd is polled only while the task source has nothing ready (else: a busy loop)
         while True:
+            waiting = False  # the task source has nothing ready: wait on wake_fd as well
             for w in workers:
-                while len(w.inflight) < DEPTH:
+                while len(w.inflight) < DEPTH and not waiting:
                     if requeue:
                         w.send(*requeue.popleft())
                     elif not exhausted and next_seq - yielded < window:
@@ -249,6 +256,9 @@ class DecodePool:
                         except StopIteration:
                             exhausted = True
                             break
+                        if task is PENDING:
+                            waiting = True
+                            break
                         w.send(next_seq, task)
                         next_seq += 1
                     else:
@@ -256,12 +266,16 @@ class DecodePool:
             while yielded in results:
                 yield results.pop(yielded)
                 yielded += 1
+            if wake_fd is not None and waiting != watching:
+                poller.register(wake_fd, select.POLLIN) if waiting else poller.unregister(wake_fd)
+                watching = waiting
             busy = [w for w in workers if w.inflight]
             if not busy:
                 if exhausted and not requeue:
                     return
-                continue
-            deadline = min(w.started for w in busy) + self.timeout
+                if not waiting:
+                    continue
+            deadline = min((w.started for w in busy), default=math.inf) + self.timeout
             wait_ms = None if math.isinf(deadline) else max(0, math.ceil((deadline - time.monotonic()) * 1000))
             events = poller.poll(wait_ms)
             ready = {fd for fd, _ in events}

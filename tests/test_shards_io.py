@@ -92,10 +92,10 @@ def test_url_list_over_http_with_extras_into_tar_and_parquet(imagenette_small, h
     local.write_text("\n".join(str(p) for p in imgs[6:]) + "\n")
     r = make([tmp_path / "urls.txt", tmp_path / "captioned.jsonl", local], tmp_path / "o", dedup="none", workers=2)
     assert r.inputs == 25 and r.written == 24
-    assert r.rejected == [(f"{http_root}/nope.jpg", "download_failed", r.rejected[0][2])]
+    assert r.rejected == [(f"{http_root}/nope.jpg", "http_error", "HTTP 404 File not found")]
     got = tar_set(tmp_path / "o")
     assert [s["data"] for s in got[:12]] == [p.read_bytes() for p in imgs]  # fetched bytes, kept as they were
-    assert got[0]["source"] == urls[0] and got[0]["key"] == "urls_000000001"
+    assert got[0]["source"] == urls[0] and got[0]["key"] == "urls_000000000013"  # byte offset
     cap = got[12]
     assert (cap["caption"], cap["label"], cap["score"], cap["source"]) == ("photo 0", imgs[0].parent.name, 0.0, urls[0])
     # parquet: extra fields become typed columns
@@ -126,7 +126,7 @@ def test_unreadable_list_is_a_user_error(tmp_path):
     with pytest.raises(ShardError, match="source not found"):
         make([tmp_path / "nope.txt"], tmp_path / "o")
     (tmp_path / "bad.jsonl").write_text('{"caption": "no url"}\n')
-    with pytest.raises(ShardError, match="line 1"):
+    with pytest.raises(ShardError, match="no URL column"):
         make([tmp_path / "bad.jsonl"], tmp_path / "o")
 
 
