@@ -48,6 +48,8 @@ TRAIN_FLAGS = [
     ("--knn-max-per-class", int, "use at most this many images per class and split (bounds eval time)"),
     ("--seed", int, "seed of the data order, augmentation and weights"),
     ("--workers", int, "torch backend: augmentation processes; dali: CPU threads"),
+    ("--preflight-check", str, "dali: check every image before it reaches DALI: auto (skipped for shards that "
+                               "`shards create` validated), always or never"),
     ("--shuffle-shards", int, "shards mixed together by the in-memory shuffle"),
     ("--read-ahead", int, "shard blocks fetched ahead of use"),
     ("--read-ahead-mb", int, "most MB of shards being fetched ahead at once"),

@@ -70,6 +70,7 @@ class TrainConfig:
     knn_image_size: int | None = None  # side the labelled images are resized to; None: image_size
     seed: int = 0
     workers: int = 2  # torch: augmentation processes; dali: CPU threads
+    preflight_check: str = "auto"  # dali: check images before DALI? auto: not for shards `shards create` validated
     shuffle_shards: int = 4
     read_ahead: int = 2  # shard blocks fetched ahead of use
     read_ahead_mb: int = 1024  # ... and at most this many MB of them in flight

@@ -181,7 +181,8 @@ def train(cfg: TrainConfig) -> dict:
         backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
-        epochs=cfg.epochs, storage=StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)),
+        epochs=cfg.epochs, storage=StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout),
+        preflight=cfg.preflight_check),
         observer=metrics, share=on_one_rank)
 
     model = build_model(cfg, world, device)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import braceexpand
 import fsspec
@@ -35,6 +35,7 @@ class Shard:
     format: str  # "tar" | "parquet"
     bytes: int | None = None  # from the manifest: checked on every read
     sha256: str | None = None
+    validated_by: dict | None = field(default=None, compare=False)  # the manifest's stamp (image_check.trusted)
 
 
 def storage_options(url: str) -> dict:
@@ -71,12 +72,13 @@ def read_manifest(url: str) -> list[Shard]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise DataSpecError(f"manifest has no 'shards' list: {url}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
+    stamp = (manifest.get("options") or {}).get("validated_by")
     shards = []
     for entry in manifest["shards"]:
         name = entry["name"]
         shard_url = name if "://" in name or name.startswith("/") else _join(base, name)
         shards.append(Shard(shard_url, int(entry["samples"]), shard_format(name),
-                            entry.get("bytes"), entry.get("sha256")))
+                            entry.get("bytes"), entry.get("sha256"), stamp))
     return shards
 
 
