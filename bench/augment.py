@@ -42,7 +42,7 @@ def _load(folder: str, limit: int | None = None) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def _torch_worker(kind: str, folder: str, recipe: str, size: int, seconds: float, batch: int, out) -> None:
+def _torch_worker(kind: str, folder, recipe: str, size: int, seconds: float, batch: int, out) -> None:
     import io
 
     import torch
@@ -51,7 +51,7 @@ def _torch_worker(kind: str, folder: str, recipe: str, size: int, seconds: float
     from pipeline.augment_torch import decode_rgb, normalize, reference_transform, two_view_transform
 
     torch.set_num_threads(1)
-    data = _load(folder)
+    data = _load(folder) if isinstance(folder, str) else folder  # a folder, or the encoded images themselves
     if kind == "reference":
         t = reference_transform(recipe, size)
 

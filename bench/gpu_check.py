@@ -4,7 +4,12 @@
   2. a short MoCo v2 training run, ResNet-50, NCCL on one GPU (torchrun, 1 process), bf16 autocast
      and channels_last: training images/s and the share of step time spent waiting for data;
   3. the MoCo step (forward, loss, backward, non-finite guard, fused SGD) under
-     `torch.cuda.set_sync_debug_mode("error")`: it must not synchronise with the host.
+     `torch.cuda.set_sync_debug_mode("error")`, in bf16 and in fp16 with the gradient scaler: it must not
+     synchronise with the host;
+  4. fp16 (the path of GPUs without bf16: V100, T4): `--precision auto` picks bf16 exactly when
+     `torch.cuda.is_bf16_supported()`; a short `--precision fp16` training run (images/s, loss finite,
+     non-finite steps = scaler overflows, skipped and counted once); an injected overflow is skipped once,
+     counted once and halves the scale.
 
     python bench/gpu_check.py [--seconds 30] [--steps 60] [--batch-size 128]
 
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -25,11 +31,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def check_step_has_no_host_sync(batch_size: int) -> str:
+def check_step_has_no_host_sync(batch_size: int, precision: str = "bf16") -> str:
     """Run MoCo steps with CUDA sync debugging set to error: any host-device sync raises."""
     import torch
 
     from moco_core import MoCo, NonFiniteGuard, build_encoder, build_optimizer, info_nce
+    from ops.precision import StepPrecision
 
     device = torch.device("cuda", 0)
     model = MoCo(build_encoder("resnet50"), K=65536, m=0.999, T=0.2, mlp=True).to(device)
@@ -37,17 +44,16 @@ def check_step_has_no_host_sync(batch_size: int) -> str:
     opt = build_optimizer(model, 0.03)
     params = [p for p in model.parameters() if p.requires_grad]
     guard = NonFiniteGuard(device, 10)
+    amp = StepPrecision(precision, device)
     x_q = torch.randn(batch_size, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
     x_k = torch.randn_like(x_q)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with amp.autocast():
             logits, labels = model(x_q, x_k)
             loss = info_nce(logits.float(), labels)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        guard.before_step(opt, params)
-        opt.step()
+        amp.backward_and_step(loss, opt, guard, params)  # the trainer's own step
 
     step()  # warm-up: allocations and cuDNN plans may sync
     torch.cuda.synchronize()
@@ -61,6 +67,45 @@ def check_step_has_no_host_sync(batch_size: int) -> str:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize()
     return "none"
+
+
+def check_fp16_overflow(device_name: str = "cuda") -> dict:
+    """An fp16 overflow on the GPU: skipped once, counted once, the scale halved; the next step trains."""
+    import torch
+
+    from moco_core import NonFiniteGuard, build_optimizer
+    from ops.precision import StepPrecision, precision_mode
+
+    device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
+    net = torch.nn.Linear(64, 8).to(device)
+    opt, guard, amp = build_optimizer(net, 0.1), NonFiniteGuard(device, 10), StepPrecision("fp16", device)
+    w0, scale = net.weight.detach().clone(), amp.scaler.get_scale()
+    results = []
+    for value in (1e3, 1e-3):  # the first overflows fp16 once scaled; the second does not
+        with amp.autocast():
+            loss = net(torch.full((32, 64), value, device=device)).float().mean()
+        opt.zero_grad(set_to_none=True)
+        amp.backward_and_step(loss, opt, guard, list(net.parameters()))
+        results.append((guard.check(), amp.scaler.get_scale(), bool(torch.equal(net.weight, w0))))
+    ok = results == [(1, scale / 2, True), (0, scale / 2, False)]
+    return {"fp16_overflow_check": "ok" if ok else f"mismatch: {results}",
+            "auto_precision": precision_mode("auto", device),
+            "bf16_supported": device.type == "cuda" and torch.cuda.is_bf16_supported()}
+
+
+def train_run(work: Path, args, precision: str, steps: int) -> dict:
+    """A short `mocostream train` under torchrun (1 process, NCCL); its summary JSON, or {"error": rc}."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29533",
+           "-m", "ops.cli", "train", "--data", str(work / "shards"), "--steps", str(steps),
+           "--batch-size", str(args.batch_size), "--arch", "resnet50", "--image-size", "224",
+           "--backend", "dali", "--recipe", "moco_v2", "--device", "cuda", "--metrics-port", "0",
+           "--checkpoint-dir", str(work / f"ckpt-{precision}"), "--checkpoint-every", str(steps), "--no-progress",
+           "--log-every", "10", "--workers", str(min(8, os.cpu_count() or 1)), "--precision", precision]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        print(out.stdout[-4000:], out.stderr[-4000:])
+        return {"error": out.returncode}
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> int:
@@ -103,19 +148,11 @@ def main() -> int:
     it.close()
     print(f"loader (DALI mixed decode + GPU aug, 224 px, v2): {report['loader_images_per_s']} images/s", flush=True)
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29533",
-           "-m", "ops.cli", "train", "--data", str(work / "shards"), "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--arch", "resnet50", "--image-size", "224",
-           "--backend", "dali", "--recipe", "moco_v2", "--device", "cuda", "--metrics-port", "0",
-           "--checkpoint-dir", str(work / "ckpt"), "--checkpoint-every", str(args.steps), "--no-progress",
-           "--log-every", "10", "--workers", str(min(8, os.cpu_count() or 1))]
-    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        print(out.stdout[-4000:], out.stderr[-4000:])
-        report["train_error"] = out.returncode
+    summary = train_run(work, args, "bf16", args.steps)
+    if "error" in summary:
+        report["train_error"] = summary["error"]
         print(json.dumps(report))
         return 1
-    summary = json.loads(out.stdout.strip().splitlines()[-1])
     report.update(train_images_per_s=round(summary["images_per_second"], 1),
                   data_wait_share=round(summary["data_wait_share"], 3), final_loss=summary["loss"],
                   steps=summary["step"])
@@ -123,8 +160,24 @@ def main() -> int:
           f"{report['train_images_per_s']} images/s, data wait {report['data_wait_share']:.1%} of step time")
     report["host_syncs_in_step"] = check_step_has_no_host_sync(min(args.batch_size, 64))
     print(f"host syncs in the MoCo step: {report['host_syncs_in_step']}")
+
+    fp16 = train_run(work, args, "fp16", max(20, args.steps // 2))
+    if "error" in fp16:
+        report["fp16_train_error"] = fp16["error"]
+    else:
+        report.update(fp16_train_images_per_s=round(fp16["images_per_second"], 1), fp16_final_loss=fp16["loss"],
+                      fp16_nonfinite_steps=fp16["nonfinite_steps"])
+    report["host_syncs_in_fp16_step"] = check_step_has_no_host_sync(min(args.batch_size, 64), "fp16")
+    report.update(check_fp16_overflow())
+    print(f"fp16 + grad scaler: {report.get('fp16_train_images_per_s')} images/s, "
+          f"{report.get('fp16_nonfinite_steps')} overflow steps skipped, host syncs: "
+          f"{report['host_syncs_in_fp16_step']}, injected overflow: {report['fp16_overflow_check']}, "
+          f"auto picks {report['auto_precision']}")
     print(json.dumps(report))
-    return 0 if report["host_syncs_in_step"] == "none" else 1
+    fp16_ok = ("fp16_train_error" not in report and report["host_syncs_in_fp16_step"] == "none"
+               and report["fp16_overflow_check"] == "ok" and math.isfinite(report["fp16_final_loss"])
+               and report["auto_precision"] == ("bf16" if report["bf16_supported"] else "fp16"))
+    return 0 if report["host_syncs_in_step"] == "none" and fp16_ok else 1
 
 
 if __name__ == "__main__":

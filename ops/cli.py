@@ -32,8 +32,11 @@ TRAIN_FLAGS = [
     ("--warmup-steps", int, "linear warmup steps from 0 to the peak lr"),
     ("--lr-schedule", str, "cosine or step (x0.1 at 60%% and 80%% of the run); default: the recipe's"),
     ("--momentum-schedule", str, "constant m, or cosine: m rises to 1 over the run"),
-    ("--precision", str, "auto (bf16 autocast on CUDA, fp32 on CPU), fp32, or bf16 (also on CPUs with "
-                         "AMX/AVX512-BF16, about 2x faster there)"),
+    ("--precision", str, "auto (on CUDA bf16 autocast, or fp16 with a gradient scaler on GPUs without bf16; "
+                         "fp32 on CPU), fp32, bf16 (also on CPUs with AMX/AVX512-BF16, about 2x faster there), "
+                         "or fp16"),
+    ("--init-from", str, "start both encoders from these backbone weights (a torchvision/timm ResNet state_dict, "
+                         "safetensors, or a file `mocostream export` wrote; local or s3://); head and queue fresh"),
     ("--max-nonfinite-steps", int, "stop with an error after this many non-finite steps in a row (0: never)"),
     ("--knn-data", str, "labelled eval set for the kNN monitor: train/ + test/ (or val/) class folders, "
                         "one class-folder tree (every 5th image a query), or labelled shards"),
@@ -45,6 +48,8 @@ TRAIN_FLAGS = [
     ("--knn-max-per-class", int, "use at most this many images per class and split (bounds eval time)"),
     ("--seed", int, "seed of the data order, augmentation and weights"),
     ("--workers", int, "torch backend: augmentation processes; dali: CPU threads"),
+    ("--preflight-check", str, "dali: check every image before it reaches DALI: auto (skipped for shards that "
+                               "`shards create` validated), always or never"),
     ("--shuffle-shards", int, "shards mixed together by the in-memory shuffle"),
     ("--read-ahead", int, "shard blocks fetched ahead of use"),
     ("--read-ahead-mb", int, "most MB of shards being fetched ahead at once"),
@@ -141,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_shards import add_shards_parser
 
     add_shards_parser(sub)
+    from .cli_export import add_export_parser
+
+    add_export_parser(sub)
     return parser
 
 

@@ -23,15 +23,37 @@ def add_eval_parser(sub) -> None:
             q.add_argument("--k", type=int, default=200, help="neighbours")
             q.add_argument("--t", type=float, default=0.1, help="temperature of the vote weights")
         else:
-            q.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier")
-            q.add_argument("--lr", type=float, default=0.1, help="its learning rate")
+            add_linear_flags(q)
         q.set_defaults(func=run_eval)
 
 
-def run_eval(args) -> int:
-    from .evaluate import evaluate
+def add_linear_flags(q) -> None:
+    q.add_argument("--protocol", default="features", choices=("features", "reference"),
+                   help="features: a classifier on cached, unaugmented features (fast); reference: the paper's "
+                        "protocol (main_lincls.py): images streamed every epoch with RandomResizedCrop + flip, "
+                        "SGD lr 30, no weight decay, lr x0.1 at 60%% and 80%% of the epochs, top-1/top-5; "
+                        "one device or torchrun")
+    q.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier")
+    q.add_argument("--lr", type=float, help="its learning rate (features: 0.1; reference: 30 per 256 images)")
+    q.add_argument("--batch-size", type=int, default=256, help="reference: images per rank per step")
+    q.add_argument("--workers", type=int, default=2, help="reference: decode/augmentation processes per rank")
+    q.add_argument("--num-classes", type=int, help="reference on labelled shards: the number of classes")
+    q.add_argument("--out", help="reference: write the trained classifier here (local or s3://)")
+    q.add_argument("--seed", type=int, default=0, help="reference: seed of the order, augmentation and classifier")
 
-    extra = {"k": args.k, "t": args.t} if args.kind == "knn" else {"epochs": args.epochs, "lr": args.lr}
+
+def run_eval(args) -> int:
+    from .evaluate import evaluate, evaluate_reference
+
+    if args.kind == "linear" and args.protocol == "reference":
+        result = evaluate_reference(args.data, args.checkpoint, args.arch, args.image_size or 224, args.device,
+                                    args.epochs, 30.0 if args.lr is None else args.lr, args.batch_size,
+                                    args.workers, args.num_classes, args.out, args.seed)
+        if result is not None:  # rank 0
+            print(json.dumps(result))
+        return 0
+    extra = {"k": args.k, "t": args.t} if args.kind == "knn" else \
+        {"epochs": args.epochs, "lr": 0.1 if args.lr is None else args.lr}
     result = evaluate(args.kind, args.data, args.checkpoint, args.arch, args.image_size, args.device,
                       max_per_class=args.max_per_class, **extra)
     print(json.dumps(result))

@@ -60,7 +60,8 @@ class TrainConfig:
     symmetric: bool = False  # both views as query: loss(q1, k2) + loss(q2, k1), 2N keys enqueued
     sync_bn: bool = False  # GPU DDP only: SyncBatchNorm in the query encoder
     compile: bool = False  # torch.compile the encoders
-    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU | fp32 | bf16 (CPU too: AMX/AVX512-BF16)
+    precision: str = "auto"  # auto: bf16 on CUDA (fp16 + grad scaler without bf16), fp32 on CPU | fp32 | bf16 | fp16
+    init_from: str | None = None  # a ResNet state_dict / safetensors / exported backbone both encoders start from
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row; 0: never
     knn_data: str | None = None  # labelled eval set for the kNN monitor (class folders or labelled shards)
     knn_every: int = 0  # steps between kNN evaluations (0: only at the end, when --knn-data is given)
@@ -70,6 +71,7 @@ class TrainConfig:
     knn_image_size: int | None = None  # side the labelled images are resized to; None: image_size
     seed: int = 0
     workers: int = 2  # torch: augmentation processes; dali: CPU threads
+    preflight_check: str = "auto"  # dali: check images before DALI? auto: not for shards `shards create` validated
     shuffle_shards: int = 4
     read_ahead: int = 2  # shard blocks fetched ahead of use
     read_ahead_mb: int = 1024  # ... and at most this many MB of them in flight
@@ -133,7 +135,7 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
             (self.lr_schedule in (None, "cosine", "step"), "--lr-schedule must be cosine or step"),
             (self.momentum_schedule in ("constant", "cosine"), "--momentum-schedule must be constant or cosine"),
-            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (0 <= self.warmup_steps <= (self.steps or self.warmup_steps), "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
             (self.knn_image_size is None or self.knn_image_size >= 8, "--knn-image-size must be >= 8"),

@@ -7,18 +7,22 @@ on them. A fingerprint of the backbone's weights and buffers taken before and af
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import os
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 from moco_core import backbone_of, build_encoder, extract_features, knn_top1
 from pipeline.augment_torch import normalize
 from pipeline.labeled import LabeledImages, knn_sets
+from pipeline.labeled_stream import labeled_units, split_specs
 
-from . import checkpoint
+from .weights import read_checkpoint
 
 log = logging.getLogger("mocostream.eval")
 
@@ -44,14 +48,7 @@ def load_query_encoder(path: str | None, arch: str | None = None) -> tuple[nn.Mo
             raise EvalError("give --checkpoint, or --arch for a randomly initialised encoder")
         torch.manual_seed(0)
         return build_encoder(arch)(num_classes=128), {"arch": arch, "step": 0}
-    file = path if path.endswith(".pt") else checkpoint.latest(path)
-    if file is None:
-        raise EvalError(f"no checkpoint in {path}")
-    directory = file.rsplit("/", 1)[0] if "/" in file else "."
-    try:
-        state = checkpoint.load(file, directory)
-    except FileNotFoundError:
-        raise EvalError(f"checkpoint not found: {file}") from None
+    state, file, _ = read_checkpoint(path)
     cfg = state.get("config", {})
     encoder = build_encoder(cfg.get("arch", arch or "resnet50"))(num_classes=cfg.get("dim", 128))
     if cfg.get("mlp"):
@@ -97,18 +94,32 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return float((head(test_x).argmax(1) == test_y).float().mean())
 
 
-def evaluate(kind: str, data: str, checkpoint_path: str | None = None, arch: str | None = None,
-             image_size: int | None = None, device: str = "cpu", k: int = 200, t: float = 0.1,
-             max_per_class: int | None = None, epochs: int = 100, lr: float = 0.1) -> dict:
-    """`kind` is knn or linear. Returns the accuracy and what it was measured on."""
-    t0 = time.perf_counter()
-    dev = torch.device(device)
+def frozen_backbone(checkpoint_path: str | None, arch: str | None, dev: torch.device) -> tuple[nn.Module, dict, int]:
+    """(backbone without gradients, what it is, its feature dimension)."""
     encoder, info = load_query_encoder(checkpoint_path, arch)
-    size = image_size or (32 if str(info.get("arch", "")).endswith("_cifar") else 224)
-    bank, queries = knn_sets(data, size, max_per_class)
+    fc = encoder.fc[0] if isinstance(encoder.fc, nn.Sequential) else encoder.fc
     backbone = backbone_of(encoder).to(dev)
     for p in backbone.parameters():
         p.requires_grad_(False)
+    return backbone, info, fc.in_features
+
+
+def _checked_unchanged(backbone: nn.Module, before: str) -> str:
+    after = fingerprint(backbone)
+    if after != before:  # the evaluation must never move the representation it measures
+        raise RuntimeError("the backbone changed during evaluation")
+    return after
+
+
+def evaluate(kind: str, data: str, checkpoint_path: str | None = None, arch: str | None = None,
+             image_size: int | None = None, device: str = "cpu", k: int = 200, t: float = 0.1,
+             max_per_class: int | None = None, epochs: int = 100, lr: float = 0.1) -> dict:
+    """`kind` is knn or linear (on cached features). Returns the accuracy and what it was measured on."""
+    t0 = time.perf_counter()
+    dev = torch.device(device)
+    backbone, info, _ = frozen_backbone(checkpoint_path, arch, dev)
+    size = image_size or (32 if str(info.get("arch", "")).endswith("_cifar") else 224)
+    bank, queries = knn_sets(data, size, max_per_class)
     before = fingerprint(backbone)
     if kind == "knn":
         top1 = knn_eval(backbone, bank, queries, dev, k, t)
@@ -117,10 +128,68 @@ def evaluate(kind: str, data: str, checkpoint_path: str | None = None, arch: str
         top1 = linear_probe(train_x, bank.labels, test_x, queries.labels, len(bank.classes), epochs, lr)
     else:
         raise EvalError(f"unknown evaluation {kind!r}; choose knn or linear")
-    after = fingerprint(backbone)
-    if after != before:  # the evaluation must never move the representation it measures
-        raise RuntimeError("the backbone changed during evaluation")
+    after = _checked_unchanged(backbone, before)
     return {"eval": kind, "top1": top1, **info, "image_size": size, "train_images": len(bank),
             "test_images": len(queries), "classes": len(bank.classes), "backbone_sha256": after,
             "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 2),
             "skipped": dict(bank.skipped + queries.skipped)}
+
+
+def evaluate_reference(data: str, checkpoint_path: str | None = None, arch: str | None = None,
+                       image_size: int = 224, device: str = "auto", epochs: int = 100, lr: float = 30.0,
+                       batch_size: int = 256, workers: int = 2, classes: int | None = None,
+                       out: str | None = None, seed: int = 0) -> dict | None:
+    """The reference linear protocol (see linear_reference), on one device or under torchrun; rank 0 writes the
+    classifier to `out` and returns the results, the other ranks return None."""
+    from .linear_reference import reference_linear
+
+    t0 = time.perf_counter()
+    dev = _eval_device(device)
+    (train_spec, train_part), (val_spec, val_part) = split_specs(data)
+    train_units, names = labeled_units(train_spec, train_part, seed)
+    val_units, _ = labeled_units(val_spec, val_part, seed)
+    classes = classes or (len(names) if names else None)
+    if not classes:
+        raise EvalError("labelled shards do not name their classes: give --num-classes")
+    backbone, info, dim = frozen_backbone(checkpoint_path, arch, dev)
+    before = fingerprint(backbone)
+    result, head = reference_linear(backbone, dim, classes, train_units, val_units, image_size, dev, epochs, lr,
+                                    batch_size, workers, seed)
+    after = _checked_unchanged(backbone, before)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    result = {"eval": "linear", "protocol": "reference", **result, **info, "image_size": image_size,
+              "epochs": epochs, "lr": lr, "batch_size": batch_size, "classes": classes,
+              "world": dist.get_world_size() if dist.is_initialized() else 1, "backbone_sha256": after,
+              "backbone_unchanged": True, "seconds": round(time.perf_counter() - t0, 2)}
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if rank != 0:
+        return None
+    if out:
+        write_classifier(out, head, result, names)
+        result["classifier"] = out
+    return result
+
+
+def _eval_device(device: str) -> torch.device:
+    """The device; under torchrun also the process group (NCCL on GPU, gloo on CPU)."""
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if "RANK" in os.environ and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dev
+
+
+def write_classifier(out: str, head: nn.Linear, result: dict, names: list[str] | None) -> None:
+    """The classifier (`weight`, `bias`, class names, what it was trained on); loads with weights_only=True."""
+    from .export import write_file
+
+    buffer = io.BytesIO()
+    torch.save({"weight": head.weight.detach().cpu(), "bias": head.bias.detach().cpu(),
+                "classes": names or [str(i) for i in range(head.out_features)],
+                "arch": str(result.get("arch")), "backbone_sha256": result["backbone_sha256"],
+                "top1": result["top1"], "top5": result["top5"]}, buffer)
+    write_file(out, buffer.getvalue())

@@ -33,6 +33,8 @@ from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
 from .evaluate import knn_eval
 from .metrics import TrainMetrics
+from .precision import StepPrecision, precision_mode
+from .weights import init_backbones
 
 log = logging.getLogger("mocostream.train")
 
@@ -144,9 +146,9 @@ class KnnMonitor:
 
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast (with channels_last): by default on CUDA only; on request on CPU, where oneDNN runs it on
-    AMX/AVX512-BF16 at about twice the fp32 speed (and emulates it, slowly, on CPUs without them)."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    """bf16 autocast (with channels_last): by default on CUDA GPUs that support it; on request on CPU, where
+    oneDNN runs it on AMX/AVX512-BF16 at about twice the fp32 speed (and emulates it, slowly, elsewhere)."""
+    return precision_mode(cfg.precision, device) == "bf16"
 
 
 def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
@@ -159,7 +161,7 @@ def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
         # the query encoder only: the key encoder keeps Shuffle BN, which is what stops BN leakage
         model.encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.encoder_q)
     model = model.to(device)
-    if uses_bf16(cfg, device):  # oneDNN (CPU) and cuDNN both run bf16 convolutions fastest in NHWC
+    if StepPrecision(cfg.precision, device).channels_last:  # bf16/fp16: oneDNN and cuDNN are fastest in NHWC
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
         model.encoder_q.compile()  # in place: parameter names and checkpoints stay the same
@@ -227,11 +229,13 @@ def train(cfg: TrainConfig) -> dict:
         backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
-        epochs=cfg.epochs, storage=storage),
+        epochs=cfg.epochs, storage=storage, preflight=cfg.preflight_check),
         observer=metrics, share=on_one_rank))
 
     model = build_model(cfg, world, device)
     check_checkpoint_dir(cfg, model)
+    if cfg.init_from and not (cfg.resume and checkpoint.latest(cfg.checkpoint_dir)):  # a resumed run has its own
+        init_backbones(model, cfg.init_from, cfg.arch)
     # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
     # all-gathered), so the 32 MB queue is not re-broadcast every step.
     ddp = torch.nn.parallel.DistributedDataParallel(
@@ -241,6 +245,7 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = build_optimizer(model, peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
     trainable = [p for p in model.parameters() if p.requires_grad]
     guard = NonFiniteGuard(device, cfg.max_nonfinite_steps)
+    amp = StepPrecision(cfg.precision, device)  # fp32, bf16 autocast, or fp16 autocast + gradient scaler
     lr_at = LR_SCHEDULES[cfg.lr_schedule]
     knn = KnnMonitor(cfg, device) if cfg.knn_data and is_main else None
     knn_value = None
@@ -260,6 +265,7 @@ def train(cfg: TrainConfig) -> dict:
         else:
             load_model_state(model, state, path, cfg)
             optimizer.load_state_dict(state["optimizer"])
+            amp.load_state_dict(state.get("grad_scaler"))
             step = int(state["step"])
             seconds_before = float(state.get("train_seconds", 0.0))
             loader.load_states(state["loader"])  # another number of ranks: what is left is re-split
@@ -281,8 +287,6 @@ def train(cfg: TrainConfig) -> dict:
     trace = open(f"{cfg.trace_keys}.rank{rank}", "a", buffering=1) if cfg.trace_keys else None
     loss_trace = open(f"{cfg.trace_keys}.rank{rank}.loss", "a", buffering=1) if cfg.trace_keys else None
     stop = StopFlag()
-    bf16 = uses_bf16(cfg, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     # A progress bar on a terminal; the compact log line every --log-every steps everywhere.
     bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress and sys.stderr.isatty()),
                unit="step", dynamic_ncols=True, desc="train")
@@ -298,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
             t0 = time.perf_counter()
             path = checkpoint.save(cfg.checkpoint_dir, step, {
                 "step": step, "train_seconds": trained, "world": world, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optimizer.state_dict(), "grad_scaler": amp.state_dict(),
                 "loader": loader.checkpoint_state([s["loader"] for s in states]), "rng": [s["rng"] for s in states],
                 "trace": [s["trace"] for s in states],
                 "config": mask_secrets(dataclasses.asdict(cfg))}, keep=cfg.keep_checkpoints)
@@ -354,7 +358,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
             im_q = batch.q.to(device, non_blocking=True)
             im_k = batch.k.to(device, non_blocking=True)
-            if bf16:
+            if amp.channels_last:
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)
             if budget_s:
@@ -365,14 +369,12 @@ def train(cfg: TrainConfig) -> dict:
                 model.m = momentum_at(cfg.moco_momentum, step, cfg.steps, cfg.momentum_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with autocast:
+            with amp.autocast():
                 logits, labels = ddp(im_q, im_k)
                 # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
                 loss = info_nce(logits.float(), labels) * (2 if cfg.symmetric else 1)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            guard.before_step(optimizer, trainable)  # a non-finite step is skipped by the optimizer itself
-            optimizer.step()
+            amp.backward_and_step(loss, optimizer, guard, trainable)  # a non-finite step: skipped on the device
             loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
             step += 1
             if trace:

@@ -21,9 +21,11 @@ import io
 import random
 from typing import Callable
 
+import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms
+from torchvision.transforms.functional import pil_modes_mapping
 
 from pipeline.image_check import MAX_PIXELS
 
@@ -47,9 +49,12 @@ class UndecodableImage(Exception):
         self.reason = reason
 
 
-def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS,
+               reduce: Callable[[int, int], int] | None = None) -> Image.Image:
     """Decode to an RGB PIL image with the EXIF orientation applied (as DALI's decoder does).
 
+    reduce: called with the decoded (width, height) before any pixel is decoded; for a JPEG, its answer
+    r in 1, 2, 4, 8 makes libjpeg decode at 1/r scale (DCT scaling: a fraction of the work).
     Raises UndecodableImage. Alpha is dropped, not composited (DALI does the same).
     """
     if not data:
@@ -59,6 +64,11 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
         w, h = img.size
         if w * h > max_pixels:
             raise UndecodableImage("decompression_bomb", f"{w}x{h}")
+        if reduce is not None:
+            rotated = img.format == "JPEG" and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+            r = reduce(*((h, w) if rotated else (w, h)))
+            if r > 1 and img.format == "JPEG":
+                img.draft("RGB", (w // r, h // r))
         img.load()
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
@@ -117,18 +127,49 @@ def reference_transform(recipe: str, size: int = 224) -> transforms.Compose:
     )
 
 
+def jpeg_reduction(windows: list[tuple[int, int, int, int]], size: int) -> int:
+    """The largest JPEG scale reduction (8, 4, 2, else 1) that leaves every (top, left, h, w) crop window at
+    least `size` px on each side: the crop is then still shrunk to `size`, never enlarged."""
+    shortest = min(min(h, w) for _, _, h, w in windows)
+    return next((r for r in (8, 4, 2) if shortest >= r * size), 1)
+
+
 class TwoViewTransform:
-    """PIL image -> two independently augmented views, each a uint8 (3, S, S) tensor.
+    """PIL image (or encoded bytes) -> two independently augmented views, each a uint8 (3, S, S) tensor.
 
     A class (not a closure) so that it pickles into spawned data-loader workers.
     """
 
     def __init__(self, recipe: str, size: int = 224):
         self.recipe, self.size = recipe, size
-        self.transform = transforms.Compose(_augmentations(recipe, size) + [transforms.PILToTensor()])
+        steps = _augmentations(recipe, size)
+        self.crop, self.rest = steps[0], transforms.Compose(steps[1:] + [transforms.PILToTensor()])
+        self.transform = transforms.Compose(steps + [transforms.PILToTensor()])
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         return self.transform(img), self.transform(img)
+
+    def from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+        """decode_rgb + both views, decoding only as many pixels as the views need: both crop windows are
+        drawn first (RandomResizedCrop.get_params on the full-size image, so crop area and aspect are the
+        reference's), then a JPEG is decoded at the smallest DCT scale that keeps both windows >= S px."""
+        windows = []
+
+        def reduce(width: int, height: int) -> int:
+            shape = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads only the dimensions
+            windows.extend(self.crop.get_params(shape, self.crop.scale, self.crop.ratio) for _ in range(2))
+            windows.append((width, height))
+            return jpeg_reduction(windows[:2], self.size)
+
+        img = decode_rgb(data, reduce=reduce)
+        width, height = windows.pop()
+        sx, sy = img.width / width, img.height / height
+        views = []
+        for top, left, h, w in windows:  # crop and resize in one step, window mapped to the decoded scale
+            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+            resample = pil_modes_mapping[self.crop.interpolation]
+            views.append(self.rest(img.resize((self.size, self.size), resample, box=box)))
+        return views[0], views[1]
 
     def __repr__(self) -> str:
         return f"TwoViewTransform({self.transform!r})"
@@ -140,15 +181,23 @@ def two_view_transform(recipe: str,
     return TwoViewTransform(recipe, size)
 
 
-def normalize(batch_uint8: torch.Tensor) -> torch.Tensor:
+def normalize(batch_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:
     """uint8 (B, 3, S, S) (or (3, S, S)) -> float32 (x / 255 - mean) / std, on the input's device.
 
-    The same float operations as ToTensor + Normalize, so results match them bit for bit.
+    The same float operations as ToTensor + Normalize, so results match them bit for bit. A numpy array is
+    normalised with numpy, on the calling thread: torch's intra-op pool would keep its threads spinning
+    after each op, taking ~15 % of the CPU from the augmentation workers beside it.
     """
-    if batch_uint8.dtype != torch.uint8:
+    if str(batch_uint8.dtype) not in ("uint8", "torch.uint8"):
         raise TypeError(f"normalize expects a uint8 tensor, got {batch_uint8.dtype}")
-    if batch_uint8.dim() < 3 or batch_uint8.shape[-3] != 3:
+    if batch_uint8.ndim < 3 or batch_uint8.shape[-3] != 3:
         raise ValueError(f"normalize expects (..., 3, H, W), got {tuple(batch_uint8.shape)}")
+    if isinstance(batch_uint8, np.ndarray):
+        x = batch_uint8.astype(np.float32)
+        x /= np.float32(255)
+        x -= np.asarray(MEAN, np.float32)[:, None, None]
+        x /= np.asarray(STD, np.float32)[:, None, None]
+        return torch.from_numpy(x)
     x = batch_uint8.to(torch.float32).div(255)
     mean = torch.as_tensor(MEAN, dtype=torch.float32, device=x.device).view(3, 1, 1)
     std = torch.as_tensor(STD, dtype=torch.float32, device=x.device).view(3, 1, 1)

@@ -19,7 +19,9 @@ found. Other formats are decoded in full. Measured on the webphotos set (500 JPE
 one core of the 2-core dev machine (shared, so +-20 %): 0.74-0.85 ms per image, ~1,200-1,350 images/s
 (a full PIL decode: ~1.7 ms; the whole DALI CPU two-view v2 pipeline: ~9.5 CPU-ms per image). So it adds
 under 10 % to the CPU cost of a sample. The DALI loader runs it off the training thread, on its own check
-threads, up to two batches ahead.
+threads, up to two batches ahead, and not at all for shards whose manifest says `shards create` validated
+them under the same rules (`validation_stamp`, `trusted`): in front of a GPU decoding ~3,000 images/s the
+check would cost ~2-3 cores per GPU.
 
 JPEG, PNG and WebP files that PIL decodes are then also asked of nvImageCodec, the library DALI's decoder
 runs (pipeline/dali_check.py: JPEG as an 8x8 region, ~60 us; PNG/WebP in full): PIL tolerates broken
@@ -43,6 +45,27 @@ from pipeline.dali_check import dali_problem
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format")
+
+# Version of the rules an image must pass to reach DALI: shards/validate.py (at shard creation) and
+# check_image (at training time) enforce them. Bump it when they get stricter, so that shard sets
+# validated under older rules are checked again by the loader.
+CHECK_VERSION = 1
+
+
+def validation_stamp(max_pixels: int) -> dict:
+    """What `shards create` writes into the manifest (options.validated_by) for the shards it validated."""
+    from pipeline.dali_check import checker
+
+    return {"check_version": CHECK_VERSION, "decoder": checker(), "max_pixels": max_pixels}
+
+
+def trusted(stamp: dict | None, max_pixels: int = MAX_PIXELS) -> bool:
+    """True when a manifest's `validated_by` stamp promises what check_image would find: the same rules,
+    DALI's own decoder (nvImageCodec) consulted, and no larger pixel budget than the loader's."""
+    if not isinstance(stamp, dict):
+        return False
+    return (stamp.get("check_version") == CHECK_VERSION and str(stamp.get("decoder", "")).startswith("nvimgcodec")
+            and isinstance(stamp.get("max_pixels"), int) and stamp["max_pixels"] <= max_pixels)
 
 # PIL format name -> accepted. These are the formats fn.decoders.image (nvImageCodec) decodes on both
 # the CPU and the mixed (GPU) backend: "JPEG, JPEG 2000, TIFF, PNG, BMP, PNM, PPM, PGM, PBM, WebP".

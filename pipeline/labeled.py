@@ -20,7 +20,7 @@ from torchvision.transforms import functional as TF
 
 from .augment_torch import UndecodableImage, decode_rgb
 from .readers import IMAGE_EXTS
-from .sources import DataSpecError, read_bytes, resolve_shards
+from .sources import DataSpecError, Shard, read_bytes, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,8 @@ def _as_label(raw) -> int:
 
 
 def _label_of(sample: dict) -> int | None:
+    """The class index of a tar sample; None (skipped as no_label) when it has none, BAD_LABEL (skipped as
+    bad_label) when it is not a non-negative integer (a class name, as `shards create` writes the folder name)."""
     if "cls" in sample:
         return _as_label(sample["cls"])
     if "json" in sample:
@@ -76,22 +78,27 @@ def _label_of(sample: dict) -> int | None:
     return None
 
 
-def _shard_items(spec: str):
+def shard_items(shard: Shard, data: bytes):
+    """(name, label or None, image bytes or None) of every sample of one labelled shard, in stored order."""
     from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-    for shard in resolve_shards(spec):
-        data = read_bytes(shard.url)
-        if shard.format == "parquet":
-            import pyarrow.parquet as pq
+    if shard.format == "parquet":
+        import pyarrow.parquet as pq
 
-            table = pq.read_table(io.BytesIO(data), columns=["key", "image", "label"])
-            for key, image, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
-                yield f"{shard.url}:{key}", None if label is None else _as_label(label), (lambda image=image: image)
-            continue
-        members = ({**f, "__url__": shard.url} for f in tar_file_iterator(io.BytesIO(data)))
-        for sample in group_by_keys(members):
-            image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-            yield f"{shard.url}:{sample['__key__']}", _label_of(sample), (lambda image=image: image)
+        table = pq.read_table(io.BytesIO(data), columns=["key", "image", "label"])
+        for key, image, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
+            yield f"{shard.url}:{key}", None if label is None else _as_label(label), image
+        return
+    members = ({**f, "__url__": shard.url} for f in tar_file_iterator(io.BytesIO(data)))
+    for sample in group_by_keys(members):
+        image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+        yield f"{shard.url}:{sample['__key__']}", _label_of(sample), image
+
+
+def _shard_items(spec: str):
+    for shard in resolve_shards(spec):
+        for name, label, image in shard_items(shard, read_bytes(shard.url)):
+            yield name, label, (lambda image=image: image)
 
 
 def _prepare(data: bytes, size: int) -> torch.Tensor:

@@ -5,6 +5,12 @@ Two backends share the stream, the batching and the resume state:
   - `torch`: PIL + torchvision in worker processes (the reference recipe).
 A sample that cannot be decoded is skipped and counted; batches always hold exactly `batch_size`
 samples, so every step on every rank has the same shape.
+
+DALI fails a whole batch on one bad image, so by default (`preflight="auto"`) every image is checked first
+(image_check.check_image, ~0.7 CPU-ms each) unless the shards' manifest carries the stamp `shards create`
+writes after validating them with the same rules (image_check.trusted): at a few thousand images/s per GPU
+that check alone would need several cores. If a bad image slips through anyway, its batch fails inside
+DALI, the pipeline is rebuilt and the batch's samples are counted as `decoder_error`.
 """
 from __future__ import annotations
 
@@ -29,6 +35,13 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "torch")
 RECIPES = ("moco_v1", "moco_v2")
+PREFLIGHT = ("auto", "always", "never")
+
+
+class LoaderConfigError(ValueError):
+    """A bad loader setting; reported in one line."""
+
+    user_error = True
 
 
 @dataclass
@@ -49,6 +62,8 @@ class LoaderConfig:
     read_ahead_bytes: int = 1 << 30  # ... and at most this many bytes of them in flight
     epochs: int | None = None  # None: endless
     storage: StorageConfig = field(default_factory=StorageConfig)
+    # dali: check every image before it reaches DALI? auto: not for shards `shards create` validated
+    preflight: str = "auto"
 
 
 @dataclass
@@ -68,10 +83,17 @@ class TwoViewLoader:
             raise ValueError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
         if cfg.batch_size < 1 or cfg.image_size < 8:
             raise ValueError("batch_size must be >= 1 and image_size >= 8")
+        if cfg.preflight not in PREFLIGHT:
+            raise LoaderConfigError(f"unknown pre-flight check mode {cfg.preflight!r}; "
+                                    f"choose from {', '.join(PREFLIGHT)}")
         self.cfg = cfg
         # share: run a function on one rank, give all its result (a shard list without manifest is counted once)
         shards = ShardTable.from_shards(with_counts(shards)) if shards is not None else load_shard_table(cfg.data, share)
         self.skip_log = SkipLog(log)
+        self.preflight = needs_preflight(cfg.preflight, shards.validated_by)
+        if cfg.backend == "dali":
+            log.info("pre-flight image check: %s",
+                     "on" if self.preflight else "off (shards validated by shards create)")
         self.stream = SampleStream(shards, seed=cfg.seed, world=cfg.world, rank=cfg.rank,
                                    shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead,
                                    read_ahead_bytes=cfg.read_ahead_bytes, epochs=cfg.epochs,
@@ -159,57 +181,55 @@ class TwoViewLoader:
                     row += 1
                 while len(ready) >= B:
                     rows, ready = ready[:B], ready[B:]
-                    qb = normalize(torch.from_numpy(np.stack([r[0] for r in rows])))
-                    kb = normalize(torch.from_numpy(np.stack([r[1] for r in rows])))
+                    qb = normalize(np.stack([r[0] for r in rows]))
+                    kb = normalize(np.stack([r[1] for r in rows]))
                     yield Batch(qb, kb, [r[2].sample.key for r in rows]), rows[-1][2]
         finally:
             if pool:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     # ---- DALI backend --------------------------------------------------------------------------
+    def _checked(self, checks: ThreadPoolExecutor) -> Iterator[tuple[Item, str | None]]:
+        """The stream with each item's pre-flight answer. DALI cannot skip a bad image itself: anything it could
+        choke on is filtered by check_image. The checks run up to two batches ahead on their own threads (PIL
+        and nvImageCodec decode without the GIL), so they overlap the training step instead of stalling it."""
+        from . import image_check
+
+        ahead: deque = deque()  # (item, future reason), in stream order
+        for item in self.stream:
+            ahead.append((item, checks.submit(image_check.check_image, item.sample.data)))
+            if len(ahead) > 2 * self.cfg.batch_size:
+                item, reason = ahead.popleft()
+                yield item, reason.result()
+        while ahead:
+            item, reason = ahead.popleft()
+            yield item, reason.result()
+
     def _dali_batches(self) -> Iterator[tuple[Batch, Item]]:
         from .augment_dali import build_two_view_pipeline, dali_outputs_to_torch
-        from .image_check import check_image
 
         cfg, B = self.cfg, self.cfg.batch_size
-        # DALI cannot skip a bad image itself: anything it could choke on is filtered by check_image. The checks
-        # run up to two batches ahead on their own threads (PIL and nvImageCodec decode without the GIL), so they
-        # overlap the training step instead of stalling it inside pipe.run().
-        checks = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="image-check")
-
-        def checked() -> Iterator[tuple[Item, str | None]]:
-            ahead: deque = deque()  # (item, future reason), in stream order
-
-            def oldest() -> tuple[Item, str | None]:
-                item, reason = ahead.popleft()
-                return item, reason.result()
-
-            for item in self.stream:
-                ahead.append((item, checks.submit(check_image, item.sample.data)))
-                if len(ahead) > 2 * B:
-                    yield oldest()
-            while ahead:
-                yield oldest()
-
-        items = checked()
+        checks = ThreadPoolExecutor(max(1, cfg.workers), thread_name_prefix="image-check") if self.preflight else None
+        # Trusted shards go straight to DALI; anything that slips through fails one batch (counted below).
+        items = self._checked(checks) if checks else ((item, None) for item in self.stream)
         pending: dict[int, Item] = {}  # sample id -> item, for batches inside the pipeline
         next_id = 0
 
         def source():
             nonlocal next_id
-            encoded, ids, seed = [], [], None
+            encoded, first = [], None
             while len(encoded) < B:
                 item, reason = next(items)  # StopIteration ends the pipeline's epoch (only with --epochs)
                 if reason is not None:
                     self.skipped_image(item, reason)
                     continue
-                if seed is None:  # augmentation keyed to the data position, as in the torch backend
-                    seed = batch_seed(cfg.seed, cfg.rank, item)
-                pending[next_id] = item
+                first = first or item
+                pending[next_id + len(encoded)] = item
                 encoded.append(np.frombuffer(item.sample.data, dtype=np.uint8))
-                ids.append(np.array([next_id], dtype=np.int64))
-                next_id += 1
-            return encoded, ids, seed
+            ids = np.arange(next_id, next_id + B, dtype=np.int64).reshape(B, 1)
+            next_id += B
+            # augmentation keyed to the data position, as in the torch backend
+            return encoded, ids, batch_seed(cfg.seed, cfg.rank, first)
 
         def build():
             pipe = build_two_view_pipeline(
@@ -235,11 +255,20 @@ class TwoViewLoader:
                     pipe = build()
                     continue
                 q, k, ids = dali_outputs_to_torch(outputs, cfg.device)
-                batch_items = [pending.pop(int(i)) for i in ids.tolist()]
+                batch_items = [pending.pop(i) for i in ids.tolist()]
                 yield Batch(q, k, [it.sample.key for it in batch_items]), batch_items[-1]
         finally:
             items.close()
-            checks.shutdown(wait=False, cancel_futures=True)
+            if checks:
+                checks.shutdown(wait=False, cancel_futures=True)
+
+
+def needs_preflight(mode: str, validated_by: dict | None) -> bool:
+    """always / never as asked; auto: unless the shards' manifest carries the validation stamp written by
+    `shards create` and it covers what the check would find."""
+    from .image_check import trusted
+
+    return mode == "always" if mode != "auto" else not trusted(validated_by)
 
 
 def batch_seed(seed: int, rank: int, first: Item) -> int:
@@ -250,7 +279,7 @@ def batch_seed(seed: int, rank: int, first: Item) -> int:
 def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):
     """Decode + two views for a chunk of images (runs in a worker process). Returns uint8 arrays
     for the decodable images and, per input, None or the reason it was skipped."""
-    from .augment_torch import UndecodableImage, decode_rgb, two_view_transform
+    from .augment_torch import UndecodableImage, two_view_transform
 
     torch.set_num_threads(1)
     random.seed(seed)
@@ -259,7 +288,7 @@ def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):
     qs, ks, reasons = [], [], []
     for data in datas:
         try:
-            q, k = transform(decode_rgb(data))
+            q, k = transform.from_bytes(data)
         except UndecodableImage as e:
             reasons.append(e.reason)
             continue

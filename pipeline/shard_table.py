@@ -23,10 +23,11 @@ META_KEY = b"mocostream_manifest"  # parquet key-value metadata: {"json_bytes": 
 
 class ShardTable:
     """Shards as columns. `names`: relative to `base` or full URLs (a list or a pyarrow string array);
-    `sizes` -1 = unknown; `digests`: an (n, 32) uint8 array of sha256 digests, all zero = unknown."""
+    `sizes` -1 = unknown; `digests`: an (n, 32) uint8 array of sha256 digests, all zero = unknown;
+    `validated_by`: the manifest's validation stamp (pipeline.image_check.trusted), None = unvalidated."""
 
-    def __init__(self, base: str, names, counts, sizes=None, digests=None):
-        self.base, self.names = base, names
+    def __init__(self, base: str, names, counts, sizes=None, digests=None, validated_by: dict | None = None):
+        self.base, self.names, self.validated_by = base, names, validated_by
         self.counts = np.asarray(counts, dtype=np.int64)
         self.sizes = np.full(len(self.counts), -1, np.int64) if sizes is None else np.asarray(sizes, np.int64)
         self.digests = digests
@@ -42,8 +43,10 @@ class ShardTable:
             for i, s in enumerate(shards):
                 if s.sha256:
                     digests[i] = np.frombuffer(bytes.fromhex(s.sha256), np.uint8)
+        stamp = shards[0].validated_by if shards else None
+        same = all(s.validated_by is stamp or s.validated_by == stamp for s in shards)
         return cls("", [s.url for s in shards], [s.samples for s in shards],
-                   [-1 if s.bytes is None else s.bytes for s in shards], digests)
+                   [-1 if s.bytes is None else s.bytes for s in shards], digests, stamp if same else None)
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -113,7 +116,9 @@ def read_columnar(url: str, json_url: str | None = None) -> ShardTable | None:
                 if meta.get("json_bytes") != jfs.size(jpath):
                     log.warning("%s does not match %s (rewritten since?): reading the JSON manifest", url, json_url)
                     return None
-            return _columns(pf, url)
+            table = _columns(pf, url)
+            table.validated_by = meta.get("validated_by")
+            return table
     except FileNotFoundError:
         return None
     except DataSpecError:

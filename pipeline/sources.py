@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import braceexpand
 import fsspec
@@ -35,6 +35,7 @@ class Shard:
     format: str  # "tar" | "parquet"
     bytes: int | None = None  # from the manifest: checked on every read
     sha256: str | None = None
+    validated_by: dict | None = field(default=None, compare=False)  # the manifest's stamp (image_check.trusted)
 
 
 # botocore settings of the S3 metadata calls (manifests, listings, checkpoints); the trainer sets them from
@@ -85,14 +86,15 @@ def read_manifest(url: str, allow_external: bool | None = None) -> list[Shard]:
         raise DataSpecError(f"manifest has no 'shards' list: {url}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     allow = ALLOW_EXTERNAL_SHARDS if allow_external is None else allow_external
-    return [_manifest_shard(entry, i, base, url, allow) for i, entry in enumerate(manifest["shards"])]
+    stamp = (manifest.get("options") or {}).get("validated_by")
+    return [_manifest_shard(entry, i, base, url, allow, stamp) for i, entry in enumerate(manifest["shards"])]
 
 
 # A tar sample is at least one member: a 512-byte header and a 512-byte block of data.
 MIN_SAMPLE_BYTES = {"tar": 1024, "parquet": 1}
 
 
-def _manifest_shard(entry, index: int, base: str, url: str, allow_external: bool) -> Shard:
+def _manifest_shard(entry, index: int, base: str, url: str, allow_external: bool, stamp=None) -> Shard:
     """One manifest entry, checked: a manifest is input like any other and may be hostile. Names resolve
     under the manifest's own location (no `..`, absolute paths or URLs unless allowed), and sample counts
     are positive integers that fit in the shard's bytes (a claim of millions would size the plan)."""
@@ -111,7 +113,7 @@ def _manifest_shard(entry, index: int, base: str, url: str, allow_external: bool
         raise DataSpecError(f"{where} ({name}): 'bytes' must be a non-negative integer, got {size!r}")
     if size is not None and samples * MIN_SAMPLE_BYTES[fmt] > size:
         raise DataSpecError(f"{where} ({name}): {samples} samples cannot fit in {size} bytes")
-    return Shard(name if external else _join(base, name), samples, fmt, size, entry.get("sha256"))
+    return Shard(name if external else _join(base, name), samples, fmt, size, entry.get("sha256"), stamp)
 
 
 def resolve_shards(spec: str, allow_external: bool | None = None) -> list[Shard]:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from pipeline import dali_check
+from pipeline.image_check import validation_stamp
 
 from . import rejects as rejects_file
 from .dedup import Deduper
@@ -168,6 +169,7 @@ def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_sh
     inputs = Inputs(list(sources), plan.part, cols, shuffle, seed)
     options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
+    options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
     dest = Destination(out)

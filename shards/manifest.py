@@ -8,7 +8,8 @@
       "created_by": "mocostream",
       "options": {"format", "samples_per_shard", "max_shard_bytes", "prefix", "min_size", "max_size",
                   "quality", "reencode", "max_pixels", "dedup", "dedup_threshold", "shuffle", "seed",
-                  "part": "i/N", "sources": [...], "fingerprint": "<sha256>"},
+                  "part": "i/N", "sources": [...], "fingerprint": "<sha256>",
+                  "validated_by": {"check_version", "decoder", "max_pixels"}},  # pipeline.image_check
       "shards": [
         {"name": "shard-000000.tar", "samples": N, "bytes": B, "sha256": "<hex>",
          "index": "shard-000000.idx",             # tar only: the DALI index next to it
@@ -148,7 +149,8 @@ def columnar_bytes(manifest: dict, json_size: int) -> bytes:
         "samples": pa.array([s["samples"] for s in shards], pa.int64()),
         "bytes": pa.array([s["bytes"] for s in shards], pa.int64()),
         "sha256": pa.array([bytes.fromhex(s["sha256"]) for s in shards], pa.binary(32)),
-    }).replace_schema_metadata({"mocostream_manifest": json.dumps({"json_bytes": json_size})})
+    }).replace_schema_metadata({"mocostream_manifest": json.dumps({
+        "json_bytes": json_size, "validated_by": manifest["options"].get("validated_by")})})
     out = io.BytesIO()
     pq.write_table(table, out, row_group_size=65536, use_dictionary=False)  # unique names and digests
     return out.getvalue()

@@ -187,8 +187,11 @@ def test_normalize_matches_totensor_normalize(photos):
     out = normalize(batch)
     assert out.dtype == torch.float32 and out.shape == ref.shape
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    assert torch.equal(normalize(batch.numpy()), out)  # the loader's numpy path: the same float32 operations
     with pytest.raises(TypeError):
         normalize(batch.float())
+    with pytest.raises(TypeError):
+        normalize(batch.numpy().astype(np.float32))
 
 
 def test_decode_rgb_errors_and_orientation(photos, messy_images):
@@ -435,7 +438,7 @@ def test_gpu_graph_places_every_image_op_on_gpu():
             kind = type(op._op).__name__ if op._op is not None else op.name
             devices = {op.spec.OutputDevice(i) for i in range(op.spec.NumOutput())}
             placement.setdefault(kind, set()).update(devices)
-        assert placement["Image"] == {"gpu"}  # the mixed decoder: CPU bytes in, GPU image out
+        assert placement["ImageSlice"] == {"gpu"}  # the mixed region decoder: CPU bytes in, GPU image out
         for kind in ("Resize", "CoordTransform", "Cast", "CropMirrorNormalize", "Mean"):
             assert placement[kind] == {"gpu"}, (kind, placement[kind])
         if recipe == "moco_v2":

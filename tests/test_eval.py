@@ -149,3 +149,83 @@ def test_labelled_shards_tar_and_parquet(imagenette_small, tmp_path):
     (tmp_path / "pq" / "eval-000000.parquet").write_bytes(buf.getvalue())
     got = load_labeled(str(tmp_path / "pq"), 32)
     assert len(got) == 30 and got.labels.tolist() == [classes.index(f.parent.name) for f in files]
+
+
+REFERENCE = ["--protocol", "reference", "--image-size", "32", "--epochs", "3", "--batch-size", "32", "--workers", "1"]
+
+
+def test_reference_linear_protocol_keeps_the_backbone_and_writes_the_classifier(trained, imagenette_small, tmp_path,
+                                                                                capsys):
+    _, _, ckpt = trained
+    out = tmp_path / "linear.pt"
+    assert cli_main(["eval", "linear", "--checkpoint", str(ckpt), "--data", str(imagenette_small), *REFERENCE,
+                     "--out", str(out)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["protocol"] == "reference" and result["epochs"] == 3 and result["lr"] == 30.0
+    assert 0.0 <= result["top1"] <= result["top5"] <= 1.0 and result["world"] == 1
+    assert (result["train_images"], result["test_images"], result["classes"]) == (100, 20, 10)
+    assert result["backbone_unchanged"] is True and result["skipped"] == {}
+    assert cli_main(["eval", "knn", "--checkpoint", str(ckpt), "--data", str(imagenette_small),
+                     "--image-size", "32"]) == 0
+    assert json.loads(capsys.readouterr().out)["backbone_sha256"] == result["backbone_sha256"]  # the same weights
+    classifier = torch.load(out, weights_only=True)
+    assert classifier["weight"].shape == (10, 512) and classifier["bias"].shape == (10,)
+    assert classifier["classes"] == sorted(p.name for p in imagenette_small.iterdir())
+    assert classifier["backbone_sha256"] == result["backbone_sha256"] and classifier["top1"] == result["top1"]
+
+
+def test_labelled_stream_augments_per_epoch_deterministically(imagenette_small):
+    from pipeline.labeled_stream import LabeledStream, labeled_units
+
+    units, classes = labeled_units(str(imagenette_small), "train")
+    assert sum(u.count for u in units) == 100 and len(classes) == 10
+
+    def epoch(workers: int, e: int, train: bool = True):
+        stream = LabeledStream(units, batch_size=16, size=32, train=train, workers=workers)
+        batches = list(stream.epoch(e))
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+    x0, y0 = epoch(0, 0)
+    x1, y1 = epoch(1, 0)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)  # the same whichever process augments
+    assert x0.shape == (100, 3, 32, 32) and torch.bincount(y0).tolist() == [10] * 10
+    x2, y2 = epoch(0, 1)
+    assert not torch.equal(y0, y2) and sorted(y0.tolist()) == sorted(y2.tolist())  # a new order every epoch
+    v0, _ = epoch(0, 0, train=False)
+    v1, _ = epoch(0, 1, train=False)
+    assert torch.equal(v0, v1)  # validation: centre crops, no randomness
+
+
+@pytest.mark.slow
+def test_reference_linear_protocol_under_torchrun(trained, imagenette_small):
+    from test_train import torchrun
+
+    _, _, ckpt = trained
+    proc = torchrun("eval", "linear", "--checkpoint", str(ckpt), "--data", str(imagenette_small), *REFERENCE)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # rank 0 reports
+    assert results[0]["world"] == 2 and results[0]["test_images"] == 20 and results[0]["train_images"] == 100
+    assert results[0]["backbone_unchanged"] is True
+
+
+def test_labelled_stream_reads_labelled_shards(imagenette_small, tmp_path):
+    import webdataset as wds
+
+    from pipeline.labeled_stream import LabeledStream, labeled_units
+
+    files = sorted(imagenette_small.rglob("*.JPEG"))[:24]
+    classes = sorted({f.parent.name for f in files})
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "eval-000000.tar")) as tw:
+        for i, f in enumerate(files):
+            label = classes.index(f.parent.name)
+            meta = {"label": f.parent.name if i == 0 else label}  # a class name is no index: skipped, counted
+            tw.write({"__key__": f"s{i:03d}", "jpg": f.read_bytes(), "json": json.dumps(meta).encode()})
+    units, names = labeled_units(str(tmp_path / "s"))
+    assert names is None and [u.count for u in units] == [24]
+    stream = LabeledStream(units, batch_size=8, size=32, train=True, workers=0)
+    labels = torch.cat([y for _, y in stream.epoch(0)])
+    assert sorted(labels.tolist()) == sorted(classes.index(f.parent.name) for f in files[1:])
+    assert stream.skipped == {"no_label": 1}

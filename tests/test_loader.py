@@ -154,3 +154,91 @@ def test_dali_pre_flight_checks_run_ahead_off_the_training_thread(damaged_shards
     keys = list(first.keys) + [k for b in batches for k in b.keys]
     assert len(threads) == sum(s.samples for s in damaged_shards["tar"])  # every sample checked exactly once
     assert not set(keys) & damaged_shards["bad"]
+
+
+# ---------------------------------------------------------------- pre-flight check and validated shards
+
+def _recording_check(monkeypatch) -> list:
+    import pipeline.image_check as image_check
+
+    real, calls = image_check.check_image, []
+
+    def recorded(data):
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(image_check, "check_image", recorded)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def created_shards(imagenette_small, tmp_path_factory):
+    """Shards made by `shards create`: its manifest says they were validated, and by which checker."""
+    from shards.create import create_shards
+
+    out = tmp_path_factory.mktemp("created")
+    create_shards([str(imagenette_small)], str(out), fmt="tar", samples_per_shard=40, progress=False, dedup="none")
+    return out
+
+
+@pytest.mark.parametrize("mode,checked", [("auto", False), ("always", True), ("never", False)])
+def test_validated_shards_skip_the_pre_flight_check(created_shards, monkeypatch, mode, checked):
+    from pipeline.shard_table import load_shard_table
+
+    table = load_shard_table(str(created_shards))  # the columnar manifest carries the stamp too
+    assert table.validated_by["check_version"] >= 1
+    calls = _recording_check(monkeypatch)
+    loader = TwoViewLoader(LoaderConfig(data=str(created_shards), batch_size=8, image_size=32, backend="dali",
+                                        workers=1, epochs=1, preflight=mode))
+    keys = [k for b in loader for k in b.keys]
+    total = int(table.counts.sum())
+    assert len(keys) + loader.skipped["partial_last_batch"] == total
+    assert len(calls) == (total if checked else 0)
+
+
+def test_foreign_or_stale_shards_keep_the_check(created_shards, monkeypatch):
+    """Shards listed without a manifest, or whose stamp is from other rules or a larger pixel budget, are
+    checked; `never` forces the check off for them too."""
+    import dataclasses
+
+    from pipeline.image_check import CHECK_VERSION, MAX_PIXELS
+    from pipeline.loader import needs_preflight
+    from pipeline.shard_table import ShardTable
+    from pipeline.sources import resolve_shards
+
+    shards = resolve_shards(str(created_shards / "manifest.json"))  # the JSON manifest
+    stamp = ShardTable.from_shards(shards).validated_by
+    assert stamp == shards[0].validated_by and needs_preflight("auto", stamp) is False
+    for bad in ({**stamp, "check_version": CHECK_VERSION + 1}, {**stamp, "max_pixels": MAX_PIXELS + 1},
+                {**stamp, "decoder": "none (nvImageCodec not installed)"}, None, "yes"):
+        assert needs_preflight("auto", bad)
+    mixed = ShardTable.from_shards(shards[:1] + [dataclasses.replace(shards[1], validated_by=None)])
+    assert mixed.validated_by is None and needs_preflight("auto", mixed.validated_by)
+    assert needs_preflight("never", None) is False
+
+    calls = _recording_check(monkeypatch)
+    listed = ",".join(s.url for s in shards)  # the same tar files, named one by one: no manifest, no stamp
+    loader = TwoViewLoader(LoaderConfig(data=listed, batch_size=8, image_size=32, backend="dali", workers=1,
+                                        epochs=1))
+    assert loader.preflight and len(list(loader)) > 0
+    assert len(calls) == sum(s.samples for s in shards)
+    with pytest.raises(ValueError, match="pre-flight"):
+        TwoViewLoader(LoaderConfig(data=listed, preflight="sometimes"))
+
+
+def test_a_bad_image_in_trusted_shards_costs_one_batch(damaged_shards):
+    """Something that slips past validation still cannot stop the stream: its batch fails inside DALI, the
+    pipeline is rebuilt and the batch's samples are counted as decoder_error."""
+    import dataclasses
+
+    from pipeline.image_check import MAX_PIXELS, validation_stamp
+
+    stamp = validation_stamp(MAX_PIXELS)
+    shards = [dataclasses.replace(s, validated_by=stamp) for s in damaged_shards["tar"]]
+    loader = TwoViewLoader(LoaderConfig(data="", batch_size=4, image_size=32, backend="dali", workers=1,
+                                        epochs=1), shards=shards)
+    assert not loader.preflight
+    keys = [k for b in loader for k in b.keys]
+    assert not set(keys) & damaged_shards["bad"]
+    assert loader.skipped["decoder_error"] >= 4
+    assert len(keys) + sum(loader.skipped.values()) == sum(s.samples for s in shards)

@@ -1,0 +1,113 @@
+"""`mocostream export`: a training checkpoint's backbone in the formats people fine-tune from.
+
+  torchvision  a plain state_dict (torch.save): `torchvision.models.<arch>()` loads it with strict=True once its
+               `fc` is replaced (fc.weight and fc.bias are missing by design: the MoCo head is not a classifier).
+               The CIFAR-stem and narrow archs are mocostream's own builders; the report says how to build them.
+  safetensors  the same tensors, with metadata (arch, recipe, step, images seen, source sha256).
+  detectron2   the names detectron2's ResNet uses (stem, res2..res5, convN.norm, shortcut), as the reference
+               MoCo repository's conversion writes them: a pickle {"model": numpy arrays, "__author__",
+               "matching_heuristics": True}, which detectron2's checkpointer reads from a `.pkl` file.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+
+import torch
+
+from pipeline.sources import filesystem
+
+from .weights import WeightsError, backbone_state, read_checkpoint
+
+FORMATS = ("torchvision", "safetensors", "detectron2")
+TORCHVISION_ARCHS = ("resnet18", "resnet50")  # the mocostream archs that are torchvision's own models
+MISSING_BY_DESIGN = ["fc.weight", "fc.bias"]
+
+
+def detectron2_name(name: str) -> str:
+    """torchvision ResNet name -> detectron2's: layerN -> res(N+1), stem layers under `stem.`,
+    bnN -> convN.norm, downsample.0/.1 -> shortcut / shortcut.norm."""
+    parts = name.split(".")
+    if parts[0].startswith("layer"):
+        parts[0] = f"res{int(parts[0][len('layer'):]) + 1}"
+    else:
+        parts.insert(0, "stem")
+    out: list[str] = []
+    i = 0
+    while i < len(parts):
+        part = parts[i]
+        if part in ("bn1", "bn2", "bn3"):
+            out += [f"conv{part[2]}", "norm"]
+        elif part == "downsample":
+            out += ["shortcut"] if parts[i + 1] == "0" else ["shortcut", "norm"]
+            i += 1
+        else:
+            out.append(part)
+        i += 1
+    return ".".join(out)
+
+
+def _torchvision_bytes(weights: dict, meta: dict) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    return buffer.getvalue()
+
+
+def _safetensors_bytes(weights: dict, meta: dict) -> bytes:
+    from safetensors.torch import save
+
+    return save(weights, metadata={k: str(v) for k, v in meta.items()})
+
+
+def _detectron2_bytes(weights: dict, meta: dict) -> bytes:
+    if meta["arch"] not in TORCHVISION_ARCHS:
+        raise WeightsError(f"detectron2 has no ResNet with the stem of {meta['arch']}; export "
+                           f"{' or '.join(TORCHVISION_ARCHS)} checkpoints to it, or use --format torchvision")
+    model = {detectron2_name(k): v.cpu().numpy() for k, v in weights.items()}
+    return pickle.dumps({"model": model, "__author__": "mocostream", "matching_heuristics": True})
+
+
+WRITERS = {"torchvision": _torchvision_bytes, "safetensors": _safetensors_bytes, "detectron2": _detectron2_bytes}
+
+
+def write_file(out: str, data: bytes) -> None:
+    """A local file appears complete under its name (temporary name, then rename); on object storage a PUT is."""
+    fs, path = filesystem(out)
+    if "://" in out and not out.startswith("file://"):
+        fs.pipe_file(path, data)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def how_to_load(fmt: str, arch: str, out: str) -> str:
+    if fmt == "detectron2":
+        return f"detectron2: MODEL.WEIGHTS {out} (R-{arch[len('resnet'):]})"
+    load = (f"torch.load('{out}', weights_only=True)" if fmt == "torchvision"
+            else f"safetensors.torch.load_file('{out}')")
+    build = (f"torchvision.models.{arch}()" if arch in TORCHVISION_ARCHS
+             else f"moco_core.build_encoder('{arch}')()")
+    return f"m = {build}; m.fc = torch.nn.Identity(); m.load_state_dict({load})"
+
+
+def export(path: str, out: str, fmt: str, encoder: str = "query") -> dict:
+    """Write the backbone of the checkpoint at `path` (file, folder or s3:// prefix) to `out`; returns a report."""
+    if fmt not in FORMATS:
+        raise WeightsError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
+    if fmt == "detectron2" and not out.endswith(".pkl"):
+        raise WeightsError("detectron2 reads this format from a .pkl file: give --out NAME.pkl")
+    state, file, sha256 = read_checkpoint(path)
+    cfg = state.get("config", {})
+    step, world = int(state.get("step", 0)), int(state.get("world", 1))
+    meta = {"format": "mocostream-backbone", "arch": cfg.get("arch", "unknown"), "recipe": cfg.get("recipe", ""),
+            "encoder": encoder, "step": step, "images_seen": step * int(cfg.get("batch_size", 0)) * world,
+            "source": file, "source_sha256": sha256}
+    weights = backbone_state(state, encoder)
+    write_file(out, WRITERS[fmt](weights, meta))
+    return {"out": out, "format": fmt, **meta, "tensors": len(weights),
+            "missing_by_design": [] if fmt == "detectron2" else MISSING_BY_DESIGN,
+            "load_with": how_to_load(fmt, meta["arch"], out)}

@@ -1,0 +1,142 @@
+"""Backbone weights in and out of a training checkpoint.
+
+Reading never executes anything: torch files load with `weights_only=True` (plain tensors and containers; a
+pickle naming any other object is refused), safetensors files hold tensors only. The backbone is an encoder
+without its projection head (`fc.*`, the v2 MLP included): what a user fine-tunes, and what `--init-from` fills.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import re
+import struct
+import warnings
+
+import torch
+import torch.nn as nn
+
+from pipeline.sources import read_bytes
+
+from . import checkpoint
+
+log = logging.getLogger("mocostream.weights")
+
+HEAD = "fc."  # torchvision ResNets (and timm's) name their classifier `fc`; MoCo puts its head there
+ENCODERS = {"query": "encoder_q.", "key": "encoder_k."}
+
+
+class WeightsError(ValueError):
+    user_error = True
+
+
+def resolve_checkpoint(path: str) -> str:
+    """A checkpoint file, or the latest checkpoint in a folder / s3:// prefix."""
+    if path.endswith(".pt"):
+        return path
+    file = checkpoint.latest(path)
+    if file is None:
+        raise WeightsError(f"no checkpoint in {path}")
+    scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
+    return file if "://" in file or not scheme else scheme + file  # listings drop the s3:// scheme
+
+
+def _read(path: str) -> bytes:
+    try:
+        return read_bytes(path)
+    except (FileNotFoundError, IsADirectoryError):
+        raise WeightsError(f"not found: {path}") from None
+
+
+def safe_torch_load(data: bytes, name: str):
+    """torch.load of plain tensors and containers only: a file asking to run or import code is refused."""
+    try:
+        with warnings.catch_warnings():  # torch warns about foreign pickle protocols: the error says enough
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (not a torch file), EOFError, ...
+        # e.g. "unsupported GLOBAL posix.system whose module posix is blocked."
+        reason = re.search(r"unsupported[^\n]*", str(e), re.IGNORECASE)
+        raise WeightsError(f"{name}: refused: not a file of plain tensors "
+                           f"({reason.group(0).strip() if reason else type(e).__name__}; nothing in it was run)") from None
+
+
+def is_training_checkpoint(obj) -> bool:
+    return (isinstance(obj, dict) and isinstance(obj.get("model"), dict)
+            and any(str(k).startswith(ENCODERS["query"]) for k in obj["model"]))
+
+
+def read_checkpoint(path: str) -> tuple[dict, str, str]:
+    """(state, file, sha256 of the file's bytes) of a mocostream training checkpoint; anything else is refused."""
+    file = resolve_checkpoint(path)
+    data = _read(file)
+    state = safe_torch_load(data, file)
+    if not is_training_checkpoint(state):
+        raise WeightsError(f"{file} is not a mocostream training checkpoint (no encoder_q weights in it)")
+    return state, file, hashlib.sha256(data).hexdigest()
+
+
+def backbone_state(state: dict, encoder: str = "query") -> dict[str, torch.Tensor]:
+    """One encoder's backbone from a training checkpoint, with torchvision's parameter names."""
+    prefix = ENCODERS[encoder]
+    return {k[len(prefix):]: v.detach().contiguous().clone() for k, v in state["model"].items()
+            if k.startswith(prefix) and not k[len(prefix):].startswith(HEAD)}
+
+
+def _is_safetensors(data: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then a JSON header."""
+    if len(data) < 9:
+        return False
+    (n,) = struct.unpack("<Q", data[:8])
+    return data[8:9] == b"{" and 8 + n <= len(data)
+
+
+def _plain_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
+    """The backbone tensors of a loaded file: a state_dict, one wrapped in `state_dict`/`model` (timm and
+    others), DDP's `module.` prefixes removed, or a mocostream training checkpoint (its query encoder)."""
+    if is_training_checkpoint(obj):
+        return backbone_state(obj)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} holds no state_dict of tensors")
+    obj = {k.removeprefix("module."): v for k, v in obj.items()}
+    return {k: v for k, v in obj.items() if not k.startswith(HEAD)}
+
+
+def read_backbone(path: str) -> dict[str, torch.Tensor]:
+    """Backbone weights from a local or s3:// file: safetensors, or a torch state_dict (torchvision, timm,
+    a file `mocostream export` wrote)."""
+    data = _read(path)
+    if _is_safetensors(data):
+        from safetensors.torch import load
+
+        return _plain_state_dict(load(data), path)
+    return _plain_state_dict(safe_torch_load(data, path), path)
+
+
+def _mismatch(target: dict, weights: dict) -> list[str]:
+    def some(keys: list[str]) -> str:
+        return ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+
+    missing = sorted(set(target) - set(weights))
+    unexpected = sorted(set(weights) - set(target))
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(target[k].shape)}"
+              for k in target if k in weights and weights[k].shape != target[k].shape]
+    return ([f"{len(missing)} missing ({some(missing)})"] if missing else []) + \
+        ([f"{len(unexpected)} unexpected ({some(unexpected)})"] if unexpected else []) + \
+        ([f"{len(shapes)} shapes differ (file vs model: {some(shapes)})"] if shapes else [])
+
+
+def init_backbones(model: nn.Module, path: str, arch: str) -> None:
+    """Both encoders of a MoCo model start from the backbone in `path`; the projection head keeps its fresh
+    initialisation, the key encoder becomes a copy of the query encoder (head and BN statistics included)."""
+    weights = read_backbone(path)
+    target = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith(HEAD)}
+    problems = _mismatch(target, weights)
+    if problems:
+        raise WeightsError(f"--init-from {path} does not fit --arch {arch}: {'; '.join(problems)}")
+    model.encoder_q.load_state_dict(weights, strict=False)  # strict on the backbone: checked just above
+    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    log.info("both encoders start from the backbone in %s (%d tensors; head and queue fresh)", path, len(weights))
