@@ -50,28 +50,25 @@ def _folder_items(root: Path, max_per_class: int | None):
             yield str(f), index, f.read_bytes
 
 
-BAD_LABEL = -1  # a label that is there but is not a class index: skipped and counted, never fatal
-
-
-def _as_label(raw) -> int:
-    """A class index (an integer >= 0, or its text), else BAD_LABEL."""
+def _as_label(raw) -> int | None:
+    """A class index (an integer >= 0, or its text), else None: skipped and counted as no_label, never fatal."""
     if isinstance(raw, bytes):
         raw = raw.decode("utf-8", "replace")
     if isinstance(raw, str) and raw.strip().isdigit():
         return int(raw.strip())
-    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else BAD_LABEL
+    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else None
 
 
 def _label_of(sample: dict) -> int | None:
-    """The class index of a tar sample; None (skipped as no_label) when it has none, BAD_LABEL (skipped as
-    bad_label) when it is not a non-negative integer (a class name, as `shards create` writes the folder name)."""
+    """The class index of a tar sample; None (skipped as no_label) when it has none or it is not a non-negative
+    integer (a class name, as `shards create` writes the folder name, is no index)."""
     if "cls" in sample:
         return _as_label(sample["cls"])
     if "json" in sample:
         try:
             meta = json.loads(sample["json"])
         except ValueError:
-            return BAD_LABEL
+            return None
         for name in ("label", "cls"):
             if isinstance(meta, dict) and name in meta:
                 return _as_label(meta[name])
@@ -120,10 +117,9 @@ def load_labeled(spec: str, size: int, max_per_class: int | None = None) -> Labe
         raise DataSpecError(f"labelled eval data not found: {spec}")
     per_class: Counter = Counter()
     for name, label, read in items:
-        if label is None or label == BAD_LABEL:
-            reason = "no_label" if label is None else "bad_label"
-            skipped[reason] += 1
-            log.warning("eval sample skipped (%s): %s", reason, name)
+        if label is None:
+            skipped["no_label"] += 1
+            log.warning("eval sample skipped (no_label): %s", name)
             continue
         if max_per_class is not None and per_class[label] >= max_per_class:
             continue

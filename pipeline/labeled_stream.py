@@ -169,8 +169,8 @@ class LabeledStream:
             while len(in_flight) < max(1, 2 * self.workers):
                 chunk = []
                 for name, label, data in samples:
-                    if label is None or label < 0:  # labeled.BAD_LABEL: not a class index
-                        self._skip("no_label" if label is None else "bad_label", name)
+                    if label is None:
+                        self._skip("no_label", name)
                         continue
                     chunk.append((name, int(label), data))
                     if len(chunk) == self.batch_size:

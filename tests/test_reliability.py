@@ -544,5 +544,5 @@ def test_eval_skips_bad_labels_and_a_huge_label_costs_one_class(imagenette_small
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert result["train_images"] + result["test_images"] == 10  # 12 - "abc" - "-3"
-    assert result["classes"] == 3 and result["skipped"] == {"bad_label": 2}
-    assert r.stderr.count("eval sample skipped (bad_label)") == 2
+    assert result["classes"] == 3 and result["skipped"] == {"no_label": 2}
+    assert r.stderr.count("eval sample skipped (no_label)") == 2
