@@ -346,7 +346,9 @@ def train(cfg: TrainConfig) -> dict:
                                      dtype=torch.float64, device="cpu" if control else device)
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
                 stop.set, exhausted, trained = bool(flags[0] > 0), bool(flags[1] > 0), float(flags[2])
-            if budget_s and trained >= budget_s:
+            # A run (or resumed segment) whose budget is not yet spent trains at least one step, however slow
+            # its start-up was, so a time-boxed run always leaves a model and a checkpoint behind.
+            if budget_s and trained >= budget_s and (step > start_step or seconds_before >= budget_s):
                 if is_main:
                     log.info("budget of %g minutes reached at step %d", cfg.budget_minutes, step)
                 break
@@ -362,8 +364,9 @@ def train(cfg: TrainConfig) -> dict:
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)
             if budget_s:
-                lr = budget_lr(peak_lr, cfg.lr_schedule, step, cfg.warmup_steps, trained / budget_s)
-                model.m = momentum_at(cfg.moco_momentum, trained, budget_s, cfg.momentum_schedule)
+                spent = min(trained, budget_s)  # the one step a slow start may take past the budget
+                lr = budget_lr(peak_lr, cfg.lr_schedule, step, cfg.warmup_steps, spent / budget_s)
+                model.m = momentum_at(cfg.moco_momentum, spent, budget_s, cfg.momentum_schedule)
             else:
                 lr = lr_at(peak_lr, step, cfg.steps, cfg.warmup_steps)
                 model.m = momentum_at(cfg.moco_momentum, step, cfg.steps, cfg.momentum_schedule)
