@@ -315,3 +315,23 @@ def test_reference_linear_protocol_on_named_shards(named_shards, tmp_path, capsy
         assert r["classes"] == 3 and r["train_images"] == 18 and r["test_images"] == 4
         assert r["skipped"] == {"unknown_class": 2} and 0.0 <= r["top1"] <= r["top5"] <= 1.0
     assert runs[0]["top1"] == runs[1]["top1"]  # from the manifest or counted: the same indices
+
+
+@pytest.mark.slow
+def test_reference_linear_protocol_on_named_shards_under_torchrun(named_shards, tmp_path):
+    """No classes in the manifest: rank 0 counts them, every rank indexes by the same names."""
+    import shutil
+
+    from test_train import torchrun
+
+    root, _ = named_shards
+    data = tmp_path / "old"
+    _without_classes(root / "shards" / "train", data / "train")
+    shutil.copytree(root / "shards" / "val", data / "val")
+    proc = torchrun("eval", "linear", "--arch", "resnet18", "--data", str(data), "--protocol", "reference",
+                    "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["world"] == 2 and results[0]["classes"] == 3
+    assert results[0]["test_images"] == 4 and results[0]["skipped"] == {"unknown_class": 2}
