@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from moco_core import backbone_of, build_encoder, extract_features, knn_top1
 from pipeline.augment_torch import normalize
 from pipeline.labeled import LabeledImages, knn_sets
-from pipeline.labeled_stream import labeled_units, split_specs
+from pipeline.labeled_stream import labeled_units, shard_class_names, split_specs
 
+from .ranks import on_one_rank
 from .weights import read_checkpoint
 
 log = logging.getLogger("mocostream.eval")
@@ -147,14 +148,16 @@ def evaluate_reference(data: str, checkpoint_path: str | None = None, arch: str 
     dev = _eval_device(device)
     (train_spec, train_part), (val_spec, val_part) = split_specs(data)
     train_units, names = labeled_units(train_spec, train_part, seed)
-    val_units, _ = labeled_units(val_spec, val_part, seed)
+    val_units, _ = labeled_units(val_spec, val_part, seed)  # indexed by the training set's class names
+    if names is None:
+        names = on_one_rank(lambda: shard_class_names(train_units))
     classes = classes or (len(names) if names else None)
     if not classes:
-        raise EvalError("labelled shards do not name their classes: give --num-classes")
+        raise EvalError("labelled shards with class indices do not name their classes: give --num-classes")
     backbone, info, dim = frozen_backbone(checkpoint_path, arch, dev)
     before = fingerprint(backbone)
     result, head = reference_linear(backbone, dim, classes, train_units, val_units, image_size, dev, epochs, lr,
-                                    batch_size, workers, seed)
+                                    batch_size, workers, seed, names)
     after = _checked_unchanged(backbone, before)
     rank = dist.get_rank() if dist.is_initialized() else 0
     result = {"eval": "linear", "protocol": "reference", **result, **info, "image_size": image_size,

@@ -78,8 +78,9 @@ def validate(backbone: nn.Module, head: nn.Module, stream: LabeledStream, device
 
 def reference_linear(backbone: nn.Module, feature_dim: int, classes: int, train_units, val_units, size: int,
                      device: torch.device, epochs: int = 100, lr: float = 30.0, batch_size: int = 256,
-                     workers: int = 2, seed: int = 0) -> tuple[dict, nn.Linear]:
-    """Train the linear classifier on the frozen `backbone`; returns (results, classifier)."""
+                     workers: int = 2, seed: int = 0, names: list[str] | None = None) -> tuple[dict, nn.Linear]:
+    """Train the linear classifier on the frozen `backbone`; returns (results, classifier). `names`: the
+    sorted class names that index string labels (the training set's, for validation too)."""
     rank, world = _world()
     torch.manual_seed(seed)  # the same initial classifier on every rank
     head = nn.Linear(feature_dim, classes)
@@ -89,7 +90,8 @@ def reference_linear(backbone: nn.Module, feature_dim: int, classes: int, train_
     model = nn.parallel.DistributedDataParallel(head) if dist.is_initialized() else head
     peak_lr = scaled_lr(lr, batch_size * world)
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
-    common = dict(batch_size=batch_size, size=size, seed=seed, world=world, rank=rank, workers=workers)
+    common = dict(batch_size=batch_size, size=size, seed=seed, world=world, rank=rank, workers=workers,
+                  classes=names)
     train_stream = LabeledStream(train_units, train=True, **common)
     val_stream = LabeledStream(val_units, train=False, **common)
     backbone.eval()  # frozen: BN uses its running statistics, as in the reference

@@ -34,6 +34,7 @@ from .config import ConfigError, TrainConfig, mask_secrets, mask_text
 from .evaluate import knn_eval
 from .metrics import TrainMetrics
 from .precision import StepPrecision, precision_mode
+from .ranks import on_one_rank
 from .weights import init_backbones
 
 log = logging.getLogger("mocostream.train")
@@ -107,23 +108,6 @@ def gather(obj, world: int) -> list | None:
     out = [None] * world if dist.get_rank() == 0 else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def on_one_rank(compute):
-    """Run `compute` on rank 0 only and give every rank its result (or its one-line error)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return compute()
-    box = [None]
-    if dist.get_rank() == 0:
-        try:
-            box = [("ok", compute())]
-        except Exception as e:  # every rank raises it (none left waiting for the broadcast)
-            box = [("error", e)]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 def format_duration(seconds: float) -> str:

@@ -2,7 +2,9 @@
 
 A labelled set is either an image folder with one sub-folder per class (class index = sorted folder name),
 or shards whose samples carry a label (`.cls` member or `label`/`cls` in the `.json` of a tar sample; a
-`label` column in parquet). Images are resized (shorter side) and centre-cropped to the encoder's input
+`label` column in parquet). An integer label is the class index; a string label is a class name (what
+`shards create` writes: the class folder's name), indexed like folders by its place among the sorted class
+names - the manifest's `classes` when it has them, else the names found in the set. Images are resized (shorter side) and centre-cropped to the encoder's input
 size, as the reference evaluation does, and kept as uint8; unreadable images are skipped, counted and logged.
 """
 from __future__ import annotations
@@ -33,6 +35,7 @@ class LabeledImages:
     labels: torch.Tensor  # int64 (N,)
     classes: list[str]
     skipped: Counter = field(default_factory=Counter)
+    named: bool = False  # labels index `classes` by name (folders, shards with class names)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -50,29 +53,55 @@ def _folder_items(root: Path, max_per_class: int | None):
             yield str(f), index, f.read_bytes
 
 
-def _as_label(raw) -> int | None:
-    """A class index (an integer >= 0, or its text), else None: skipped and counted as no_label, never fatal."""
-    if isinstance(raw, bytes):
-        raw = raw.decode("utf-8", "replace")
-    if isinstance(raw, str) and raw.strip().isdigit():
-        return int(raw.strip())
-    return raw if isinstance(raw, int) and not isinstance(raw, bool) and raw >= 0 else None
-
-
-def _label_of(sample: dict) -> int | None:
-    """The class index of a tar sample; None (skipped as no_label) when it has none or it is not a non-negative
-    integer (a class name, as `shards create` writes the folder name, is no index)."""
-    if "cls" in sample:
-        return _as_label(sample["cls"])
-    if "json" in sample:
-        try:
+def _label_of(sample: dict) -> int | str | None:
+    """The label of a tar sample: an int (a class index), a str (a class name) or None (skipped as no_label)."""
+    try:
+        if "cls" in sample:
+            return _label_value(int(sample["cls"].decode().strip()))
+        if "json" in sample:
             meta = json.loads(sample["json"])
-        except ValueError:
-            return None
-        for name in ("label", "cls"):
-            if isinstance(meta, dict) and name in meta:
-                return _as_label(meta[name])
+            for name in ("label", "cls"):
+                if name in meta:
+                    return _label_value(meta[name])
+    except (ValueError, TypeError):
+        return None
     return None
+
+
+def _label_value(value) -> int | str | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and value >= 0 or isinstance(value, str) and value:
+        return value
+    return None  # "" (`shards create` without a label), a negative index, null, anything else
+
+
+def class_index(label: int | str, index: dict[str, int] | None) -> int | None:
+    """The class index of a label: an int as it is, a class name by `index` (None: unknown class)."""
+    if isinstance(label, int):
+        return label
+    return index.get(label) if index else None
+
+
+def manifest_classes(spec: str) -> list[str] | None:
+    """The sorted class names a shard set's manifest records (`shards create`), None when it has none."""
+    spec = spec.strip()
+    if "," in spec or "{" in spec or spec.endswith((".tar", ".parquet")):
+        return None
+    url = spec if spec.endswith(".json") else spec.rstrip("/") + "/manifest.json"
+    try:
+        doc = json.loads(read_bytes(url))
+    except (OSError, ValueError):
+        return None
+    classes = doc.get("classes") if isinstance(doc, dict) else None
+    return sorted(classes) if isinstance(classes, list) and classes else None
+
+
+def count_classes(shards) -> list[str] | None:
+    """The sorted class names found in every sample of `shards` (one pass over the set); None when none."""
+    names = {label for shard in shards for _, label, _ in shard_items(shard, read_bytes(shard.url))
+             if isinstance(label, str)}
+    return sorted(names) or None
 
 
 def shard_items(shard: Shard, data: bytes):
@@ -84,7 +113,7 @@ def shard_items(shard: Shard, data: bytes):
 
         table = pq.read_table(io.BytesIO(data), columns=["key", "image", "label"])
         for key, image, label in zip(*(table.column(c).to_pylist() for c in ("key", "image", "label"))):
-            yield f"{shard.url}:{key}", None if label is None else _as_label(label), image
+            yield f"{shard.url}:{key}", _label_value(label), image
         return
     members = ({**f, "__url__": shard.url} for f in tar_file_iterator(io.BytesIO(data)))
     for sample in group_by_keys(members):
@@ -104,18 +133,50 @@ def _prepare(data: bytes, size: int) -> torch.Tensor:
     return TF.pil_to_tensor(img)
 
 
-def load_labeled(spec: str, size: int, max_per_class: int | None = None) -> LabeledImages:
-    """Decode a labelled set (a class-folder tree, or labelled shards) to uint8 tensors of side `size`."""
+def load_labeled(spec: str, size: int, max_per_class: int | None = None,
+                 classes: list[str] | None = None) -> LabeledImages:
+    """Decode a labelled set (a class-folder tree, or labelled shards) to uint8 tensors of side `size`.
+    `classes`: the class names that index string labels (a validation set takes its training set's)."""
     path = Path(spec)
-    images, labels, skipped = [], [], Counter()
     if path.is_dir() and _class_folders(path) and not any(path.glob("*.tar")) and not (path / "manifest.json").exists():
-        classes = [c.name for c in _class_folders(path)]
-        items = _folder_items(path, max_per_class)
-    elif path.exists() or "://" in spec:
-        classes, items = None, _shard_items(spec)
-    else:
+        names = [c.name for c in _class_folders(path)]
+        images, labels, skipped = _decode_items(_folder_items(path, max_per_class), size, max_per_class)
+        return _stacked(spec, images, labels, names, skipped, named=True)
+    if not (path.exists() or "://" in spec):
         raise DataSpecError(f"labelled eval data not found: {spec}")
-    per_class: Counter = Counter()
+    images, labels, skipped = _decode_items(_shard_items(spec), size, max_per_class)
+    names = classes or manifest_classes(spec) or sorted({y for y in labels if isinstance(y, str)})
+    index = {name: i for i, name in enumerate(names)}
+    keep = [class_index(y, index) is not None for y in labels]
+    if not all(keep):
+        skipped["unknown_class"] += keep.count(False)
+        log.warning("%d eval images of classes outside %d known ones skipped: %s", keep.count(False), len(names), spec)
+    images = [x for x, k in zip(images, keep) if k]
+    labels = [class_index(y, index) for y, k in zip(labels, keep) if k]
+    named = bool(names)
+    if not named and labels:  # class indices: the classes present, so a label of 20M costs one class, not 20M
+        present = sorted(set(labels))
+        names = [str(c) for c in present]
+        dense = {c: i for i, c in enumerate(present)}
+        labels = [dense[y] for y in labels]
+    return _stacked(spec, images, labels, names, skipped, named)
+
+
+def aligned(*sets: LabeledImages) -> list[LabeledImages]:
+    """The sets with one class list (by class name), so the same class has the same index in each."""
+    classes = sorted(set().union(*(s.classes for s in sets)), key=lambda c: (0, int(c), "") if c.isdigit() else (1, 0, c))
+    index = {c: i for i, c in enumerate(classes)}
+    out = []
+    for s in sets:
+        remap = torch.tensor([index[c] for c in s.classes], dtype=torch.long)
+        out.append(LabeledImages(s.images, remap[s.labels] if len(s.labels) else s.labels, classes, s.skipped,
+                                 s.named))
+    return out
+
+
+def _decode_items(items, size: int, max_per_class: int | None) -> tuple[list, list, Counter]:
+    """Decoded images and their labels (as given) of (name, label, read) items; skips counted by reason."""
+    images, labels, skipped, per_class = [], [], Counter(), Counter()
     for name, label, read in items:
         if label is None:
             skipped["no_label"] += 1
@@ -129,30 +190,16 @@ def load_labeled(spec: str, size: int, max_per_class: int | None = None) -> Labe
             skipped[e.reason] += 1
             log.warning("eval image skipped (%s): %s", e.reason, name)
             continue
-        labels.append(int(label))
+        labels.append(label)
         per_class[label] += 1
+    return images, labels, skipped
+
+
+def _stacked(spec: str, images: list, labels: list, classes: list[str], skipped: Counter,
+             named: bool) -> LabeledImages:
     if not images:
         raise DataSpecError(f"no labelled images in {spec}")
-    if classes is None:  # shard labels: the classes present, so a label of 20M costs one class, not 20M
-        classes = [str(c) for c in sorted(set(labels))]
-        index = {int(c): i for i, c in enumerate(classes)}
-        labels = [index[label] for label in labels]
-    return LabeledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes, skipped)
-
-
-def _class_order(name: str) -> tuple:
-    return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def aligned(*sets: LabeledImages) -> list[LabeledImages]:
-    """The sets with one class list (by class name), so the same class has the same index in each."""
-    classes = sorted(set().union(*(s.classes for s in sets)), key=_class_order)
-    index = {c: i for i, c in enumerate(classes)}
-    out = []
-    for s in sets:
-        remap = torch.tensor([index[c] for c in s.classes], dtype=torch.long)
-        out.append(LabeledImages(s.images, remap[s.labels] if len(s.labels) else s.labels, classes, s.skipped))
-    return out
+    return LabeledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes, skipped, named)
 
 
 def knn_sets(spec: str, size: int, max_per_class: int | None = None) -> tuple[LabeledImages, LabeledImages]:
@@ -161,9 +208,11 @@ def knn_sets(spec: str, size: int, max_per_class: int | None = None) -> tuple[La
     path = Path(spec)
     test = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
     if (path / "train").is_dir() and test is not None:
-        bank, queries = aligned(load_labeled(str(path / "train"), size, max_per_class),
-                                load_labeled(str(test), size, max_per_class))
-        return bank, queries
+        bank = load_labeled(str(path / "train"), size, max_per_class)
+        # shard queries' class names index as the bank's do (a class only in the queries: skipped, counted);
+        # folders, or class indices densified per set, get one class list by name
+        queries = load_labeled(str(test), size, max_per_class, bank.classes if bank.named else None)
+        return (bank, queries) if queries.classes == bank.classes else tuple(aligned(bank, queries))
     full = load_labeled(spec, size, max_per_class)
     seen: Counter = Counter()
     is_query = []
@@ -171,5 +220,5 @@ def knn_sets(spec: str, size: int, max_per_class: int | None = None) -> tuple[La
         is_query.append(seen[label] % 5 == 4)
         seen[label] += 1
     q = torch.tensor(is_query)
-    return (LabeledImages(full.images[~q], full.labels[~q], full.classes, full.skipped),
-            LabeledImages(full.images[q], full.labels[q], full.classes))
+    return (LabeledImages(full.images[~q], full.labels[~q], full.classes, full.skipped, full.named),
+            LabeledImages(full.images[q], full.labels[q], full.classes, named=full.named))

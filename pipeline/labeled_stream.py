@@ -6,7 +6,9 @@ contiguous spans per rank, a bounded shuffle within blocks of `shuffle_units` un
 shard (tar or parquet, read whole through fsspec: local or s3://) or, for a class-folder tree, a run of up to
 256 files (the tree's files are shuffled once first, so each unit mixes classes). Images are decoded and
 augmented in worker processes, seeded by their position in the plan, so the result does not depend on timing
-or worker count. Unreadable or unlabelled samples are skipped, counted by reason and logged.
+or worker count. Unreadable or unlabelled samples are skipped, counted by reason and logged. String labels
+(class names, as `shards create` writes them) are indexed by the sorted class names, which must be known before
+streaming: the manifest's `classes`, else one counting pass (`shard_class_names`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .labeled import FILE_EXTS, _class_folders, shard_items
+from .labeled import FILE_EXTS, _class_folders, class_index, count_classes, manifest_classes, shard_items
 from .plan import Block, Piece, rank_blocks
 from .sources import DataSpecError, Shard, read_bytes, resolve_shards, with_counts
 
@@ -38,7 +40,7 @@ class Unit:
     shard: Shard | None = None  # a labelled shard ...
     files: tuple[tuple[str, int], ...] = ()  # ... or (path, label) of image files
 
-    def read(self) -> list[tuple[str, int | None, bytes | None]]:
+    def read(self) -> list[tuple[str, int | str | None, bytes | None]]:
         """(name, label, image bytes) of every sample, in stored order."""
         if self.shard is not None:
             return list(shard_items(self.shard, read_bytes(self.shard.url)))
@@ -58,7 +60,8 @@ def _folder_files(root: Path, part: str | None) -> tuple[list[tuple[str, int]], 
 
 
 def labeled_units(spec: str, part: str | None = None, seed: int = 0) -> tuple[list[Unit], list[str] | None]:
-    """Units of a labelled set (class-folder tree or labelled shards) and its class names (None for shards)."""
+    """Units of a labelled set (class-folder tree or labelled shards) and its class names (for shards: the
+    manifest's `classes`, None when it has none)."""
     path = Path(spec)
     if path.is_dir() and _class_folders(path) and not any(path.glob("*.tar")) and not (path / "manifest.json").exists():
         files, classes = _folder_files(path, part)
@@ -71,7 +74,13 @@ def labeled_units(spec: str, part: str | None = None, seed: int = 0) -> tuple[li
                             f"and val/ (or test/) shards: {spec}")
     if not path.exists() and "://" not in spec:
         raise DataSpecError(f"labelled data not found: {spec}")
-    return [Unit(s.samples, shard=s) for s in with_counts(resolve_shards(spec))], None
+    return [Unit(s.samples, shard=s) for s in with_counts(resolve_shards(spec))], manifest_classes(spec)
+
+
+def shard_class_names(units: list[Unit]) -> list[str] | None:
+    """The sorted class names of labelled shards whose manifest does not record them: one pass reading every
+    sample's label (None when the labels are class indices)."""
+    return count_classes(u.shard for u in units if u.shard is not None)
 
 
 def split_specs(spec: str) -> tuple[tuple[str, str | None], tuple[str, str | None]]:
@@ -114,7 +123,9 @@ def transform_chunk(datas: list[bytes | None], size: int, train: bool, seed: int
 
 class LabeledStream:
     def __init__(self, units: list[Unit], *, batch_size: int, size: int, train: bool, seed: int = 0,
-                 world: int = 1, rank: int = 0, workers: int = 2, shuffle_units: int = 4):
+                 world: int = 1, rank: int = 0, workers: int = 2, shuffle_units: int = 4,
+                 classes: list[str] | None = None):
+        self.index = {name: i for i, name in enumerate(classes or [])}  # class name -> index, for string labels
         self.units, self.batch_size, self.size, self.train = units, batch_size, size, train
         self.seed, self.world, self.rank, self.workers, self.shuffle_units = seed, world, rank, workers, shuffle_units
         self.skipped: Counter = Counter()
@@ -172,7 +183,10 @@ class LabeledStream:
                     if label is None:
                         self._skip("no_label", name)
                         continue
-                    chunk.append((name, int(label), data))
+                    if (index := class_index(label, self.index)) is None:
+                        self._skip("unknown_class", name)
+                        continue
+                    chunk.append((name, index, data))
                     if len(chunk) == self.batch_size:
                         break
                 if not chunk:

@@ -70,12 +70,12 @@ def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> Cr
 
 
 def write_set(job: Job, entries: dict[str, list[dict]], rejected: list, inputs: int, processed: int,
-              resumed_from: int, stats: PassStats, bytes_in: int) -> CreateReport:
+              resumed_from: int, stats: PassStats, bytes_in: int, classes: list[str] | None = None) -> CreateReport:
     """rejects.jsonl, report.json and the manifests (manifest.json last: it marks the set complete)."""
     formats, dest = job.plan.formats, job.dest
     seconds = time.monotonic() - job.started
-    manifests = {f: build_manifest(f, job.options, entries[f], rejected, seconds, inputs=inputs, formats=formats)
-                 for f in formats}
+    manifests = {f: build_manifest(f, job.options, entries[f], rejected, seconds, inputs=inputs, formats=formats,
+                                   classes=classes) for f in formats}
     manifest = manifests[formats[0]]
     if manifest["total_samples"] + len(rejected) != inputs:  # every input accounted for, always
         raise RuntimeError(f"accounting error: {manifest['total_samples']} written + {len(rejected)} "
@@ -103,7 +103,8 @@ def _fresh_or_resumed(job: Job, inputs: Inputs) -> CreateReport:
     deduper = Deduper(plan.dedup, plan.dedup_threshold)
     for key, _, _, digest in state.written:
         deduper.add(digest, key)
-    seq = ShardSequence(dest, plan, job.fp, job.options, job.extra_fields, state.entries, state.position)
+    seq = ShardSequence(dest, plan, job.fp, job.options, job.extra_fields, state.entries, state.position,
+                        state.labels)
     rejected = [list(r) for r in state.rejects]
     items = iter(inputs)
     for _ in range(state.position):  # a resumed run skips what the checkpoints account for
@@ -116,7 +117,7 @@ def _fresh_or_resumed(job: Job, inputs: Inputs) -> CreateReport:
         seq.abort()
         raise
     return write_set(job, entries, rejected, done, done - state.position, state.position, stats,
-                     state.bytes_in + stats.bytes_in)
+                     state.bytes_in + stats.bytes_in, None if seq.labels is None else sorted(seq.labels))
 
 
 def make_plan(fmt, samples_per_shard, prefix, kw: dict) -> Plan:

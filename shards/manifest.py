@@ -20,6 +20,8 @@
       "total_bytes": B,                            # sum of shards[].bytes (index files not counted)
       "rejected": R,                               # lines in rejects.jsonl; total_samples + rejected == inputs
       "rejected_by_reason": {"truncated": 3, ...}, # only reasons that occurred
+      "classes": ["n01440764", ...],               # sorted distinct sample labels ([] when none): the class
+                                                   #   names a reader indexes without reading every shard
       "created_at": "2026-01-01T00:00:00Z",        # timing fields: the only ones that differ
       "seconds": 1.23                              #   between two runs on the same inputs
     }
@@ -76,7 +78,7 @@ def manifest_names(formats) -> dict[str, str]:
 
 
 def build_manifest(fmt: str, options: dict, shards: list[dict], rejected: list, seconds: float,
-                   inputs: int | None = None, formats=None) -> dict:
+                   inputs: int | None = None, formats=None, classes: list[str] | None = None) -> dict:
     total = sum(s["samples"] for s in shards)
     return {
         "format_version": FORMAT_VERSION,
@@ -90,6 +92,7 @@ def build_manifest(fmt: str, options: dict, shards: list[dict], rejected: list, 
         "total_bytes": sum(s["bytes"] for s in shards),
         "rejected": len(rejected),
         "rejected_by_reason": by_reason(rejected),
+        **({"classes": classes} if classes is not None else {}),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(seconds, 3),
     }

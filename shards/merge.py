@@ -77,8 +77,11 @@ def merge(url: str) -> dict:
     rejected = [(r["source"], r["reason"], r["detail"]) for r in map(json.loads, rejects.decode().splitlines())]
     fp = hashlib.sha256("".join(m["options"]["fingerprint"] for _, m in manifests).encode()).hexdigest()
     options = {**base, "part": f"merged {n}", "fingerprint": fp}
+    # the union of the parts' classes; unknown when a part did not record them
+    classes = (sorted(set().union(*(m["classes"] for _, m in manifests)))
+               if all("classes" in m for _, m in manifests) else None)
     merged = {f: build_manifest(f, options, shards[f], rejected, seconds, inputs=sum(m["inputs"] for _, m in manifests),
-                                formats=formats) for f in formats}
+                                formats=formats, classes=classes) for f in formats}
     manifest = merged[formats[0]]
     report = {"parts": n, "inputs": manifest["inputs"], "written": manifest["total_samples"],
               "rejected": manifest["rejected"], "rejected_by_reason": manifest["rejected_by_reason"],

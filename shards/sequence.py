@@ -44,7 +44,7 @@ class ShardSequence:
     formats reaches a limit."""
 
     def __init__(self, dest: Destination, plan: Plan, fp: str, options: dict, extra_fields,
-                 entries: dict[str, list[dict]], position: int):
+                 entries: dict[str, list[dict]], position: int, labels: set | None = None):
         self.dest, self.plan, self.fp, self.options, self.extra_fields = dest, plan, fp, options, extra_fields
         self.formats = plan.formats
         self.entries = {f: list(entries.get(f, [])) for f in self.formats}  # published shards, in order
@@ -53,6 +53,10 @@ class ShardSequence:
         self.written: list[list] = []
         self.rejects: list[list] = []
         self.bytes_in = 0
+        # distinct labels of the whole set (the manifest's `classes`) and of the open shard (its stats file,
+        # so a resumed run knows them); None once a resumed checkpoint did not record them
+        self.labels = labels
+        self._shard_labels: set = set()
         self._writers: list = []  # (format, name, writer) of the open shard
         self._limit = plan.max_shard_bytes
         self._publisher = InOrder()
@@ -72,6 +76,8 @@ class ShardSequence:
             self.count += 1
         for _, _, w in self._writers:
             w.add(item.key, source, label, record, item.extra)
+        if label:
+            self._shard_labels.add(label)
         self.written.append([item.key, source, record.size, record.digest])
         self.bytes_in += nbytes
         if self._writers[0][2].samples >= self.plan.samples_per_shard:
@@ -81,11 +87,14 @@ class ShardSequence:
         """Hand the open shard to the publisher thread; the next one can start at once."""
         if self._writers:
             self._publisher.submit(self._publish, self._writers, self.start, end, self.written, self.rejects,
-                                   self.bytes_in)
-        self._writers = []
+                                   self.bytes_in, sorted(self._shard_labels))
+            if self.labels is not None:
+                self.labels |= self._shard_labels
+        self._writers, self._shard_labels = [], set()
         self.start, self.written, self.rejects, self.bytes_in = end, [], [], 0
 
-    def _publish(self, writers: list, start: int, end: int, written: list, rejects: list, bytes_in: int) -> None:
+    def _publish(self, writers: list, start: int, end: int, written: list, rejects: list, bytes_in: int,
+                 labels: list[str]) -> None:
         entries = []
         for fmt, name, writer in writers:
             writer.close()
@@ -103,7 +112,7 @@ class ShardSequence:
             entries.append(entry)
         # The stats file last: it is the checkpoint a rerun trusts.
         self.dest.write_bytes(entries[0]["stats"], stats_bytes(self.fp, self.options, entries, start, end,
-                                                               written, rejects, bytes_in))
+                                                               written, rejects, bytes_in, labels))
         for fmt, entry in zip(self.formats, entries):
             self.entries[fmt].append(entry)
 

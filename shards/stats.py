@@ -32,14 +32,14 @@ def stats_name(shard_name: str) -> str:
 
 
 def stats_bytes(fingerprint: str, options: dict, entries: list[dict], start: int, end: int, written: list,
-                rejects: list, bytes_in: int) -> bytes:
+                rejects: list, bytes_in: int, labels: list[str] | None = None) -> bytes:
     """`entries`: the shard's manifest entry in each format, the primary format first."""
     doc = {"fingerprint": fingerprint, "options": options, "shard": entries[0]}
     if len(entries) > 1:
         doc["also"] = entries[1:]
     doc.update({"inputs": [start, end], "written": written, "rejects": rejects,
                 "rejected_by_reason": dict(sorted(Counter(r[1] for r in rejects).items())),
-                "bytes_in": bytes_in, "bytes_out": entries[0]["bytes"]})
+                "bytes_in": bytes_in, "bytes_out": entries[0]["bytes"], "labels": labels or []})
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 
@@ -50,6 +50,7 @@ class ResumeState:
     written: list[list] = field(default_factory=list)      # [key, source, bytes_out, digest] so far
     rejects: list[list] = field(default_factory=list)      # [source, reason, detail] so far
     bytes_in: int = 0
+    labels: set | None = field(default_factory=set)        # distinct labels so far; None: a checkpoint lacks them
 
 
 def load_resume(dest: Destination, prefix: str, formats: tuple[str, ...], fingerprint: str,
@@ -84,5 +85,7 @@ def load_resume(dest: Destination, prefix: str, formats: tuple[str, ...], finger
         state.written.extend(doc["written"])
         state.rejects.extend(doc["rejects"])
         state.bytes_in += doc["bytes_in"]
+        if state.labels is not None:
+            state.labels = state.labels | set(doc["labels"]) if "labels" in doc else None
         state.position = end
         n += 1

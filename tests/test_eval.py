@@ -213,7 +213,7 @@ def test_reference_linear_protocol_under_torchrun(trained, imagenette_small):
 def test_labelled_stream_reads_labelled_shards(imagenette_small, tmp_path):
     import webdataset as wds
 
-    from pipeline.labeled_stream import LabeledStream, labeled_units
+    from pipeline.labeled_stream import LabeledStream, labeled_units, shard_class_names
 
     files = sorted(imagenette_small.rglob("*.JPEG"))[:24]
     classes = sorted({f.parent.name for f in files})
@@ -224,8 +224,114 @@ def test_labelled_stream_reads_labelled_shards(imagenette_small, tmp_path):
             meta = {"label": f.parent.name if i == 0 else label}  # a class name is no index: skipped, counted
             tw.write({"__key__": f"s{i:03d}", "jpg": f.read_bytes(), "json": json.dumps(meta).encode()})
     units, names = labeled_units(str(tmp_path / "s"))
-    assert names is None and [u.count for u in units] == [24]
+    assert names is None and [u.count for u in units] == [24]  # no manifest: no class names known
     stream = LabeledStream(units, batch_size=8, size=32, train=True, workers=0)
     labels = torch.cat([y for _, y in stream.epoch(0)])
     assert sorted(labels.tolist()) == sorted(classes.index(f.parent.name) for f in files[1:])
-    assert stream.skipped == {"no_label": 1}
+    assert stream.skipped == {"unknown_class": 1}  # a class name with no names to index it by
+    assert shard_class_names(units) == [files[0].parent.name]  # the counting pass finds it
+
+
+def _class_tree(imagenette_small, dest, classes: list[str], per_class: int):
+    """A small class-folder tree: `per_class` images of each of `classes` (imagenette folder names)."""
+    import shutil
+
+    for name in classes:
+        (dest / name).mkdir(parents=True)
+        for f in sorted((imagenette_small / name).iterdir())[:per_class]:
+            shutil.copy(f, dest / name / f.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def named_shards(imagenette_small, tmp_path_factory):
+    """train/ and val/ shards made by `shards create` from class folders (labels: the folder names); val has
+    one class train lacks."""
+    names = sorted(p.name for p in imagenette_small.iterdir())
+    root = tmp_path_factory.mktemp("named")
+    trees = {"train": (names[:3], 6), "val": ([names[0], names[2], names[5]], 2)}
+    for part, (classes, per_class) in trees.items():
+        _class_tree(imagenette_small, root / "folders" / part, classes, per_class)
+        assert cli_main(["shards", "create", str(root / "folders" / part), "--out", str(root / "shards" / part),
+                         "--format", "tar,parquet", "--samples-per-shard", "7", "--shuffle", "--quiet"]) == 0
+    return root, names
+
+
+def _without_classes(src, dest):
+    """A copy of a shard set whose manifests do not record the class names (as older sets)."""
+    import shutil
+
+    shutil.copytree(src, dest)
+    for m in dest.glob("manifest*.json"):
+        doc = json.loads(m.read_text())
+        doc.pop("classes")
+        m.write_text(json.dumps(doc))
+    return dest
+
+
+@pytest.mark.parametrize("manifest", ["manifest.json", "manifest-parquet.json"])
+def test_shards_of_class_folders_label_as_the_folders(named_shards, manifest, tmp_path):
+    root, names = named_shards
+    m = json.loads((root / "shards" / "train" / manifest).read_text())
+    assert m["classes"] == names[:3]
+    folder = load_labeled(str(root / "folders" / "train"), 32)
+    for spec in (root / "shards" / "train" / manifest, _without_classes(root / "shards" / "train", tmp_path / "old")):
+        got = load_labeled(str(spec), 32)
+        assert got.classes == folder.classes == names[:3] and got.skipped == {}
+        # the same image has the same label (the shards hold them shuffled)
+        assert (sorted(zip(got.images.sum((1, 2, 3)).tolist(), got.labels.tolist()))
+                == sorted(zip(folder.images.sum((1, 2, 3)).tolist(), folder.labels.tolist())))
+    # train/ and val/ index the names alike; a class only in val is skipped and counted
+    bank, queries = knn_sets(str(root / "shards"), 32)
+    assert bank.classes == queries.classes == names[:3]
+    assert sorted(queries.labels.tolist()) == [0, 0, 2, 2] and queries.skipped == {"unknown_class": 2}
+
+
+def test_eval_knn_on_named_shards_matches_the_folders(named_shards, capsys):
+    root, _ = named_shards
+    results = []
+    for data in (root / "folders" / "train", root / "shards" / "train"):
+        assert cli_main(["eval", "knn", "--arch", "resnet18", "--data", str(data), "--image-size", "32"]) == 0
+        results.append(json.loads(capsys.readouterr().out))
+    keys = ("classes", "train_images", "test_images", "skipped")
+    assert [{k: r[k] for k in keys} for r in results] == [
+        {"classes": 3, "train_images": 15, "test_images": 3, "skipped": {}}] * 2
+
+
+def test_reference_linear_protocol_on_named_shards(named_shards, tmp_path, capsys):
+    root, names = named_shards
+    runs = []
+    for data in (root / "shards", _without_classes(root / "shards" / "train", tmp_path / "old" / "train").parent):
+        if data != root / "shards":
+            import shutil
+            shutil.copytree(root / "shards" / "val", data / "val")  # the counting pass runs on train/ only
+        out = tmp_path / f"linear{len(runs)}.pt"
+        assert cli_main(["eval", "linear", "--arch", "resnet18", "--data", str(data), "--protocol", "reference",
+                         "--image-size", "32", "--epochs", "1", "--batch-size", "8", "--workers", "0",
+                         "--out", str(out)]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+        assert torch.load(out, weights_only=True)["classes"] == names[:3]
+    for r in runs:
+        assert r["classes"] == 3 and r["train_images"] == 18 and r["test_images"] == 4
+        assert r["skipped"] == {"unknown_class": 2} and 0.0 <= r["top1"] <= r["top5"] <= 1.0
+    assert runs[0]["top1"] == runs[1]["top1"]  # from the manifest or counted: the same indices
+
+
+@pytest.mark.slow
+def test_reference_linear_protocol_on_named_shards_under_torchrun(named_shards, tmp_path):
+    """No classes in the manifest: rank 0 counts them, every rank indexes by the same names."""
+    import shutil
+
+    from test_train import torchrun
+
+    root, _ = named_shards
+    data = tmp_path / "old"
+    _without_classes(root / "shards" / "train", data / "train")
+    shutil.copytree(root / "shards" / "val", data / "val")
+    proc = torchrun("eval", "linear", "--arch", "resnet18", "--data", str(data), "--protocol", "reference",
+                    "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    assert len(results) == 1 and results[0]["world"] == 2 and results[0]["classes"] == 3
+    assert results[0]["test_images"] == 4 and results[0]["skipped"] == {"unknown_class": 2}

@@ -169,6 +169,8 @@ def test_resume_redoes_a_shard_missing_in_one_format(dual, imagenette_small, tmp
                         "manifest-parquet.parquet"):
             assert (again / name).read_bytes() == (out / name).read_bytes(), name
     assert load(again)["shards"] == load(out)["shards"]
+    # the class names of the resumed shards come from their stats files
+    assert load(again)["classes"] == load(out)["classes"] == sorted(p.name for p in imagenette_small.iterdir())
 
 
 def test_trainer_data_spec_reads_one_format(dual):

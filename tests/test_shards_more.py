@@ -341,6 +341,9 @@ def test_parts_cover_inputs_and_merge(imagenette_small, tmp_path):
     m = manifest(out)
     assert report["parts"] == 3 and m["total_samples"] == 120 == whole.written and m["inputs"] == 120
     assert all(s["name"].startswith("part-0000") for s in m["shards"])
+    classes = sorted(p.name for p in imagenette_small.iterdir())  # the parts' class names, joined
+    assert m["classes"] == manifest(tmp_path / "whole")["classes"] == classes
+    assert all(set(manifest(out / f"part-0000{i}-of-00003")["classes"]) <= set(classes) for i in range(3))
     keys = [k for k, _ in samples(out)]
     assert sorted(keys) == sorted(k for k, _ in samples(tmp_path / "whole"))  # disjoint, complete
     assert verify(str(out)) == []
