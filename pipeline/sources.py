@@ -111,9 +111,9 @@ def _check_entry_types(entry, where: str) -> None:
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
         raise DataSpecError(f"{where}: needs a 'name' string, got {str(entry)[:100]}")
     samples, size = entry.get("samples"), entry.get("bytes")
-    if not _is_count(samples):
+    if not _is_count(samples) or samples >= 2**63:  # beyond int64: not a count that any shard holds
         raise DataSpecError(f"{where} ({entry['name']}): 'samples' must be a positive integer, got {samples!r}")
-    if size is not None and (not _is_count(size) or size < 0):
+    if size is not None and (not _is_count(size) or not 0 <= size < 2**63):
         raise DataSpecError(f"{where} ({entry['name']}): 'bytes' must be a non-negative integer, got {size!r}")
 
 

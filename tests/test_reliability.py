@@ -524,6 +524,7 @@ def test_external_manifest_names_are_refused(shards, tmp_path, name):
     ({"samples": 2.5}, "'samples' must be a positive integer, got 2.5"),
     ({"samples": "16"}, "'samples' must be a positive integer, got '16'"),
     ({"samples": 30_000_000}, "30000000 samples cannot fit in"),
+    ({"samples": 10**30}, f"'samples' must be a positive integer, got {10**30}"),
     ({"bytes": -1}, "'bytes' must be a non-negative integer"),
     ({"name": None}, "needs a 'name' string"),
 ])
