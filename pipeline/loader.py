@@ -88,7 +88,9 @@ class TwoViewLoader:
                                     f"choose from {', '.join(PREFLIGHT)}")
         self.cfg = cfg
         # share: run a function on one rank, give all its result (a shard list without manifest is counted once)
-        shards = ShardTable.from_shards(with_counts(shards)) if shards is not None else load_shard_table(cfg.data, share)
+        missing = observer.failed if observer is not None else None  # a missing shard is a failed one
+        shards = (ShardTable.from_shards(with_counts(shards, missing)) if shards is not None
+                  else load_shard_table(cfg.data, share, missing))
         self.skip_log = SkipLog(log)
         self.preflight = needs_preflight(cfg.preflight, shards.validated_by)
         if cfg.backend == "dali":

@@ -13,7 +13,7 @@ import logging
 
 import numpy as np
 
-from .sources import DataSpecError, Shard, filesystem, shard_format
+from .sources import DataSpecError, Shard, check_shard_columns, filesystem, shard_format
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,13 @@ def read_columnar(url: str, json_url: str | None = None) -> ShardTable | None:
         return None
 
 
-def _columns(pf, url: str) -> ShardTable:
-    """Column by column, row group by row group, into the table's final form: little more than the table."""
+def _columns(pf, url: str, allow_external: bool | None = None) -> ShardTable:
+    """Column by column, row group by row group, into the table's final form: little more than the table.
+    Checked by the same rules as a JSON manifest's entries (sources.check_shard_columns)."""
     import pyarrow as pa
 
-    counts = pf.read(columns=["samples"]).column(0).to_numpy()
-    if len(counts) and counts.min() < 0:
-        raise DataSpecError(f"manifest has a negative sample count: {url}")
-    sizes = pf.read(columns=["bytes"]).column(0).to_numpy()
+    counts = _numbers(pf, "samples", url)
+    sizes = _numbers(pf, "bytes", url)
     digests, row, names = np.zeros((len(counts), 32), np.uint8), 0, []
     for group in range(pf.num_row_groups):  # a row group at a time: no second copy of the column
         for chunk in pf.read_row_group(group, columns=["sha256"]).column(0).chunks:
@@ -146,8 +145,18 @@ def _columns(pf, url: str) -> ShardTable:
             row += len(chunk)
         names += pf.read_row_group(group, columns=["name"]).column(0).chunks
     names = pa.chunked_array(names, pa.string())  # chunked: indexing finds the chunk
+    check_shard_columns(names, counts, sizes, url, allow_external)
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return ShardTable(base, names, counts, sizes, digests)
+
+
+def _numbers(pf, column: str, url: str):
+    """A count column as numpy; a missing value is an error (a count of what, otherwise?)."""
+    values = pf.read(columns=[column]).column(0)
+    if values.null_count:
+        row = values.is_null().to_numpy(zero_copy_only=False).argmax()
+        raise DataSpecError(f"manifest {url}, shard entry {row}: '{column}' is missing")
+    return values.to_numpy()
 
 
 def _manifest_json(spec: str) -> str | None:
@@ -161,10 +170,10 @@ def _manifest_json(spec: str) -> str | None:
     return candidate if fs.exists(path) else None
 
 
-def load_shard_table(spec: str, share=None) -> ShardTable:
+def load_shard_table(spec: str, share=None, on_missing=None) -> ShardTable:
     """The shards of a data spec as a table. With a columnar manifest each rank reads only its four columns;
     otherwise the list is resolved and counted by one rank: `share(compute)` runs `compute` on one rank and
-    hands every rank its result (None: here)."""
+    hands every rank its result (None: here). `on_missing`: see sources.with_counts (called on that rank)."""
     from .sources import resolve_shards, with_counts
 
     spec = spec.strip()
@@ -175,6 +184,6 @@ def load_shard_table(spec: str, share=None) -> ShardTable:
             return table
 
     def compute() -> list[Shard]:
-        return with_counts(resolve_shards(spec))
+        return with_counts(resolve_shards(spec), on_missing)
 
     return ShardTable.from_shards(share(compute) if share else compute())

@@ -85,39 +85,80 @@ def read_manifest(url: str, allow_external: bool | None = None) -> list[Shard]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise DataSpecError(f"manifest has no 'shards' list: {url}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
-    allow = ALLOW_EXTERNAL_SHARDS if allow_external is None else allow_external
+    entries = manifest["shards"]
+    for i, entry in enumerate(entries):
+        _check_entry_types(entry, f"manifest {url}, shard entry {i}")
+    names = [e["name"] for e in entries]
+    sizes = [-1 if e.get("bytes") is None else e["bytes"] for e in entries]
+    external = check_shard_columns(names, [e["samples"] for e in entries], sizes, url, allow_external)
     stamp = (manifest.get("options") or {}).get("validated_by")
-    return [_manifest_shard(entry, i, base, url, allow, stamp) for i, entry in enumerate(manifest["shards"])]
+    return [Shard(name if out else _join(base, name), e["samples"], shard_format(name), e.get("bytes"),
+                  e.get("sha256"), stamp) for name, e, out in zip(names, entries, external.tolist())]
 
 
 # A tar sample is at least one member: a 512-byte header and a 512-byte block of data.
 MIN_SAMPLE_BYTES = {"tar": 1024, "parquet": 1}
+# A name that leaves the manifest's folder: a URL, an absolute path, or a `..` path part.
+EXTERNAL_NAME = r"://|^/|(^|[/\\])\.\.([/\\]|$)"
 
 
-def _manifest_shard(entry, index: int, base: str, url: str, allow_external: bool, stamp=None) -> Shard:
-    """One manifest entry, checked: a manifest is input like any other and may be hostile. Names resolve
-    under the manifest's own location (no `..`, absolute paths or URLs unless allowed), and sample counts
-    are positive integers that fit in the shard's bytes (a claim of millions would size the plan)."""
-    where = f"manifest {url}, shard entry {index}"
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_entry_types(entry, where: str) -> None:
+    """The JSON-only part of an entry's checks: its fields have the types a columnar manifest's columns fix."""
     if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"]:
         raise DataSpecError(f"{where}: needs a 'name' string, got {str(entry)[:100]}")
-    name, samples, size = entry["name"], entry.get("samples"), entry.get("bytes")
-    external = "://" in name or name.startswith("/") or ".." in name.replace("\\", "/").split("/")
-    if external and not allow_external:
-        raise DataSpecError(f"{where}: shard {name!r} is outside the manifest's folder (pass "
-                            "--allow-external-shards to read it)")
-    fmt = shard_format(name)
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise DataSpecError(f"{where} ({name}): 'samples' must be a positive integer, got {samples!r}")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0):
-        raise DataSpecError(f"{where} ({name}): 'bytes' must be a non-negative integer, got {size!r}")
-    if size is not None and samples * MIN_SAMPLE_BYTES[fmt] > size:
-        raise DataSpecError(f"{where} ({name}): {samples} samples cannot fit in {size} bytes")
-    return Shard(name if external else _join(base, name), samples, fmt, size, entry.get("sha256"), stamp)
+    samples, size = entry.get("samples"), entry.get("bytes")
+    if not _is_count(samples) or samples >= 2**63:  # beyond int64: not a count that any shard holds
+        raise DataSpecError(f"{where} ({entry['name']}): 'samples' must be a positive integer, got {samples!r}")
+    if size is not None and (not _is_count(size) or not 0 <= size < 2**63):
+        raise DataSpecError(f"{where} ({entry['name']}): 'bytes' must be a non-negative integer, got {size!r}")
+
+
+def check_shard_columns(names, samples, sizes, url: str, allow_external: bool | None = None):
+    """The manifest rules, vectorised over a whole shard list (JSON or columnar): a manifest is input like
+    any other and may be hostile. Names resolve under the manifest's own location (no `..`, absolute paths
+    or URLs unless allowed) and name a shard format; sample counts are positive integers that fit in the
+    shard's bytes (a claim of millions would size the plan). `sizes`: -1 = unknown. Raises DataSpecError
+    naming the first bad entry; returns the mask of external names."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    allow = ALLOW_EXTERNAL_SHARDS if allow_external is None else allow_external
+    names = names if isinstance(names, (pa.Array, pa.ChunkedArray)) else pa.array(names, pa.string())
+    samples, sizes = np.asarray(samples), np.asarray(sizes)
+    if len(names) == 0:
+        return np.zeros(0, bool)
+
+    def fail(bad, message) -> None:
+        if bad.any():
+            i = int(np.argmax(bad))
+            name = names[i].as_py()
+            raise DataSpecError(f"manifest {url}, shard entry {i} ({name}): " + message(i, name))
+
+    external = pc.match_substring_regex(names, EXTERNAL_NAME).to_numpy(zero_copy_only=False)
+    if not allow:
+        fail(external, lambda i, name: f"shard {name!r} is outside the manifest's folder (pass "
+                                       "--allow-external-shards to read it)")
+    is_tar = pc.ends_with(names, ".tar").to_numpy(zero_copy_only=False)
+    fail(~is_tar & ~pc.ends_with(names, ".parquet").to_numpy(zero_copy_only=False),
+         lambda i, name: "not a shard (expected .tar or .parquet)")
+    if samples.dtype.kind not in "iu":  # a float column: no count is a float
+        fail(np.ones(len(samples), bool),
+             lambda i, _: f"'samples' must be a positive integer, got {samples[i].item()!r}")
+    fail(samples < 1, lambda i, _: f"'samples' must be a positive integer, got {int(samples[i])}")
+    fail(sizes < -1, lambda i, _: f"'bytes' must be a non-negative integer, got {int(sizes[i])}")
+    per_sample = np.where(is_tar, MIN_SAMPLE_BYTES["tar"], MIN_SAMPLE_BYTES["parquet"])
+    fail((sizes >= 0) & (samples > sizes // per_sample),  # a division: no overflow on a huge count
+         lambda i, _: f"{int(samples[i])} samples cannot fit in {int(sizes[i])} bytes")
+    return external
 
 
 def resolve_shards(spec: str, allow_external: bool | None = None) -> list[Shard]:
-    """Turn a data spec into shards, in a stable order (`allow_external`: see _manifest_shard)."""
+    """Turn a data spec into shards, in a stable order (`allow_external`: see check_shard_columns)."""
     spec = spec.strip()
     if not spec:
         raise DataSpecError("no data given (--data)")
@@ -166,8 +207,9 @@ def count_samples(shard: Shard, data: bytes | None = None) -> int:
     return sum(1 for _ in read_samples(shard, data if data is not None else read_bytes(shard.url)))
 
 
-def with_counts(shards: list[Shard]) -> list[Shard]:
-    """Fill in unknown sample counts (one metadata read per shard; manifests avoid this)."""
+def with_counts(shards: list[Shard], on_missing=None) -> list[Shard]:
+    """Fill in unknown sample counts (one metadata read per shard; manifests avoid this). `on_missing()`
+    is called for each shard that does not exist (a failed shard, for the metrics)."""
     if all(s.samples is not None for s in shards):
         return shards
     out = []
@@ -176,6 +218,8 @@ def with_counts(shards: list[Shard]) -> list[Shard]:
             out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format, s.bytes, s.sha256))
         except FileNotFoundError:  # one missing shard of a pattern or list costs only itself
             log.error("shard not found, skipped: %s", s.url)
+            if on_missing is not None:
+                on_missing()
     if shards and not out:
         raise DataSpecError(f"none of the {len(shards)} shards exists (first: {shards[0].url})")
     return out

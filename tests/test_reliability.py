@@ -420,6 +420,18 @@ def test_missing_shard_of_a_brace_pattern_is_skipped_and_counted(shards, tmp_pat
     assert "shard not found, skipped" in r.stderr and "shard-000008.tar" in r.stderr
 
 
+def test_a_missing_shard_of_a_brace_pattern_counts_as_failed(shards):
+    from ops.metrics import TrainMetrics
+    from pipeline.loader import LoaderConfig, TwoViewLoader
+
+    metrics = TrainMetrics(0)
+    loader = TwoViewLoader(LoaderConfig(data=f"{shards}/shard-{{000000..000008}}.tar", batch_size=4,
+                                        image_size=16, backend="torch", workers=0), observer=metrics)
+    assert len(loader.stream.shards) == 8
+    assert sum(s.value for fam in metrics.registry.collect() for s in fam.samples
+               if s.name == "mocostream_shards_failed_total") == 1
+
+
 # ---- configuration ---------------------------------------------------------------------------------------
 def test_config_file_values_are_type_checked(tmp_path):
     conf = tmp_path / "c.json"
@@ -512,6 +524,7 @@ def test_external_manifest_names_are_refused(shards, tmp_path, name):
     ({"samples": 2.5}, "'samples' must be a positive integer, got 2.5"),
     ({"samples": "16"}, "'samples' must be a positive integer, got '16'"),
     ({"samples": 30_000_000}, "30000000 samples cannot fit in"),
+    ({"samples": 10**30}, f"'samples' must be a positive integer, got {10**30}"),
     ({"bytes": -1}, "'bytes' must be a non-negative integer"),
     ({"name": None}, "needs a 'name' string"),
 ])
@@ -530,6 +543,66 @@ def test_a_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp
     assert "30000000 samples cannot fit in" in one_line_error(r)
     (tmp_path / "m" / "manifest.json").write_text(json.dumps({"shards": ["shard-000000.tar"]}))
     assert "needs a 'name' string" in one_line_error(cli("train", "--data", str(manifest), "--steps", "1", *SMALL))
+
+
+def columnar_manifest_with(folder: Path, tmp_path: Path, **changes) -> Path:
+    """A clean manifest.json beside a crafted manifest.parquet whose first row carries `changes` (a value
+    of another type makes that column's type): what the loader reads instead of the JSON."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from shards.manifest import columnar_bytes
+
+    manifest = manifest_with(folder, tmp_path)
+    doc = json.loads(manifest.read_text())
+    table = pq.read_table(io.BytesIO(columnar_bytes(doc, manifest.stat().st_size)))
+    for key, value in changes.items():
+        column = table.column(key).to_pylist()
+        column[0] = value
+        kind = pa.float64() if isinstance(value, float) else table.schema.field(key).type
+        table = table.set_column(table.schema.get_field_index(key), key, pa.array(column, kind))
+    pq.write_table(table, manifest.with_suffix(".parquet"))
+    return manifest
+
+
+@pytest.mark.parametrize("name", ["../outside/shard-000000.tar", "/etc/shard.tar",
+                                  "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
+def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp_path, name, monkeypatch):
+    from pipeline import sources
+    from pipeline.shard_table import load_shard_table
+
+    manifest = columnar_manifest_with(Path(shards), tmp_path, name=name)
+    with pytest.raises(sources.DataSpecError, match="shard entry 0.*outside the manifest's folder"):
+        load_shard_table(str(manifest))
+    monkeypatch.setattr(sources, "ALLOW_EXTERNAL_SHARDS", True)
+    assert load_shard_table(str(manifest))[0].url.endswith(name.rsplit("/", 1)[-1])
+
+
+@pytest.mark.parametrize("changes,words", [
+    ({"samples": -5}, "'samples' must be a positive integer, got -5"),
+    ({"samples": 0}, "'samples' must be a positive integer, got 0"),
+    ({"samples": 2.5}, "'samples' must be a positive integer, got 2.5"),
+    ({"samples": None}, "'samples' is missing"),
+    ({"samples": 30_000_000}, "30000000 samples cannot fit in"),
+    ({"samples": 2**62}, f"{2**62} samples cannot fit in"),
+    ({"bytes": -2}, "'bytes' must be a non-negative integer"),
+    ({"name": "shard-000000.txt"}, "not a shard"),
+])
+def test_columnar_manifest_entries_are_validated(shards, tmp_path, changes, words):
+    from pipeline.shard_table import load_shard_table
+    from pipeline.sources import DataSpecError
+
+    with pytest.raises(DataSpecError, match="shard entry 0") as e:
+        load_shard_table(str(columnar_manifest_with(Path(shards), tmp_path, **changes)))
+    assert words in str(e.value)
+
+
+def test_a_columnar_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp_path):
+    manifest = columnar_manifest_with(Path(shards), tmp_path, samples=30_000_000)
+    r = cli("train", "--data", str(manifest), "--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"),
+            "--steps", "1", *SMALL)
+    assert "manifest.parquet, shard entry 0" in one_line_error(r)
+    assert "30000000 samples cannot fit in" in one_line_error(r)
 
 
 # ---- labelled evaluation data ----------------------------------------------------------------------------
