@@ -17,6 +17,29 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MOCOSTREAM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def assert_same_shard_sets(a: Path, b: Path) -> None:
+    """Two output folders of `shards create` on the same inputs hold the same files and bytes, timings aside:
+    the JSON manifests and report.json hold timings, and each manifest*.parquet's metadata records the size of
+    the JSON it mirrors, so those are compared by content."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    names = sorted(os.listdir(a))
+    assert names == sorted(os.listdir(b))  # no temp files left behind either
+    for name in names:
+        if name.startswith("manifest") and name.endswith(".parquet"):
+            ta, tb = pq.read_table(a / name), pq.read_table(b / name)
+            assert ta.equals(tb), name
+            ma, mb = (json.loads(t.schema.metadata[b"mocostream_manifest"]) for t in (ta, tb))
+            assert ma.pop("json_bytes") > 0 and mb.pop("json_bytes") > 0 and ma == mb, name
+        elif name.startswith("manifest") and name.endswith(".json"):
+            ma, mb = (json.loads((d / name).read_text()) for d in (a, b))
+            for k in ("created_at", "seconds"):  # the timing fields
+                ma.pop(k), mb.pop(k)
+            assert ma == mb, name
+        elif name != "report.json":
+            assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def weed_port() -> int:
