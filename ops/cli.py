@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from .cpu_budget import passive_openmp_wait
 from .config import build_config, mask_logs, mask_text, printable_config, read_config_file
 
 TRAIN_FLAGS = [
@@ -47,7 +48,11 @@ TRAIN_FLAGS = [
     ("--knn-t", float, "temperature of the kNN vote weights"),
     ("--knn-max-per-class", int, "use at most this many images per class and split (bounds eval time)"),
     ("--seed", int, "seed of the data order, augmentation and weights"),
-    ("--workers", int, "torch backend: augmentation processes; dali: CPU threads"),
+    ("--workers", int, "torch backend: augmentation processes; dali: CPU threads (and image-check threads); "
+                       "default: from the CPU budget"),
+    ("--cpus", float, "CPUs this job may use on the node (default: the smallest of the affinity mask and the "
+                      "cgroup CPU quota); split among the node's ranks, then among the thread pools"),
+    ("--intra-op-threads", int, "torch compute threads per rank (default: from the CPU budget)"),
     ("--preflight-check", str, "dali: check every image before it reaches DALI: auto (skipped for shards that "
                                "`shards create` validated), always or never"),
     ("--shuffle-shards", int, "shards mixed together by the in-memory shuffle"),
@@ -90,6 +95,9 @@ def add_train_parser(sub) -> None:
                    help="torch.compile the encoders")
     p.add_argument("--allow-external-shards", action=argparse.BooleanOptionalAction, default=None,
                    help="let a manifest name shards outside its own folder (../, absolute paths, URLs)")
+    p.add_argument("--adapt-threads", action=argparse.BooleanOptionalAction, default=None,
+                   help="on CPU, measure and use fewer compute threads while other processes take CPUs "
+                        "(default: on)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved configuration (secrets masked) and exit")
     p.set_defaults(func=run_train)
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    passive_openmp_wait()  # before anything loads torch's OpenMP runtime
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

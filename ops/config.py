@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import tomllib
@@ -70,7 +71,10 @@ class TrainConfig:
     knn_max_per_class: int | None = None  # cap on images per class and split, to bound CPU time
     knn_image_size: int | None = None  # side the labelled images are resized to; None: image_size
     seed: int = 0
-    workers: int = 2  # torch: augmentation processes; dali: CPU threads
+    workers: int | None = None  # torch: augmentation processes; dali: CPU threads; None: from the CPU budget
+    cpus: float | None = None  # CPUs this process may use (None: affinity and cgroup quota decide)
+    intra_op_threads: int | None = None  # torch compute threads; None: from the CPU budget
+    adapt_threads: bool = True  # on CPU, fewer compute threads while a neighbour takes CPUs (ops/thread_tuner.py)
     preflight_check: str = "auto"  # dali: check images before DALI? auto: not for shards `shards create` validated
     shuffle_shards: int = 4
     read_ahead: int = 2  # shard blocks fetched ahead of use
@@ -128,7 +132,9 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (0 <= self.metrics_port < 65536, "--metrics-port must be in 0..65535"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
-            (self.workers >= 0, "--workers must be >= 0"),
+            (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
+            (self.cpus is None or 0 < self.cpus < math.inf, "--cpus must be a positive number of CPUs"),
+            (self.intra_op_threads is None or self.intra_op_threads >= 1, "--intra-op-threads must be >= 1"),
             (self.log_every >= 1, "--log-every must be >= 1"),
             (self.read_ahead >= 1 and self.read_ahead_mb >= 1, "--read-ahead and --read-ahead-mb must be >= 1"),
             (self.storage_retries >= 0 and self.storage_timeout > 0, "--storage-retries >= 0, --storage-timeout > 0"),

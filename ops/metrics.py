@@ -9,6 +9,8 @@ from collections import Counter
 
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, start_http_server
 
+from .cpu_metrics import CpuCollector
+
 # Reasons a sample can be skipped, exported at 0 from the start so rates and alerts have a series.
 SKIP_REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format", "no_image", "too_large",
                 "missing_in_shard", "shard_unreadable", "unreadable_row_group", "decoder_error", "epoch_remainder")
@@ -65,6 +67,13 @@ class TrainMetrics:
             family.labels(self.rank)
         self.checkpoint_seconds = Histogram("mocostream_checkpoint_duration_seconds", "Time to write a checkpoint.",
                                             label, registry=r)
+        # CPU budget and thread split (set at start-up; intra_op follows the thread tuner), and CPU
+        # throttling / run delay read at each scrape
+        self.cpu_budget = Gauge("mocostream_cpu_budget_cpus", "CPUs this rank's thread pools are sized from.",
+                                label, registry=r)
+        self.threads = Gauge("mocostream_threads", "Threads of each pool: intra_op (torch compute), interop, "
+                             "loader (DALI threads or augmentation processes).", ["rank", "pool"], registry=r)
+        r.register(CpuCollector(self.rank))
         for reason in SKIP_REASONS:
             self.skipped.labels(self.rank, reason)
         self._skipped_seen: Counter = Counter()
@@ -103,6 +112,11 @@ class TrainMetrics:
         self.images_per_second.labels(r).set(images_per_second)
         self.epoch.labels(r).set(epoch)
         self.epoch_progress.labels(r).set(epoch_progress)
+
+    def record_cpu(self, cpus: int, pools: dict) -> None:
+        self.cpu_budget.labels(self.rank).set(cpus)
+        for pool, n in pools.items():
+            self.threads.labels(self.rank, pool).set(n)
 
     def record_knn(self, top1: float, seconds: float) -> None:
         self.knn_top1.labels(self.rank).set(top1)

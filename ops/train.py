@@ -30,6 +30,7 @@ from pipeline.loader import LoaderConfig, TwoViewLoader
 from pipeline.storage import StorageConfig, at_start, retrying
 
 from . import checkpoint
+from .cpu_threads import apply_cpu_budget
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
 from .evaluate import knn_eval
 from .metrics import TrainMetrics
@@ -206,11 +207,14 @@ def train(cfg: TrainConfig) -> dict:
     is_main = rank == 0
 
     metrics = TrainMetrics(rank)
+    budget, threads, tuner = apply_cpu_budget(cfg, on_gpu=device.type == "cuda")
+    metrics.record_cpu(budget.cpus, {"intra_op": threads.intra_op, "interop": threads.interop,
+                                     "loader": threads.loader})
     storage = StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)
     at_start(storage, cfg.allow_external_shards)  # start-up storage calls: timeouts, bounded retries
     loader = retrying(storage, cfg.data, lambda: TwoViewLoader(LoaderConfig(
         data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
-        backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
+        backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=threads.loader,
         device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
         shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
         epochs=cfg.epochs, storage=storage, preflight=cfg.preflight_check),
@@ -368,6 +372,9 @@ def train(cfg: TrainConfig) -> dict:
                 trace.write(trace_lines(batch.keys))
             t_step_end = time.perf_counter()
             metrics.record_step(len(batch.keys), t_step_end - t_end, t_data - t_end)
+            if tuner:
+                tuner.step(t_step_end - t_end)
+                metrics.threads.labels(metrics.rank, "intra_op").set(tuner.threads)
             wait_total += t_data - t_end
             samples_total += len(batch.keys)
             t_end = t_step_end
@@ -423,7 +430,9 @@ def train(cfg: TrainConfig) -> dict:
                "instance_accuracy": acc_value,
                "checkpoint": last_checkpoint, "metrics_port": metrics_port, "skipped": dict(loader.skipped),
                "knn_top1": knn_value, "nonfinite_steps": nonfinite_total,
-               "rank": rank, "world": world}
+               "rank": rank, "world": world, "cpu_budget": budget.cpus,
+               "intra_op_threads": tuner.threads if tuner else threads.intra_op,
+               "thread_switches": tuner.switches if tuner else 0}
     summary["_metrics"] = metrics
     if dist.is_initialized():
         dist.destroy_process_group()
