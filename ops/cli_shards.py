@@ -2,16 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
 
 from shards import REASONS, CreateReport, ShardError, create_shards
 from shards.download import HttpOptions, user_agent
-from shards.workers import default_workers
+
+from .cpu_budget import detect_budget, shard_tool_defaults
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+@functools.cache
+def budget_defaults() -> tuple[int, int]:
+    """(decode workers, downloads in flight) from the CPUs this process may use (one process per pod)."""
+    return shard_tool_defaults(detect_budget(local_ranks=1))
 
 
 def byte_size(text: str) -> int:
@@ -96,8 +104,9 @@ def add_shards_parser(subparsers) -> None:
     c.add_argument("--prefix", default="shard", metavar="P",
                    help="shard file names are P-NNNNNN.tar / .parquet; letters, digits, '_' and '-' "
                         "(default: %(default)s)")
-    c.add_argument("--workers", type=int, default=default_workers(), metavar="N",
-                   help="decode processes (default: the CPUs available, %(default)s); 0 decodes in-process")
+    c.add_argument("--workers", type=int, default=budget_defaults()[0],
+                   metavar="N", help="decode processes (default: the CPU budget, the smallest of the affinity "
+                                     "mask and the cgroup CPU quota: %(default)s); 0 decodes in-process")
     c.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="per-file time budget; a decoder over it is killed and the file rejected as "
                         "timeout (default: %(default)s)")
@@ -173,8 +182,9 @@ def _add_table_and_http_args(c) -> None:
                    help="the tables' caption column, stored as `caption` (default: caption, TEXT or text)")
     c.add_argument("--extra-cols", default="", metavar="A,B",
                    help="table columns to keep besides URL and caption (default: all of them)")
-    c.add_argument("--io-concurrency", type=int, default=d.concurrency, metavar="N",
-                   help="http(s) downloads in flight at once (default: %(default)s)")
+    c.add_argument("--io-concurrency", type=int, default=budget_defaults()[1],
+                   metavar="N", help="http(s) downloads in flight at once (default: 32 per CPU of the budget, "
+                                     "32 to 256: %(default)s)")
     c.add_argument("--http-timeout", type=float, default=d.timeout, metavar="S",
                    help="connect timeout, and the longest silence while reading a reply (default: %(default)s)")
     c.add_argument("--retries", type=int, default=d.retries, metavar="N",

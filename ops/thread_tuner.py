@@ -26,8 +26,8 @@ def ladder(max_threads: int) -> list[int]:
 
 
 class ThreadTuner:
-    def __init__(self, max_threads: int, set_threads: Callable[[int], None], window: int = 10,
-                 probe_window: int = 5, probe_every: int = 10, max_backoff: int = 8, margin: float = 1.08,
+    def __init__(self, max_threads: int, set_threads: Callable[[int], None], window: int = 8,
+                 probe_window: int = 4, probe_every: int = 10, max_backoff: int = 8, margin: float = 1.08,
                  slowdown: float = 1.3):
         self.counts = ladder(max_threads)
         self.set_threads = set_threads
@@ -36,7 +36,8 @@ class ThreadTuner:
         self.margin, self.slowdown = margin, slowdown
         self.index = 0  # into counts: the current setting
         self.backoff = 1
-        self.windows_since_probe = 0
+        self.warming_up = True  # the first window (kernel selection, caches) tells nothing
+        self.windows_since_probe = probe_every  # probe right after the first measured window
         self.baseline: float | None = None  # typical step time of the current setting
         self.last_window: float | None = None
         self.probing: int | None = None  # index of the count being probed
@@ -61,6 +62,9 @@ class ThreadTuner:
             self._end_window(typical)
 
     def _end_window(self, typical: float) -> None:
+        if self.warming_up:
+            self.warming_up = False
+            return
         self.windows_since_probe += 1
         slowed = self.baseline is not None and typical > self.slowdown * self.baseline
         self.baseline = typical if self.baseline is None or slowed else min(self.baseline, typical)

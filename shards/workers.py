@@ -307,7 +307,3 @@ class DecodePool:
                     head_seq, _ = w.inflight[0]
                     results[head_seq] = (Reject(TIMEOUT, f"decoding took longer than {self.timeout:g} s"), 0)
                     self._replace(workers, w, requeue, poller)
-
-
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
