@@ -18,7 +18,7 @@ def apply_cpu_budget(cfg: TrainConfig, on_gpu: bool, local_ranks: int | None = N
     """Detect the budget, log it, set torch's thread counts; returns the split (the loader's thread count
     comes from it) and, on CPU with more than one compute thread, the tuner the step loop feeds."""
     budget = detect_budget(cfg.cpus, local_ranks)
-    split = split_threads(budget, on_gpu, intra_op=cfg.intra_op_threads, loader=cfg.workers)
+    split = split_threads(budget, on_gpu, intra_op=cfg.intra_op_threads or omp_num_threads(), loader=cfg.workers)
     torch.set_num_threads(split.intra_op)
     try:
         torch.set_num_interop_threads(split.interop)
@@ -31,3 +31,9 @@ def apply_cpu_budget(cfg: TrainConfig, on_gpu: bool, local_ranks: int | None = N
     if cfg.adapt_threads and not on_gpu and split.intra_op > 1:
         tuner = ThreadTuner(split.intra_op, torch.set_num_threads)
     return budget, split, tuner
+
+
+def omp_num_threads() -> int | None:
+    """OMP_NUM_THREADS, when set to a count, chooses the compute threads as it always has (torchrun sets 1)."""
+    raw = os.environ.get("OMP_NUM_THREADS", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else None

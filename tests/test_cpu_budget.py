@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO
 from ops.cpu_budget import (CpuBudget, CpuBudgetError, cgroup_dirs, detect_budget, quota_of, shard_tool_defaults,
-                            split_threads, throttling)
+                            ThreadSplit, split_threads, throttling)
 from ops.thread_tuner import ThreadTuner, ladder
 
 
@@ -227,3 +227,23 @@ def test_run_delay_stays_monotonic_when_threads_exit(tmp_path):
     shutil.rmtree(tasks / "2")
     write(tasks / "1", schedstat="10 2500000000 5\n")
     assert delay.seconds() == 3.5
+
+
+def test_manifests_give_the_cpus_the_defaults_are_sized_for():
+    import yaml
+
+    docs = list(yaml.safe_load_all((REPO / "ops/k8s/train-pytorchjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "PyTorchJob")
+    pod = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    res, ranks = pod["resources"], int(job["spec"]["nprocPerNode"])
+    assert res["limits"]["cpu"] == res["requests"]["cpu"], "a CPU limit the budget reads, equal to the request"
+    budget = detect_budget(affinity=128, dirs=[], cpus=res["limits"]["cpu"], local_ranks=ranks)
+    assert split_threads(budget, on_gpu=True) == ThreadSplit(intra_op=1, interop=1, loader=7)
+    assert "OMP_NUM_THREADS" not in {e["name"] for e in pod.get("env", [])}, "the budget sizes compute threads"
+    shards = next(d for d in yaml.safe_load_all((REPO / "ops/k8s/shards-indexed-job.yaml").read_text())
+                  if d["kind"] == "Job" and "--workers" not in str(d))
+    res = shards["spec"]["template"]["spec"]["containers"][0]["resources"]
+    assert res["limits"]["cpu"] == res["requests"]["cpu"]
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())["services"]
+    for name in ("shards", "trainer", "trainer-cpu"):
+        assert str(compose[name]["cpus"]).startswith("${"), f"{name}: a CPU limit"
