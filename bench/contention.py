@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -159,6 +160,7 @@ def main() -> int:
     p.add_argument("--workdir", type=Path, default=Path("/tmp/mocostream-contention"))
     p.add_argument("--timeout", type=float, default=1800, help="seconds one run may take")
     args = p.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # clean up busy loops and the cgroup
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.images = subset(extract(args.workdir) / "train", args.workdir / "subset", args.per_class)
     args.shards = args.workdir / "shards"

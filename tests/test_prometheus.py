@@ -97,7 +97,7 @@ def test_rules_cover_the_failure_modes():
         "stalled": "mocostream_samples_total", "non-finite": "mocostream_nonfinite_steps_total",
         "skips": "mocostream_samples_skipped_total", "data wait": "mocostream_data_wait_seconds_sum",
         "retries": "mocostream_storage_retries_total", "failed shards": "mocostream_shards_failed_total",
-        "rank missing": "up"}
+        "rank missing": "up", "cpu quota": "mocostream_cpu_throttled_seconds_total"}
     used = set().union(*(metric_names(e) for e in exprs.values()))
     assert set(wanted.values()) <= used, set(wanted.values()) - used
     assert any("offset" in e and "mocostream_samples_total" in e for e in exprs.values()), "throughput vs recent level"
@@ -145,7 +145,11 @@ def test_dashboard_shows_what_the_issue_lists():
                  "mocostream_instance_accuracy", "mocostream_knn_top1", "mocostream_samples_skipped_total",
                  "mocostream_storage_read_bytes_total", "mocostream_storage_read_seconds_bucket",
                  "mocostream_storage_retries_total", "mocostream_epoch", "mocostream_epoch_progress_ratio",
-                 "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED"):
+                 "DCGM_FI_DEV_GPU_UTIL", "DCGM_FI_DEV_FB_USED",
+                 # CPU: budget and threads, busy node (run delay) vs small quota (throttling)
+                 "mocostream_cpu_budget_cpus", "mocostream_threads", "mocostream_cpu_used_seconds_total",
+                 "mocostream_cpu_run_delay_seconds_total", "mocostream_cpu_throttled_seconds_total",
+                 "mocostream_cpu_throttled_periods_total"):
         assert name in by_metric, f"no panel shows {name}"
     exprs = [t["expr"] for p in panels() for t in p["targets"]]
     assert any("by (job) (rate(mocostream_samples_total" in e for e in exprs), "images/s overall"
