@@ -54,6 +54,8 @@ def cgroup_dirs(root: Path = CGROUP_ROOT, proc_cgroup: str = "/proc/self/cgroup"
     except OSError:
         return []
     for line in lines:
+        if line.count(":") < 2:
+            continue
         _, controllers, path = line.split(":", 2)
         if controllers == "":  # v2: one unified hierarchy (on a hybrid host its root has no cpu controller)
             base = root if (root / "cgroup.controllers").exists() else None
