@@ -15,8 +15,8 @@ log = logging.getLogger("mocostream.cpu")
 
 def apply_cpu_budget(cfg: TrainConfig, on_gpu: bool, local_ranks: int | None = None
                      ) -> tuple[CpuBudget, ThreadSplit, ThreadTuner | None]:
-    """Detect the budget, log it, set torch's thread counts; returns the split (the loader's thread count
-    comes from it) and, on CPU with more than one compute thread, the tuner the step loop feeds."""
+    """Detect the budget, set torch's thread counts; returns the split (the loader's thread count comes from
+    it) and, on CPU with more than one compute thread, the tuner the step loop feeds. log_cpu_budget says it."""
     budget = detect_budget(cfg.cpus, local_ranks)
     split = split_threads(budget, on_gpu, intra_op=cfg.intra_op_threads or omp_num_threads(), loader=cfg.workers)
     torch.set_num_threads(split.intra_op)
@@ -24,13 +24,17 @@ def apply_cpu_budget(cfg: TrainConfig, on_gpu: bool, local_ranks: int | None = N
         torch.set_num_interop_threads(split.interop)
     except RuntimeError:  # only settable before the first inter-op work; an embedding caller may have done some
         log.debug("inter-op threads already started: left at %d", torch.get_num_interop_threads())
-    log.info("%s -> %d intra-op threads, %d loader %s, OpenMP wait policy %s", budget.describe(),
-             split.intra_op, split.loader, "workers" if cfg.backend == "torch" else "threads",
-             os.environ.get("OMP_WAIT_POLICY", "runtime default"))
     tuner = None
     if cfg.adapt_threads and not on_gpu and split.intra_op > 1:
         tuner = ThreadTuner(split.intra_op, torch.set_num_threads)
     return budget, split, tuner
+
+
+def log_cpu_budget(budget: CpuBudget, split: ThreadSplit, backend: str) -> None:
+    """One line at start: the budget, where each limit came from, and the split."""
+    log.info("%s -> %d intra-op threads, %d loader %s, OpenMP wait policy %s", budget.describe(),
+             split.intra_op, split.loader, "workers" if backend == "torch" else "threads",
+             os.environ.get("OMP_WAIT_POLICY", "runtime default"))
 
 
 def omp_num_threads() -> int | None:

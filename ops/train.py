@@ -33,7 +33,7 @@ from pipeline.storage import StorageConfig, at_start, retrying
 from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
 from .evaluate import knn_eval
-from .cpu_threads import apply_cpu_budget
+from .cpu_threads import apply_cpu_budget, log_cpu_budget
 from .metrics import TrainMetrics
 from .precision import StepPrecision, precision_mode
 from .ranks import on_one_rank
@@ -264,6 +264,7 @@ class Trainer:
         self.metrics.record_cpu(self.cpu.cpus, {"intra_op": self.threads.intra_op, "interop": self.threads.interop,
                                                 "loader": self.threads.loader})
         self.loader = self._build_loader()
+        log_cpu_budget(self.cpu, self.threads, cfg.backend)  # once the data is found: bad input stays one line
         # the skip counters catch up with what the reader threads counted until they stopped
         self._resources.callback(lambda: self.metrics.sync_skipped(self.loader.skipped))
         self._build_model()
