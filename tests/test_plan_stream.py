@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import io
+import os
+import random
+import subprocess
+import sys
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -53,8 +58,17 @@ def test_ranks_get_equal_disjoint_spans_covering_the_epoch(world):
 
 def test_plan_is_a_pure_function_and_changes_per_epoch():
     counts = [4, 4, 4, 4]
-    order = lambda epoch: [b.sample_at(i) for b in rank_blocks(counts, 1, epoch, 1, 0, 2) for i in range(b.size)]
-    assert order(0) == order(0)
+    order = lambda epoch: [tuple(map(int, b.sample_at(i))) for b in rank_blocks(counts, 1, epoch, 1, 0, 2) for i in range(b.size)]
+    first = order(0)
+    random.seed(12345)  # global random state moved: a pure plan must not see it
+    np.random.seed(54321)
+    assert order(0) == first
+    # and another process (another hash seed) computes the same plan: what a resume on another node relies on
+    code = ("from pipeline.plan import rank_blocks; print([tuple(map(int, b.sample_at(i))) "
+            "for b in rank_blocks([4, 4, 4, 4], 1, 0, 1, 0, 2) for i in range(b.size)])")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONHASHSEED": "7"})
+    assert r.returncode == 0 and r.stdout.strip() == str(first), r.stderr[-2000:]
     assert order(0) != order(1)
     assert sorted(order(0)) == sorted(order(1))
 
@@ -175,7 +189,6 @@ def test_elastic_resume_with_ranks_straddling_epochs(uneven_tars):
 
 
 def test_read_ahead_is_bounded_by_bytes(uneven_tars, monkeypatch):
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     import pipeline.stream

@@ -206,7 +206,7 @@ def test_real_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path)
         local_stack.wait_for("Prometheus", lambda: local_stack.http_ok(f"{base}/-/ready"), 60, prom)
         dashboard = [(p, t["expr"]) for p in panels() for t in p["targets"]]
         # Instant queries only see series scraped in the last 5 minutes: query while the job runs.
-        deadline, empty = time.time() + 150, None
+        deadline, empty = time.time() + 600, None  # a failure bound: the loop ends when every panel has data
         while time.time() < deadline:
             assert train.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
             series = {}
