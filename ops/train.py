@@ -26,13 +26,14 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
 from pipeline.labeled import knn_sets
-from pipeline.loader import LoaderConfig, TwoViewLoader
-from pipeline.storage import StorageConfig, at_start, retrying
+from pipeline.loader import TwoViewLoader
+from pipeline.storage import at_start, retrying
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
 from .evaluate import knn_eval
 from .metrics import TrainMetrics
+from .pipeline_configs import loader_config, storage_config
 from .precision import StepPrecision, precision_mode
 from .ranks import on_one_rank
 from .weights import init_backbones
@@ -206,15 +207,10 @@ def train(cfg: TrainConfig) -> dict:
     is_main = rank == 0
 
     metrics = TrainMetrics(rank)
-    storage = StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)
+    storage = storage_config(cfg)
     at_start(storage, cfg.allow_external_shards)  # start-up storage calls: timeouts, bounded retries
-    loader = retrying(storage, cfg.data, lambda: TwoViewLoader(LoaderConfig(
-        data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
-        backend=cfg.backend, seed=cfg.seed, rank=rank, world=world, workers=cfg.workers,
-        device="gpu" if device.type == "cuda" else "cpu", device_id=local_rank if device.type == "cuda" else None,
-        shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
-        epochs=cfg.epochs, storage=storage, preflight=cfg.preflight_check),
-        observer=metrics, share=on_one_rank))
+    loader = retrying(storage, cfg.data, lambda: TwoViewLoader(
+        loader_config(cfg, storage, rank, world, device, local_rank), observer=metrics, share=on_one_rank))
 
     model = build_model(cfg, world, device)
     check_checkpoint_dir(cfg, model)
