@@ -199,3 +199,18 @@ def test_a_loader_field_that_is_not_an_option_nor_translated_is_refused():
     with pytest.raises(TypeError, match=r"\['new_knob'\] are neither"):
         derive(Loader, cfg, {})
     assert derive(Loader, cfg, {"new_knob": 3}) == Loader(32, 3)
+
+
+def test_the_test_runs_data_variable_is_no_training_option(monkeypatch, capsys):
+    from conftest import DATA_ENV, SHARED_DATA
+
+    from ops.config import ENV_PREFIX
+
+    assert not DATA_ENV.startswith(ENV_PREFIX)
+    monkeypatch.setenv(DATA_ENV, str(SHARED_DATA))
+    assert build_config({}, {"data": "/d"}).data == "/d"  # this test run's own environment
+    assert cli_main(["train", "--data", "/d", "--print-config"]) == 0
+    assert DATA_ENV not in json.loads(capsys.readouterr().out)["environment"]
+    monkeypatch.setenv("MOCOSTREAM_SHARED_DATA", str(SHARED_DATA))  # the old name is an unknown option
+    with pytest.raises(ConfigError, match="unknown option in environment variable MOCOSTREAM_SHARED_DATA"):
+        build_config({}, {"data": "/d"})
