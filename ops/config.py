@@ -153,12 +153,12 @@ class TrainConfig:
     stop_after: int | None = opt(None, "behave as if preempted after this many steps of this run: checkpoint, "
                                        "exit 0 (resume tests)")
     log_every: int = opt(10, "steps between log lines / metric updates (each costs a host sync)")
-    progress: bool = opt(True, "progress bar on a terminal (--no-progress: none)")
+    progress: bool = opt(True, "a progress bar when rank 0 writes to a terminal")
 
     def resolved(self) -> "TrainConfig":
         """A copy with recipe defaults filled in, after checking every value."""
         cfg = dataclasses.replace(self)
-        check_choices(cfg)  # the recipe before its presets apply
+        check_choices(cfg)  # the recipe first: its presets fill what is unset
         for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
@@ -197,10 +197,10 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        check_choices(self)
 
 
 def check_choices(cfg: TrainConfig) -> None:
+    """Each option with choices holds one of them (from any source: file, environment, flag)."""
     for f in option_fields(TrainConfig):
         value = getattr(cfg, f.name)
         if f.metadata.get("choices") is not None and value is not None and value not in choices_of(f):
