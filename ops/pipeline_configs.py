@@ -32,8 +32,9 @@ def storage_config(cfg: TrainConfig) -> StorageConfig:
 
 
 def loader_config(cfg: TrainConfig, storage: StorageConfig, rank: int, world: int,
-                  device: torch.device, local_rank: int) -> LoaderConfig:
-    """This rank's loader settings; the storage settings are shared with the trainer's start-up calls."""
+                  device: torch.device, local_rank: int, **decided) -> LoaderConfig:
+    """This rank's loader settings; the storage settings are shared with the trainer's start-up calls.
+    `decided`: values the trainer worked out itself (e.g. workers sized from the CPUs it may use)."""
     gpu = device.type == "cuda"
     return derive(LoaderConfig, cfg, {
         "rank": rank, "world": world, "storage": storage,
@@ -41,4 +42,5 @@ def loader_config(cfg: TrainConfig, storage: StorageConfig, rank: int, world: in
         "device_id": local_rank if gpu else None,
         "read_ahead_bytes": cfg.read_ahead_mb << 20,
         "preflight": cfg.preflight_check,
+        **decided,
     })

@@ -187,6 +187,7 @@ def test_loader_and_storage_configs_are_derived_from_the_train_config():
     assert (loader.read_ahead_bytes, loader.preflight, loader.storage) == (5 << 20, "never", storage)
     gpu = loader_config(cfg, storage, rank=1, world=4, device=torch.device("cuda", 1), local_rank=1)
     assert (gpu.device, gpu.device_id) == ("gpu", 1)
+    assert loader_config(cfg, storage, 0, 1, torch.device("cpu"), 0, workers=1).workers == 1  # the trainer's choice
 
 
 def test_a_loader_field_that_is_not_an_option_nor_translated_is_refused():
