@@ -22,6 +22,13 @@ from .distributed import batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gath
 from .split_bn import split_batch_norms
 
 
+def add_mlp_head(encoder: nn.Module) -> nn.Module:
+    """MoCo v2's projection head, in place: the encoder's fc becomes Linear-ReLU-fc. Returns the encoder."""
+    dim_mlp = encoder.fc.weight.shape[1]
+    encoder.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), encoder.fc)
+    return encoder
+
+
 class MoCo(nn.Module):
     """
     Build a MoCo model with: a query encoder, a key encoder, and a queue
@@ -58,9 +65,8 @@ class MoCo(nn.Module):
         self.encoder_k = base_encoder(num_classes=dim)
 
         if mlp:  # hack: brute-force replacement
-            dim_mlp = self.encoder_q.fc.weight.shape[1]
-            self.encoder_q.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_q.fc)
-            self.encoder_k.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), self.encoder_k.fc)
+            add_mlp_head(self.encoder_q)
+            add_mlp_head(self.encoder_k)
 
         if bn_splits > 1:  # BN statistics per sub-batch, as each GPU of a multi-GPU run would compute them
             split_batch_norms(self.encoder_q, bn_splits)

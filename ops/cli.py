@@ -35,7 +35,6 @@ def run_train(args) -> int:
         print(json.dumps(printable_config(cfg), indent=2))
         return 0
     summary = train(cfg)
-    summary.pop("_metrics").stop()
     if summary["rank"] == 0:
         print(json.dumps(summary))
     return 0

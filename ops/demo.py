@@ -90,7 +90,6 @@ def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int
     if metrics_port == 0 or not port_is_free(metrics_port):  # taken (or 0): any free port will do for a demo
         cfg.metrics_port = free_port()
     summary = train(cfg)
-    metrics = summary.pop("_metrics")
     seconds = time.perf_counter() - t0
     print(f"[demo] {summary['step']} MoCo steps, loss {summary['loss']:.3f}, "
           f"instance accuracy {summary['instance_accuracy']:.2f}, {seconds:.0f} s in all")
@@ -98,5 +97,4 @@ def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int
     print(f"[demo] metrics were served at http://127.0.0.1:{summary['metrics_port']}/metrics")
     print(f"[demo] keys consumed: {root / 'trace-keys'}.rank0")
     (root / "summary.json").write_text(json.dumps({**summary, "seconds": seconds}, indent=2))
-    metrics.stop()
     return summary

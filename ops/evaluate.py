@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_core import backbone_of, build_encoder, extract_features, knn_top1
+from moco_core import add_mlp_head, backbone_of, build_encoder, extract_features, knn_top1
 from pipeline.augment_torch import normalize
 from pipeline.labeled import LabeledImages, knn_sets
 from pipeline.labeled_stream import labeled_units, shard_class_names, split_specs
@@ -53,8 +53,7 @@ def load_query_encoder(path: str | None, arch: str | None = None) -> tuple[nn.Mo
     cfg = state.get("config", {})
     encoder = build_encoder(cfg.get("arch", arch or "resnet50"))(num_classes=cfg.get("dim", 128))
     if cfg.get("mlp"):
-        dim_mlp = encoder.fc.weight.shape[1]
-        encoder.fc = nn.Sequential(nn.Linear(dim_mlp, dim_mlp), nn.ReLU(), encoder.fc)
+        add_mlp_head(encoder)
     prefix = "encoder_q."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     encoder.load_state_dict(weights)

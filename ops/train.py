@@ -15,7 +15,8 @@ import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -26,7 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
 from pipeline.labeled import knn_sets
-from pipeline.loader import TwoViewLoader
+from pipeline.loader import Batch, TwoViewLoader
 from pipeline.storage import at_start, retrying
 
 from . import checkpoint
@@ -200,227 +201,327 @@ def roll_back_traces(cfg: TrainConfig, state: dict, rank: int) -> None:
             os.truncate(path, offset)
 
 
-def train(cfg: TrainConfig) -> dict:
-    rank, world, local_rank, device = setup_distributed(cfg)
-    torch.manual_seed(cfg.seed + rank)
-    random.seed(cfg.seed + rank)
-    is_main = rank == 0
+@dataclass
+class TrainState:
+    """What the loop carries from step to step. `step` and `trained` go into checkpoints; the rest is this
+    run's (or resumed segment's) bookkeeping for the log line and the summary."""
+    step: int = 0
+    start_step: int = 0  # where this run began: a resumed run starts at the checkpoint's step
+    seconds_before: float = 0.0  # training seconds of earlier runs of this job
+    trained: float = 0.0  # training seconds over all runs, agreed by all ranks (the slowest clock)
+    samples: int = 0  # samples this rank trained on in this run
+    wait_seconds: float = 0.0  # time this rank waited for its batches in this run
+    nonfinite_steps: int = 0
+    lr: float = 0.0
+    loss: float = math.nan  # of the latest logged step
+    accuracy: float = math.nan
+    knn_top1: float | None = None
+    checkpoint: str | None = None  # the latest written
+    stopped: bool = False  # by a signal or --stop-after
+    t_start: float = 0.0  # perf_counter at the loop's start
+    t_end: float = 0.0  # ... at the end of the previous step
+    last_log_time: float = 0.0
+    last_log_step: int = 0
 
-    metrics = TrainMetrics(rank)
-    storage = storage_config(cfg)
-    at_start(storage, cfg.allow_external_shards)  # start-up storage calls: timeouts, bounded retries
-    loader = retrying(storage, cfg.data, lambda: TwoViewLoader(
-        loader_config(cfg, storage, rank, world, device, local_rank), observer=metrics, share=on_one_rank))
 
-    model = build_model(cfg, world, device)
-    check_checkpoint_dir(cfg, model)
-    if cfg.init_from and not (cfg.resume and checkpoint.latest(cfg.checkpoint_dir)):  # a resumed run has its own
-        init_backbones(model, cfg.init_from, cfg.arch)
-    # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
-    # all-gathered), so the 32 MB queue is not re-broadcast every step.
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
-        if dist.is_initialized() else model
-    peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * world)
-    optimizer = build_optimizer(model, peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    guard = NonFiniteGuard(device, cfg.max_nonfinite_steps)
-    amp = StepPrecision(cfg.precision, device)  # fp32, bf16 autocast, or fp16 autocast + gradient scaler
-    lr_at = LR_SCHEDULES[cfg.lr_schedule]
-    knn = KnnMonitor(cfg, device) if cfg.knn_data and is_main else None
-    knn_value = None
-    # Stop/exhausted flags go over gloo on the CPU, so agreeing on them never waits for the GPU.
-    control = dist.new_group(backend="gloo") if dist.is_initialized() and device.type == "cuda" else None
+class Trainer:
+    """One rank's training job, built from one TrainConfig.
 
-    step = 0
-    # A time-boxed run (--budget-minutes) counts the seconds spent in the training loop over all resumes;
-    # its schedules follow them instead of the step count, and it ends when they reach the budget.
-    budget_s = 60 * cfg.budget_minutes if cfg.budget_minutes else None
-    max_steps = cfg.steps or math.inf
-    seconds_before = 0.0  # trained by earlier runs of this job
-    if cfg.resume:
-        path, state = checkpoint.load_latest_intact(cfg.checkpoint_dir)
+    Everything it opens - process group, batch stream, metrics endpoint, trace files, signal handlers, progress
+    bar - is entered on one exit stack as it is opened, so `close()` (or leaving `with Trainer(cfg)`) releases
+    it all in reverse order, on every exit path, an exception during start-up included."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self._resources = ExitStack()
+        try:
+            self._start()
+        except BaseException:
+            self._resources.close()
+            raise
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._resources.close()
+
+    # ---- start-up ------------------------------------------------------------------------------------------
+    def _start(self) -> None:
+        cfg = self.cfg
+        self.rank, self.world, self.local_rank, self.device = setup_distributed(cfg)
+        if dist.is_initialized():
+            self._resources.callback(dist.destroy_process_group)
+        torch.manual_seed(cfg.seed + self.rank)
+        random.seed(cfg.seed + self.rank)
+        self.is_main = self.rank == 0
+        self.metrics = TrainMetrics(self.rank)
+        self._resources.callback(self.metrics.stop)
+        self.loader = self._build_loader()
+        # the skip counters catch up with what the reader threads counted until they stopped
+        self._resources.callback(lambda: self.metrics.sync_skipped(self.loader.skipped))
+        self._build_model()
+        self.state = TrainState()
+        if cfg.resume:
+            self._resume()
+        self._open_outputs()
+
+    def _build_loader(self) -> TwoViewLoader:
+        """This rank's (q, k) batches; start-up storage calls get timeouts and bounded retries."""
+        cfg = self.cfg
+        storage = storage_config(cfg)
+        at_start(storage, cfg.allow_external_shards)
+        loader_cfg = loader_config(cfg, storage, self.rank, self.world, self.device, self.local_rank)
+        return retrying(storage, cfg.data, lambda: TwoViewLoader(loader_cfg, observer=self.metrics, share=on_one_rank))
+
+    def _build_model(self) -> None:
+        cfg, device = self.cfg, self.device
+        self.model = model = build_model(cfg, self.world, device)
+        check_checkpoint_dir(cfg, model)
+        if cfg.init_from and not (cfg.resume and checkpoint.latest(cfg.checkpoint_dir)):  # a resumed run has its own
+            init_backbones(model, cfg.init_from, cfg.arch)
+        # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
+        # all-gathered), so the 32 MB queue is not re-broadcast every step.
+        self.ddp = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
+            if dist.is_initialized() else model
+        self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * self.world)
+        self.optimizer = build_optimizer(model, self.peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps)
+        self.amp = StepPrecision(cfg.precision, device)  # fp32, bf16 autocast, or fp16 autocast + gradient scaler
+        self.knn = KnnMonitor(cfg, device) if cfg.knn_data and self.is_main else None
+        # Stop/exhausted flags go over gloo on the CPU, so agreeing on them never waits for the GPU.
+        self.control = dist.new_group(backend="gloo") if dist.is_initialized() and device.type == "cuda" else None
+        # A time-boxed run (--budget-minutes) counts the seconds spent in the training loop over all resumes;
+        # its schedules follow them instead of the step count, and it ends when they reach the budget.
+        self.budget_s = 60 * cfg.budget_minutes if cfg.budget_minutes else None
+        self.max_steps = cfg.steps or math.inf
+        # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU, and every step when
+        # --epochs can run a rank's stream dry (all ranks must then stop at the same step).
+        self.stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
+
+    def _resume(self) -> None:
+        cfg, s = self.cfg, self.state
+        path, saved = checkpoint.load_latest_intact(cfg.checkpoint_dir)
         if path is None:
             log.warning("--resume: no checkpoint in %s, starting fresh", cfg.checkpoint_dir)
+            return
+        load_model_state(self.model, saved, path, cfg)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.amp.load_state_dict(saved.get("grad_scaler"))
+        s.step = s.start_step = int(saved["step"])
+        s.seconds_before = s.trained = float(saved.get("train_seconds", 0.0))
+        self.loader.load_states(saved["loader"])  # another number of ranks: what is left is re-split
+        if int(saved["world"]) == self.world:
+            set_rng_state(saved["rng"][self.rank])
+        elif self.is_main:
+            log.warning("resumed with %d ranks (checkpoint had %s): the global batch is now %d",
+                        self.world, saved["world"], cfg.batch_size * self.world)
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, s.step)
+        roll_back_traces(cfg, saved, self.rank)
+
+    def _open_outputs(self) -> None:
+        """Metrics endpoint, trace files, signal handlers, progress bar and the batch stream, each on the stack."""
+        cfg, enter = self.cfg, self._resources.enter_context
+        self.metrics_port = None
+        if cfg.metrics_port:
+            self.metrics_port = self.metrics.serve(cfg.metrics_port + self.local_rank, cfg.metrics_addr)
+            log.info("rank %d metrics on http://%s:%d/metrics", self.rank, cfg.metrics_addr, self.metrics_port)
+        # Line-buffered: what a rank consumed is on disk when the step ends, even if the process is killed.
+        self.trace = self.loss_trace = None
+        if cfg.trace_keys:
+            self.trace = enter(open(f"{cfg.trace_keys}.rank{self.rank}", "a", buffering=1))
+            self.loss_trace = enter(open(f"{cfg.trace_keys}.rank{self.rank}.loss", "a", buffering=1))
+        self.stop = StopFlag()
+        self._resources.callback(self.stop.restore)
+        # A progress bar on a terminal; the compact log line every --log-every steps everywhere.
+        self.bar = enter(tqdm(total=cfg.steps, initial=self.state.step, unit="step", dynamic_ncols=True, desc="train",
+                              disable=not (self.is_main and cfg.progress and sys.stderr.isatty())))
+        if not self.bar.disable:
+            enter(logging_redirect_tqdm())
+        self.batches = iter(self.loader)
+        self._resources.callback(self.batches.close)  # stops reader threads and augmentation workers
+
+    # ---- the loop ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Steps until --steps, --stop-after, the budget, the end of the data or a stop signal; then the last
+        checkpoint (and kNN). Returns the run's summary, plain data."""
+        cfg, s = self.cfg, self.state
+        self.ddp.train()
+        s.t_start = s.t_end = s.last_log_time = time.perf_counter()
+        s.last_log_step = s.step
+        while s.step < self.max_steps:
+            batch = next(self.batches, None)
+            t_data = time.perf_counter()
+            if self._should_end(batch is None, t_data):
+                break
+            self.train_step(batch, t_data)
+            if s.step % cfg.log_every == 0 or s.step == cfg.steps:
+                self.log()
+            if self.knn and cfg.knn_every and s.step % cfg.knn_every == 0 and s.step < self.max_steps:
+                self.run_knn()
+            if s.step % cfg.checkpoint_every == 0 and s.step < self.max_steps:
+                s.checkpoint = self.checkpoint("periodic")
+        if s.step > s.start_step and s.step != s.last_log_step:  # a run cut between log steps reports its last step
+            self._read_loss()
+        s.checkpoint = self.checkpoint("stop" if s.stopped else "final") or s.checkpoint
+        if self.knn and not s.stopped:
+            self.run_knn()
+        self.batches.close()  # the reader threads stop: the skip counts the summary reports are final
+        self.metrics.sync_skipped(self.loader.skipped)
+        return self.summary()
+
+    def _agree(self, exhausted: bool, t_data: float) -> bool:
+        """Training seconds, stop request and end of data, agreed by all ranks; returns `exhausted`."""
+        s = self.state
+        if self.world == 1:
+            s.trained = s.seconds_before + t_data - s.t_start
+        elif s.step % self.stop_check_every == 0 or exhausted:
+            flags = torch.tensor([float(self.stop.set), float(exhausted), s.seconds_before + t_data - s.t_start],
+                                 dtype=torch.float64, device="cpu" if self.control else self.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+            self.stop.set, exhausted, s.trained = bool(flags[0] > 0), bool(flags[1] > 0), float(flags[2])
+        return exhausted
+
+    def _should_end(self, exhausted: bool, t_data: float) -> bool:
+        cfg, s = self.cfg, self.state
+        exhausted = self._agree(exhausted, t_data)
+        # A run (or resumed segment) whose budget is not yet spent trains at least one step, however slow
+        # its start-up was, so a time-boxed run always leaves a model and a checkpoint behind.
+        if self.budget_s and s.trained >= self.budget_s and (s.step > s.start_step or s.seconds_before >= self.budget_s):
+            if self.is_main:
+                log.info("budget of %g minutes reached at step %d", cfg.budget_minutes, s.step)
+            return True
+        if exhausted:  # --epochs done on some rank: every rank ends at this same step
+            log.info("rank %d: data exhausted after %d epochs at step %d", self.rank, cfg.epochs, s.step)
+            return True
+        if self.stop.set or (cfg.stop_after is not None and s.step - s.start_step >= cfg.stop_after):
+            s.stopped = True
+            return True
+        return False
+
+    def _set_schedules(self) -> None:
+        """The step's learning rate and key-encoder momentum: by step, or by training seconds under a budget."""
+        cfg, s = self.cfg, self.state
+        if self.budget_s:
+            spent = min(s.trained, self.budget_s)  # the one step a slow start may take past the budget
+            s.lr = budget_lr(self.peak_lr, cfg.lr_schedule, s.step, cfg.warmup_steps, spent / self.budget_s)
+            self.model.m = momentum_at(cfg.moco_momentum, spent, self.budget_s, cfg.momentum_schedule)
         else:
-            load_model_state(model, state, path, cfg)
-            optimizer.load_state_dict(state["optimizer"])
-            amp.load_state_dict(state.get("grad_scaler"))
-            step = int(state["step"])
-            seconds_before = float(state.get("train_seconds", 0.0))
-            loader.load_states(state["loader"])  # another number of ranks: what is left is re-split
-            if int(state["world"]) == world:
-                set_rng_state(state["rng"][rank])
-            elif is_main:
-                log.warning("resumed with %d ranks (checkpoint had %s): the global batch is now %d",
-                            world, state["world"], cfg.batch_size * world)
-            if is_main:
-                log.info("resumed from %s at step %d", path, step)
-            roll_back_traces(cfg, state, rank)
+            s.lr = LR_SCHEDULES[cfg.lr_schedule](self.peak_lr, s.step, cfg.steps, cfg.warmup_steps)
+            self.model.m = momentum_at(cfg.moco_momentum, s.step, cfg.steps, cfg.momentum_schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = s.lr
 
-    metrics_port = None
-    if cfg.metrics_port:
-        metrics_port = metrics.serve(cfg.metrics_port + local_rank, cfg.metrics_addr)
-        log.info("rank %d metrics on http://%s:%d/metrics", rank, cfg.metrics_addr, metrics_port)
+    def train_step(self, batch: Batch, t_data: float) -> None:
+        """One MoCo step on `batch` (fetched at `t_data`). The host does not wait for the device here."""
+        cfg, s = self.cfg, self.state
+        im_q = batch.q.to(self.device, non_blocking=True)
+        im_k = batch.k.to(self.device, non_blocking=True)
+        if self.amp.channels_last:
+            im_q = im_q.contiguous(memory_format=torch.channels_last)
+            im_k = im_k.contiguous(memory_format=torch.channels_last)
+        self._set_schedules()
+        with self.amp.autocast():
+            logits, labels = self.ddp(im_q, im_k)
+            # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
+            loss = info_nce(logits.float(), labels) * (2 if cfg.symmetric else 1)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.amp.backward_and_step(loss, self.optimizer, self.guard, self.trainable)  # non-finite: skipped on device
+        self.loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
+        self._last = loss, logits
+        s.step += 1
+        if self.trace:
+            self.trace.write(trace_lines(batch.keys))
+        t_step_end = time.perf_counter()
+        self.metrics.record_step(len(batch.keys), t_step_end - s.t_end, t_data - s.t_end)
+        s.wait_seconds += t_data - s.t_end
+        s.samples += len(batch.keys)
+        s.t_end = t_step_end
+        self.bar.update(1)
 
-    # Line-buffered: what a rank consumed is on disk when the step ends, even if the process is killed.
-    trace = open(f"{cfg.trace_keys}.rank{rank}", "a", buffering=1) if cfg.trace_keys else None
-    loss_trace = open(f"{cfg.trace_keys}.rank{rank}.loss", "a", buffering=1) if cfg.trace_keys else None
-    stop = StopFlag()
-    # A progress bar on a terminal; the compact log line every --log-every steps everywhere.
-    bar = tqdm(total=cfg.steps, initial=step, disable=not (is_main and cfg.progress and sys.stderr.isatty()),
-               unit="step", dynamic_ncols=True, desc="train")
-    # Agreeing on a stop costs a collective: every step on CPU, every 10 on GPU, and every step when
-    # --epochs can run a rank's stream dry (all ranks must then stop at the same step).
-    stop_check_every = 1 if device.type == "cpu" or cfg.epochs else 10
+    def _read_loss(self) -> None:
+        loss, logits = self._last
+        self.state.loss = loss.item()  # the host syncs: at log steps only
+        self.state.accuracy = instance_accuracy(logits).item()
 
-    def save(reason: str) -> str | None:
-        states = gather({"loader": loader.position_state(), "rng": rng_state(),
-                         "trace": (trace.tell(), loss_trace.tell()) if trace else None}, world)
+    # ---- reporting and checkpoints -------------------------------------------------------------------------
+    def log(self) -> None:
+        """Metrics, loss trace, progress bar and (rank 0) the compact log line of the latest step."""
+        cfg, s = self.cfg, self.state
+        self._read_loss()
+        nonfinite = self.guard.check()  # raises after --max-nonfinite-steps in a row
+        s.nonfinite_steps += nonfinite
+        grad_norm = self.guard.grad_norm.item()
+        now = time.perf_counter()
+        ips = (s.step - s.last_log_step) * cfg.batch_size / max(now - s.last_log_time, 1e-9)
+        s.last_log_time, s.last_log_step = now, s.step
+        epoch, progress = self.loader.epoch_progress
+        self.metrics.record_log(step=s.step, loss=s.loss, lr=s.lr, accuracy=s.accuracy, images_per_second=ips,
+                                epoch=epoch, epoch_progress=progress, grad_norm=grad_norm, momentum=self.model.m,
+                                nonfinite=nonfinite)
+        self.metrics.sync_skipped(self.loader.skipped)
+        if self.loss_trace:
+            self.loss_trace.write(f"{s.step} {s.loss!r}\n")
+        self.bar.set_postfix(loss=f"{s.loss:.3f}", img_s=f"{ips * self.world:.1f}", refresh=False)
+        if not self.is_main:
+            return
+        elapsed = now - s.t_start
+        eta = min((self.max_steps - s.step) * elapsed / max(1, s.step - s.start_step),
+                  self.budget_s - s.trained if self.budget_s else math.inf)
+        log.info("step %d%s | %.1f img/s | data wait %.0f%% | loss %.4f | lr %.4g | acc %.2f | gnorm %.3g%s | ETA %s",
+                 s.step, f"/{cfg.steps}" if cfg.steps else "", ips * self.world,
+                 100 * s.wait_seconds / max(elapsed, 1e-9), s.loss, s.lr, s.accuracy, grad_norm,
+                 f" | non-finite {nonfinite}" if nonfinite else "", format_duration(eta))
+
+    def run_knn(self) -> None:
+        t0 = time.perf_counter()
+        self.state.knn_top1 = value = self.knn(self.model)
+        self.metrics.record_knn(value, time.perf_counter() - t0)
+        log.info("step %d: kNN top-1 %.2f%% (%.1f s)", self.state.step, 100 * value, time.perf_counter() - t0)
+
+    def checkpoint(self, reason: str) -> str | None:
+        """Every rank's stream position, RNG and trace offsets, gathered; rank 0 writes them with the model and
+        optimizer and returns the path (None elsewhere). All ranks leave together."""
+        cfg, s = self.cfg, self.state
+        trace = (self.trace.tell(), self.loss_trace.tell()) if self.trace else None
+        states = gather({"loader": self.loader.position_state(), "rng": rng_state(), "trace": trace}, self.world)
         path = None
-        if is_main:
+        if self.is_main:
             t0 = time.perf_counter()
-            path = checkpoint.save(cfg.checkpoint_dir, step, {
-                "step": step, "train_seconds": trained, "world": world, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "grad_scaler": amp.state_dict(),
-                "loader": loader.checkpoint_state([s["loader"] for s in states]), "rng": [s["rng"] for s in states],
-                "trace": [s["trace"] for s in states],
+            path = checkpoint.save(cfg.checkpoint_dir, s.step, {
+                "step": s.step, "train_seconds": s.trained, "world": self.world, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "grad_scaler": self.amp.state_dict(),
+                "loader": self.loader.checkpoint_state([r["loader"] for r in states]),
+                "rng": [r["rng"] for r in states], "trace": [r["trace"] for r in states],
                 "config": mask_secrets(dataclasses.asdict(cfg))}, keep=cfg.keep_checkpoints)
-            metrics.checkpoint_seconds.labels(str(rank)).observe(time.perf_counter() - t0)
-            log.info("checkpoint (%s) at step %d: %s", reason, step, path)
-        if trace:
-            trace.flush()
-            loss_trace.flush()
-        if world > 1:
+            self.metrics.checkpoint_seconds.labels(str(self.rank)).observe(time.perf_counter() - t0)
+            log.info("checkpoint (%s) at step %d: %s", reason, s.step, path)
+        if self.trace:
+            self.trace.flush()
+            self.loss_trace.flush()
+        if self.world > 1:
             dist.barrier()
         return path
 
-    ddp.train()
-    batches = iter(loader)
-    last_log_time, last_log_step = time.perf_counter(), step
-    loss_value, acc_value, stopped = float("nan"), float("nan"), False
-    last_checkpoint = None
-    t_end = t_start = time.perf_counter()
-    wait_total, samples_total, start_step = 0.0, 0, step
-    trained = seconds_before  # agreed by all ranks (the slowest clock), so they change lr and stop together
-    nonfinite_total = 0
+    def summary(self) -> dict:
+        s, world = self.state, self.world
+        elapsed = time.perf_counter() - s.t_start
+        return {"step": s.step, "steps_run": s.step - s.start_step, "seconds": elapsed, "train_seconds": s.trained,
+                "images_per_second": s.samples * world / max(elapsed, 1e-9),
+                "data_wait_share": s.wait_seconds / max(elapsed, 1e-9), "stopped": s.stopped, "loss": s.loss,
+                "instance_accuracy": s.accuracy, "checkpoint": s.checkpoint, "metrics_port": self.metrics_port,
+                "skipped": dict(self.loader.skipped), "knn_top1": s.knn_top1, "nonfinite_steps": s.nonfinite_steps,
+                "rank": self.rank, "world": world}
 
-    def run_knn() -> float:
-        t0 = time.perf_counter()
-        value = knn(model)
-        metrics.record_knn(value, time.perf_counter() - t0)
-        log.info("step %d: kNN top-1 %.2f%% (%.1f s)", step, 100 * value, time.perf_counter() - t0)
-        return value
 
-    redirect = logging_redirect_tqdm() if not bar.disable else nullcontext()
-    redirect.__enter__()
-    try:
-        while step < max_steps:
-            batch = next(batches, None)
-            t_data = time.perf_counter()
-            exhausted = batch is None
-            if world == 1:
-                trained = seconds_before + t_data - t_start
-            elif step % stop_check_every == 0 or exhausted:
-                flags = torch.tensor([float(stop.set), float(exhausted), seconds_before + t_data - t_start],
-                                     dtype=torch.float64, device="cpu" if control else device)
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=control)
-                stop.set, exhausted, trained = bool(flags[0] > 0), bool(flags[1] > 0), float(flags[2])
-            # A run (or resumed segment) whose budget is not yet spent trains at least one step, however slow
-            # its start-up was, so a time-boxed run always leaves a model and a checkpoint behind.
-            if budget_s and trained >= budget_s and (step > start_step or seconds_before >= budget_s):
-                if is_main:
-                    log.info("budget of %g minutes reached at step %d", cfg.budget_minutes, step)
-                break
-            if exhausted:  # --epochs done on some rank: every rank ends at this same step
-                log.info("rank %d: data exhausted after %d epochs at step %d", rank, cfg.epochs, step)
-                break
-            if stop.set or (cfg.stop_after is not None and step - start_step >= cfg.stop_after):
-                stopped = True
-                break
-            im_q = batch.q.to(device, non_blocking=True)
-            im_k = batch.k.to(device, non_blocking=True)
-            if amp.channels_last:
-                im_q = im_q.contiguous(memory_format=torch.channels_last)
-                im_k = im_k.contiguous(memory_format=torch.channels_last)
-            if budget_s:
-                spent = min(trained, budget_s)  # the one step a slow start may take past the budget
-                lr = budget_lr(peak_lr, cfg.lr_schedule, step, cfg.warmup_steps, spent / budget_s)
-                model.m = momentum_at(cfg.moco_momentum, spent, budget_s, cfg.momentum_schedule)
-            else:
-                lr = lr_at(peak_lr, step, cfg.steps, cfg.warmup_steps)
-                model.m = momentum_at(cfg.moco_momentum, step, cfg.steps, cfg.momentum_schedule)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with amp.autocast():
-                logits, labels = ddp(im_q, im_k)
-                # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
-                loss = info_nce(logits.float(), labels) * (2 if cfg.symmetric else 1)
-            optimizer.zero_grad(set_to_none=True)
-            amp.backward_and_step(loss, optimizer, guard, trainable)  # a non-finite step: skipped on the device
-            loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
-            step += 1
-            if trace:
-                trace.write(trace_lines(batch.keys))
-            t_step_end = time.perf_counter()
-            metrics.record_step(len(batch.keys), t_step_end - t_end, t_data - t_end)
-            wait_total += t_data - t_end
-            samples_total += len(batch.keys)
-            t_end = t_step_end
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                loss_value = loss.item()  # the host syncs: at log steps only
-                acc_value = instance_accuracy(logits).item()
-                nonfinite = guard.check()  # raises after --max-nonfinite-steps in a row
-                nonfinite_total += nonfinite
-                grad_norm = guard.grad_norm.item()
-                now = time.perf_counter()
-                ips = (step - last_log_step) * cfg.batch_size / max(now - last_log_time, 1e-9)
-                last_log_time, last_log_step = now, step
-                epoch, progress = loader.epoch_progress
-                metrics.record_log(step=step, loss=loss_value, lr=lr, accuracy=acc_value, images_per_second=ips,
-                                   epoch=epoch, epoch_progress=progress, grad_norm=grad_norm, momentum=model.m,
-                                   nonfinite=nonfinite)
-                metrics.sync_skipped(loader.skipped)
-                if loss_trace:
-                    loss_trace.write(f"{step} {loss_value!r}\n")
-                bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{ips * world:.1f}", refresh=False)
-                if is_main:
-                    elapsed = now - t_start
-                    eta = min((max_steps - step) * elapsed / max(1, step - start_step),
-                              budget_s - trained if budget_s else math.inf)
-                    log.info("step %d%s | %.1f img/s | data wait %.0f%% | loss %.4f | lr %.4g | acc %.2f | "
-                             "gnorm %.3g%s | ETA %s", step, f"/{cfg.steps}" if cfg.steps else "", ips * world,
-                             100 * wait_total / max(elapsed, 1e-9),
-                             loss_value, lr, acc_value, grad_norm,
-                             f" | non-finite {nonfinite}" if nonfinite else "", format_duration(eta))
-            if knn and cfg.knn_every and step % cfg.knn_every == 0 and step < max_steps:
-                knn_value = run_knn()
-            if step % cfg.checkpoint_every == 0 and step < max_steps:
-                last_checkpoint = save("periodic")
-        if step > start_step and step != last_log_step:  # a run cut between log steps reports its last step
-            loss_value, acc_value = loss.item(), instance_accuracy(logits).item()
-        last_checkpoint = save("stop" if stopped else "final") or last_checkpoint
-        if knn and not stopped:
-            knn_value = run_knn()
-    finally:
-        redirect.__exit__(None, None, None)
-        bar.close()
-        batches.close()  # stops reader threads and augmentation workers
-        stop.restore()
-        if trace:
-            trace.close()
-            loss_trace.close()
-        metrics.sync_skipped(loader.skipped)
-    elapsed = time.perf_counter() - t_start
-    summary = {"step": step, "steps_run": step - start_step, "seconds": elapsed, "train_seconds": trained,
-               "images_per_second": samples_total * world / max(elapsed, 1e-9),
-               "data_wait_share": wait_total / max(elapsed, 1e-9), "stopped": stopped, "loss": loss_value,
-               "instance_accuracy": acc_value,
-               "checkpoint": last_checkpoint, "metrics_port": metrics_port, "skipped": dict(loader.skipped),
-               "knn_top1": knn_value, "nonfinite_steps": nonfinite_total,
-               "rank": rank, "world": world}
-    summary["_metrics"] = metrics
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return summary
+def train(cfg: TrainConfig) -> dict:
+    """Train this rank as `cfg` says; every resource is closed on return. The summary is plain data: to read
+    the metrics endpoint after the last step, use `with Trainer(cfg) as trainer: trainer.train()` instead."""
+    with Trainer(cfg) as trainer:
+        return trainer.train()

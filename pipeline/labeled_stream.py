@@ -24,9 +24,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .batching import position_seed
 from .labeled import FILE_EXTS, _class_folders, class_index, count_classes, manifest_classes, shard_items
 from .plan import Block, Piece, rank_blocks
 from .sources import DataSpecError, Shard, read_bytes, resolve_shards, with_counts
+from .worker_pool import run_ahead
 
 log = logging.getLogger(__name__)
 
@@ -175,33 +177,34 @@ class LabeledStream:
                 pool.shutdown(wait=False, cancel_futures=True)
 
     def _batches(self, epoch: int, pool) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        samples, in_flight, position = self._samples(epoch), deque(), 0
-        while True:
-            while len(in_flight) < max(1, 2 * self.workers):
-                chunk = []
-                for name, label, data in samples:
-                    if label is None:
-                        self._skip("no_label", name)
-                        continue
-                    if (index := class_index(label, self.index)) is None:
-                        self._skip("unknown_class", name)
-                        continue
-                    chunk.append((name, index, data))
-                    if len(chunk) == self.batch_size:
-                        break
-                if not chunk:
-                    break
-                args = ([c[2] for c in chunk], self.size, self.train,
-                        hash((self.seed, self.rank, epoch, position)) & 0x7FFFFFFF)
-                position += len(chunk)
-                in_flight.append((chunk, pool.submit(transform_chunk, *args) if pool else transform_chunk(*args)))
-            if not in_flight:
-                return
-            chunk, result = in_flight.popleft()
-            images, reasons = result.result() if pool else result
+        jobs = self._jobs(epoch)
+        for chunk, (images, reasons) in run_ahead(pool, transform_chunk, jobs, max(1, 2 * self.workers)):
             for (name, _, _), reason in zip(chunk, reasons):
                 if reason is not None:
                     self._skip(reason, name)
             labels = [label for (_, label, _), reason in zip(chunk, reasons) if reason is None]
             if labels:
                 yield torch.from_numpy(images), torch.tensor(labels, dtype=torch.long)
+
+    def _jobs(self, epoch: int) -> Iterator[tuple[list, tuple]]:
+        """(chunk of (name, class index, bytes), transform_chunk's arguments), seeded by the chunk's position."""
+        samples, position = self._samples(epoch), 0
+        while chunk := self._chunk(samples):
+            seed = position_seed(self.seed, self.rank, epoch, position)
+            position += len(chunk)
+            yield chunk, ([c[2] for c in chunk], self.size, self.train, seed)
+
+    def _chunk(self, samples: Iterator) -> list[tuple[str, int, bytes | None]]:
+        """Up to batch_size labelled samples; unlabelled ones or of unknown classes skipped."""
+        chunk = []
+        for name, label, data in samples:
+            if label is None:
+                self._skip("no_label", name)
+                continue
+            if (index := class_index(label, self.index)) is None:
+                self._skip("unknown_class", name)
+                continue
+            chunk.append((name, index, data))
+            if len(chunk) == self.batch_size:
+                break
+        return chunk

@@ -15,7 +15,7 @@ from typing import Iterator
 
 from webdataset.tariterators import group_by_keys
 
-from .sources import Shard
+from .shard import Shard
 
 log = logging.getLogger(__name__)
 

@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, field
 
 import braceexpand
 import fsspec
+
+from .readers import read_samples
+from .shard import Shard
 
 log = logging.getLogger(__name__)
 
@@ -26,16 +28,6 @@ class DataSpecError(ValueError):
     """The data spec names nothing readable; a user error, reported in one line."""
 
     user_error = True
-
-
-@dataclass(frozen=True)
-class Shard:
-    url: str
-    samples: int | None  # from the manifest; None when unknown
-    format: str  # "tar" | "parquet"
-    bytes: int | None = None  # from the manifest: checked on every read
-    sha256: str | None = None
-    validated_by: dict | None = field(default=None, compare=False)  # the manifest's stamp (image_check.trusted)
 
 
 # botocore settings of the S3 metadata calls (manifests, listings, checkpoints); the trainer sets them from
@@ -202,8 +194,6 @@ def count_samples(shard: Shard, data: bytes | None = None) -> int:
     if fs.exists(idx):
         lines = fs.cat_file(idx).decode().splitlines()
         return int(lines[0].split()[1]) if lines and lines[0].startswith("v1") else len(lines)
-    from .readers import read_samples
-
     return sum(1 for _ in read_samples(shard, data if data is not None else read_bytes(shard.url)))
 
 

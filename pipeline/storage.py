@@ -109,7 +109,7 @@ class ShardReader:
         """The shard's bytes, or ShardReadError after the last retry."""
         c = self.config
         fs = self._fs(shard.url)
-        path = fs._strip_protocol(shard.url)
+        path = fsspec.core.strip_protocol(shard.url)
         for attempt in range(c.retries + 1):
             t0 = time.perf_counter()
             try:

@@ -5,6 +5,8 @@
   first would break the pool under the running step.
 - They exit when the trainer is gone, even after `kill -9`, which runs no clean-up: each worker watches the
   trainer through a pidfd (no polling, no pid reuse), so no worker, forkserver or resource tracker is left.
+
+`run_ahead` keeps a pool busy a few jobs ahead of the consumer, results in submission order.
 """
 from __future__ import annotations
 
@@ -14,7 +16,11 @@ import select
 import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections import deque
+from concurrent.futures import Executor, ProcessPoolExecutor
+from typing import Any, Callable, Iterable, Iterator, TypeVar
+
+Tag = TypeVar("Tag")
 
 
 def _exit_when_gone(pid: int) -> None:
@@ -43,3 +49,18 @@ def augmentation_pool(workers: int) -> ProcessPoolExecutor:
     # forkserver: the stream's reader threads must not be forked into the workers.
     return ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"),
                                initializer=_init_worker, initargs=(os.getpid(),))
+
+
+def run_ahead(pool: Executor | None, fn: Callable, jobs: Iterable[tuple[Tag, tuple]],
+              ahead: int) -> Iterator[tuple[Tag, Any]]:
+    """(tag, fn(*args)) for each (tag, args) of `jobs`, in order, with up to `ahead` jobs submitted before their
+    result is asked for (jobs are taken from `jobs` only as room frees up). pool None: run them here, in turn."""
+    in_flight: deque = deque()
+    for tag, args in jobs:
+        in_flight.append((tag, pool.submit(fn, *args) if pool else fn(*args)))
+        if len(in_flight) >= ahead:
+            tag, result = in_flight.popleft()
+            yield tag, (result.result() if pool else result)
+    while in_flight:
+        tag, result = in_flight.popleft()
+        yield tag, (result.result() if pool else result)

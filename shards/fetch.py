@@ -39,7 +39,7 @@ def _url(url: str) -> bytes:
         fs = _filesystems.get(cache_key)  # one client per worker: a new S3 session per file costs ~1 s
         if fs is None:
             fs = _filesystems[cache_key] = fsspec.filesystem(protocol, **opts)
-        return fs.cat_file(fs._strip_protocol(url) if protocol in ("s3", "s3a", "gs", "gcs") else url)
+        return fs.cat_file(fsspec.core.strip_protocol(url) if protocol in ("s3", "s3a", "gs", "gcs") else url)
     except Exception as exc:  # 404, refused connection, access denied, ...
         raise FetchError(DOWNLOAD_FAILED, _short(exc)) from exc
 

@@ -12,7 +12,7 @@ from conftest import free_port
 from ops.cli import main as cli_main
 from ops.config import build_config
 from ops.evaluate import fingerprint
-from ops.train import train
+from ops.train import Trainer
 from pipeline.labeled import knn_sets, load_labeled
 
 TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=64, workers=1, log_every=1,
@@ -34,12 +34,9 @@ def trained(shards, imagenette_small, tmp_path_factory):
     port = free_port()
     cfg = build_config({}, dict(data=str(shards), steps=4, checkpoint_dir=str(ckpt), knn_data=str(imagenette_small),
                                 knn_every=2, metrics_port=port, momentum_schedule="cosine", symmetric=True, **TINY))
-    summary = train(cfg)
-    metrics = summary.pop("_metrics")
-    try:
+    with Trainer(cfg) as trainer:  # the endpoint lives as long as the trainer: read it after the last step
+        summary = trainer.train()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    finally:
-        metrics.stop()
     return summary, text, ckpt
 
 

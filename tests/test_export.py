@@ -28,9 +28,8 @@ TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=1, log_every=1, 
 def r50_checkpoint(shards, tmp_path_factory):
     """Two MoCo v2 steps of a ResNet-50 (MLP head): the checkpoint every export test reads."""
     ckpt = tmp_path_factory.mktemp("export-ckpt")
-    summary = train(build_config({}, dict(data=str(shards), steps=2, arch="resnet50", checkpoint_dir=str(ckpt),
+    train(build_config({}, dict(data=str(shards), steps=2, arch="resnet50", checkpoint_dir=str(ckpt),
                                           **TINY)))
-    summary.pop("_metrics").stop()
     return ckpt / "checkpoint-00000002.pt"
 
 
@@ -170,7 +169,6 @@ def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
     # --stop-after 0: the checkpoint holds the encoders the first step starts from
     summary = train(build_config({}, dict(data=str(shards), steps=5, arch="resnet18", init_from=str(tmp_path / "r18.pth"),
                                           checkpoint_dir=str(ckpt), stop_after=0, **TINY)))
-    summary.pop("_metrics").stop()
     model = torch.load(ckpt / "checkpoint-00000000.pt", weights_only=True)["model"]
     for name, value in weights.items():
         if not name.startswith("fc."):
@@ -181,7 +179,6 @@ def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
     # a resumed run continues from its checkpoint: --init-from is not read again
     summary = train(build_config({}, dict(data=str(shards), steps=5, arch="resnet18", init_from=str(tmp_path / "gone"),
                                           checkpoint_dir=str(ckpt), resume=True, stop_after=0, **TINY)))
-    summary.pop("_metrics").stop()
     assert summary["step"] == 0 and summary["stopped"]
 
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
@@ -237,7 +234,6 @@ def test_precision_auto_picks_bf16_only_where_supported(monkeypatch):
 def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(shards, tmp_path):
     summary = train(build_config({}, dict(data=str(shards), steps=3, arch="resnet18", precision="fp16",
                                           checkpoint_dir=str(tmp_path), **TINY)))
-    summary.pop("_metrics").stop()
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     state = torch.load(tmp_path / "checkpoint-00000003.pt", weights_only=True)
     assert state["grad_scaler"]["scale"] > 0 and state["model"]["encoder_q.conv1.weight"].dtype == torch.float32

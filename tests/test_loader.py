@@ -62,6 +62,25 @@ def test_batches_of_two_views_skip_and_count_bad_images(damaged_shards, backend,
     assert -3 < float(b.q.mean()) < 3 and 0.2 < float(b.q.std()) < 2  # ImageNet-normalised
 
 
+@pytest.mark.parametrize("batch_size", [4, 8])
+def test_both_backends_count_skips_and_the_partial_batch_alike(damaged_shards, batch_size):
+    """Skips, batch cuts and the partial last batch are one stage shared by both backends: on the same damaged
+    shards DALI (bad images filtered before the chunk is cut) and torch (bad images found by the workers, their
+    batch completed from the next chunk) hand out the same batches, resume points and counts."""
+    shards = damaged_shards["tar"]
+    runs = {}
+    for backend in ("dali", "torch"):
+        loader = TwoViewLoader(LoaderConfig(data="", batch_size=batch_size, image_size=32, backend=backend,
+                                            workers=1, epochs=1, seed=7), shards=shards)
+        batches = [(b.keys, b.last.epoch, b.last.position) for b in loader]
+        runs[backend] = batches, dict(loader.skipped)
+    assert runs["dali"] == runs["torch"]
+    batches, skipped = runs["torch"]
+    good = sum(s.samples for s in shards) - 2  # one truncated, one random-bytes image
+    assert skipped == {"truncated": 1, "not_an_image": 1, "partial_last_batch": good % batch_size}
+    assert len(batches) == good // batch_size and all(len(keys) == batch_size for keys, _, _ in batches)
+
+
 def test_loader_resume_state_skips_consumed_batches(damaged_shards):
     cfg = LoaderConfig(data="", batch_size=4, image_size=32, backend="torch", workers=0, epochs=1)
     full = [k for b in TwoViewLoader(cfg, shards=damaged_shards["tar"]) for k in b.keys]

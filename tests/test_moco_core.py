@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import free_port
-from moco_core import (ARCHS, MoCo, build_encoder, build_optimizer, cosine_lr, info_nce, instance_accuracy,
-                       scaled_lr)
+from moco_core import (ARCHS, MoCo, add_mlp_head, build_encoder, build_optimizer, cosine_lr, info_nce,
+                       instance_accuracy, scaled_lr)
 from moco_core.distributed import (batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, rank,
                                    world_size)
 
@@ -123,6 +123,9 @@ def test_mlp_head_replaces_fc_on_both_encoders():
         assert isinstance(fc, nn.Sequential) and isinstance(fc[1], nn.ReLU)
         assert (fc[0].in_features, fc[0].out_features) == (2048, 2048)
         assert (fc[2].in_features, fc[2].out_features) == (2048, 128)
+    # evaluation rebuilds the query encoder with the same head: a checkpoint's weights load strictly
+    encoder = add_mlp_head(build_encoder("resnet50")(num_classes=128))
+    encoder.load_state_dict(model.encoder_q.state_dict())
 
 
 def test_key_encoder_starts_as_copy_and_gets_no_grad():

@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, free_port
 from ops.cli import main as cli_main
 from ops.config import build_config
-from ops.train import train
+from ops.train import Trainer, train
 
 TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=100, workers=1, log_every=1,
             progress=False, metrics_port=0)
@@ -89,8 +89,7 @@ def test_single_process_training_with_torch_backend(local_shards, tmp_path):
     cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", recipe="moco_v1",
                                 checkpoint_dir=str(tmp_path / "ckpt"), trace_keys=str(tmp_path / "trace"), **TINY))
     summary = train(cfg)
-    summary.pop("_metrics").stop()
-    assert summary["step"] == 3 and summary["loss"] == summary["loss"]  # finite, not NaN
+    assert summary["step"] == 3 and math.isfinite(summary["loss"])
     assert Path(summary["checkpoint"]).name == "checkpoint-00000003.pt"
     keys = (tmp_path / "trace.rank0").read_text().split()
     assert len(keys) == 24 and len(set(keys)) == 24
@@ -100,12 +99,12 @@ def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
     port = free_port()
     cfg = build_config({}, dict(data=str(local_shards), steps=2, backend="dali", checkpoint_dir=str(tmp_path),
                                 **{**TINY, "metrics_port": port}))
-    summary = train(cfg)
-    metrics = summary.pop("_metrics")
-    try:
+    with Trainer(cfg) as trainer:  # the endpoint lives as long as the trainer: read it after the last step
+        summary = trainer.train()
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    finally:
-        metrics.stop()
+    assert summary["metrics_port"] == port
+    with pytest.raises(OSError):  # closed with the trainer
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10)
     text = body.decode()
     for name in ("mocostream_samples_total", "mocostream_step_duration_seconds_bucket",
                  "mocostream_data_wait_seconds_bucket", "mocostream_loss", "mocostream_learning_rate",
@@ -122,15 +121,39 @@ def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path):
+    """An error in start-up (after the metrics endpoint is up) or inside the loop leaves no endpoint, trace file
+    or signal handler behind."""
+    from ops.ports import port_is_free
+
+    handler = signal.getsignal(signal.SIGTERM)
+    port = free_port()
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", checkpoint_dir=str(tmp_path / "a"),
+                                trace_keys=str(tmp_path / "no-such-folder" / "trace"), **{**TINY, "metrics_port": port}))
+    with pytest.raises(FileNotFoundError):
+        Trainer(cfg)
+    assert port_is_free(port) and signal.getsignal(signal.SIGTERM) is handler
+
+    class FailingStep(Trainer):
+        def train_step(self, batch, t_data):
+            assert self.metrics_port == port and signal.getsignal(signal.SIGTERM) is not handler
+            raise RuntimeError("step failed")
+
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", checkpoint_dir=str(tmp_path / "b"),
+                                trace_keys=str(tmp_path / "trace"), **{**TINY, "metrics_port": port}))
+    with pytest.raises(RuntimeError, match="step failed"), FailingStep(cfg) as trainer:
+        trainer.train()
+    assert trainer.trace.closed and trainer.loss_trace.closed
+    assert port_is_free(port) and signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
     """A run cut after 3 steps and resumed consumes exactly the keys of an uninterrupted run."""
     base = dict(data=str(local_shards), backend="torch", **TINY)
 
     def run(steps, name, resume=False):
-        s = train(build_config({}, dict(base, steps=steps, resume=resume, checkpoint_dir=str(tmp_path / name),
-                                        trace_keys=str(tmp_path / f"{name}.keys"))))
-        s.pop("_metrics").stop()
-        return s
+        return train(build_config({}, dict(base, steps=steps, resume=resume, checkpoint_dir=str(tmp_path / name),
+                                           trace_keys=str(tmp_path / f"{name}.keys"))))
 
     run(20, "whole")  # 160 samples: crosses the 120-sample epoch boundary
     run(9, "cut")
@@ -154,7 +177,6 @@ def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tm
         caplog.clear()
         s = train(build_config({}, dict(data=str(local_shards), backend="torch", budget_minutes=budget_minutes,
                                         resume=resume, checkpoint_dir=str(tmp_path / "ckpt"), **TINY)))
-        s.pop("_metrics").stop()
         lrs = [float(m) for r in caplog.records for m in re.findall(r"\| lr ([\d.e-]+) \|", r.getMessage())]
         return s, lrs
 
@@ -290,7 +312,6 @@ def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(local_shards, t
     model = build_model(cfg, 1, cpu)
     assert model.encoder_q.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     summary = train(cfg)
-    summary.pop("_metrics").stop()
     assert summary["step"] == 3 and math.isfinite(summary["loss"])
     state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
@@ -303,7 +324,7 @@ def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="mocostream.train")
     cfg = build_config({}, dict(data=str(local_shards), steps=4, backend="torch", checkpoint_dir=str(tmp_path),
                                 **{**TINY, "log_every": 2}))
-    train(cfg)["_metrics"].stop()
+    train(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "ETA" in r.getMessage()]
     pattern = (r"step (\d+)/4 \| [\d.]+ img/s \| data wait \d+% \| loss [\d.]+ \| lr [\d.e-]+ \| acc [\d.]+ \| "
                r"gnorm [\d.e+-]+ \| ETA \d+:\d\d:\d\d")
@@ -313,5 +334,4 @@ def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
     cfg = build_config({}, dict(data=str(local_shards), steps=4, stop_after=3, backend="torch",
                                 checkpoint_dir=str(tmp_path / "cut"), **{**TINY, "log_every": 2}))
     summary = train(cfg)
-    summary.pop("_metrics").stop()
     assert summary["stopped"] and summary["step"] == 3 and math.isfinite(summary["loss"])
