@@ -5,8 +5,10 @@ from .encoders import ARCHS, build_encoder
 from .knn import backbone_of, extract_features, knn_top1
 from .loss import info_nce, instance_accuracy
 from .numerics import NonFiniteError, NonFiniteGuard
-from .schedule import LR_SCHEDULES, budget_lr, build_optimizer, cosine_lr, momentum_at, scaled_lr, step_lr
+from .schedule import (LR_SCHEDULES, MOMENTUM_SCHEDULES, budget_lr, build_optimizer, cosine_lr, momentum_at, scaled_lr,
+                       step_lr)
 
-__all__ = ["MoCo", "add_mlp_head", "build_encoder", "ARCHS", "info_nce", "instance_accuracy", "scaled_lr", "cosine_lr", "step_lr",
-           "budget_lr", "LR_SCHEDULES", "momentum_at", "build_optimizer", "NonFiniteGuard", "NonFiniteError",
+__all__ = ["MoCo", "add_mlp_head", "build_encoder", "ARCHS", "info_nce", "instance_accuracy", "scaled_lr", "cosine_lr",
+           "step_lr", "budget_lr", "LR_SCHEDULES", "MOMENTUM_SCHEDULES", "momentum_at", "build_optimizer",
+           "NonFiniteGuard", "NonFiniteError",
            "backbone_of", "extract_features", "knn_top1"]

@@ -64,6 +64,9 @@ def budget_lr(peak_lr: float, schedule: str, step: int, warmup_steps: int, progr
     return peak_lr * DECAYS[schedule](progress)
 
 
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+
+
 def momentum_at(m: float, step: float, total_steps: float, schedule: str = "constant") -> float:
     """Key-encoder momentum at `step` of `total_steps` (or seconds trained of a budget in seconds): constant
     m (MoCo v1/v2), or a half cosine from m up to 1 at the end of the run (as BYOL and MoCo v3 do), so the

@@ -4,31 +4,23 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import re
 import sys
 
 from shards import REASONS, CreateReport, ShardError, create_shards
 from shards.download import HttpOptions, user_agent
+from shards.options import byte_size
+from shards.plan import Plan
 
 from .cpu_budget import detect_budget, shard_tool_defaults
+from .options import add_options, values_from
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.I)
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+HTTP = "http_"  # argparse destinations of the download options: --timeout is the decode workers'
 
 
 @functools.cache
 def budget_defaults() -> tuple[int, int]:
     """(decode workers, downloads in flight) from the CPUs this process may use (one process per pod)."""
     return shard_tool_defaults(detect_budget(local_ranks=1))
-
-
-def byte_size(text: str) -> int:
-    """`500MB`, `1GiB`, `2000000` -> bytes (argparse type)."""
-    m = _SIZE.match(text)
-    unit = (m.group(2) or "").lower().rstrip("b") if m else None
-    if not m or unit not in _UNITS:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 500MB, 1GiB, 2000000)")
-    return int(float(m.group(1)) * _UNITS[unit])
 
 
 CREATE_HELP = f"""\
@@ -77,6 +69,15 @@ def add_shards_parser(subparsers) -> None:
         "shards", help="create, verify, inspect and merge training shards",
         description="Create and manage training shards (webdataset tar or parquet).")
     sub = shards.add_subparsers(dest="shards_command", metavar="COMMAND", required=True)
+    add_create_parser(sub)
+    add_verify_parser(sub)
+    add_inspect_parser(sub)
+    add_merge_parser(sub)
+
+
+def add_create_parser(sub) -> None:
+    """`shards create`: the options that shape the output are shards.plan.Plan's fields, the download
+    options shards.download.HttpOptions' (both define their flags once); the rest say how to run."""
     c = sub.add_parser(
         "create", help="validate, normalise, deduplicate and pack images into shards",
         formatter_class=argparse.RawDescriptionHelpFormatter, description=CREATE_HELP,
@@ -91,57 +92,22 @@ def add_shards_parser(subparsers) -> None:
                    help="folder, tar archive, list of paths/URLs (.txt/.jsonl) or parquet table")
     c.add_argument("--out", required=True, metavar="DEST",
                    help="destination: a local folder (created if missing) or s3://bucket/prefix")
-    c.add_argument("--format", default="tar", dest="fmt", metavar="FORMAT",
-                   help="tar: webdataset shards (<key>.jpg|png|webp + <key>.json) each with a DALI .idx "
-                        "index; parquet: one row per image (image bytes + metadata columns), "
-                        "row groups of 256; tar,parquet: both, the same samples in the same shards, "
-                        "manifest.json for the first format listed and manifest-<format>.json for the other "
-                        "(default: %(default)s)")
-    c.add_argument("--samples-per-shard", type=int, default=1000, metavar="N",
-                   help="images per shard; the last shard may hold fewer (default: %(default)s)")
-    c.add_argument("--max-shard-bytes", type=byte_size, default=0, metavar="SIZE",
-                   help="also start a new shard before one would pass SIZE (500MB, 1GiB); 0 = no limit")
-    c.add_argument("--prefix", default="shard", metavar="P",
-                   help="shard file names are P-NNNNNN.tar / .parquet; letters, digits, '_' and '-' "
-                        "(default: %(default)s)")
-    c.add_argument("--workers", type=int, default=budget_defaults()[0],
-                   metavar="N", help="decode processes (default: the CPU budget, the smallest of the affinity "
-                                     "mask and the cgroup CPU quota: %(default)s); 0 decodes in-process")
+    add_options(c, Plan)
+    add_options(c, HttpOptions, prefix=HTTP)
+    workers, downloads = budget_defaults()
+    c.set_defaults(**{HTTP + "concurrency": downloads})  # 32 per CPU of the budget, 32 to 256
+    c.add_argument("--workers", type=int, default=workers, metavar="N",
+                   help="decode processes (default: the CPU budget, the smallest of the affinity mask and the "
+                        "cgroup CPU quota: %(default)s); 0 decodes in-process")
     c.add_argument("--timeout", type=float, default=60.0, metavar="S",
                    help="per-file time budget; a decoder over it is killed and the file rejected as "
                         "timeout (default: %(default)s)")
-    c.add_argument("--max-pixels", type=int, default=89_478_485, metavar="N",
-                   help="per-file pixel budget; bigger images are rejected as decompression_bomb "
-                        "(default: %(default)s)")
     c.add_argument("--worker-memory", type=byte_size, default=None, metavar="SIZE",
                    help="memory a decode worker may allocate (e.g. 2GiB); a file needing more is rejected as "
                         "decompression_bomb (default: 16 bytes per --max-pixels pixel + 512 MiB; 0 = no cap)")
-    c.add_argument("--min-size", type=int, default=8, metavar="PX",
-                   help="reject images whose shorter side is under PX as too_small (default: %(default)s)")
-    c.add_argument("--max-size", type=int, default=0, metavar="PX",
-                   help="resize images whose longer side (see --resize-mode) is over PX (re-encoded as JPEG); "
-                        "0 = keep size; never upscales")
-    c.add_argument("--resize-mode", choices=["longer", "shorter", "center_crop"], default="longer",
-                   help="longer: cap the longer side at --max-size; shorter: cap the shorter side (the size "
-                        "training crops from); center_crop: cap the shorter side, then keep the centre square "
-                        "(default: %(default)s)")
-    c.add_argument("--quality", type=int, default=95, metavar="Q", help="JPEG quality of re-encoded images "
-                                                                        "(default: %(default)s)")
-    c.add_argument("--reencode", choices=["auto", "always", "never"], default="auto",
-                   help="auto: only images that need a change; always: every image; never: keep original "
-                        "bytes and reject what would need a change as needs_reencode (default: %(default)s)")
-    c.add_argument("--dedup", choices=["exact", "perceptual", "none"], default="exact",
-                   help="exact: same decoded pixels; perceptual: same picture (resized, re-compressed) by a "
-                        "64-bit difference hash; later copies are rejected as duplicate (default: %(default)s)")
-    c.add_argument("--dedup-threshold", type=int, default=4, metavar="BITS",
-                   help="perceptual: hashes this many bits apart or fewer are duplicates (default: %(default)s)")
-    c.add_argument("--shuffle", action="store_true",
-                   help="mix all inputs across shards (a seeded permutation) so each shard is representative")
-    c.add_argument("--seed", type=int, default=0, help="seed of --shuffle (default: %(default)s)")
-    c.add_argument("--part", metavar="i/N",
-                   help="process only the i-th of N slices of the inputs, into DEST/part-IIIII-of-NNNNN; "
-                        "run all N (e.g. a Kubernetes Indexed Job), then `shards merge DEST`")
-    _add_table_and_http_args(c)
+    c.add_argument("--retry-failed", action="store_true",
+                   help="on a finished DEST: retry only the retryable rejects (timeouts, connection and DNS "
+                        "errors, 408/429/5xx) and append what they give as new shards")
     c.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus metrics (inputs by result, HTTP codes, bytes, latency, in flight) "
                         "on this port while running")
@@ -150,6 +116,8 @@ def add_shards_parser(subparsers) -> None:
                    help="print the run report (as in DEST/report.json) as one JSON line instead of the summary")
     c.set_defaults(func=run_shards_create)
 
+
+def add_verify_parser(sub) -> None:
     v = sub.add_parser("verify", help="check every shard against the manifest; exit 1 on a mismatch",
                        description="Check every shard listed in DEST/manifest.json: present, byte size, sha256, "
                                    "sample count, every sample decodable (PIL, end to end), DALI index. "
@@ -159,12 +127,16 @@ def add_shards_parser(subparsers) -> None:
     v.add_argument("--quiet", action="store_true", help="print only problems and the final line")
     v.set_defaults(func=run_shards_verify)
 
+
+def add_inspect_parser(sub) -> None:
     i = sub.add_parser("inspect", help="summarise a shard set: counts, sizes, resolutions, formats, rejects",
                        description="Print what the shard set at DEST holds.")
     i.add_argument("dest", metavar="DEST", help="folder or s3:// prefix holding manifest.json")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
     i.set_defaults(func=run_shards_inspect)
 
+
+def add_merge_parser(sub) -> None:
     m = sub.add_parser("merge", help="join the manifests of `create --part i/N` runs into one",
                        description="After all N `shards create --part i/N --out DEST` runs finished, write "
                                    "DEST/manifest.json (every part's shards), DEST/rejects.jsonl and "
@@ -172,36 +144,6 @@ def add_shards_parser(subparsers) -> None:
     m.add_argument("dest", metavar="DEST", help="the --out the parts were written to")
     m.add_argument("--json", action="store_true", help="print the merged report as JSON")
     m.set_defaults(func=run_shards_merge)
-
-
-def _add_table_and_http_args(c) -> None:
-    d = HttpOptions()
-    c.add_argument("--url-col", default="", metavar="NAME", help="the tables' URL column (default: url, URL, "
-                                                                  "image_url or path, the first found)")
-    c.add_argument("--caption-col", default="", metavar="NAME",
-                   help="the tables' caption column, stored as `caption` (default: caption, TEXT or text)")
-    c.add_argument("--extra-cols", default="", metavar="A,B",
-                   help="table columns to keep besides URL and caption (default: all of them)")
-    c.add_argument("--io-concurrency", type=int, default=budget_defaults()[1],
-                   metavar="N", help="http(s) downloads in flight at once (default: 32 per CPU of the budget, "
-                                     "32 to 256: %(default)s)")
-    c.add_argument("--http-timeout", type=float, default=d.timeout, metavar="S",
-                   help="connect timeout, and the longest silence while reading a reply (default: %(default)s)")
-    c.add_argument("--retries", type=int, default=d.retries, metavar="N",
-                   help="more tries after a timeout, connection error, 408, 429 or 5xx, with exponential "
-                        "backoff and jitter or the server's Retry-After (capped at 60 s); never for other "
-                        "4xx (default: %(default)s)")
-    c.add_argument("--per-host-connections", type=int, default=d.per_host, metavar="N",
-                   help="connections open to one host at once (default: %(default)s)")
-    c.add_argument("--user-agent-token", default="", metavar="TOKEN",
-                   help="added to the User-Agent, e.g. your project's name or contact address")
-    c.add_argument("--ignore-opt-out", action="store_true",
-                   help="write images even when their X-Robots-Tag says noai / noindex (default: skip them)")
-    c.add_argument("--max-download-bytes", type=byte_size, default=d.max_bytes, metavar="SIZE",
-                   help="bodies larger than this are rejected as too_large (default: 64MiB; 0 = no limit)")
-    c.add_argument("--retry-failed", action="store_true",
-                   help="on a finished DEST: retry only the retryable rejects (timeouts, connection and DNS "
-                        "errors, 408/429/5xx) and append what they give as new shards")
 
 
 def summary(report: CreateReport) -> str:
@@ -225,17 +167,9 @@ def run_shards_create(args) -> int:
     if args.workers < 0:
         raise ShardError(f"--workers must be 0 or more, got {args.workers}")
     report = create_shards(
-        args.sources, args.out, fmt=args.fmt, samples_per_shard=args.samples_per_shard, prefix=args.prefix,
-        progress=not (args.quiet or args.json), workers=args.workers, timeout=args.timeout,
-        min_size=args.min_size, max_size=args.max_size, quality=args.quality, reencode=args.reencode,
-        dedup=args.dedup, dedup_threshold=args.dedup_threshold, shuffle=args.shuffle, seed=args.seed,
-        max_shard_bytes=args.max_shard_bytes, part=args.part, max_pixels=args.max_pixels,
-        memory_limit=args.worker_memory, resize_mode=args.resize_mode, url_col=args.url_col,
-        caption_col=args.caption_col, extra_cols=args.extra_cols, retry_failed=args.retry_failed,
-        metrics_port=args.metrics_port,
-        http=HttpOptions(concurrency=args.io_concurrency, timeout=args.http_timeout, retries=args.retries,
-                         per_host=args.per_host_connections, user_agent_token=args.user_agent_token,
-                         respect_opt_out=not args.ignore_opt_out, max_bytes=args.max_download_bytes))
+        args.sources, args.out, progress=not (args.quiet or args.json), workers=args.workers, timeout=args.timeout,
+        memory_limit=args.worker_memory, retry_failed=args.retry_failed, metrics_port=args.metrics_port,
+        http=HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)), **values_from(args, Plan))
     print(json.dumps(report.report) if args.json else summary(report), flush=True)
     return 0
 

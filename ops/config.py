@@ -3,6 +3,9 @@
     defaults < recipe presets < config file (YAML/TOML/JSON; --config or MOCOSTREAM_CONFIG)
              < environment variables MOCOSTREAM_<OPTION> < command-line flags
 
+Each option is one field of TrainConfig: its type, default, help text and choices. The flag
+(`--batch-size`), the config-file key (`batch_size` or `batch-size`), the environment variable
+(MOCOSTREAM_BATCH_SIZE) and the --print-config entry all come from it (ops.options).
 Recipe presets only fill what nothing else set, so every preset value can be overridden.
 """
 from __future__ import annotations
@@ -14,12 +17,13 @@ import math
 import os
 import re
 import tomllib
-import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from .options import choices_of, flag_of, option_fields, plain_type
 
 
 class ConfigError(ValueError):
@@ -34,73 +38,135 @@ RECIPE_DEFAULTS = {
     "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine"},
 }
 ENV_PREFIX = "MOCOSTREAM_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"  # names the config file; not an option
+
+
+def opt(default, help: str, **meta):
+    """A TrainConfig option: its default and help, plus ops.options metadata (choices, metavar)."""
+    return field(default=default, metadata={"help": help, **meta})
+
+
+# Choices come from the registries that use them; looked up when needed (they import torch).
+def _archs():
+    from moco_core import ARCHS
+    return ARCHS
+
+
+def _lr_schedules():
+    from moco_core import LR_SCHEDULES
+    return tuple(LR_SCHEDULES)
+
+
+def _momentum_schedules():
+    from moco_core import MOMENTUM_SCHEDULES
+    return MOMENTUM_SCHEDULES
+
+
+def _backends():
+    from pipeline.loader import BACKENDS
+    return BACKENDS
+
+
+def _preflight_modes():
+    from pipeline.loader import PREFLIGHT
+    return PREFLIGHT
+
+
+def _precisions():
+    from .precision import PRECISIONS
+    return PRECISIONS
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""
-    steps: int | None = None  # None: 1000, or no cap when budget_minutes is set
-    budget_minutes: float | None = None  # wall clock to train for, over all resumes; the schedules follow it
-    batch_size: int = 32  # per rank
-    arch: str = "resnet18"
-    image_size: int = 224
-    backend: str = "dali"
-    recipe: str = "moco_v2"
-    queue_size: int = 65536
-    dim: int = 128
-    moco_momentum: float = 0.999
-    temperature: float | None = None  # None: the recipe's
-    mlp: bool | None = None  # None: the recipe's
-    bn_splits: int = 0  # single-device shuffle BN sub-batches; 0: auto (2..8 on one rank, 1 under DDP)
-    base_lr: float = 0.03  # lr = base_lr * global batch / 256
-    weight_decay: float = 1e-4
-    sgd_momentum: float = 0.9
-    warmup_steps: int = 0
-    lr_schedule: str | None = None  # cosine | step; None: the recipe's
-    momentum_schedule: str = "constant"  # constant m, or cosine from m to 1 over the run
-    symmetric: bool = False  # both views as query: loss(q1, k2) + loss(q2, k1), 2N keys enqueued
-    sync_bn: bool = False  # GPU DDP only: SyncBatchNorm in the query encoder
-    compile: bool = False  # torch.compile the encoders
-    precision: str = "auto"  # auto: bf16 on CUDA (fp16 + grad scaler without bf16), fp32 on CPU | fp32 | bf16 | fp16
-    init_from: str | None = None  # a ResNet state_dict / safetensors / exported backbone both encoders start from
-    max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite) steps in a row; 0: never
-    knn_data: str | None = None  # labelled eval set for the kNN monitor (class folders or labelled shards)
-    knn_every: int = 0  # steps between kNN evaluations (0: only at the end, when --knn-data is given)
-    knn_k: int = 200
-    knn_t: float = 0.1
-    knn_max_per_class: int | None = None  # cap on images per class and split, to bound CPU time
-    knn_image_size: int | None = None  # side the labelled images are resized to; None: image_size
-    seed: int = 0
-    workers: int | None = None  # torch: augmentation processes; dali: CPU threads; None: from the CPU budget
-    cpus: float | None = None  # CPUs this process may use (None: affinity and cgroup quota decide)
-    intra_op_threads: int | None = None  # torch compute threads; None: from the CPU budget
-    adapt_threads: bool = True  # on CPU, fewer compute threads while a neighbour takes CPUs (ops/thread_tuner.py)
-    preflight_check: str = "auto"  # dali: check images before DALI? auto: not for shards `shards create` validated
-    shuffle_shards: int = 4
-    read_ahead: int = 2  # shard blocks fetched ahead of use
-    read_ahead_mb: int = 1024  # ... and at most this many MB of them in flight
-    storage_retries: int = 5
-    storage_timeout: float = 60.0  # seconds for a storage read to make progress
-    allow_external_shards: bool = False  # manifest names outside the manifest's folder (.., /abs, URLs)
-    epochs: int | None = None  # None: endless stream; the run ends after --steps / --budget-minutes either way
-    device: str = "auto"  # auto | cpu | cuda
-    metrics_port: int = 9400  # 0 disables; rank r serves on port + local rank
-    metrics_addr: str = "0.0.0.0"
-    checkpoint_dir: str = "checkpoints"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    resume: bool = False
-    trace_keys: str | None = None  # also writes the loss of every logged step to PATH.rank<r>.loss
-    stop_after: int | None = None  # act as if preempted after this many steps of this run (resume tests)
-    log_every: int = 10
-    progress: bool = True
-    extra: dict = field(default_factory=dict, repr=False)
+    data: str = opt("", "training shards: manifest.json, a folder or s3:// prefix holding one, a brace pattern "
+                        "(s3://b/shard-{000000..000099}.tar) or a comma-separated list of shard URLs")
+    steps: int | None = opt(None, "optimizer steps to run (the lr schedule spans them); default 1000, or no cap "
+                                  "with --budget-minutes")
+    budget_minutes: float | None = opt(None, "train for this many minutes of wall clock, summed over resumes; the "
+                                             "lr and momentum schedules then span the budget, not --steps (which "
+                                             "only caps the run)")
+    batch_size: int = opt(32, "samples per rank per step (global batch = this x ranks)")
+    arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images", choices=_archs)
+    image_size: int = opt(224, "side of the square crops fed to the encoder")
+    backend: str = opt("dali", "augmentation backend: dali (GPU when present, else CPU) or torch "
+                               "(PIL/torchvision)", choices=_backends)
+    recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head) or moco_v2 (T 0.2, MLP head, aug+ with blur)",
+                      choices=tuple(RECIPE_DEFAULTS))
+    queue_size: int = opt(65536, "K, the number of negatives kept in the queue (any value; no multiple-of-batch "
+                                 "rule)")
+    dim: int = opt(128, "feature dimension of the keys/queries")
+    moco_momentum: float = opt(0.999, "m, the key encoder's momentum")
+    temperature: float | None = opt(None, "T of the InfoNCE loss (default: the recipe's)")
+    mlp: bool | None = opt(None, "MLP projection head (default: the recipe's)")
+    bn_splits: int = opt(0, "single-device shuffle BN sub-batches (0: auto, 2..8 on one rank, 1 under DDP)")
+    base_lr: float = opt(0.03, "learning rate for a global batch of 256 (scaled linearly)")
+    weight_decay: float = opt(1e-4, "SGD weight decay")
+    sgd_momentum: float = opt(0.9, "SGD momentum")
+    warmup_steps: int = opt(0, "linear warmup steps from 0 to the peak lr")
+    lr_schedule: str | None = opt(None, "cosine, or step (x0.1 at 60%% and 80%% of the run); default: the "
+                                        "recipe's", choices=_lr_schedules)
+    momentum_schedule: str = opt("constant", "constant m, or cosine: m rises to 1 over the run",
+                                 choices=_momentum_schedules)
+    symmetric: bool = opt(False, "symmetric loss: each view is also the query of the other (2N keys enqueued)")
+    sync_bn: bool = opt(False, "SyncBatchNorm in the query encoder (GPU, several ranks)")
+    compile: bool = opt(False, "torch.compile the encoders")
+    precision: str = opt("auto", "auto (on CUDA bf16 autocast, or fp16 with a gradient scaler on GPUs without "
+                                 "bf16; fp32 on CPU), fp32, bf16 (also on CPUs with AMX/AVX512-BF16, about 2x "
+                                 "faster there), or fp16", choices=_precisions)
+    init_from: str | None = opt(None, "start both encoders from these backbone weights (a torchvision/timm ResNet "
+                                      "state_dict, safetensors, or a file `mocostream export` wrote; local or "
+                                      "s3://); head and queue fresh")
+    max_nonfinite_steps: int = opt(10, "stop with an error after this many non-finite steps in a row (0: never)")
+    knn_data: str | None = opt(None, "labelled eval set for the kNN monitor: train/ + test/ (or val/) class "
+                                     "folders, one class-folder tree (every 5th image a query), or labelled shards")
+    knn_every: int = opt(0, "steps between kNN evaluations (0: only at the end, when --knn-data is given)")
+    knn_k: int = opt(200, "neighbours of the weighted kNN")
+    knn_t: float = opt(0.1, "temperature of the kNN vote weights")
+    knn_max_per_class: int | None = opt(None, "use at most this many images per class and split (bounds eval "
+                                              "time)")
+    knn_image_size: int | None = opt(None, "side the kNN images are resized to (default: --image-size; training "
+                                           "on small random crops, the images' own size measures better)")
+    seed: int = opt(0, "seed of the data order, augmentation and weights")
+    workers: int | None = opt(None, "torch backend: augmentation processes; dali: CPU threads (and image-check "
+                                    "threads); default: from the CPU budget")
+    cpus: float | None = opt(None, "CPUs this job may use on the node (default: the smallest of the affinity mask "
+                                   "and the cgroup CPU quota); split among the node's ranks, then among the thread "
+                                   "pools")
+    intra_op_threads: int | None = opt(None, "torch compute threads per rank (default: from the CPU budget)")
+    adapt_threads: bool = opt(True, "on CPU, measure and use fewer compute threads while other processes take "
+                                    "CPUs (ops/thread_tuner.py)")
+    preflight_check: str = opt("auto", "dali: check every image before it reaches DALI: auto (skipped for shards "
+                                       "that `shards create` validated), always or never", choices=_preflight_modes)
+    shuffle_shards: int = opt(4, "shards mixed together by the in-memory shuffle")
+    read_ahead: int = opt(2, "shard blocks fetched ahead of use")
+    read_ahead_mb: int = opt(1024, "most MB of shards being fetched ahead at once")
+    storage_retries: int = opt(5, "retries of a failed shard read (exponential backoff with jitter)")
+    storage_timeout: float = opt(60.0, "seconds a storage read may stall before it is retried")
+    allow_external_shards: bool = opt(False, "let a manifest name shards outside its own folder (../, absolute "
+                                             "paths, URLs)")
+    epochs: int | None = opt(None, "stop after this many passes over the data (default: endless; --steps or "
+                                   "--budget-minutes ends the run)")
+    device: str = opt("auto", "where to train (auto: cuda when there is a GPU)", choices=("auto", "cpu", "cuda"))
+    metrics_port: int = opt(9400, "Prometheus endpoint port (rank r uses port + local rank); 0 disables")
+    metrics_addr: str = opt("0.0.0.0", "address the metrics endpoint binds to (default 0.0.0.0: every interface, "
+                                       "no authentication, as a pod's scrape target needs; 127.0.0.1 keeps it on "
+                                       "this host)")
+    checkpoint_dir: str = opt("checkpoints", "folder or s3:// prefix for checkpoints")
+    checkpoint_every: int = opt(500, "steps between checkpoints")
+    keep_checkpoints: int = opt(2, "how many recent checkpoints to keep")
+    resume: bool = opt(False, "continue from the latest checkpoint")
+    trace_keys: str | None = opt(None, "write the keys each rank consumed, in order, to PATH.rank<r> (and the "
+                                       "loss of every logged step to PATH.rank<r>.loss)")
+    stop_after: int | None = opt(None, "behave as if preempted after this many steps of this run: checkpoint, "
+                                       "exit 0 (resume tests)")
+    log_every: int = opt(10, "steps between log lines / metric updates (each costs a host sync)")
+    progress: bool = opt(True, "a progress bar when rank 0 writes to a terminal")
 
     def resolved(self) -> "TrainConfig":
         """A copy with recipe defaults filled in, after checking every value."""
         cfg = dataclasses.replace(self)
-        if cfg.recipe not in RECIPE_DEFAULTS:
-            raise ConfigError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPE_DEFAULTS)}")
+        check_choices(cfg)  # the recipe first: its presets fill what is unset
         for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
@@ -110,10 +176,6 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        from moco_core import ARCHS
-
-        from pipeline.loader import BACKENDS
-
         if not self.data:
             raise ConfigError("no training data: give --data (a manifest, shard folder, brace pattern or URL list)")
         checks = [
@@ -127,9 +189,6 @@ class TrainConfig:
              f"--bn-splits must divide --batch-size {self.batch_size} (or be 0 for auto)"),
             (0.0 <= self.moco_momentum <= 1.0, "--moco-momentum must be in [0, 1]"),
             (self.temperature is None or self.temperature > 0, "--temperature must be > 0"),
-            (self.arch in ARCHS, f"unknown --arch {self.arch!r}; choose from {', '.join(ARCHS)}"),
-            (self.backend in BACKENDS, f"unknown --backend {self.backend!r}; choose from {', '.join(BACKENDS)}"),
-            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (0 <= self.metrics_port < 65536, "--metrics-port must be in 0..65535"),
             (self.checkpoint_every >= 1, "--checkpoint-every must be >= 1"),
             (self.workers is None or self.workers >= 0, "--workers must be >= 0"),
@@ -139,9 +198,6 @@ class TrainConfig:
             (self.read_ahead >= 1 and self.read_ahead_mb >= 1, "--read-ahead and --read-ahead-mb must be >= 1"),
             (self.storage_retries >= 0 and self.storage_timeout > 0, "--storage-retries >= 0, --storage-timeout > 0"),
             (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
-            (self.lr_schedule in (None, "cosine", "step"), "--lr-schedule must be cosine or step"),
-            (self.momentum_schedule in ("constant", "cosine"), "--momentum-schedule must be constant or cosine"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--precision must be auto, fp32, bf16 or fp16"),
             (0 <= self.warmup_steps <= (self.steps or self.warmup_steps), "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
             (self.knn_image_size is None or self.knn_image_size >= 8, "--knn-image-size must be >= 8"),
@@ -151,6 +207,14 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def check_choices(cfg: TrainConfig) -> None:
+    """Each option with choices holds one of them (from any source: file, environment, flag)."""
+    for f in option_fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("choices") is not None and value is not None and value not in choices_of(f):
+            raise ConfigError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices_of(f))}")
 
 
 def read_config_file(path: str) -> dict:
@@ -173,32 +237,19 @@ def read_config_file(path: str) -> dict:
     return {k.replace("-", "_"): v for k, v in data.items()}
 
 
-def _option_type(name: str) -> type:
-    """The plain type of a TrainConfig field (`int | None` -> int)."""
-    hint = typing.get_type_hints(TrainConfig)[name]
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _optional(name: str) -> bool:
-    return type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])
-
-
-def _parse_env(name: str, raw: str):
-    return _typed(name, raw, ENV_PREFIX + name.upper())
+OPTIONS = tuple(f.name for f in option_fields(TrainConfig))
+FLAGS = {f.name: flag_of(f) for f in option_fields(TrainConfig)}
+OPTIONAL = {name for name in OPTIONS if type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])}
 
 
 def _typed(name: str, value, where: str):
     """`value` as the option's type: strings are parsed (environment, quoted config values); other values
     must already be of that type (YAML/TOML/JSON numbers and booleans). Anything else: ConfigError naming
     the option, so `"resume": "no"` never turns resuming on."""
-    typ = _option_type(name)
-    if value is None and _optional(name):
+    typ = plain_type(TrainConfig, name)
+    if value is None and name in OPTIONAL:
         return None
     if isinstance(value, str) and typ is not str:
         text = value.strip().lower()
@@ -223,16 +274,19 @@ def _typed(name: str, value, where: str):
 def env_values(environ: typing.Mapping[str, str] | None = None) -> dict:
     """Options from MOCOSTREAM_<OPTION> variables (MOCOSTREAM_CONFIG names the config file instead)."""
     environ = os.environ if environ is None else environ
-    known = {f.name for f in fields(TrainConfig)} - {"extra"}
     values = {}
     for var, raw in sorted(environ.items()):
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
+        if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
             continue
         name = var[len(ENV_PREFIX):].lower()
-        if name not in known:
+        if name not in OPTIONS:
             raise ConfigError(f"unknown option in environment variable {var}")
-        values[name] = _parse_env(name, raw)
+        values[name] = _typed(name, raw, env_var(name))
     return values
+
+
+def env_var(name: str) -> str:
+    return ENV_PREFIX + name.upper()
 
 
 SECRET_NAME = re.compile(r"secret|password|token|credential|(^|_)key$", re.IGNORECASE)
@@ -286,19 +340,20 @@ def printable_config(cfg: TrainConfig, environ: typing.Mapping[str, str] | None 
     environ = os.environ if environ is None else environ
     storage_env = {k: v for k, v in sorted(environ.items())
                    if k.startswith("AWS_") or k.startswith(ENV_PREFIX)}
-    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"}
+    options = {name: getattr(cfg, name) for name in OPTIONS}
     return mask_secrets({"options": options, "environment": storage_env})
 
 
 def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str, str] | None = None) -> TrainConfig:
-    """Defaults < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set')."""
-    known = {f.name for f in fields(TrainConfig)} - {"extra"}
-    unknown = sorted(set(file_values) - known)
-    if unknown:
-        raise ConfigError(f"unknown option in config file: {unknown[0]}")
+    """Defaults < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set'). Values are
+    parsed and checked alike from every source: text (the environment, flags) or typed (files, callers)."""
+    for where, names in (("config file", file_values), ("flags", overrides)):
+        unknown = sorted(set(names) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown option in {where}: {unknown[0]}")
     file_values = {k: _typed(k, v, f"{k} in the config file") for k, v in file_values.items()}
-    values = {**file_values, **env_values(environ),
-              **{k: v for k, v in overrides.items() if v is not None and k in known}}
+    flags = {k: _typed(k, v, FLAGS[k]) for k, v in overrides.items() if v is not None}
+    values = {**file_values, **env_values(environ), **flags}
     try:
         return TrainConfig(**values).resolved()
     except TypeError as e:

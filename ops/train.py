@@ -27,14 +27,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
 from pipeline.labeled import knn_sets
-from pipeline.loader import Batch, LoaderConfig, TwoViewLoader
-from pipeline.storage import StorageConfig, at_start, retrying
+from pipeline.loader import Batch, TwoViewLoader
+from pipeline.storage import at_start, retrying
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
-from .evaluate import knn_eval
 from .cpu_threads import apply_cpu_budget, log_cpu_budget
+from .evaluate import knn_eval
 from .metrics import TrainMetrics
+from .pipeline_configs import loader_config, storage_config
 from .precision import StepPrecision, precision_mode
 from .ranks import on_one_rank
 from .weights import init_backbones
@@ -275,15 +276,11 @@ class Trainer:
 
     def _build_loader(self) -> TwoViewLoader:
         """This rank's (q, k) batches; start-up storage calls get timeouts and bounded retries."""
-        cfg, cuda = self.cfg, self.device.type == "cuda"
-        storage = StorageConfig(retries=cfg.storage_retries, read_timeout=cfg.storage_timeout)
+        cfg = self.cfg
+        storage = storage_config(cfg)
         at_start(storage, cfg.allow_external_shards)
-        loader_cfg = LoaderConfig(
-            data=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe,
-            backend=cfg.backend, seed=cfg.seed, rank=self.rank, world=self.world, workers=self.threads.loader,
-            device="gpu" if cuda else "cpu", device_id=self.local_rank if cuda else None,
-            shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead, read_ahead_bytes=cfg.read_ahead_mb << 20,
-            epochs=cfg.epochs, storage=storage, preflight=cfg.preflight_check)
+        loader_cfg = loader_config(cfg, storage, self.rank, self.world, self.device, self.local_rank,
+                                   workers=self.threads.loader)
         return retrying(storage, cfg.data, lambda: TwoViewLoader(loader_cfg, observer=self.metrics, share=on_one_rank))
 
     def _build_model(self) -> None:

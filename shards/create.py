@@ -32,7 +32,7 @@ from .plan import Plan, differences, fingerprint, parse_formats, parse_part
 from .sequence import CreateReport, ShardSequence
 from .stats import load_resume
 from .tables import Columns
-from .validate import MAX_PIXELS, MIN_SIDE, REASONS
+from .validate import REASONS
 from .workers import DecodePool
 
 
@@ -120,11 +120,12 @@ def _fresh_or_resumed(job: Job, inputs: Inputs) -> CreateReport:
                      state.bytes_in + stats.bytes_in, None if seq.labels is None else sorted(seq.labels))
 
 
-def make_plan(fmt, samples_per_shard, prefix, kw: dict) -> Plan:
-    formats = parse_formats(fmt)
-    part = kw.pop("part", None)
-    plan = Plan(format=",".join(formats), samples_per_shard=samples_per_shard, prefix=prefix,
-                part=part if isinstance(part, tuple) else parse_part(part), **kw)
+def make_plan(options: dict, http: HttpOptions) -> Plan:
+    """The checked Plan from its fields' values (`part` may be "i/N" text, `format` "tar, parquet")."""
+    part = options.get("part")
+    plan = Plan(**{**options, "format": ",".join(parse_formats(options.get("format", "tar"))),
+                   "part": part if isinstance(part, tuple) else parse_part(part),
+                   "respect_opt_out": http.respect_opt_out, "max_download_bytes": http.max_bytes})
     plan.check()
     return plan
 
@@ -138,36 +139,28 @@ def check_http(http: HttpOptions) -> None:
         raise ShardError(f"--http-timeout must be positive, got {http.timeout}")
 
 
-def create_shards(sources: list[str], out: str, fmt: str = "tar", samples_per_shard: int = 1000,
-                  prefix: str = "shard", progress: bool = True, *, workers: int = 1, timeout: float = 60.0,
-                  min_size: int = MIN_SIDE, max_size: int = 0, resize_mode: str = "longer", quality: int = 95,
-                  reencode: str = "auto", dedup: str = "exact", dedup_threshold: int = 4, shuffle: bool = False,
-                  seed: int = 0, max_shard_bytes: int = 0, part: str | tuple[int, int] | None = None,
-                  max_pixels: int = MAX_PIXELS, memory_limit: int | None = None, url_col: str = "",
-                  caption_col: str = "", extra_cols: str = "", http: HttpOptions | None = None,
-                  retry_failed: bool = False, metrics_port: int | None = None) -> CreateReport:
+def create_shards(sources: list[str], out: str, *, progress: bool = True, workers: int = 1, timeout: float = 60.0,
+                  memory_limit: int | None = None, http: HttpOptions | None = None, retry_failed: bool = False,
+                  metrics_port: int | None = None, fmt: str | None = None, **plan_options) -> CreateReport:
     """Turn image sources into validated, normalised shards plus manifest.json at `out`.
 
     `sources`: folders, tar archives, tables of paths/URLs, parquet tables (shards.discover). `out`: local
     folder or fsspec URL (s3://bucket/prefix; endpoint and keys from the AWS_* environment variables).
-    `fmt`: "tar", "parquet", or both ("tar,parquet": the same samples in each; see shards.manifest).
+    `plan_options`: the fields of shards.plan.Plan, the options that shape the output (`fmt` is `format`:
+    "tar", "parquet", or both, "tar,parquet": the same samples in each; see shards.manifest).
     `http`: the download stage's options (shards.download.HttpOptions). A rerun with the same sources and
     options continues a killed run (or does nothing if it finished); other options into the same `out`
     raise; `retry_failed` on a finished `out` retries its retryable rejects. Raises ShardError for user
     errors; bad images never raise, they are recorded in rejects.jsonl with a reason code.
     """
     http = http or HttpOptions()
-    plan = make_plan(fmt, samples_per_shard, prefix, dict(
-        max_shard_bytes=max_shard_bytes, min_size=min_size, max_size=max_size, resize_mode=resize_mode,
-        quality=quality, reencode=reencode, max_pixels=max_pixels, dedup=dedup, dedup_threshold=dedup_threshold,
-        shuffle=shuffle, seed=seed, part=part, url_col=url_col, caption_col=caption_col, extra_cols=extra_cols,
-        respect_opt_out=http.respect_opt_out, max_download_bytes=http.max_bytes))
+    plan = make_plan(plan_options if fmt is None else {**plan_options, "format": fmt}, http)
     if timeout <= 0:
         raise ShardError(f"--timeout must be positive, got {timeout}")
     check_http(http)
-    cols = Columns(url_col or None, caption_col or None,
-                   tuple(c.strip() for c in extra_cols.split(",") if c.strip()) if extra_cols else None)
-    inputs = Inputs(list(sources), plan.part, cols, shuffle, seed)
+    cols = Columns(plan.url_col or None, plan.caption_col or None,
+                   tuple(c.strip() for c in plan.extra_cols.split(",") if c.strip()) if plan.extra_cols else None)
+    inputs = Inputs(list(sources), plan.part, cols, plan.shuffle, plan.seed)
     options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check

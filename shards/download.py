@@ -27,6 +27,7 @@ from importlib import metadata
 
 import aiohttp
 
+from .options import byte_size, option
 from .validate import CONNECTION, DNS, HTTP_ERROR, OPTED_OUT, TIMEOUT, TOO_LARGE
 
 OPT_OUT_DIRECTIVES = frozenset({"noai", "noimageai", "noindex", "noimageindex"})
@@ -53,13 +54,22 @@ def user_agent(token: str = "") -> str:
 
 @dataclass(frozen=True)
 class HttpOptions:
-    concurrency: int = 64           # requests in flight (waiting for a connection, a reply or a retry)
-    timeout: float = 10.0           # connect timeout, and the longest silence while reading
-    retries: int = 2                # more tries after the first
-    per_host: int = 16              # connections open to one host at once
-    user_agent_token: str = ""
-    respect_opt_out: bool = True
-    max_bytes: int = 64 << 20       # 0 = no cap
+    # requests in flight: waiting for a connection, a reply or a retry
+    concurrency: int = option(64, "http(s) downloads in flight at once (default: %(default)s)",
+                              flag="--io-concurrency", metavar="N")
+    timeout: float = option(10.0, "connect timeout, and the longest silence while reading a reply "
+                                  "(default: %(default)s)", flag="--http-timeout", metavar="S")
+    retries: int = option(2, "more tries after a timeout, connection error, 408, 429 or 5xx, with exponential "
+                             "backoff and jitter or the server's Retry-After (capped at 60 s); never for other "
+                             "4xx (default: %(default)s)", metavar="N")
+    per_host: int = option(16, "connections open to one host at once (default: %(default)s)",
+                           flag="--per-host-connections", metavar="N")
+    user_agent_token: str = option("", "added to the User-Agent, e.g. your project's name or contact address",
+                                   metavar="TOKEN")
+    respect_opt_out: bool = option(True, "write images even when their X-Robots-Tag says noai / noindex "
+                                         "(default: skip them)", flag="--ignore-opt-out", action="store_false")
+    max_bytes: int = option(64 << 20, "bodies larger than this are rejected as too_large (default: 64MiB; "
+                                      "0 = no limit)", flag="--max-download-bytes", metavar="SIZE", parse=byte_size)
     max_retry_after: float = 60.0   # a longer Retry-After is cut to this
     backoff: float = 0.5            # first retry after ~backoff s (x0.5-1.5 jitter), doubling
 

@@ -13,7 +13,8 @@ import re
 from dataclasses import asdict, dataclass
 
 from .errors import ShardError
-from .validate import DEDUP_MODES, REENCODE_MODES, RESIZE_MODES, Options
+from .options import byte_size, option
+from .validate import DEDUP_MODES, MAX_PIXELS, MIN_SIDE, REENCODE_MODES, RESIZE_MODES, Options
 
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]+$")
 FORMATS = ("tar", "parquet")
@@ -30,24 +31,50 @@ def parse_formats(fmt) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Plan:
-    format: str = "tar"               # one format, or several comma-separated (the first is the primary)
-    samples_per_shard: int = 1000
-    max_shard_bytes: int = 0          # 0 = no byte limit
-    prefix: str = "shard"
-    min_size: int = 8
-    max_size: int = 0
-    resize_mode: str = "longer"
-    quality: int = 95
-    reencode: str = "auto"
-    max_pixels: int = 89_478_485
-    dedup: str = "exact"
-    dedup_threshold: int = 4
-    shuffle: bool = False
-    seed: int = 0
-    part: tuple[int, int] = (0, 1)    # (i, N): this host's slice of the input order
-    url_col: str = ""                 # table columns ("" = the usual names: url/URL, caption/TEXT/text)
-    caption_col: str = ""
-    extra_cols: str = ""              # comma-separated; "" = every other column
+    """The options that shape the output. Each field with help is a `shards create` flag (ops.cli_shards)."""
+    format: str = option(  # one format, or several comma-separated (the first is the primary)
+        "tar", "tar: webdataset shards (<key>.jpg|png|webp + <key>.json) each with a DALI .idx index; parquet: one "
+               "row per image (image bytes + metadata columns), row groups of 256; tar,parquet: both, the same "
+               "samples in the same shards, manifest.json for the first format listed and manifest-<format>.json "
+               "for the other (default: %(default)s)", metavar="FORMAT")
+    samples_per_shard: int = option(1000, "images per shard; the last shard may hold fewer (default: %(default)s)",
+                                    metavar="N")
+    max_shard_bytes: int = option(0, "also start a new shard before one would pass SIZE (500MB, 1GiB); 0 = no limit",
+                                  metavar="SIZE", parse=byte_size)
+    prefix: str = option("shard", "shard file names are P-NNNNNN.tar / .parquet; letters, digits, '_' and '-' "
+                                  "(default: %(default)s)", metavar="P")
+    min_size: int = option(MIN_SIDE, "reject images whose shorter side is under PX as too_small "
+                                     "(default: %(default)s)", metavar="PX")
+    max_size: int = option(0, "resize images whose longer side (see --resize-mode) is over PX (re-encoded as "
+                              "JPEG); 0 = keep size; never upscales", metavar="PX")
+    resize_mode: str = option("longer", "longer: cap the longer side at --max-size; shorter: cap the shorter side "
+                                        "(the size training crops from); center_crop: cap the shorter side, then "
+                                        "keep the centre square (default: %(default)s)", choices=RESIZE_MODES)
+    quality: int = option(95, "JPEG quality of re-encoded images (default: %(default)s)", metavar="Q")
+    reencode: str = option("auto", "auto: only images that need a change; always: every image; never: keep "
+                                   "original bytes and reject what would need a change as needs_reencode "
+                                   "(default: %(default)s)", choices=REENCODE_MODES)
+    max_pixels: int = option(MAX_PIXELS, "per-file pixel budget; bigger images are rejected as decompression_bomb "
+                                         "(default: %(default)s)", metavar="N")
+    dedup: str = option("exact", "exact: same decoded pixels; perceptual: same picture (resized, re-compressed) "
+                                 "by a 64-bit difference hash; later copies are rejected as duplicate "
+                                 "(default: %(default)s)", choices=DEDUP_MODES)
+    dedup_threshold: int = option(4, "perceptual: hashes this many bits apart or fewer are duplicates "
+                                     "(default: %(default)s)", metavar="BITS")
+    shuffle: bool = option(False, "mix all inputs across shards (a seeded permutation) so each shard is "
+                                  "representative")
+    seed: int = option(0, "seed of --shuffle (default: %(default)s)")
+    part: tuple[int, int] = option(  # (i, N): this host's slice of the input order
+        (0, 1), "process only the i-th of N slices of the inputs, into DEST/part-IIIII-of-NNNNN; run all N (e.g. "
+                "a Kubernetes Indexed Job), then `shards merge DEST`", metavar="i/N", parse=str)
+    # table columns ("" = the usual names: url/URL, caption/TEXT/text)
+    url_col: str = option("", "the tables' URL column (default: url, URL, image_url or path, the first found)",
+                          metavar="NAME")
+    caption_col: str = option("", "the tables' caption column, stored as `caption` (default: caption, TEXT or "
+                                  "text)", metavar="NAME")
+    extra_cols: str = option("", "table columns to keep besides URL and caption (default: all of them)",
+                             metavar="A,B")  # comma-separated; "" = every other column
+    # the download options that change the output, from shards.download.HttpOptions
     respect_opt_out: bool = True      # X-Robots-Tag noai & co. -> opted_out
     max_download_bytes: int = 64 << 20
 

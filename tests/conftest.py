@@ -14,7 +14,15 @@ import pytest
 from ops.ports import free_port, port_is_free  # noqa: F401 - free_port is used by the tests
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("MOCOSTREAM_SHARED_DATA", REPO.parent / "shared" / "data"))
+# The real images; the variable naming another folder stays out of MOCOSTREAM_*, the training options.
+DATA_ENV = "MOCOTEST_DATA"
+SHARED_DATA = Path(os.environ.get(DATA_ENV, REPO.parent / "shared" / "data"))
+
+
+def pytest_configure(config):
+    if "MOCOSTREAM_SHARED_DATA" in os.environ:  # the old name: every trainer would refuse it as an option
+        raise pytest.UsageError(f"MOCOSTREAM_SHARED_DATA is now {DATA_ENV} (MOCOSTREAM_* variables are "
+                                "training options)")
 
 
 def assert_same_shard_sets(a: Path, b: Path) -> None:

@@ -90,3 +90,128 @@ def test_auto_bn_splits_keeps_sub_batches_of_32(batch, world, expected):
     assert auto_bn_splits(cfg, world) == expected
     cfg.bn_splits = 3
     assert auto_bn_splits(cfg, world) == 3
+
+
+# Options defined once: every TrainConfig field is a flag, an environment variable, a config-file key and a
+# --print-config entry, with choices from the registries that use them.
+
+def _train_actions() -> dict:
+    import argparse
+
+    from ops.cli import add_train_parser
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_train_parser(sub)
+    return {a.dest: a for a in sub.choices["train"]._actions}
+
+
+def test_every_option_has_a_flag_an_env_var_a_file_key_and_a_print_config_entry(tmp_path, capsys):
+    import dataclasses
+
+    from ops.config import TrainConfig
+
+    actions = _train_actions()
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for name in names:
+        assert "--" + name.replace("_", "-") in actions[name].option_strings, name
+    # a value of the right type for each option, given once as a variable, once as a file key
+    for name in names:
+        typed = env_values({"MOCOSTREAM_" + name.upper(): "1" if name != "data" else "/d"})
+        assert list(typed) == [name]
+    conf = tmp_path / "all.json"
+    conf.write_text(json.dumps({n: getattr(TrainConfig(), n) for n in names} | {"data": "/d"}))
+    assert cli_main(["train", "--config", str(conf), "--print-config"]) == 0
+    assert list(json.loads(capsys.readouterr().out)["options"]) == names
+
+
+def test_arch_and_other_choices_come_from_the_registries():
+    from moco_core import ARCHS, LR_SCHEDULES, MOMENTUM_SCHEDULES
+    from ops.config import TrainConfig
+    from ops.options import ChoicesHelp, choices_of
+    from ops.precision import PRECISIONS
+    from pipeline.loader import BACKENDS, PREFLIGHT
+
+    fields = TrainConfig.__dataclass_fields__
+    expected = {"arch": ARCHS, "backend": BACKENDS, "lr_schedule": tuple(LR_SCHEDULES), "precision": PRECISIONS,
+                "momentum_schedule": MOMENTUM_SCHEDULES, "preflight_check": PREFLIGHT}
+    for name, registry in expected.items():
+        assert choices_of(fields[name]) == tuple(registry), name
+    assert len(ARCHS) == 6  # the help lists every one of them
+    shown = ChoicesHelp("mocostream train")._get_help_string(_train_actions()["arch"])
+    assert all(arch in shown for arch in ARCHS)
+    for arch in ARCHS:
+        assert build_config({}, {"data": "/d", "arch": arch}, environ={}).arch == arch
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--arch", "resnet34"], "unknown --arch 'resnet34'; choose from resnet18, resnet50, "),
+    (["--steps", "ten"], "--steps must be an integer, got 'ten'"),
+    (["--base-lr", "fast"], "--base-lr must be a number, got 'fast'"),
+    (["--precision", "fp8"], "unknown --precision 'fp8'; choose from auto, fp32, bf16, fp16"),
+])
+def test_a_bad_flag_value_is_one_line_and_exit_2(argv, message, capsys):
+    assert cli_main(["train", "--data", "/d", *argv, "--print-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mocostream: error: " + message) and err.count("\n") == 1
+
+
+def test_bad_choice_from_the_environment_or_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown --backend 'jax'"):
+        build_config({}, {"data": "/d"}, environ={"MOCOSTREAM_BACKEND": "jax"})
+    with pytest.raises(ConfigError, match="unknown --recipe 'moco_v3'"):
+        build_config({"recipe": "moco_v3"}, {"data": "/d"}, environ={})
+
+
+def test_boolean_flags_and_their_negations(capsys):
+    assert cli_main(["train", "--data", "/d", "--no-progress", "--resume", "--no-mlp", "--print-config"]) == 0
+    options = json.loads(capsys.readouterr().out)["options"]
+    assert (options["progress"], options["resume"], options["mlp"]) == (False, True, False)
+
+
+def test_loader_and_storage_configs_are_derived_from_the_train_config():
+    import dataclasses
+
+    import torch
+
+    from ops.pipeline_configs import loader_config, storage_config
+    from pipeline.loader import LoaderConfig
+
+    cfg = build_config({}, {"data": "/d", "batch_size": 12, "workers": 3, "read_ahead_mb": 5, "epochs": 2,
+                            "storage_retries": 7, "storage_timeout": 9.5, "preflight_check": "never"}, environ={})
+    storage = storage_config(cfg)
+    assert (storage.retries, storage.read_timeout) == (7, 9.5)
+    loader = loader_config(cfg, storage, rank=1, world=4, device=torch.device("cpu"), local_rank=1)
+    shared = [f.name for f in dataclasses.fields(LoaderConfig) if hasattr(cfg, f.name) and f.name != "device"]
+    assert {n: getattr(loader, n) for n in shared} == {n: getattr(cfg, n) for n in shared}
+    assert (loader.rank, loader.world, loader.device, loader.device_id) == (1, 4, "cpu", None)
+    assert (loader.read_ahead_bytes, loader.preflight, loader.storage) == (5 << 20, "never", storage)
+    gpu = loader_config(cfg, storage, rank=1, world=4, device=torch.device("cuda", 1), local_rank=1)
+    assert (gpu.device, gpu.device_id) == ("gpu", 1)
+    assert loader_config(cfg, storage, 0, 1, torch.device("cpu"), 0, workers=1).workers == 1  # the trainer's choice
+
+
+def test_a_loader_field_that_is_not_an_option_nor_translated_is_refused():
+    from dataclasses import make_dataclass
+
+    from ops.pipeline_configs import derive
+
+    cfg = build_config({}, {"data": "/d"}, environ={})
+    Loader = make_dataclass("Loader", [("batch_size", int), ("new_knob", int, 0)])
+    with pytest.raises(TypeError, match=r"\['new_knob'\] are neither"):
+        derive(Loader, cfg, {})
+    assert derive(Loader, cfg, {"new_knob": 3}) == Loader(32, 3)
+
+
+def test_the_test_runs_data_variable_is_no_training_option(monkeypatch, capsys):
+    from conftest import DATA_ENV, SHARED_DATA
+
+    from ops.config import ENV_PREFIX
+
+    assert not DATA_ENV.startswith(ENV_PREFIX)
+    monkeypatch.setenv(DATA_ENV, str(SHARED_DATA))
+    assert build_config({}, {"data": "/d"}).data == "/d"  # this test run's own environment
+    assert cli_main(["train", "--data", "/d", "--print-config"]) == 0
+    assert DATA_ENV not in json.loads(capsys.readouterr().out)["environment"]
+    monkeypatch.setenv("MOCOSTREAM_SHARED_DATA", str(SHARED_DATA))  # the old name is an unknown option
+    with pytest.raises(ConfigError, match="unknown option in environment variable MOCOSTREAM_SHARED_DATA"):
+        build_config({}, {"data": "/d"})

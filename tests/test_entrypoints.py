@@ -29,7 +29,7 @@ def test_demo_runs_end_to_end(tmp_path):
 
 @pytest.mark.parametrize("backend", ["dali", "torch", "reference"])
 def test_loader_benchmark_prints_images_per_second(imagenette_small, backend):
-    r = run(["bench/loader.py", "--images", str(imagenette_small), "--backend", backend, "--seconds", "2",
+    r = run(["bench/loader.py", "--images", str(imagenette_small), "--backend", backend, "--seconds", "0.5",
              "--batch-size", "8", "--image-size", "64", "--workers", "1"])
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])

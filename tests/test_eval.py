@@ -15,7 +15,9 @@ from ops.evaluate import fingerprint
 from ops.train import Trainer
 from pipeline.labeled import knn_sets, load_labeled
 
-TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=64, workers=1, log_every=1,
+# workers=0 (augmentation in-process): a worker pool's start, which imports torch again, is most of a short
+# run's time; test_labelled_stream_augments_per_epoch_deterministically is the one about workers.
+TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1,
             progress=False, backend="torch")
 
 
@@ -148,7 +150,7 @@ def test_labelled_shards_tar_and_parquet(imagenette_small, tmp_path):
     assert len(got) == 30 and got.labels.tolist() == [classes.index(f.parent.name) for f in files]
 
 
-REFERENCE = ["--protocol", "reference", "--image-size", "32", "--epochs", "3", "--batch-size", "32", "--workers", "1"]
+REFERENCE = ["--protocol", "reference", "--image-size", "32", "--epochs", "3", "--batch-size", "32", "--workers", "0"]
 
 
 def test_reference_linear_protocol_keeps_the_backbone_and_writes_the_classifier(trained, imagenette_small, tmp_path,

@@ -20,7 +20,7 @@ from pipeline.augment_torch import normalize
 from pipeline.labeled import load_labeled
 from test_eval import shards  # noqa: F401  (the labelled tar shards fixture)
 
-TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=1, log_every=1, progress=False, backend="torch",
+TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1, progress=False, backend="torch",
             metrics_port=0)
 
 

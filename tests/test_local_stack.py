@@ -61,8 +61,12 @@ def test_up_status_down(tmp_path):
                   "--scrape-interval", "1s", "--", "--log-every", "2")
         assert r.returncode == 0, r.stdout + r.stderr
         # Prometheus (from ops/prometheus's config) sees both ranks of the job up.
-        deadline, health = time.time() + 150, {}
+        # The bound only ends a failing run; the loop leaves as soon as both ranks are up, or the trainer died.
+        train = json.loads((state / "state.json").read_text())["services"]["train"]
+        deadline, health, gone = time.time() + 600, {}, 0
         while time.time() < deadline:
+            gone = 0 if local_stack.alive(train) else gone + 1  # twice in a row: a /proc read can fail once
+            assert gone < 2, (state / "logs" / "train.log").read_text()[-3000:]
             targets = local_stack.prometheus_targets(f"http://127.0.0.1:{prom_port}")
             health = {t["labels"]["instance"]: t["health"] for t in targets if t["labels"]["job"] == "mocostream"}
             if list(health.values()) == ["up", "up"]:

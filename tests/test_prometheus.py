@@ -207,10 +207,10 @@ def test_real_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path)
         env={**os.environ, "OMP_NUM_THREADS": "1"})
     trainer = {"pid": train.pid, "argv0": Path(sys.executable).name, "started": local_stack.start_ticks(train.pid)}
     try:
-        local_stack.wait_for("Prometheus", lambda: local_stack.http_ok(f"{base}/-/ready"), 60, prom)
+        local_stack.wait_for("Prometheus", lambda: local_stack.http_ok(f"{base}/-/ready"), 300, prom)
         dashboard = [(p, t["expr"]) for p in panels() for t in p["targets"]]
         # Instant queries only see series scraped in the last 5 minutes: query while the job runs.
-        deadline, empty = time.time() + 150, None
+        deadline, empty = time.time() + 600, None  # a failure bound: the loop ends when every panel has data
         while time.time() < deadline:
             assert train.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
             series = {}

@@ -20,8 +20,10 @@ import torch
 from conftest import REPO
 from test_train import cli
 
+# --workers 0: no augmentation process to start (it imports torch again: most of a short run's time); the
+# signal tests, which are about the workers, ask for 2.
 SMALL = ["--arch", "resnet18_cifar_small", "--image-size", "16", "--batch-size", "4", "--queue-size", "64",
-         "--workers", "1", "--log-every", "1", "--no-progress", "--metrics-port", "0", "--recipe", "moco_v1"]
+         "--workers", "0", "--log-every", "1", "--no-progress", "--metrics-port", "0", "--recipe", "moco_v1"]
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +56,9 @@ def steps_in(ckpt: Path) -> list[int]:
 
 
 # ---- a fresh run into a used checkpoint folder ---------------------------------------------------------
-def test_fresh_run_into_a_used_checkpoint_folder_is_refused_and_resume_continues(shards, tmp_path):
+def test_fresh_run_into_a_used_checkpoint_folder_is_refused_and_resume_continues(shards, trained_folder, tmp_path):
     ckpt = tmp_path / "ckpt"
-    summary_of(train(shards, ckpt, "--steps", "6", "--checkpoint-every", "2"))
+    shutil.copytree(trained_folder, ckpt)  # what a 6-step run with --checkpoint-every 2 left
     assert steps_in(ckpt) == [4, 6]
     # The fresh 3-step run would have had its own checkpoints pruned by the longer run's: refused at start.
     error = one_line_error(train(shards, ckpt, "--steps", "3"))

@@ -404,6 +404,57 @@ def test_cli_create_and_errors(imagenette_small, tmp_path, capsys):
         args.func(args)
 
 
+def _create_parser() -> argparse.ArgumentParser:
+    from ops.cli_shards import add_create_parser
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_create_parser(sub)
+    return sub.choices["create"]
+
+
+def _plan_from_cli(argv: list[str]):
+    from ops.cli_shards import HTTP
+    from ops.options import values_from
+    from shards.create import make_plan
+    from shards.download import HttpOptions
+    from shards.plan import Plan
+    args = _create_parser().parse_args(["src", "--out", "dest", *argv])
+    return make_plan(values_from(args, Plan), HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)))
+
+
+def test_create_flags_are_the_plans_and_download_options_fields():
+    import dataclasses
+
+    from ops.options import flag_of, option_fields
+    from shards.create import make_plan
+    from shards.download import HttpOptions
+    from shards.plan import Plan
+    flags = {s for a in _create_parser()._actions for s in a.option_strings}
+    for cls in (Plan, HttpOptions):
+        assert {flag_of(f) for f in option_fields(cls)} <= flags
+    # The two Plan fields without a flag of their own are the download options that change the output.
+    assert {f.name for f in dataclasses.fields(Plan)} - {f.name for f in option_fields(Plan)} == \
+        {"respect_opt_out", "max_download_bytes"}
+    # The fingerprint of existing shard sets hashes these names: renaming one would refuse their reruns.
+    assert list(Plan().as_dict()) == [
+        "format", "samples_per_shard", "max_shard_bytes", "prefix", "min_size", "max_size", "resize_mode", "quality",
+        "reencode", "max_pixels", "dedup", "dedup_threshold", "shuffle", "seed", "part", "url_col", "caption_col",
+        "extra_cols", "respect_opt_out", "max_download_bytes"]
+    assert _plan_from_cli([]) == make_plan({}, HttpOptions()) == Plan()  # the CLI's defaults are the library's
+    given = _plan_from_cli(["--format", "parquet, tar", "--part", "1/3", "--max-shard-bytes", "1KiB", "--shuffle",
+                            "--seed", "5", "--dedup", "none", "--ignore-opt-out", "--max-download-bytes", "1MB",
+                            "--url-col", "URL", "--min-size", "16"])
+    assert given == Plan(format="parquet,tar", part=(1, 3), max_shard_bytes=1024, shuffle=True, seed=5, dedup="none",
+                         respect_opt_out=False, max_download_bytes=10**6, url_col="URL", min_size=16)
+
+
+def test_create_bad_option_values_are_refused_with_their_name(capsys):
+    with pytest.raises(ShardError, match="--part must look like i/N"):
+        _plan_from_cli(["--part", "3"])
+    with pytest.raises(SystemExit) as e:
+        _create_parser().parse_args(["src", "--out", "d", "--max-shard-bytes", "lots"])
+    assert e.value.code == 2 and "not a size: 'lots'" in capsys.readouterr().err
+
+
 def test_cli_summary_counts_reasons(messy_tar):
     from ops.cli_shards import summary
     _, report = messy_tar

@@ -21,7 +21,9 @@ from shards.download import HttpOptions, opted_out, retry_after, user_agent
 from shards.verify import tar_samples
 from webserver import WebServer
 
-FAST = dict(timeout=1.0, retries=2, backoff=0.05, max_bytes=1 << 20, user_agent_token="moco-test")
+# The HTTP timeout is what a hanging URL costs per attempt, and also the longest silence an answered URL may
+# show: 5 s, so that a reply delayed by a loaded machine (the server shares this process) is never a timeout.
+FAST = dict(timeout=5.0, retries=2, backoff=0.05, max_bytes=1 << 20, user_agent_token="moco-test")
 
 
 def make(sources, out, http=None, **kw):

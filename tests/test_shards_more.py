@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -77,17 +76,26 @@ def slow_png(tmp_path_factory) -> Path:
     return d
 
 
-def test_timeout_kills_and_replaces_the_worker(small, slow_png, tmp_path):
-    src = tmp_path / "in"
-    shutil.copytree(small, src / "a")
-    shutil.copytree(slow_png, src / "b")
-    r = make([src], tmp_path / "out", workers=2, timeout=0.4, samples_per_shard=10)
+@pytest.fixture
+def hanging_input(tmp_path) -> Path:
+    """A URL list whose one input is a FIFO nobody writes to: a worker reading it blocks until it is killed,
+    however fast or loaded the machine is (a slow decode would race the time budget)."""
+    fifo = tmp_path / "hang.fifo"
+    os.mkfifo(fifo)
+    table = tmp_path / "hang.txt"
+    table.write_text(f"{fifo}\n")
+    return table
+
+
+def test_timeout_kills_and_replaces_the_worker(small, hanging_input, tmp_path):
+    # The hanging input first: the inputs queued behind it on its worker must be decoded elsewhere, in order.
+    # 5 s is only the budget the hung input must exceed; every real input here decodes in milliseconds.
+    r = make([hanging_input, small], tmp_path / "out", workers=2, timeout=5, samples_per_shard=10)
     assert r.inputs == 31 and r.written == 30
-    assert [(os.path.basename(s), why) for s, why, _ in r.rejected] == [("huge.png", "timeout")]
+    assert [(os.path.basename(s), why) for s, why, _ in r.rejected] == [("hang.fifo", "timeout")]
     assert r.report["replaced_workers"] == 1
-    # the inputs queued behind the slow one on the killed worker were all decoded elsewhere, in order
     make([small], tmp_path / "ref", workers=0, samples_per_shard=10)
-    got = [(k[2:], s["jpg"]) for k, s in samples(tmp_path / "out")]
+    got = [(k, s["jpg"]) for k, s in samples(tmp_path / "out")]
     assert got == [(k, s["jpg"]) for k, s in samples(tmp_path / "ref")]
 
 
@@ -107,33 +115,61 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def test_a_worker_killed_mid_decode_costs_one_input(small, slow_png, tmp_path):
+def _holders(path: Path, pids) -> list[int]:
+    """The processes among `pids` with `path` open."""
+    out = []
+    for pid in pids:
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == str(path) for fd in os.listdir(f"/proc/{pid}/fd")):
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def test_a_worker_killed_mid_decode_costs_one_input(small, hanging_input, tmp_path):
+    import errno
     import signal
     import threading
-    src = tmp_path / "in"
-    shutil.copytree(slow_png, src / "a")  # first: the worker is busy with it for about a second
-    shutil.copytree(small, src / "b")
-    before = set(_descendants(os.getpid()))
+    fifo = hanging_input.parent / "hang.fifo"
     box = {}
-    t = threading.Thread(target=lambda: box.setdefault("r", make([src], tmp_path / "o", workers=1, timeout=120)))
+    t = threading.Thread(target=lambda: box.setdefault(
+        "r", make([hanging_input, small], tmp_path / "o", workers=1, timeout=600)))
     t.start()
-
-    def rss(pid):
-        try:
-            return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, ValueError):
-            return 0
-
-    victim, deadline = None, time.time() + 60
-    while victim is None and time.time() < deadline and t.is_alive():
-        # the worker decoding the 81-Mpx PNG is the descendant whose memory passes 150 MB
-        victim = next((p for p in set(_descendants(os.getpid())) - before if rss(p) > 150 << 20), None)
-        time.sleep(0.005)
-    assert victim, "never saw the worker decoding the big PNG"
-    os.kill(victim, signal.SIGKILL)
-    t.join(120)
+    writer = None
+    try:
+        # Events, not clocks: our end of the FIFO opens once a worker opens it to read; that worker then holds it.
+        while writer is None:
+            assert t.is_alive(), f"the run ended before its worker read the FIFO: {box}"
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:  # ENXIO: no reader yet
+                    raise
+                t.join(0.02)
+        victim = []
+        while not victim:
+            assert t.is_alive(), f"the run ended while its worker held the FIFO: {box}"
+            victim = _holders(fifo, _descendants(os.getpid()))
+            t.join(0.02)
+        assert len(victim) == 1, victim
+        os.kill(victim[0], signal.SIGKILL)
+        while _alive(victim[0]) and t.is_alive():  # dead before our end closes (an EOF: an empty input)
+            t.join(0.02)
+    finally:
+        if writer is not None:
+            os.close(writer)
+    t.join(300)
+    assert not t.is_alive(), "the run did not finish after its worker was killed"
     r = box["r"]
-    assert [(os.path.basename(s), why) for s, why, _ in r.rejected] == [("huge.png", "crashed")]
+    assert [(os.path.basename(s), why) for s, why, _ in r.rejected] == [("hang.fifo", "crashed")]
     assert "signal 9" in r.rejected[0][2] and r.written == 30 and r.report["replaced_workers"] == 1
 
 
