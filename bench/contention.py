@@ -6,7 +6,7 @@
 Two settings, alternating within each round (so slow drifts of the machine's load hit both alike):
   before    the sizing before the CPU budget: 2 loader threads, torch's intra-op threads = the CPUs in the
             affinity mask (what torch picks by itself), libgomp's own spin-then-sleep wait (GOMP_SPINCOUNT at
-            its default 300000 keeps mocostream from choosing PASSIVE), no thread tuner;
+            its default 300000 keeps mocostream from choosing its short spin), no thread tuner;
             `shards create --workers <affinity CPUs> --io-concurrency 64`
   budgeted  today's defaults: everything sized from the CPU budget, passive OpenMP wait, the thread tuner.
 Scenarios: alone; busy1 / busy2: beside 1 / 2 busy-loop processes; taskset1: pinned to one CPU;

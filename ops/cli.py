@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from .cpu_budget import passive_openmp_wait
+from .cpu_budget import short_openmp_spin
 from .config import CONFIG_ENV, TrainConfig, build_config, mask_logs, mask_text, printable_config, read_config_file
 from .options import ChoicesHelp, add_options, values_from
 
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    passive_openmp_wait()  # before anything loads torch's OpenMP runtime
+    short_openmp_spin()  # before anything loads torch's OpenMP runtime
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

@@ -167,14 +167,19 @@ def shard_tool_defaults(budget: CpuBudget) -> tuple[int, int]:
     return budget.cpus, min(256, max(32, 32 * budget.cpus))
 
 
-def passive_openmp_wait(environ=os.environ) -> bool:
-    """OMP_WAIT_POLICY=PASSIVE unless the user chose a wait policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT):
-    idle OpenMP threads sleep instead of spinning, so they leave the CPU to the loader and to neighbours
-    (beside one busy process: 84 img/s instead of 42). The runtime reads it once, when torch loads it, so
-    this runs before torch is imported; returns whether it was set."""
+OPENMP_SPIN_COUNT = "10000"  # libgomp's default is 300000 (about 0.1-0.3 ms of spinning at every wait)
+
+
+def short_openmp_spin(environ=os.environ) -> bool:
+    """GOMP_SPINCOUNT=10000 unless the user chose a wait policy (OMP_WAIT_POLICY or GOMP_SPINCOUNT): an idle
+    OpenMP thread spins a few microseconds, then sleeps. Beside a busy process that leaves the CPU to the loader
+    and the neighbour (as OMP_WAIT_POLICY=PASSIVE does), while alone the threads still catch the next parallel
+    region without a wake-up, which PASSIVE (no spin at all) costs ~15 % of the steps' speed on 2 cores
+    (BENCHMARKS.md). The runtime reads it once, when torch loads it, so this runs before torch is imported;
+    returns whether it was set."""
     import sys
 
     if "OMP_WAIT_POLICY" in environ or "GOMP_SPINCOUNT" in environ or "torch" in sys.modules:
         return False
-    environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    environ["GOMP_SPINCOUNT"] = OPENMP_SPIN_COUNT
     return True

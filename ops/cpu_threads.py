@@ -32,9 +32,16 @@ def apply_cpu_budget(cfg: TrainConfig, on_gpu: bool, local_ranks: int | None = N
 
 def log_cpu_budget(budget: CpuBudget, split: ThreadSplit, backend: str) -> None:
     """One line at start: the budget, where each limit came from, and the split."""
-    log.info("%s -> %d intra-op threads, %d loader %s, OpenMP wait policy %s", budget.describe(),
-             split.intra_op, split.loader, "workers" if backend == "torch" else "threads",
-             os.environ.get("OMP_WAIT_POLICY", "runtime default"))
+    log.info("%s -> %d intra-op threads, %d loader %s, OpenMP wait %s", budget.describe(),
+             split.intra_op, split.loader, "workers" if backend == "torch" else "threads", openmp_wait())
+
+
+def openmp_wait() -> str:
+    """The OpenMP wait setting in force, for the start-up line."""
+    policy, spin = os.environ.get("OMP_WAIT_POLICY"), os.environ.get("GOMP_SPINCOUNT")
+    if policy or spin:
+        return " ".join(x for x in (policy and f"policy {policy}", spin and f"spin count {spin}") if x)
+    return "runtime default"
 
 
 def omp_num_threads() -> int | None:

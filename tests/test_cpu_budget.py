@@ -122,15 +122,15 @@ def test_throttling_from_cpu_stat(tmp_path):
     assert throttling(tmp_path / "none") is None and throttling(None) is None
 
 
-def test_openmp_wait_policy_is_passive_unless_chosen():
-    code = ("import os; from ops.cpu_budget import passive_openmp_wait; passive_openmp_wait(); import torch; "
-            "print(os.environ.get('OMP_WAIT_POLICY'))")
+def test_openmp_spins_briefly_unless_chosen():
+    code = ("import os; from ops.cpu_budget import short_openmp_spin; short_openmp_spin(); import torch; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     run = lambda extra: subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,  # noqa: E731
                                        env={**env, **extra}, timeout=120).stdout.strip()
-    assert run({}) == "PASSIVE"
-    assert run({"OMP_WAIT_POLICY": "ACTIVE"}) == "ACTIVE"
-    assert run({"GOMP_SPINCOUNT": "300000"}) == "None"
+    assert run({}) == "None 10000"
+    assert run({"OMP_WAIT_POLICY": "PASSIVE"}) == "PASSIVE None"
+    assert run({"GOMP_SPINCOUNT": "300000"}) == "None 300000"
 
 
 # --- the thread tuner, fed simulated step times --------------------------------------------------------
