@@ -1,4 +1,4 @@
-"""Two-view augmentation throughput: reference recipe vs torch backend vs DALI CPU pipeline.
+"""Two-view augmentation throughput: reference recipe vs torch backend (OpenCV) vs DALI CPU pipeline.
 
     python bench/augment.py --images DIR [--seconds 20] [--recipe moco_v2] [--size 224]
 
@@ -7,14 +7,15 @@ normalised float views per image, from the encoded bytes in memory (no disk I/O 
 of cores (`--workers`, default all):
 
   (a) reference  PIL decode + the unmodified main_moco.py transform, twice; one process per core
-  (b) torch      augment_torch: decode_rgb + two_view_transform (uint8) + batched normalize; per core
+  (b) torch      augment_cv.augment_images (the torch backend's workers, uint8) + batched normalize; per core
   (c) dali_cpu   augment_dali pipeline, device="cpu", num_threads = cores, one process
 
 plus the cost of image_check.check_image (one core), which runs before (c) in the real stream.
 Prints a table and a final JSON line. images/s depends on what else runs on the machine; CPU ms per
 image (process CPU time, all threads, divided by images) is the steadier figure for comparisons.
 
-Measured on the 2-core dev machine while other jobs ran (load ~3), --seconds 20, 224 px:
+Measured on the 2-core dev machine while other jobs ran (load ~3), --seconds 20, 224 px, with the torch
+backend then PIL + torchvision (BENCHMARKS.md has today's figures, OpenCV workers):
 
     moco_v2   reference 52.8 img/s (18.6 CPU-ms/img)   torch 51.7 (19.1)   dali_cpu 105.0 (9.5)  -> 2.0x
               (a busier minute: 44.7 (19.0)             40.1 (19.5)         74.5 (9.2)   -> 1.7x)
@@ -48,7 +49,8 @@ def _torch_worker(kind: str, folder, recipe: str, size: int, seconds: float, bat
     import torch
     from PIL import Image
 
-    from pipeline.augment_torch import decode_rgb, normalize, reference_transform, two_view_transform
+    from pipeline.augment_cv import augment_images
+    from pipeline.augment_torch import normalize, reference_transform
 
     torch.set_num_threads(1)
     data = _load(folder) if isinstance(folder, str) else folder  # a folder, or the encoded images themselves
@@ -60,11 +62,9 @@ def _torch_worker(kind: str, folder, recipe: str, size: int, seconds: float, bat
                 img = Image.open(io.BytesIO(raw)).convert("RGB")  # main_moco.py's pil_loader
                 t(img), t(img)
     else:
-        t = two_view_transform(recipe, size)
-
         def one_batch(items):
-            views = [t(decode_rgb(raw)) for raw in items]
-            normalize(torch.stack([v[0] for v in views])), normalize(torch.stack([v[1] for v in views]))
+            q, k, _ = augment_images(items, recipe, size, seed=len(items))
+            normalize(q), normalize(k)
 
     one_batch(data[:4])  # warm-up
     n, i, start, cpu = 0, 0, time.perf_counter(), time.process_time()

@@ -1,4 +1,4 @@
-"""MoCo augmentations with PIL + torchvision: the reference backend.
+"""MoCo augmentations with PIL + torchvision: the reference recipe, the yardstick of both backends.
 
 The recipes are those of facebookresearch/moco main_moco.py (commit 7397dfe):
 
@@ -8,24 +8,20 @@ The recipes are those of facebookresearch/moco main_moco.py (commit 7397dfe):
              RandomGrayscale(p=0.2), RandomApply([GaussianBlur([.1, 2.])], p=0.5),
              RandomHorizontalFlip, ToTensor, Normalize
 
-`reference_transform` is that pipeline unchanged (float output). `two_view_transform` runs the same
-steps but stops at uint8 CHW: ToTensor + Normalize are pure per-pixel arithmetic, so they are deferred to
-`normalize`, run once per batch (on the GPU, ideally) and data-loader workers ship 4x fewer bytes.
-`normalize(PILToTensor(x)[None]) == Normalize(ToTensor(x))[None]` exactly (same float ops).
-
-The DALI backend (augment_dali.py) is the one used for training; this one is the yardstick for it.
+`reference_transform` is that pipeline unchanged (float output): the tests and benchmarks hold both backends
+(DALI, augment_dali.py, and OpenCV, augment_cv.py) against it. Both backends ship uint8 views and
+normalise whole batches: `normalize(PILToTensor(x)[None]) == Normalize(ToTensor(x))[None]` exactly (same
+float ops). `decode_rgb` is the PIL decode with named failure reasons that both fall back on.
 """
 from __future__ import annotations
 
 import io
 import random
-from typing import Callable
 
 import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms
-from torchvision.transforms.functional import pil_modes_mapping
 
 from pipeline.image_check import MAX_PIXELS
 
@@ -49,12 +45,9 @@ class UndecodableImage(Exception):
         self.reason = reason
 
 
-def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS,
-               reduce: Callable[[int, int], int] | None = None) -> Image.Image:
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
     """Decode to an RGB PIL image with the EXIF orientation applied (as DALI's decoder does).
 
-    reduce: called with the decoded (width, height) before any pixel is decoded; for a JPEG, its answer
-    r in 1, 2, 4, 8 makes libjpeg decode at 1/r scale (DCT scaling: a fraction of the work).
     Raises UndecodableImage. Alpha is dropped, not composited (DALI does the same).
     """
     if not data:
@@ -64,11 +57,6 @@ def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS,
         w, h = img.size
         if w * h > max_pixels:
             raise UndecodableImage("decompression_bomb", f"{w}x{h}")
-        if reduce is not None:
-            rotated = img.format == "JPEG" and img.getexif().get(0x0112, 1) in (5, 6, 7, 8)
-            r = reduce(*((h, w) if rotated else (w, h)))
-            if r > 1 and img.format == "JPEG":
-                img.draft("RGB", (w // r, h // r))
         img.load()
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")
@@ -125,60 +113,6 @@ def reference_transform(recipe: str, size: int = 224) -> transforms.Compose:
     return transforms.Compose(
         _augmentations(recipe, size) + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     )
-
-
-def jpeg_reduction(windows: list[tuple[int, int, int, int]], size: int) -> int:
-    """The largest JPEG scale reduction (8, 4, 2, else 1) that leaves every (top, left, h, w) crop window at
-    least `size` px on each side: the crop is then still shrunk to `size`, never enlarged."""
-    shortest = min(min(h, w) for _, _, h, w in windows)
-    return next((r for r in (8, 4, 2) if shortest >= r * size), 1)
-
-
-class TwoViewTransform:
-    """PIL image (or encoded bytes) -> two independently augmented views, each a uint8 (3, S, S) tensor.
-
-    A class (not a closure) so that it pickles into spawned data-loader workers.
-    """
-
-    def __init__(self, recipe: str, size: int = 224):
-        self.recipe, self.size = recipe, size
-        steps = _augmentations(recipe, size)
-        self.crop, self.rest = steps[0], transforms.Compose(steps[1:] + [transforms.PILToTensor()])
-        self.transform = transforms.Compose(steps + [transforms.PILToTensor()])
-
-    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.transform(img), self.transform(img)
-
-    def from_bytes(self, data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
-        """decode_rgb + both views, decoding only as many pixels as the views need: both crop windows are
-        drawn first (RandomResizedCrop.get_params on the full-size image, so crop area and aspect are the
-        reference's), then a JPEG is decoded at the smallest DCT scale that keeps both windows >= S px."""
-        windows = []
-
-        def reduce(width: int, height: int) -> int:
-            shape = torch.empty(1, 1, 1).expand(1, height, width)  # get_params reads only the dimensions
-            windows.extend(self.crop.get_params(shape, self.crop.scale, self.crop.ratio) for _ in range(2))
-            windows.append((width, height))
-            return jpeg_reduction(windows[:2], self.size)
-
-        img = decode_rgb(data, reduce=reduce)
-        width, height = windows.pop()
-        sx, sy = img.width / width, img.height / height
-        views = []
-        for top, left, h, w in windows:  # crop and resize in one step, window mapped to the decoded scale
-            box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
-            resample = pil_modes_mapping[self.crop.interpolation]
-            views.append(self.rest(img.resize((self.size, self.size), resample, box=box)))
-        return views[0], views[1]
-
-    def __repr__(self) -> str:
-        return f"TwoViewTransform({self.transform!r})"
-
-
-def two_view_transform(recipe: str,
-                       size: int = 224) -> Callable[[Image.Image], tuple[torch.Tensor, torch.Tensor]]:
-    """Two independent views (q, k) of the recipe, as uint8 CHW tensors; normalise with `normalize`."""
-    return TwoViewTransform(recipe, size)
 
 
 def normalize(batch_uint8: torch.Tensor | np.ndarray) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """The loader's two backends: each turns chunks of samples into two augmented views, and nothing else (the
 batching, seeds, skip counts and resume state around them are pipeline.batching's).
 
-  - TorchViews: PIL + torchvision in worker processes (the reference recipe); a bad image is found by its
-    worker and reported with its reason.
+  - TorchViews: OpenCV (and PIL's resize) in worker processes, the DALI graph's views (augment_cv.py); a bad
+    image is found by its worker and reported with its reason.
   - DaliViews: DALI decodes and augments (GPU when there is one, CPU otherwise), fed by external_source. DALI
     fails a whole batch on one bad image, so images are checked before they reach it (unless the shards are
     trusted); a bad one that slips through fails its run, whose samples are counted as `decoder_error`, and
@@ -13,7 +13,6 @@ then `close()`.
 from __future__ import annotations
 
 import logging
-import random
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, Iterator
@@ -58,29 +57,11 @@ class TorchViews:
 
 
 def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):
-    """Decode + two views for a chunk of images (runs in a worker process). Returns uint8 arrays
-    for the decodable images and, per input, None or the reason it was skipped."""
-    from .augment_torch import UndecodableImage, two_view_transform
+    """Decode + two views for a chunk of images (runs in a worker process): uint8 q, k arrays for the
+    decodable images and, per input, None or the reason it was skipped."""
+    from .augment_cv import augment_images
 
-    torch.set_num_threads(1)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    transform = two_view_transform(recipe, size)
-    qs, ks, reasons = [], [], []
-    for data in datas:
-        try:
-            q, k = transform.from_bytes(data)
-        except UndecodableImage as e:
-            reasons.append(e.reason)
-            continue
-        except Exception:  # anything else PIL raises on hostile input
-            reasons.append("corrupt")
-            continue
-        qs.append(q.numpy())
-        ks.append(k.numpy())
-        reasons.append(None)
-    empty = np.zeros((0, 3, size, size), np.uint8)
-    return (np.stack(qs) if qs else empty), (np.stack(ks) if ks else empty), reasons
+    return augment_images(datas, recipe, size, seed)
 
 
 class DaliViews:
