@@ -36,19 +36,32 @@ def add_linear_flags(q) -> None:
     q.add_argument("--epochs", type=int, default=100, help="epochs of the linear classifier")
     q.add_argument("--lr", type=float, help="its learning rate (features: 0.1; reference: 30 per 256 images)")
     q.add_argument("--batch-size", type=int, default=256, help="reference: images per rank per step")
-    q.add_argument("--workers", type=int, default=2, help="reference: decode/augmentation processes per rank")
+    q.add_argument("--workers", type=int, help="reference: decode/augmentation processes per rank (default: the "
+                                               "rank's CPU budget, as for train)")
     q.add_argument("--num-classes", type=int, help="reference on labelled shards: the number of classes")
     q.add_argument("--out", help="reference: write the trained classifier here (local or s3://)")
     q.add_argument("--seed", type=int, default=0, help="reference: seed of the order, augmentation and classifier")
+
+
+def budget_workers(device: str) -> int:
+    """Decode processes per rank from the rank's CPU budget (affinity, cgroup quota, LOCAL_WORLD_SIZE), split
+    as training splits it: not one per CPU of the whole node."""
+    import torch
+
+    from .cpu_budget import detect_budget, split_threads
+
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    return split_threads(detect_budget(), on_gpu).loader
 
 
 def run_eval(args) -> int:
     from .evaluate import evaluate, evaluate_reference
 
     if args.kind == "linear" and args.protocol == "reference":
+        workers = args.workers if args.workers is not None else budget_workers(args.device)
         result = evaluate_reference(args.data, args.checkpoint, args.arch, args.image_size or 224, args.device,
                                     args.epochs, 30.0 if args.lr is None else args.lr, args.batch_size,
-                                    args.workers, args.num_classes, args.out, args.seed)
+                                    workers, args.num_classes, args.out, args.seed)
         if result is not None:  # rank 0
             print(json.dumps(result))
         return 0

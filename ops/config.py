@@ -90,7 +90,7 @@ class TrainConfig:
     arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images", choices=_archs)
     image_size: int = opt(224, "side of the square crops fed to the encoder")
     backend: str = opt("dali", "augmentation backend: dali (GPU when present, else CPU) or torch "
-                               "(PIL/torchvision)", choices=_backends)
+                               "(OpenCV worker processes: the faster one on CPU)", choices=_backends)
     recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head) or moco_v2 (T 0.2, MLP head, aug+ with blur)",
                       choices=tuple(RECIPE_DEFAULTS))
     queue_size: int = opt(65536, "K, the number of negatives kept in the queue (any value; no multiple-of-batch "

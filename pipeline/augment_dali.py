@@ -48,9 +48,11 @@ How it maps onto DALI, and where it differs from torchvision (augment_torch.py i
   DALI 2.4 on CPU is ~4x slower than fn.filter (fixed large windows slower still).
 * Flip: crop_mirror_normalize(mirror=...), fused with normalisation and the layout change.
 
-Speed on CPU (bench/augment.py, v2, 224 px from ~500x375 JPEGs, 2 cores): ~9.5 CPU-ms per image, 2x the
-reference PIL recipe (18.6). Per view: crop ~0.7 ms, colour ~1.6 ms (84 % of views), blur ~0.7 ms
-(50 %), normalise ~0.25 ms; the decode, shared by both views, ~1.7 ms.
+Speed on CPU: DALI's CPU operators, not the feed, bound this graph there (bench/cpu_ops.py, one thread,
+CPU ms per view of a ~500x375 photo): resize 2.2 (PIL's antialiased bilinear: 0.8), colour map 1.3 (OpenCV:
+0.03), blur 0.2, normalise 0.2; decode 0.9 per image. The whole graph runs at ~1.5x the reference recipe's
+images/s on 2 cores (bench/loader.py); the torch backend's OpenCV workers (augment_cv.py), same views,
+~2.3-2.7x. On a GPU the same graph runs on the GPU and the CPU pays only the feed.
 
 Decode only what the views need: both crop windows are drawn before decoding (in the feed, from the
 size in the JPEG header), and fn.decoders.image_slice decodes just their union (libjpeg-turbo and nvJPEG

@@ -4,7 +4,7 @@ The stream (SampleStream: the rank's share, resume state) -> one bookkeeping sta
 their augmentation seeds, skip counts and logs, batches of exactly `batch_size`, the partial last batch) around
 one of two backends (backends.py), which only turn chunks of samples into two augmented views:
   - `dali`:  DALI decodes and augments (GPU when there is one, CPU otherwise), fed by external_source.
-  - `torch`: PIL + torchvision in worker processes (the reference recipe).
+  - `torch`: OpenCV (and PIL's resize) in worker processes, the DALI graph's views (augment_cv.py).
 A sample that cannot be decoded is skipped and counted; batches always hold exactly `batch_size`
 samples, so every step on every rank has the same shape.
 

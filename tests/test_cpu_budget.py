@@ -115,6 +115,17 @@ def test_shard_tool_defaults_from_the_budget():
     assert shard_tool_defaults(CpuBudget(64, {}, 1)) == (64, 256)
 
 
+def test_eval_workers_default_from_the_budget(monkeypatch):
+    """`eval linear --protocol reference` sizes its decode processes like training: the rank's share."""
+    from ops.cli_eval import budget_workers
+
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = budget_workers("cpu")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cpus))
+    assert budget_workers("cpu") == 1 and 1 <= alone <= cpus
+
+
 def test_throttling_from_cpu_stat(tmp_path):
     v2 = write(tmp_path / "v2", cpu_stat="usage_usec 100\nnr_periods 50\nnr_throttled 7\nthrottled_usec 2500000\n")
     v1 = write(tmp_path / "v1", cpu_stat="nr_periods 50\nnr_throttled 3\nthrottled_time 1500000000\n")
