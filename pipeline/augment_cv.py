@@ -39,7 +39,7 @@ def jpeg_reduction(windows: list[tuple[int, int, int, int]], size: int) -> int:
 
 def jpeg_header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) after EXIF rotation of a whole JPEG (it ends with its EOI marker), else None."""
-    if data[:2] != b"\xff\xd8" or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
+    if data[:2] != b"\xff\xd8" or not (data.endswith(b"\xff\xd9") or data.rstrip(b"\0").endswith(b"\xff\xd9")):
         return None
     return _jpeg_size(data)
 
@@ -68,8 +68,10 @@ def sizes_of(datas: list[bytes]) -> tuple[list[tuple[int, int]], list[str | None
                     size = decode_rgb(data).size
                 except UndecodableImage as e:
                     size, reason = (1, 1), e.reason
-        elif size[0] * size[1] > MAX_PIXELS or min(size) < 1:
-            size, reason = (1, 1), "decompression_bomb" if min(size) >= 1 else "corrupt"
+        if reason is None and min(size) < 1:
+            size, reason = (1, 1), "corrupt"
+        elif reason is None and size[0] * size[1] > MAX_PIXELS:
+            size, reason = (1, 1), "decompression_bomb"
         sizes.append(size)
         reasons.append(reason)
     return sizes, reasons
@@ -108,15 +110,16 @@ def augment_images(datas: list[bytes], recipe: str, size: int, seed: int
         reduction = jpeg_reduction(windows, size) if jpeg_header_size(data) is not None else 1
         try:
             img = decode(data, reduction)
+            # the windows are in header pixels: mapped onto the decoded ones (reduced scale, any disagreement)
+            scale = (img.shape[1] / sizes[i][0], img.shape[0] / sizes[i][1])
+            img = Image.fromarray(img)
+            views = [view(img, win, scale, tuple(v[i] for v in p[4:]), size) for win, p in zip(windows, params)]
         except UndecodableImage as e:
             reasons[i] = e.reason
             continue
         except Exception:  # anything else a decoder raises on hostile input
             reasons[i] = "corrupt"
             continue
-        scale = (img.shape[1] / sizes[i][0], img.shape[0] / sizes[i][1])
-        img = Image.fromarray(img)
-        views = [view(img, win, scale, tuple(v[i] for v in p[4:]), size) for win, p in zip(windows, params)]
         qs.append(views[0])
         ks.append(views[1])
     empty = np.zeros((0, 3, size, size), np.uint8)

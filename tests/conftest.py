@@ -204,3 +204,17 @@ def s3_env(s3_server, monkeypatch):
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     return s3_server
+
+
+def wait_for_trace(proc: subprocess.Popen, paths: list[Path], keys: int) -> None:
+    """Until every trace file holds `keys` keys (an event the ranks write, not a clock); the job must still
+    be running, or the test fails at once with its output (stdout and stderr, whichever were piped)."""
+    def count(p: Path) -> int:
+        return len(p.read_text().split()) if p.exists() else 0
+
+    while min(map(count, paths)) < keys:
+        if proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"trainer exited with {proc.returncode} before the event:\n"
+                                 f"{((out or '') + (err or ''))[-3000:]}")
+        time.sleep(0.1)

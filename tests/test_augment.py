@@ -188,6 +188,24 @@ def test_cv_skips_bad_images_with_their_reason_and_keeps_the_rest(photos, messy_
     assert q.shape == k.shape == (4, 3, 32, 32)
 
 
+@quiet_pil
+def test_cv_never_raises_on_messy_corpus(messy_images):
+    """Every file of the messy corpus (truncated, corrupt, bombs, odd modes, CMYK, 16-bit, ...) either gives
+    two views or a reason from image_check's list; one chunk holds them all, as a worker's chunk would."""
+    from pipeline.image_check import REASONS
+
+    files = sorted(p for p in Path(messy_images).rglob("*") if p.is_file())
+    datas = [p.read_bytes() for p in files]
+    q, k, reasons = augment_images(datas, "moco_v2", 32, seed=0)
+    assert len(reasons) == len(files)
+    assert all(r is None or r in REASONS for r in reasons), {f.name: r for f, r in zip(files, reasons)}
+    assert q.shape == k.shape == (sum(r is None for r in reasons), 3, 32, 32)
+    assert q.shape[0] > 200
+    by_name = {f.relative_to(messy_images).as_posix(): r for f, r in zip(files, reasons)}
+    assert by_name["pillow/decompression_bomb.gif"] == "decompression_bomb"
+    assert by_name["pillow/hopper.png"] is None and by_name["exif-orientation/Landscape_5.jpg"] is None
+
+
 def test_cv_decodes_like_pil_with_exif_orientation_applied(messy_images):
     """OpenCV's decode is the image PIL's decode_rgb gives (EXIF rotation included), up to IDCT rounding."""
     from pipeline.augment_cv import decode

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, wait_for_trace
 from test_train import cli
 
 # --workers 0: no augmentation process to start (it imports torch again: most of a short run's time); the
@@ -96,15 +96,6 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def wait_for_steps(proc: subprocess.Popen, trace: Path, steps: int) -> None:
-    """Until the trace holds `steps` steps of keys (an event, not a clock); the job must still run."""
-    rank0 = Path(f"{trace}.rank0")
-    while not rank0.exists() or len(rank0.read_text().split()) < 4 * steps:
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited early: {proc.returncode}\n{proc.stderr.read()[-3000:]}")
-        time.sleep(0.1)
-
-
 def descendants(pid: int) -> set[int]:
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -138,7 +129,7 @@ def test_ctrl_c_to_the_process_group_checkpoints_and_exits_0(shards, tmp_path, a
     ckpt, trace = tmp_path / "ckpt", tmp_path / "keys"
     proc = start(shards, ckpt, trace)
     try:
-        wait_for_steps(proc, trace, 2)
+        wait_for_trace(proc, [Path(f"{trace}.rank0")], 4 * 2)  # 2 steps of 4
         workers = descendants(proc.pid)
         assert len(workers) >= 2  # the augmentation workers (+ forkserver, resource tracker) get it too
         # Whether a worker dying first breaks the step in flight is a race; that none can die is not.
@@ -167,7 +158,7 @@ def test_kill_9_of_the_trainer_leaves_no_worker_behind(shards, tmp_path):
     proc = start(shards, tmp_path / "ckpt", tmp_path / "keys")
     left: set[int] = set()
     try:
-        wait_for_steps(proc, tmp_path / "keys", 1)
+        wait_for_trace(proc, [tmp_path / "keys.rank0"], 4)  # 1 step of 4
         left = descendants(proc.pid)
         assert len(left) >= 3  # 2 workers, the forkserver, the resource tracker
         proc.kill()  # SIGKILL to the trainer alone: no clean-up code runs in it

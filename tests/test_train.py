@@ -10,14 +10,13 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, wait_for_trace
 from ops.cli import main as cli_main
 from ops.config import build_config
 from ops.train import Trainer, train
@@ -275,19 +274,6 @@ def test_two_rank_ddp_from_s3(s3_shards, s3_server, backend, fmt, tmp_path):
     assert not set(traces[0]) & set(traces[1])  # 120 samples, 60 per rank: no overlap within the epoch
     names = s3_server.filesystem().ls(ckpt.removeprefix("s3://"))
     assert any(n.endswith("checkpoint-00000004.pt") for n in names)
-
-
-def wait_for_trace(proc: subprocess.Popen, paths: list[Path], keys: int) -> None:
-    """Until every trace file holds `keys` keys (an event written by the ranks, not a clock); the job must
-    still be running, or the test fails at once with its output."""
-    def count(p: Path) -> int:
-        return len(p.read_text().split()) if p.exists() else 0
-
-    while min(map(count, paths)) < keys:
-        if proc.poll() is not None:
-            raise AssertionError(f"trainer exited with {proc.returncode} before the event:\n"
-                                 f"{proc.communicate()[0][-3000:]}")
-        time.sleep(0.1)
 
 
 @pytest.mark.slow
