@@ -188,7 +188,9 @@ def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tm
     first, lrs = run(0.1)  # 6 s, the loader's start-up included; how many steps fit depends on the machine
     assert not first["stopped"] and first["train_seconds"] >= 6 and first["step"] == len(lrs) >= 1
     assert any(f"budget of 0.1 minutes reached at step {first['step']}" in r.getMessage() for r in caplog.records)
-    assert lrs == sorted(lrs, reverse=True) and lrs[0] < peak  # the cosine decays with the seconds, from the first
+    # the cosine decays with the seconds from the first step on (no warm-up); at 4 significant digits the first
+    # step shows the peak itself when the loader started within ~0.02 s of the clock
+    assert lrs == sorted(lrs, reverse=True) and lrs[0] <= peak and (len(lrs) == 1 or lrs[-1] < lrs[0])
     state = torch.load(first["checkpoint"], map_location="cpu", weights_only=False)
     assert state["train_seconds"] == first["train_seconds"]
     seconds_before = first["train_seconds"]
