@@ -1,7 +1,7 @@
 """MoCo two-view augmentation on the CPU with OpenCV: what the torch backend's workers run.
 
 The views are the DALI graph's (augment_dali.py), parameter for parameter: the same generator draws the
-crop windows, colour maps, blur kernels and flips (aug_params.AugParams), seeded per chunk by the loader,
+crop windows, colour maps, blur kernels and flips (aug_params._AugParams), seeded per chunk by the loader,
 and each operation is the same maths:
 
     decode        cv2.imdecode (libjpeg-turbo), EXIF orientation applied; a JPEG whose two crop windows both
@@ -12,8 +12,8 @@ and each operation is the same maths:
     flip          cv2.flip
 
 OpenCV's kernels are SIMD loops: on ~500x375 web photos a view's colour map costs ~0.03 ms and its blur
-~0.07 ms, where PIL's ImageEnhance + HSV round trip and GaussianBlur take ~1-2 ms each, and where DALI's CPU
-operators take ~1.1 (colour) and ~2 ms (resize). Images OpenCV cannot decode, and JPEGs without their end
+~0.1 ms, where torchvision's four jitter ops and PIL's GaussianBlur take ~2 ms each, and where DALI's CPU
+operators take ~1.3 ms (colour) and ~2.2 ms (resize): bench/cpu_ops.py. Images OpenCV cannot decode, and JPEGs without their end
 marker, go through PIL's decode_rgb, which names the reason (truncated, corrupt, ...).
 """
 from __future__ import annotations
