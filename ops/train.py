@@ -265,7 +265,8 @@ class Trainer:
         self.metrics.record_cpu(self.cpu.cpus, {"intra_op": self.threads.intra_op, "interop": self.threads.interop,
                                                 "loader": self.threads.loader})
         self.loader = self._build_loader()
-        log_cpu_budget(self.cpu, self.threads, cfg.backend)  # once the data is found: bad input stays one line
+        # once the data is found: bad input stays one line
+        log_cpu_budget(self.cpu, self.threads, cfg.backend, on_gpu=self.device.type == "cuda")
         # the skip counters catch up with what the reader threads counted until they stopped
         self._resources.callback(lambda: self.metrics.sync_skipped(self.loader.skipped))
         self._build_model()

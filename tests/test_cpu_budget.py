@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO
 from ops.cpu_budget import (CpuBudget, CpuBudgetError, cgroup_dirs, detect_budget, quota_of, shard_tool_defaults,
                             ThreadSplit, split_threads, throttling)
+from ops.cpu_threads import openmp_wait
 from ops.thread_tuner import ThreadTuner, ladder
 
 
@@ -113,6 +114,26 @@ def test_shard_tool_defaults_from_the_budget():
     assert shard_tool_defaults(CpuBudget(1, {}, 1)) == (1, 32)
     assert shard_tool_defaults(CpuBudget(2, {}, 1)) == (2, 64)
     assert shard_tool_defaults(CpuBudget(64, {}, 1)) == (64, 256)
+
+
+def test_start_line_names_the_budget_its_sources_and_the_split(caplog):
+    """One line at start says the budget, where each limit came from and the split; DALI without a GPU adds
+    that the torch backend is the faster loader there."""
+    import logging
+
+    from ops.cpu_threads import log_cpu_budget
+
+    budget = detect_budget(affinity=8, dirs=[], local_ranks=2, cpus=6)
+    split = split_threads(budget, on_gpu=False)
+    caplog.set_level(logging.INFO, logger="mocostream.cpu")
+    log_cpu_budget(budget, split, "torch")
+    assert [r.getMessage() for r in caplog.records] == [
+        "CPU budget: 3 per rank (min of affinity 8, --cpus 6 / 2 local ranks) -> 3 intra-op threads, 3 loader "
+        f"workers, OpenMP wait {openmp_wait()}"]
+    for on_gpu, hints in ((False, 1), (True, 0)):
+        caplog.clear()
+        log_cpu_budget(budget, split, "dali", on_gpu=on_gpu)
+        assert sum("--backend torch" in r.getMessage() for r in caplog.records) == hints
 
 
 def test_eval_workers_default_from_the_budget(monkeypatch):
