@@ -16,7 +16,8 @@ import numpy as np
 
 from pipeline.augment_torch import blur_sigma_range
 
-_LUMA = np.array([0.299, 0.587, 0.114])
+# PIL's "L" / ITU-R 601 luma weights: grayscale, saturation and the contrast pivot use them.
+LUMA = np.array([0.299, 0.587, 0.114])
 _GRAY_AXIS = np.ones(3) / np.sqrt(3.0)
 _CROSS = np.array([[0.0, -_GRAY_AXIS[2], _GRAY_AXIS[1]],
                    [_GRAY_AXIS[2], 0.0, -_GRAY_AXIS[0]],
@@ -57,7 +58,7 @@ def colour_matrix(brightness, contrast, saturation, hue_turns) -> tuple[np.ndarr
     b, c, s = (np.asarray(v, dtype=np.float64).reshape(-1) for v in (brightness, contrast, saturation))
     theta = 2.0 * np.pi * np.asarray(hue_turns, dtype=np.float64).reshape(-1)
     eye = np.eye(3)
-    gray = np.outer(np.ones(3), _LUMA)                      # x -> luma(x) in every channel
+    gray = np.outer(np.ones(3), LUMA)                      # x -> luma(x) in every channel
     sat = s[:, None, None] * eye + (1.0 - s)[:, None, None] * gray
     cos, sin = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
     # Rodrigues: rotation by theta about the unit gray axis; +theta turns red towards yellow, as
@@ -137,7 +138,7 @@ def _exif_orientation(b: bytes, start: int, end: int) -> int:
     return 1
 
 
-def _jpeg_size(b: bytes) -> tuple[int, int] | None:
+def jpeg_size(b: bytes) -> tuple[int, int] | None:
     """(width, height) as decoded (EXIF rotation applied) from a JPEG's marker segments; None when they do
     not read as a plain JPEG (then PIL decides). ~5 us instead of ~50-200 for PIL's open + getexif."""
     i, n, orientation = 2, len(b), 1
@@ -166,7 +167,7 @@ def image_size(data: np.ndarray) -> tuple[int, int]:
 
     raw = data.tobytes() if isinstance(data, np.ndarray) else data
     if raw[:2] == b"\xff\xd8":
-        size = _jpeg_size(raw)
+        size = jpeg_size(raw)
         if size is not None and size[0] > 0 and size[1] > 0:
             return size
     with Image.open(io.BytesIO(raw)) as img:
@@ -187,7 +188,7 @@ def _kernel_pair(sigma_millipx: int) -> tuple[np.ndarray, np.ndarray]:
 _NO_BLUR = (np.ones((1, 1), np.float32), np.ones((1, 1), np.float32))
 
 
-class _AugParams:
+class AugParams:
     """Per-batch random parameters of both views, from a numpy Generator.
 
     Called once per batch with the images' sizes (in iteration order). The generator is reseeded per

@@ -1,7 +1,7 @@
 """MoCo two-view augmentation on the CPU with OpenCV: what the torch backend's workers run.
 
 The views are the DALI graph's (augment_dali.py), parameter for parameter: the same generator draws the
-crop windows, colour maps, blur kernels and flips (aug_params._AugParams), seeded per chunk by the loader,
+crop windows, colour maps, blur kernels and flips (aug_params.AugParams), seeded per chunk by the loader,
 and each operation is the same maths:
 
     decode        cv2.imdecode (libjpeg-turbo), EXIF orientation applied; a JPEG whose two crop windows both
@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.aug_params import _LUMA, _AugParams, _jpeg_size, image_size
+from pipeline.aug_params import LUMA, AugParams, image_size, jpeg_size
 from pipeline.augment_torch import UndecodableImage, decode_rgb
 from pipeline.image_check import MAX_PIXELS
 
@@ -41,7 +41,7 @@ def jpeg_header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) after EXIF rotation of a whole JPEG (it ends with its EOI marker), else None."""
     if data[:2] != b"\xff\xd8" or not (data.endswith(b"\xff\xd9") or data.rstrip(b"\0").endswith(b"\xff\xd9")):
         return None
-    return _jpeg_size(data)
+    return jpeg_size(data)
 
 
 def decode(data: bytes, reduction: int = 1) -> np.ndarray:
@@ -86,7 +86,7 @@ def view(img: Image.Image, window: tuple, scale: tuple[float, float], params: tu
     out = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
     colour_on, m, k, blur_on, kernel_h, kernel_v, mirror = params
     if colour_on:
-        mean_luma = float(np.dot(cv2.mean(out)[:3], _LUMA))
+        mean_luma = float(np.dot(cv2.mean(out)[:3], LUMA))
         out = cv2.transform(out, np.hstack([m, np.full((3, 1), k * mean_luma, np.float32)]))
     if blur_on:
         out = cv2.sepFilter2D(out, -1, kernel_h, kernel_v, borderType=cv2.BORDER_REPLICATE)
@@ -101,7 +101,7 @@ def augment_images(datas: list[bytes], recipe: str, size: int, seed: int
     None or the reason it was skipped. One generator, seeded with `seed`, draws every parameter."""
     cv2.setNumThreads(1)  # one worker per CPU already: no nested thread pool
     sizes, reasons = sizes_of(datas)
-    params = _AugParams(recipe, len(datas), seed, size).draw_views(sizes) if datas else []
+    params = AugParams(recipe, len(datas), seed, size).draw_views(sizes) if datas else []
     qs, ks = [], []
     for i, data in enumerate(datas):
         if reasons[i] is not None:

@@ -18,13 +18,13 @@ How it maps onto DALI, and where it differs from torchvision (augment_torch.py i
 * Random parameters. All per-sample decisions and factors, the crop window included (torchvision's
   get_params on the image size read from its header, vectorised over the batch, then fn.resize with that
   ROI), are drawn by
-  `_AugParams`, a numpy Generator, and enter the graph through the same external_source as the images.
+  `AugParams`, a numpy Generator, and enter the graph through the same external_source as the images.
   The loader reseeds it per batch from the batch's position in the data stream, so a sample's views do
   not depend on num_threads, prefetching or restarts: a resumed run sees the augmentations an
   uninterrupted one would.
 * Colour jitter + grayscale are ONE affine colour op per sample, fn.coord_transform (out = M x + T,
   then rounded and clamped to uint8), applied only to samples that jitter or go gray (`if` with
-  enable_conditionals; the other 16 % (v2) skip it). See `colour_matrix`:
+  enable_conditionals; the other 16 % (v2) skip it). See `aug_params.colour_matrix`:
     - brightness, contrast, saturation and grayscale are torchvision's (PIL's) operations exactly:
       scale; blend with the mean luma of the crop; blend with the luma image; luma (PIL "L" weights).
       fn.color_twist / fn.brightness_contrast would pivot contrast on 128 instead of the image mean,
@@ -43,7 +43,7 @@ How it maps onto DALI, and where it differs from torchvision (augment_torch.py i
       past 255 by brightness and pulled back by contrast keeps its detail here but not in torchvision.
       Grayscale before (v1) or after (v2) the jitter gives the same map (chroma scaled to 0).
 * Gaussian blur: two 1-D fn.filter passes (edge pixels repeated, as PIL does) with a per-sample kernel
-  that is exactly PIL's GaussianBlur(radius=sigma) (3 box blurs; see `gaussian_kernel`), 3-13 taps.
+  that is exactly PIL's GaussianBlur(radius=sigma) (3 box blurs; see `aug_params.gaussian_kernel`), 3-13 taps.
   fn.gaussian_blur samples a true Gaussian, which for small sigma is far weaker than PIL's blur, and in
   DALI 2.4 on CPU is ~4x slower than fn.filter (fixed large windows slower still).
 * Flip: crop_mirror_normalize(mirror=...), fused with normalisation and the layout change.
@@ -76,18 +76,17 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorGPU
 
-from pipeline.aug_params import (_LUMA, _RECIPES, _AugParams, _jpeg_size, colour_matrix,  # noqa: F401
-                                 crop_windows, gaussian_kernel, image_size)
+from pipeline.aug_params import LUMA, AugParams, image_size
 from pipeline.augment_torch import MEAN, RECIPES, STD
 
-FEED_OUTPUTS = 4 + 2 * _AugParams.OUTPUTS_PER_VIEW  # encoded, ids, region start, region end, q's, k's
+FEED_OUTPUTS = 4 + 2 * AugParams.OUTPUTS_PER_VIEW  # encoded, ids, region start, region end, q's, k's
 
 
 def _gray_mean(img):
     """Mean luma of each sample as a CPU scalar (a GPU reduction is moved to the CPU, since per-sample
     operator arguments must live on the CPU)."""
     m = fn.reductions.mean(img, axes=[0, 1]).cpu()
-    return m[0] * float(_LUMA[0]) + m[1] * float(_LUMA[1]) + m[2] * float(_LUMA[2])
+    return m[0] * float(LUMA[0]) + m[1] * float(LUMA[1]) + m[2] * float(LUMA[2])
 
 
 def _colour(img, m, k):
@@ -119,7 +118,7 @@ def _view(images, params: Sequence, size: int):
 
 @pipeline_def(enable_conditionals=True)
 def _two_view_graph(feed, size: int, decoder_device: str):
-    n = _AugParams.OUTPUTS_PER_VIEW
+    n = AugParams.OUTPUTS_PER_VIEW
     encoded, ids, start, end, *p = fn.external_source(source=feed, num_outputs=FEED_OUTPUTS, batch=True)
     # Only the region the two crop windows cover is decoded (JPEG: libjpeg-turbo / nvJPEG ROI decoding).
     images = fn.decoders.image_slice(encoded, start=start, end=end, axis_names="HW", device=decoder_device,
@@ -140,7 +139,7 @@ def build_two_view_pipeline(source: Callable[[], tuple[list[np.ndarray], list[np
     device: "cpu" (CPU decode and ops, no GPU needed) or "gpu" (mixed decode, ops on GPU `device_id`,
     default the current CUDA device). seed: make it distinct per rank/worker.
     """
-    if recipe not in _RECIPES:
+    if recipe not in RECIPES:
         raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {RECIPES}")
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -150,7 +149,7 @@ def build_two_view_pipeline(source: Callable[[], tuple[list[np.ndarray], list[np
         device_id = None
     elif device_id is None:
         device_id = torch.cuda.current_device()
-    params = _AugParams(recipe, batch_size, seed, size)
+    params = AugParams(recipe, batch_size, seed, size)
 
     def feed():
         out = source()

@@ -15,6 +15,7 @@ from torchvision import transforms
 import torchvision.transforms.functional as TF
 
 from pipeline.image_check import check_image
+import pipeline.aug_params as aug_params
 from pipeline.augment_cv import augment_images
 from pipeline.augment_torch import MEAN, STD, UndecodableImage, decode_rgb, normalize, reference_transform
 
@@ -367,7 +368,7 @@ def test_dali_colour_ops_match_torchvision(photos):
     img = np.asarray(pil)
 
     def apply(b=1.0, c=1.0, s=1.0, h=0.0):
-        m, k = ad.colour_matrix([b], [c], [s], [h])
+        m, k = aug_params.colour_matrix([b], [c], [s], [h])
 
         @pipeline_def(batch_size=1, num_threads=1, device_id=None)
         def p():
@@ -416,7 +417,7 @@ def test_dali_blur_matches_pil_gaussian_blur(photos):
     img = np.clip(photo + rng.integers(-40, 41, photo.shape), 0, 255).astype(np.uint8)
     pil = Image.fromarray(img)
     for sigma in (0.3, 0.5, 1.0, 2.0):
-        w = ad.gaussian_kernel(sigma)
+        w = aug_params.gaussian_kernel(sigma)
         x = np.arange(len(w)) - len(w) // 2
         assert len(w) % 2 == 1 and abs(w.sum() - 1) < 1e-6 and np.allclose(w, w[::-1])
         assert abs((w * x * x).sum() - sigma ** 2) < 0.02 * sigma ** 2 + 1e-3  # PIL matches the variance
@@ -440,7 +441,7 @@ def test_dali_recipe_probabilities():
     ad = _dali()
     n = 20000
     for recipe, jitter_p, hue, blur_p in [("moco_v2", 0.8, 0.1, 0.5), ("moco_v1", 1.0, 0.4, 0.0)]:
-        params = ad._AugParams(recipe, n, seed=0)
+        params = aug_params.AugParams(recipe, n, seed=0)
         f = params.draw()
         assert abs(f["jitter"].mean() - jitter_p) < 0.02
         assert abs(f["gray"].mean() - 0.2) < 0.02
@@ -543,7 +544,7 @@ def test_blur_is_the_reference_at_224_and_scaled_with_the_crop():
     assert blur_sigma_range(224) == (0.1, 2.0)
     lo, hi = blur_sigma_range(32)
     assert abs(lo - 0.1 / 7) < 1e-9 and abs(hi - 2.0 / 7) < 1e-9
-    sigma = ad._AugParams("moco_v2", 2000, seed=0, size=32).draw()["sigma"]
+    sigma = aug_params.AugParams("moco_v2", 2000, seed=0, size=32).draw()["sigma"]
     assert lo <= sigma.min() < 1.05 * lo and 0.95 * hi < sigma.max() <= hi
     blurs = [t.transforms[0] for t in reference_transform("moco_v2", 32).transforms
              if type(t).__name__ == "RandomApply" and isinstance(t.transforms[0], GaussianBlur)]

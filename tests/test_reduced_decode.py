@@ -11,6 +11,7 @@ import torch
 from torchvision import transforms
 
 import pipeline.augment_cv as augment_cv
+from pipeline.aug_params import AugParams, image_size
 from conftest import _need_archive, extract_members
 
 
@@ -55,7 +56,7 @@ def assert_same_view_statistics(ours: np.ndarray, ref: np.ndarray, width: int, h
 def test_dali_crop_windows_match_random_resized_crop(width, height):
     """The DALI backend draws its windows in numpy, for a whole batch at once (2000x300: mostly the
     fallback central crop, as in torchvision)."""
-    from pipeline.augment_dali import crop_windows
+    from pipeline.aug_params import crop_windows
 
     n = 4000
     rng = np.random.default_rng(0)
@@ -80,12 +81,12 @@ def test_dali_decodes_the_union_region_and_views_match_a_full_decode(large_photo
         return ad.dali_outputs_to_torch(pipe.run(), "cpu")[:2]
 
     region_q, region_k = views()
-    real = ad._AugParams.__call__
+    real = AugParams.__call__
     regions = []
 
     def full_region(self, sizes):  # same draws; the region becomes the whole image, windows shifted into it
         out = list(real(self, sizes))
-        start, end, n = out[0], out[1], ad._AugParams.OUTPUTS_PER_VIEW
+        start, end, n = out[0], out[1], AugParams.OUTPUTS_PER_VIEW
         regions.append((start.copy(), end.copy()))
         for i in (2, 3, 2 + n, 3 + n):
             out[i] = out[i] + start.astype(np.float32)
@@ -93,13 +94,13 @@ def test_dali_decodes_the_union_region_and_views_match_a_full_decode(large_photo
         out[1] = np.array([[h, w] for w, h in sizes], np.int32)
         return tuple(out)
 
-    ad._AugParams.__call__ = full_region
+    AugParams.__call__ = full_region
     try:
         full_q, full_k = views()
     finally:
-        ad._AugParams.__call__ = real
+        AugParams.__call__ = real
     start, end = regions[0]
-    sizes = np.array([[h, w] for w, h in (ad.image_size(x) for x in data)])
+    sizes = np.array([[h, w] for w, h in (image_size(x) for x in data)])
     area = ((end - start).prod(1) / sizes.prod(1))
     assert area.min() < 0.9  # some regions really are smaller than the image
     # the resize may look one filter radius past the window: decoded-region edges differ by rounding at most
@@ -144,7 +145,7 @@ def test_header_size_is_the_decoded_size(messy_images):
 
     from PIL import Image, ImageOps
 
-    from pipeline.augment_dali import _jpeg_size, image_size
+    from pipeline.aug_params import jpeg_size
     from pipeline.image_check import check_image
 
     checked = rotated = 0
@@ -158,5 +159,5 @@ def test_header_size_is_the_decoded_size(messy_images):
             expected = ImageOps.exif_transpose(img).size
         assert image_size(np.frombuffer(data, np.uint8)) == expected, path.name
         checked += 1
-        rotated += _jpeg_size(data) is not None and expected != img.size
+        rotated += jpeg_size(data) is not None and expected != img.size
     assert checked >= 20 and rotated >= 2, (checked, rotated)
