@@ -103,6 +103,9 @@ def train_rate(args, setting: str, scenario: str, cgroup: Path | None) -> tuple[
         sys.exit(f"train failed ({r.returncode}):\n{r.stderr[-3000:]}")
     rates = [float(x) for x in re.findall(r"step \d+/\d+ \| ([\d.]+) img/s", r.stderr)[1:]]
     summary = json.loads([line for line in r.stdout.splitlines() if line.startswith("{")][-1])
+    switches = re.findall(r"intra-op threads (\d+ -> \d+): steps", r.stderr)  # the thread tuner's decisions
+    if switches:
+        print(f"    thread tuner: {', '.join(switches)}", flush=True)
     return (statistics.median(rates) if rates else summary["images_per_second"]), summary["intra_op_threads"]
 
 

@@ -6,6 +6,9 @@ a 1-thread step lost almost nothing. Which count is faster depends on the neighb
 the tuner measures it: every so often it runs a short window of steps at the next thread count down (or up)
 and keeps whichever gave the shorter steps. A slowdown of the current setting triggers a probe at once;
 probes that change nothing come less and less often, so alone the cost stays around 1-2 % of the steps.
+A probe that wins is run once more, against a fresh window of the current setting, before the switch: one
+window slowed by something passing (a neighbour's burst, the first steps' warm-up) must not cost the run its
+threads until the next probe.
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ class ThreadTuner:
         self.last_window: float | None = None
         self.probing: int | None = None  # index of the count being probed
         self.down = True  # direction of the next probe
+        self.confirming: int | None = None  # index of a count that won its probe once: probe it again first
         self.times: list[float] = []
         self.switches = 0
 
@@ -69,28 +73,36 @@ class ThreadTuner:
         slowed = self.baseline is not None and typical > self.slowdown * self.baseline
         self.baseline = typical if self.baseline is None or slowed else min(self.baseline, typical)
         self.last_window = typical
-        if len(self.counts) > 1 and (slowed or self.windows_since_probe >= self.probe_every * self.backoff):
+        due = self.confirming is not None or self.windows_since_probe >= self.probe_every * self.backoff
+        if len(self.counts) > 1 and (slowed or due):
             if slowed:
                 self.backoff = 1
             self._start_probe()
 
     def _start_probe(self) -> None:
-        step = 1 if self.down else -1
-        if not 0 <= self.index + step < len(self.counts):
-            step = -step
-        self.down = not self.down
-        self.probing = self.index + step
+        if self.confirming is not None:  # the count that won last time, once more
+            self.probing = self.confirming
+        else:
+            step = 1 if self.down else -1
+            if not 0 <= self.index + step < len(self.counts):
+                step = -step
+            self.down = not self.down
+            self.probing = self.index + step
         self.windows_since_probe = 0
         self.set_threads(self.counts[self.probing])
 
     def _end_probe(self, typical: float) -> None:
         probed, self.probing = self.probing, None
-        if typical * self.margin < self.last_window:
+        won = typical * self.margin < self.last_window
+        if won and self.confirming == probed:
             log.info("intra-op threads %d -> %d: steps %.0f ms -> %.0f ms (CPUs contended or freed)",
                      self.threads, self.counts[probed], 1000 * self.last_window, 1000 * typical)
             self.down = probed > self.index  # keep going the same way first
             self.index, self.baseline, self.backoff = probed, typical, 1
+            self.confirming = None
             self.switches += 1
-        else:
+            return
+        self.confirming = probed if won else None  # a first win: back for one window, then probe it again
+        if not won:
             self.backoff = min(self.max_backoff, 2 * self.backoff)
-            self.set_threads(self.threads)
+        self.set_threads(self.threads)

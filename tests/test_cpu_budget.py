@@ -203,6 +203,15 @@ def test_tuner_keeps_all_threads_alone_and_probes_rarely():
     assert used.count(1) / len(used) < 0.02  # the probes' cost alone, after backing off
 
 
+def test_tuner_keeps_its_threads_through_one_slow_window():
+    """One window slowed by something passing (here the first measured one, steps 9-17, twice as slow) makes
+    the first probe of 1 thread win; the probe's rerun against a fresh window loses, so nothing switches."""
+    fluke = lambda n, i: {2: 0.3, 1: 0.45}[n] * (2 if 9 <= i < 18 else 1)  # noqa: E731
+    tuner, used = run(2, fluke, 400)
+    assert tuner.threads == 2 and tuner.switches == 0
+    assert used.count(1) / len(used) < 0.05  # the probe, its rerun and one routine probe later
+
+
 def test_tuner_returns_to_all_threads_when_the_neighbour_leaves():
     busy = lambda n, i: {2: 1.0, 1: 0.45}[n] if i < 300 else {2: 0.3, 1: 0.45}[n]  # noqa: E731
     tuner, used = run(2, busy, 1500)
