@@ -44,22 +44,25 @@ def jpeg_header_size(data: bytes) -> tuple[int, int] | None:
     return jpeg_size(data)
 
 
-def decode(data: bytes, reduction: int = 1) -> np.ndarray:
-    """RGB uint8 (H, W, 3), EXIF orientation applied, a JPEG at 1/reduction scale. Raises UndecodableImage."""
+def decode(data: bytes, reduction: int | None) -> np.ndarray:
+    """RGB uint8 (H, W, 3), EXIF orientation applied: a whole JPEG (jpeg_header_size) by OpenCV at 1/reduction
+    scale; anything else (reduction None) by PIL. Raises UndecodableImage."""
     img = None
-    if jpeg_header_size(data) is not None:
+    if reduction is not None:
         img = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[reduction] | cv2.IMREAD_COLOR_RGB)
     if img is None:  # not a JPEG OpenCV reads: PIL decodes it, or says why it cannot
         img = np.asarray(decode_rgb(data))
     return img
 
 
-def sizes_of(datas: list[bytes]) -> tuple[list[tuple[int, int]], list[str | None]]:
-    """Decoded (width, height) of each image, read from its header (PIL's for non-JPEGs), and the reason
-    when there is none; a failed image gets a placeholder size so the batch's draws keep their shape."""
-    sizes, reasons = [], []
+def sizes_of(datas: list[bytes]) -> tuple[list[tuple[int, int]], list[str | None], list[bool]]:
+    """Decoded (width, height) of each image, read from its header (PIL's for non-JPEGs), the reason when
+    there is none, and whether it is a whole JPEG (OpenCV decodes those); a failed image gets a placeholder
+    size so the batch's draws keep their shape."""
+    sizes, reasons, jpegs = [], [], []
     for data in datas:
         size, reason = jpeg_header_size(data), None
+        jpegs.append(size is not None)
         if size is None:  # PIL reads the header; what it cannot read, decode_rgb names
             try:
                 size = image_size(data)
@@ -74,7 +77,7 @@ def sizes_of(datas: list[bytes]) -> tuple[list[tuple[int, int]], list[str | None
             size, reason = (1, 1), "decompression_bomb"
         sizes.append(size)
         reasons.append(reason)
-    return sizes, reasons
+    return sizes, reasons, jpegs
 
 
 def view(img: Image.Image, window: tuple, scale: tuple[float, float], params: tuple, size: int) -> np.ndarray:
@@ -100,14 +103,14 @@ def augment_images(datas: list[bytes], recipe: str, size: int, seed: int
     """Two views of each image: uint8 q, k of shape (n, 3, S, S) for the n decodable ones, and per input
     None or the reason it was skipped. One generator, seeded with `seed`, draws every parameter."""
     cv2.setNumThreads(1)  # one worker per CPU already: no nested thread pool
-    sizes, reasons = sizes_of(datas)
+    sizes, reasons, jpegs = sizes_of(datas)
     params = AugParams(recipe, len(datas), seed, size).draw_views(sizes) if datas else []
     qs, ks = [], []
     for i, data in enumerate(datas):
         if reasons[i] is not None:
             continue
         windows = [tuple(int(a[i]) for a in p[:4]) for p in params]
-        reduction = jpeg_reduction(windows, size) if jpeg_header_size(data) is not None else 1
+        reduction = jpeg_reduction(windows, size) if jpegs[i] else None
         try:
             img = decode(data, reduction)
             # the windows are in header pixels: mapped onto the decoded ones (reduced scale, any disagreement)

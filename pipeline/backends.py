@@ -59,7 +59,7 @@ class TorchViews:
 def augment_chunk(datas: list[bytes], recipe: str, size: int, seed: int):
     """Decode + two views for a chunk of images (runs in a worker process): uint8 q, k arrays for the
     decodable images and, per input, None or the reason it was skipped."""
-    from .augment_cv import augment_images
+    from .augment_cv import augment_images  # here, not at the top: DALI-only processes never load OpenCV
 
     return augment_images(datas, recipe, size, seed)
 
