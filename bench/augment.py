@@ -49,8 +49,8 @@ def _torch_worker(kind: str, folder, recipe: str, size: int, seconds: float, bat
     import torch
     from PIL import Image
 
-    from pipeline.augment_cv import augment_images
-    from pipeline.augment_torch import normalize, reference_transform
+    from mocostream.pipeline.augment_cv import augment_images
+    from mocostream.pipeline.augment_torch import normalize, reference_transform
 
     torch.set_num_threads(1)
     data = _load(folder) if isinstance(folder, str) else folder  # a folder, or the encoded images themselves
@@ -95,7 +95,7 @@ def bench_dali(args) -> tuple[float, float]:
     """(images/s, CPU ms per image: all DALI threads and the Python thread)."""
     import numpy as np
 
-    from pipeline.augment_dali import build_two_view_pipeline, dali_outputs_to_torch
+    from mocostream.pipeline.augment_dali import build_two_view_pipeline, dali_outputs_to_torch
 
     data = [np.frombuffer(raw, np.uint8) for raw in _load(args.images)]
     b = args.batch_size
@@ -120,7 +120,7 @@ def bench_dali(args) -> tuple[float, float]:
 
 
 def bench_check(args) -> float:
-    from pipeline.image_check import check_image
+    from mocostream.pipeline.image_check import check_image
 
     data = _load(args.images)
     start = time.perf_counter()

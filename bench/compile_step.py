@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moco_core import build_optimizer  # noqa: E402
-from ops.config import build_config  # noqa: E402
-from ops.train import build_model, uses_bf16  # noqa: E402
+from mocostream.moco_core import build_optimizer  # noqa: E402
+from mocostream.ops.config import build_config  # noqa: E402
+from mocostream.ops.train import build_model, uses_bf16  # noqa: E402
 from step_timing import alternating_rounds, moco_train_step, timed  # noqa: E402
 
 

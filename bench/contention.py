@@ -80,7 +80,7 @@ def cpus_for(scenario: str) -> int:
 
 
 def train_argv(args, setting: str, scenario: str, ckpt: Path) -> tuple[list[str], dict]:
-    argv = [sys.executable, "-m", "ops.cli", "train", "--data", str(args.shards), "--recipe", "moco_v1",
+    argv = [sys.executable, "-m", "mocostream.ops.cli", "train", "--data", str(args.shards), "--recipe", "moco_v1",
             "--arch", "resnet18_cifar_half", "--image-size", "24", "--batch-size", "128", "--precision", "bf16",
             "--steps", str(args.steps), "--log-every", str(args.log_every), "--metrics-port", "0",
             "--no-progress", "--checkpoint-dir", str(ckpt), "--checkpoint-every", str(10 ** 9)]
@@ -111,7 +111,7 @@ def train_rate(args, setting: str, scenario: str, cgroup: Path | None) -> tuple[
 
 def shards_rate(args, setting: str, scenario: str, cgroup: Path | None) -> tuple[float, int]:
     out = args.workdir / f"shards-{uuid.uuid4().hex[:8]}"
-    argv = [sys.executable, "-m", "ops.cli", "shards", "create", str(args.images), "--out", str(out),
+    argv = [sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(args.images), "--out", str(out),
             "--format", "tar", "--samples-per-shard", "1000", "--reencode", "never", "--dedup", "none", "--json"]
     if setting == "before":
         argv += ["--workers", str(cpus_for(scenario)), "--io-concurrency", "64"]
@@ -172,7 +172,7 @@ def main() -> int:
     args.images = subset(extract(args.workdir) / "train", args.workdir / "subset", args.per_class)
     args.shards = args.workdir / "shards"
     if not (args.shards / "manifest.json").exists():
-        subprocess.run([sys.executable, "-m", "ops.cli", "shards", "create", str(args.images), "--out",
+        subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(args.images), "--out",
                         str(args.shards), "--format", "tar", "--samples-per-shard", "1000", "--shuffle", "--seed",
                         "0", "--reencode", "never", "--dedup", "none", "--quiet"], cwd=REPO, check=True)
     scenarios, jobs = args.scenarios.split(","), args.jobs.split(",")

@@ -35,8 +35,8 @@ def check_step_has_no_host_sync(batch_size: int, precision: str = "bf16") -> str
     """Run MoCo steps with CUDA sync debugging set to error: any host-device sync raises."""
     import torch
 
-    from moco_core import MoCo, NonFiniteGuard, build_encoder, build_optimizer, info_nce
-    from ops.precision import StepPrecision
+    from mocostream.moco_core import MoCo, NonFiniteGuard, build_encoder, build_optimizer, info_nce
+    from mocostream.ops.precision import StepPrecision
 
     device = torch.device("cuda", 0)
     model = MoCo(build_encoder("resnet50"), K=65536, m=0.999, T=0.2, mlp=True).to(device)
@@ -73,8 +73,8 @@ def check_fp16_overflow(device_name: str = "cuda") -> dict:
     """An fp16 overflow on the GPU: skipped once, counted once, the scale halved; the next step trains."""
     import torch
 
-    from moco_core import NonFiniteGuard, build_optimizer
-    from ops.precision import StepPrecision, precision_mode
+    from mocostream.moco_core import NonFiniteGuard, build_optimizer
+    from mocostream.ops.precision import StepPrecision, precision_mode
 
     device = torch.device(device_name, 0) if device_name == "cuda" else torch.device(device_name)
     net = torch.nn.Linear(64, 8).to(device)
@@ -96,7 +96,7 @@ def check_fp16_overflow(device_name: str = "cuda") -> dict:
 def train_run(work: Path, args, precision: str, steps: int) -> dict:
     """A short `mocostream train` under torchrun (1 process, NCCL); its summary JSON, or {"error": rc}."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29533",
-           "-m", "ops.cli", "train", "--data", str(work / "shards"), "--steps", str(steps),
+           "-m", "mocostream.ops.cli", "train", "--data", str(work / "shards"), "--steps", str(steps),
            "--batch-size", str(args.batch_size), "--arch", "resnet50", "--image-size", "224",
            "--backend", "dali", "--recipe", "moco_v2", "--device", "cuda", "--metrics-port", "0",
            "--checkpoint-dir", str(work / f"ckpt-{precision}"), "--checkpoint-every", str(steps), "--no-progress",
@@ -121,9 +121,9 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible (torch.cuda.is_available() is False); nothing to check here.")
         return 3
-    from ops.demo import write_images
-    from pipeline.loader import LoaderConfig, TwoViewLoader
-    from shards.create import create_shards
+    from mocostream.ops.demo import write_images
+    from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
+    from mocostream.shards.create import create_shards
 
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     images = args.images

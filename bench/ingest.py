@@ -68,7 +68,7 @@ def run_tree(cmd: list[str], env: dict | None = None) -> dict:
 
 
 def ours(urls: Path, out: Path, part: str | None = None) -> dict:
-    cmd = [sys.executable, "-m", "ops.cli", "shards", "create", str(urls), "--out", str(out), "--workers", "2",
+    cmd = [sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(urls), "--out", str(out), "--workers", "2",
            "--io-concurrency", "64", "--max-size", "256", "--resize-mode", "center_crop", "--quality", "95",
            "--http-timeout", "10", "--retries", "2", "--dedup", "none", "--quiet", "--json"]
     cmd += ["--part", part] if part else []

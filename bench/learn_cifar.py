@@ -44,7 +44,7 @@ DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
 def cli(*args: str, timeout: float | None = None, env: dict | None = None) -> str:
-    r = subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=REPO, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", *args], cwd=REPO, capture_output=True, text=True,
                        timeout=timeout, env={**os.environ, **(env or {})})
     if r.returncode != 0:
         sys.exit(f"mocostream {' '.join(args[:2])} failed ({r.returncode}):\n{r.stderr[-3000:]}")
@@ -88,7 +88,7 @@ def train_run(args, recipe: str, shards: Path, work: Path) -> dict:
         flags += ["--compile"]
     if recipe == "moco_v1":
         flags += ["--lr-schedule", "cosine"]  # the budget is too short for v1's step milestones to matter
-    proc = subprocess.Popen([sys.executable, "-m", "ops.cli", *flags], cwd=REPO, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "mocostream.ops.cli", *flags], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
     try:  # the trainer ends the run itself; this backstop only stops a run that hangs

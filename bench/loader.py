@@ -92,10 +92,10 @@ class StageClock:
 
 def install_profile(clock: StageClock) -> None:
     """Wrap each stage's function where the loader looks it up (at call time)."""
-    import pipeline.augment_dali as augment_dali
-    import pipeline.image_check as image_check
-    import pipeline.storage as storage
-    import pipeline.stream as stream
+    import mocostream.pipeline.augment_dali as augment_dali
+    import mocostream.pipeline.image_check as image_check
+    import mocostream.pipeline.storage as storage
+    import mocostream.pipeline.stream as stream
 
     storage.ShardReader.read = clock.wrap("read", storage.ShardReader.read)
     stream.read_samples = clock.wrap("parse", stream.read_samples, consume=True)
@@ -109,7 +109,7 @@ def install_feed_only() -> None:
     import nvidia.dali.fn as fn
     from nvidia.dali import pipeline_def
 
-    import pipeline.augment_dali as augment_dali
+    import mocostream.pipeline.augment_dali as augment_dali
 
     @pipeline_def(enable_conditionals=True)
     def feed_only(feed, size, decoder_device):
@@ -121,7 +121,7 @@ def install_feed_only() -> None:
 
 
 def measure_loader(args, backend: str) -> dict:
-    from pipeline.loader import LoaderConfig, TwoViewLoader
+    from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
 
     clock = StageClock()
     if args.feed_only:
@@ -161,8 +161,8 @@ def measure_loader(args, backend: str) -> dict:
 def measure_reference(args) -> dict:
     from augment import bench_torch
 
-    from pipeline.readers import read_samples
-    from pipeline.sources import read_bytes, resolve_shards
+    from mocostream.pipeline.readers import read_samples
+    from mocostream.pipeline.sources import read_bytes, resolve_shards
 
     blobs = [s.data for sh in resolve_shards(args.data) for s in read_samples(sh, read_bytes(sh.url)) if not s.error]
     ips, cpu_ms = bench_torch("reference", argparse.Namespace(images=blobs, recipe="moco_v2", size=args.image_size,
@@ -212,7 +212,7 @@ def main() -> None:
         print(json.dumps(r))
         return
     if args.images:
-        from shards.create import create_shards
+        from mocostream.shards.create import create_shards
 
         args.data = tempfile.mkdtemp(prefix="bench-shards-")
         create_shards([args.images], args.data, fmt="tar", samples_per_shard=100, progress=False, dedup="none")

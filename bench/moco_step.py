@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moco_core import MoCo, build_encoder, build_optimizer, info_nce  # noqa: E402
+from mocostream.moco_core import MoCo, build_encoder, build_optimizer, info_nce  # noqa: E402
 from step_timing import timed  # noqa: E402
 
 
@@ -38,8 +38,8 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.bn_splits == 0:
-        from ops.config import TrainConfig
-        from ops.train import auto_bn_splits
+        from mocostream.ops.config import TrainConfig
+        from mocostream.ops.train import auto_bn_splits
 
         args.bn_splits = auto_bn_splits(TrainConfig(data="-", batch_size=args.batch_size), 1)
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def synthetic_counts(shards: int):
 def synthetic_table(shards: int):
     import pyarrow as pa
 
-    from pipeline.shard_table import ShardTable
+    from mocostream.pipeline.shard_table import ShardTable
 
     names = pa.array([f"shard-{i:07d}.tar" for i in range(shards)], pa.string())
     return ShardTable("/data", names, synthetic_counts(shards))
@@ -88,7 +88,7 @@ def synthetic_table(shards: int):
 def child_plan(shards: int, world: int) -> dict:
     import numpy as np
 
-    from pipeline.plan import EpochPlan
+    from mocostream.pipeline.plan import EpochPlan
 
     counts = synthetic_counts(shards)
     rank = world // 2
@@ -111,8 +111,8 @@ def child_manifest(folder: str, json_too: bool) -> dict:
     import pyarrow.compute  # noqa: F401  (imports are not the manifest's cost)
     import pyarrow.parquet  # noqa: F401
 
-    from pipeline.shard_table import load_shard_table
-    from pipeline.sources import read_manifest
+    from mocostream.pipeline.shard_table import load_shard_table
+    from mocostream.pipeline.sources import read_manifest
 
     table, seconds, mb = measured(lambda _: load_shard_table(folder))
     _, fp_s, fp_mb = measured(lambda _: table.fingerprint(), table._fingerprints.clear)
@@ -125,7 +125,7 @@ def child_manifest(folder: str, json_too: bool) -> dict:
 
 
 def _stream(table, world: int, rank: int):
-    from pipeline.stream import SampleStream
+    from mocostream.pipeline.stream import SampleStream
 
     return SampleStream(table, seed=0, world=world, rank=rank)
 
@@ -195,8 +195,8 @@ def write_manifest(folder: Path, shards: int) -> None:
     """A synthetic manifest of `shards` entries through the shard tool's own writer."""
     import numpy as np
 
-    from shards.manifest import build_manifest, write_manifests
-    from shards.output import Destination
+    from mocostream.shards.manifest import build_manifest, write_manifests
+    from mocostream.shards.output import Destination
 
     counts, rng = synthetic_counts(shards), np.random.default_rng(7)
     digests = rng.integers(0, 256, (shards, 32), dtype=np.uint8)

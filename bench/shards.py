@@ -75,7 +75,7 @@ def _tree_rss(root: int) -> int:
 
 
 def run_ours(listfile: Path, out: Path, workers: int, extra: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "ops.cli", "shards", "create", str(listfile), "--out", str(out), "--json",
+    cmd = [sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(listfile), "--out", str(out), "--json",
            "--workers", str(workers), "--dedup", "none", "--samples-per-shard", "1000", *extra]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import moco_core.split_bn as split_bn  # noqa: E402
-from moco_core import MoCo, build_encoder, build_optimizer  # noqa: E402
+import mocostream.moco_core.split_bn as split_bn  # noqa: E402
+from mocostream.moco_core import MoCo, build_encoder, build_optimizer  # noqa: E402
 from step_timing import alternating_rounds, moco_train_step, timed  # noqa: E402
 
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from moco_core import info_nce
+from mocostream.moco_core import info_nce
 
 
 def sync(device: torch.device) -> None:

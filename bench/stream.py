@@ -12,7 +12,7 @@
    compare the per-round ratios, the load average printed with each round, and images per CPU-second of
    the loader process (DALI backend; SeaweedFS's own CPU is not in it).
 2. Resume latency, 1,000 shards in the manifest: 4,000 generated 64-px images -> 1,000 tar shards of 4. The
-   real trainer (`python -m ops.cli train`) runs 3 steps and checkpoints. Then a fresh Python process resumes
+   real trainer (`python -m mocostream.ops.cli train`) runs 3 steps and checkpoints. Then a fresh Python process resumes
    the loader exactly as the trainer does on `--resume` (checkpoint.latest + load, loader.load_states) and
    takes its first batch; the figure is from just before the parent starts that process (interpreter start
    and imports included) to the first batch in hand. Inside that process the parts are timed too
@@ -59,7 +59,7 @@ class _Reads:
 
 def measure_loader(data: str, backend: str, seconds: float, batch: int, size: int, workers: int,
                    read_ahead: int) -> dict:
-    from pipeline.loader import LoaderConfig, TwoViewLoader
+    from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
 
     reads = _Reads()
     t0 = time.perf_counter()
@@ -94,8 +94,8 @@ def measure_loader(data: str, backend: str, seconds: float, batch: int, size: in
 def stream_benchmark(args, server, work: Path) -> dict:
     import s3fs  # noqa: F401  (fail early if missing)
 
-    from ops.demo import write_images
-    from shards.create import create_shards
+    from mocostream.ops.demo import write_images
+    from mocostream.shards.create import create_shards
 
     images = args.images
     if not images:
@@ -154,11 +154,11 @@ t_start = time.time()
 a = json.loads(sys.argv[1])
 sys.path.insert(0, a["repo"])
 import torch
-from pipeline.loader import LoaderConfig, TwoViewLoader
-from pipeline.storage import StorageConfig
-from ops import checkpoint
+from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
+from mocostream.pipeline.storage import StorageConfig
+from mocostream.ops import checkpoint
 if a["backend"] == "dali":
-    import pipeline.augment_dali  # DALI's own import counts as imports, not as loader work
+    import mocostream.pipeline.augment_dali  # DALI's own import counts as imports, not as loader work
 t_imports = time.time()
 
 def make(world=1, rank=0):
@@ -214,14 +214,14 @@ print("RESULT " + json.dumps(out), flush=True)
 
 
 def _train_cmd(data: str, ckpt: str, steps: int, backend: str) -> list[str]:
-    return [sys.executable, "-m", "ops.cli", "train", "--data", data, "--steps", str(steps), "--batch-size", "8",
+    return [sys.executable, "-m", "mocostream.ops.cli", "train", "--data", data, "--steps", str(steps), "--batch-size", "8",
             "--arch", "resnet18", "--image-size", "32", "--queue-size", "64", "--backend", backend,
             "--metrics-port", "0", "--checkpoint-dir", ckpt, "--no-progress", "--workers", "1"]
 
 
 def resume_benchmark(args, server, work: Path) -> dict:
-    from ops.demo import write_images
-    from shards.create import create_shards
+    from mocostream.ops.demo import write_images
+    from mocostream.shards.create import create_shards
 
     t0 = time.perf_counter()
     images = work / "resume-images"

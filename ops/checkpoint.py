@@ -14,7 +14,7 @@ import shutil
 
 import torch
 
-from pipeline.sources import filesystem
+from mocostream.pipeline.sources import filesystem
 
 log = logging.getLogger("mocostream.checkpoint")
 

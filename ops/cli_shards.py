@@ -6,10 +6,10 @@ import functools
 import json
 import sys
 
-from shards import REASONS, CreateReport, ShardError, create_shards
-from shards.download import HttpOptions, user_agent
-from shards.options import byte_size
-from shards.plan import Plan
+from mocostream.shards import REASONS, CreateReport, ShardError, create_shards
+from mocostream.shards.download import HttpOptions, user_agent
+from mocostream.shards.options import byte_size
+from mocostream.shards.plan import Plan
 
 from .cpu_budget import detect_budget, shard_tool_defaults
 from .options import add_options, values_from
@@ -175,7 +175,7 @@ def run_shards_create(args) -> int:
 
 
 def run_shards_verify(args) -> int:
-    from shards import verify
+    from mocostream.shards import verify
     from tqdm import tqdm
 
     counts = {"shards": 0, "samples": 0}
@@ -203,8 +203,8 @@ def run_shards_verify(args) -> int:
 
 
 def run_shards_inspect(args) -> int:
-    from shards import inspect
-    from shards.inspect import summary_text
+    from mocostream.shards import inspect
+    from mocostream.shards.inspect import summary_text
 
     info = inspect(args.dest)
     print(json.dumps(info) if args.json else summary_text(info), flush=True)
@@ -212,7 +212,7 @@ def run_shards_inspect(args) -> int:
 
 
 def run_shards_merge(args) -> int:
-    from shards import merge
+    from mocostream.shards import merge
 
     report = merge(args.dest)
     print(json.dumps(report) if args.json else

@@ -48,27 +48,27 @@ def opt(default, help: str, **meta):
 
 # Choices come from the registries that use them; looked up when needed (they import torch).
 def _archs():
-    from moco_core import ARCHS
+    from mocostream.moco_core import ARCHS
     return ARCHS
 
 
 def _lr_schedules():
-    from moco_core import LR_SCHEDULES
+    from mocostream.moco_core import LR_SCHEDULES
     return tuple(LR_SCHEDULES)
 
 
 def _momentum_schedules():
-    from moco_core import MOMENTUM_SCHEDULES
+    from mocostream.moco_core import MOMENTUM_SCHEDULES
     return MOMENTUM_SCHEDULES
 
 
 def _backends():
-    from pipeline.loader import BACKENDS
+    from mocostream.pipeline.loader import BACKENDS
     return BACKENDS
 
 
 def _preflight_modes():
-    from pipeline.loader import PREFLIGHT
+    from mocostream.pipeline.loader import PREFLIGHT
     return PREFLIGHT
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from shards.create import create_shards
+from mocostream.shards.create import create_shards
 
 from .config import build_config
 from .ports import free_port, port_is_free

@@ -16,7 +16,7 @@ import pickle
 
 import torch
 
-from pipeline.sources import filesystem
+from mocostream.pipeline.sources import filesystem
 
 from .weights import WeightsError, backbone_state, read_checkpoint
 
@@ -90,7 +90,7 @@ def how_to_load(fmt: str, arch: str, out: str) -> str:
     load = (f"torch.load('{out}', weights_only=True)" if fmt == "torchvision"
             else f"safetensors.torch.load_file('{out}')")
     build = (f"torchvision.models.{arch}()" if arch in TORCHVISION_ARCHS
-             else f"moco_core.build_encoder('{arch}')()")
+             else f"mocostream.moco_core.build_encoder('{arch}')()")
     return f"m = {build}; m.fc = torch.nn.Identity(); m.load_state_dict({load})"
 
 

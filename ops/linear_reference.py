@@ -16,10 +16,10 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_core import scaled_lr
-from moco_core.schedule import step_decay
-from pipeline.augment_torch import normalize
-from pipeline.labeled_stream import LabeledStream
+from mocostream.moco_core import scaled_lr
+from mocostream.moco_core.schedule import step_decay
+from mocostream.pipeline.augment_torch import normalize
+from mocostream.pipeline.labeled_stream import LabeledStream
 
 log = logging.getLogger("mocostream.eval")
 

@@ -24,7 +24,7 @@ import yaml
 from .ports import free_port, port_is_free
 
 REPO = Path(__file__).resolve().parents[1]
-PROMETHEUS_DIR = REPO / "ops" / "prometheus"
+PROMETHEUS_DIR = Path(__file__).resolve().parent / "prometheus"
 BUCKET = "mocostream"
 KEY, SECRET = "mocostream-local", "mocostream-local-secret"
 # Small enough for a CPU; anything after `--` on the command line overrides these.
@@ -235,7 +235,7 @@ def make_shards(state: Path, env: dict, images: str | None) -> str:
             log(f"drew {n} demo images in {folder} (give --images DIR for your own)")
         images = str(folder)
     log(f"writing shards of {images} to {url}")
-    r = subprocess.run([sys.executable, "-m", "ops.cli", "shards", "create", images, "--out", url,
+    r = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", images, "--out", url,
                         "--samples-per-shard", "64", "--quiet"], cwd=REPO, env={**os.environ, **env},
                        capture_output=True, text=True)
     if r.returncode != 0:
@@ -320,7 +320,7 @@ def up(args) -> int:
         # --shutdown-timeout: time for the ranks' checkpoint on SIGTERM before torchrun SIGKILLs them
         # (below the grace `down` gives the whole job).
         train = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.nproc}",
-                 f"--master-port={free_port()}", "--shutdown-timeout=100", "-m", "ops.cli", "train", "--data", shards,
+                 f"--master-port={free_port()}", "--shutdown-timeout=100", "-m", "mocostream.ops.cli", "train", "--data", shards,
                  "--checkpoint-dir", f"s3://{BUCKET}/checkpoints", "--resume",
                  "--metrics-port", str(args.metrics_port), "--metrics-addr", "127.0.0.1",
                  *knn_flags(images), *TRAIN_DEFAULTS, *args.train_args]

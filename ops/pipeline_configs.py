@@ -7,8 +7,8 @@ import dataclasses
 
 import torch
 
-from pipeline.loader import LoaderConfig
-from pipeline.storage import StorageConfig
+from mocostream.pipeline.loader import LoaderConfig
+from mocostream.pipeline.storage import StorageConfig
 
 from .config import TrainConfig
 

@@ -24,11 +24,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
+from mocostream.moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
-from pipeline.labeled import knn_sets
-from pipeline.loader import Batch, TwoViewLoader
-from pipeline.storage import at_start, retrying
+from mocostream.pipeline.labeled import knn_sets
+from mocostream.pipeline.loader import Batch, TwoViewLoader
+from mocostream.pipeline.storage import at_start, retrying
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text

@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from pipeline.sources import read_bytes
+from mocostream.pipeline.sources import read_bytes
 
 from . import checkpoint
 

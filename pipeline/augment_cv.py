@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from pipeline.aug_params import LUMA, AugParams, image_size, jpeg_size
-from pipeline.augment_torch import UndecodableImage, decode_rgb
-from pipeline.image_check import MAX_PIXELS
+from mocostream.pipeline.aug_params import LUMA, AugParams, image_size, jpeg_size
+from mocostream.pipeline.augment_torch import UndecodableImage, decode_rgb
+from mocostream.pipeline.image_check import MAX_PIXELS
 
 _REDUCED = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
             8: cv2.IMREAD_REDUCED_GRAYSCALE_8}  # the scale bits alone; IMREAD_COLOR_RGB adds the colour

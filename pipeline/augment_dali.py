@@ -76,8 +76,8 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorGPU
 
-from pipeline.aug_params import LUMA, AugParams, image_size
-from pipeline.augment_torch import MEAN, RECIPES, STD
+from mocostream.pipeline.aug_params import LUMA, AugParams, image_size
+from mocostream.pipeline.augment_torch import MEAN, RECIPES, STD
 
 FEED_OUTPUTS = 4 + 2 * AugParams.OUTPUTS_PER_VIEW  # encoded, ids, region start, region end, q's, k's
 

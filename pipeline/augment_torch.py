@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
-from pipeline.image_check import MAX_PIXELS
+from mocostream.pipeline.image_check import MAX_PIXELS
 
 
 def blur_sigma_range(size: int) -> tuple[float, float]:

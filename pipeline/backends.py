@@ -24,7 +24,7 @@ from .batching import Chunk, Views
 from .stream import Item
 from .worker_pool import augmentation_pool, run_ahead
 
-log = logging.getLogger("pipeline.loader")  # what goes wrong here is reported as the loader's
+log = logging.getLogger("mocostream.pipeline.loader")  # what goes wrong here is reported as the loader's
 
 
 def unchecked(items: Iterable[Item]) -> Iterator[tuple[Item, None]]:

@@ -37,7 +37,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-from pipeline.dali_check import dali_problem
+from mocostream.pipeline.dali_check import dali_problem
 
 # PIL's own decompression-bomb threshold (89.5 megapixels, ~270 MB as RGB): 7x a 12 MP camera photo,
 # 3.7x the largest legitimate file in the messy corpus (6000x4000). More than that in a data loader is an
@@ -54,7 +54,7 @@ CHECK_VERSION = 1
 
 def validation_stamp(max_pixels: int) -> dict:
     """What `shards create` writes into the manifest (options.validated_by) for the shards it validated."""
-    from pipeline.dali_check import checker
+    from mocostream.pipeline.dali_check import checker
 
     return {"check_version": CHECK_VERSION, "decoder": checker(), "max_pixels": max_pixels}
 

@@ -14,8 +14,8 @@ import resource
 import time
 from dataclasses import dataclass, field
 
-from pipeline import dali_check
-from pipeline.image_check import validation_stamp
+from mocostream.pipeline import dali_check
+from mocostream.pipeline.image_check import validation_stamp
 
 from . import rejects as rejects_file
 from .dedup import Deduper

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from pipeline.dali_check import dali_problem
+from mocostream.pipeline.dali_check import dali_problem
 from .dedup import image_digest
 
 # Reject reason codes (the complete set; manifests and rejects.jsonl use only these).

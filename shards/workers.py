@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Iterable, Iterator
 
-from pipeline import dali_check
+from mocostream.pipeline import dali_check
 
 from .feed import PENDING
 from .fetch import FetchError, fetch
@@ -189,7 +189,7 @@ class DecodePool:
         if threading.active_count() == 1:
             return mp.get_context("fork")
         ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["shards.workers"])
+        ctx.set_forkserver_preload(["mocostream.shards.workers"])
         return ctx
 
     def _new_worker(self) -> _Worker:

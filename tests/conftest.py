@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ops.ports import free_port, port_is_free  # noqa: F401 - free_port is used by the tests
+from mocostream.ops.ports import free_port, port_is_free  # noqa: F401 - free_port is used by the tests
 
 REPO = Path(__file__).resolve().parents[1]
 # The real images; the variable naming another folder stays out of MOCOSTREAM_*, the training options.

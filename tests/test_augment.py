@@ -14,10 +14,10 @@ from PIL import Image, ImageFilter
 from torchvision import transforms
 import torchvision.transforms.functional as TF
 
-from pipeline.image_check import check_image
-import pipeline.aug_params as aug_params
-from pipeline.augment_cv import augment_images
-from pipeline.augment_torch import MEAN, STD, UndecodableImage, decode_rgb, normalize, reference_transform
+from mocostream.pipeline.image_check import check_image
+import mocostream.pipeline.aug_params as aug_params
+from mocostream.pipeline.augment_cv import augment_images
+from mocostream.pipeline.augment_torch import MEAN, STD, UndecodableImage, decode_rgb, normalize, reference_transform
 
 RECIPES = ("moco_v1", "moco_v2")
 # PIL warns about the messy corpus's broken files (corrupt EXIF, bombs, bad APNG): expected there.
@@ -58,7 +58,7 @@ class CyclingSource:
 
 
 def _dali():
-    return pytest.importorskip("pipeline.augment_dali")
+    return pytest.importorskip("mocostream.pipeline.augment_dali")
 
 
 def _cpu_pipe(source, batch_size, size, recipe, seed=0, num_threads=2):
@@ -193,7 +193,7 @@ def test_cv_skips_bad_images_with_their_reason_and_keeps_the_rest(photos, messy_
 def test_cv_never_raises_on_messy_corpus(messy_images):
     """Every file of the messy corpus (truncated, corrupt, bombs, odd modes, CMYK, 16-bit, ...) either gives
     two views or a reason from image_check's list; one chunk holds them all, as a worker's chunk would."""
-    from pipeline.image_check import REASONS
+    from mocostream.pipeline.image_check import REASONS
 
     files = sorted(p for p in Path(messy_images).rglob("*") if p.is_file())
     datas = [p.read_bytes() for p in files]
@@ -209,7 +209,7 @@ def test_cv_never_raises_on_messy_corpus(messy_images):
 
 def test_cv_decodes_like_pil_with_exif_orientation_applied(messy_images):
     """OpenCV's decode is the image PIL's decode_rgb gives (EXIF rotation included), up to IDCT rounding."""
-    from pipeline.augment_cv import decode
+    from mocostream.pipeline.augment_cv import decode
 
     for path in sorted((Path(messy_images) / "exif-orientation").glob("*.jpg")):
         data = path.read_bytes()
@@ -538,8 +538,8 @@ def test_dali_gpu_pipeline_runs_and_matches_cpu_distribution(photos):
 
 
 def test_blur_is_the_reference_at_224_and_scaled_with_the_crop():
-    from pipeline import augment_dali as ad
-    from pipeline.augment_torch import GaussianBlur, blur_sigma_range, reference_transform
+    from mocostream.pipeline import augment_dali as ad
+    from mocostream.pipeline.augment_torch import GaussianBlur, blur_sigma_range, reference_transform
 
     assert blur_sigma_range(224) == (0.1, 2.0)
     lo, hi = blur_sigma_range(32)

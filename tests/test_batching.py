@@ -9,10 +9,10 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.batching import Batcher, Views, batch_seed
-from pipeline.skip_log import SkipLog
-from pipeline.sources import Shard
-from pipeline.stream import SampleStream
+from mocostream.pipeline.batching import Batcher, Views, batch_seed
+from mocostream.pipeline.skip_log import SkipLog
+from mocostream.pipeline.sources import Shard
+from mocostream.pipeline.stream import SampleStream
 
 B = 4
 

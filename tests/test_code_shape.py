@@ -32,7 +32,7 @@ def imported_names(tree: ast.Module, package: str) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             module = ".".join(filter(None, [package if node.level else "", node.module or ""]))
             names.update(f"{module}.{alias.name}" for alias in node.names)
-    return names
+    return {name.removeprefix("mocostream.") for name in names}
 
 
 def long_functions(files) -> list[tuple[str, str, int]]:
@@ -70,8 +70,9 @@ def test_the_checks_find_a_long_function_and_a_wrong_import():
     body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
     made_up = [("pipeline/x.py", ast.parse(f"def long():\n{body}\n\ndef short():\n    pass\n"))]
     assert long_functions(made_up) == [("pipeline/x.py", "long", MAX_FUNCTION_LINES + 1)]
-    assert wrong_imports("pipeline", [("pipeline/x.py", ast.parse("from ops.train import train"))])
+    assert wrong_imports("pipeline", [("pipeline/x.py", ast.parse("from mocostream.ops.train import train"))])
     assert wrong_imports("shards", [("shards/x.py", ast.parse("from pipeline import loader"))])
     assert not wrong_imports("shards", [("shards/x.py", ast.parse("from pipeline import dali_check"))])
     assert imported_names(ast.parse("from . import loader"), "pipeline") == {"pipeline.loader"}
-    assert imported_names(ast.parse("import pipeline.sources as s"), "shards") == {"pipeline.sources"}
+    assert imported_names(ast.parse("import mocostream.pipeline.sources as s"), "shards") == {"pipeline.sources"}
+    assert wrong_imports("pipeline", [("pipeline/x.py", ast.parse("from mocostream.ops import train"))])

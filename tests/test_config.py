@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ops.cli import main as cli_main
-from ops.config import ConfigError, build_config, env_values, mask_secrets
+from mocostream.ops.cli import main as cli_main
+from mocostream.ops.config import ConfigError, build_config, env_values, mask_secrets
 
 
 def test_recipes_fill_the_paper_defaults_and_every_value_can_be_overridden():
@@ -84,7 +84,7 @@ def test_mask_secrets_leaves_plain_values():
 @pytest.mark.parametrize("batch,world,expected", [(256, 1, 8), (128, 1, 4), (64, 1, 2), (32, 1, 2), (8, 1, 2),
                                                   (6, 1, 1), (256, 2, 1)])
 def test_auto_bn_splits_keeps_sub_batches_of_32(batch, world, expected):
-    from ops.train import auto_bn_splits
+    from mocostream.ops.train import auto_bn_splits
 
     cfg = build_config({}, {"data": "/d", "batch_size": batch}, environ={})
     assert auto_bn_splits(cfg, world) == expected
@@ -98,7 +98,7 @@ def test_auto_bn_splits_keeps_sub_batches_of_32(batch, world, expected):
 def _train_actions() -> dict:
     import argparse
 
-    from ops.cli import add_train_parser
+    from mocostream.ops.cli import add_train_parser
 
     sub = argparse.ArgumentParser().add_subparsers()
     add_train_parser(sub)
@@ -108,7 +108,7 @@ def _train_actions() -> dict:
 def test_every_option_has_a_flag_an_env_var_a_file_key_and_a_print_config_entry(tmp_path, capsys):
     import dataclasses
 
-    from ops.config import TrainConfig
+    from mocostream.ops.config import TrainConfig
 
     actions = _train_actions()
     names = [f.name for f in dataclasses.fields(TrainConfig)]
@@ -125,11 +125,11 @@ def test_every_option_has_a_flag_an_env_var_a_file_key_and_a_print_config_entry(
 
 
 def test_arch_and_other_choices_come_from_the_registries():
-    from moco_core import ARCHS, LR_SCHEDULES, MOMENTUM_SCHEDULES
-    from ops.config import TrainConfig
-    from ops.options import ChoicesHelp, choices_of
-    from ops.precision import PRECISIONS
-    from pipeline.loader import BACKENDS, PREFLIGHT
+    from mocostream.moco_core import ARCHS, LR_SCHEDULES, MOMENTUM_SCHEDULES
+    from mocostream.ops.config import TrainConfig
+    from mocostream.ops.options import ChoicesHelp, choices_of
+    from mocostream.ops.precision import PRECISIONS
+    from mocostream.pipeline.loader import BACKENDS, PREFLIGHT
 
     fields = TrainConfig.__dataclass_fields__
     expected = {"arch": ARCHS, "backend": BACKENDS, "lr_schedule": tuple(LR_SCHEDULES), "precision": PRECISIONS,
@@ -173,8 +173,8 @@ def test_loader_and_storage_configs_are_derived_from_the_train_config():
 
     import torch
 
-    from ops.pipeline_configs import loader_config, storage_config
-    from pipeline.loader import LoaderConfig
+    from mocostream.ops.pipeline_configs import loader_config, storage_config
+    from mocostream.pipeline.loader import LoaderConfig
 
     cfg = build_config({}, {"data": "/d", "batch_size": 12, "workers": 3, "read_ahead_mb": 5, "epochs": 2,
                             "storage_retries": 7, "storage_timeout": 9.5, "preflight_check": "never"}, environ={})
@@ -193,7 +193,7 @@ def test_loader_and_storage_configs_are_derived_from_the_train_config():
 def test_a_loader_field_that_is_not_an_option_nor_translated_is_refused():
     from dataclasses import make_dataclass
 
-    from ops.pipeline_configs import derive
+    from mocostream.ops.pipeline_configs import derive
 
     cfg = build_config({}, {"data": "/d"}, environ={})
     Loader = make_dataclass("Loader", [("batch_size", int), ("new_knob", int, 0)])
@@ -205,7 +205,7 @@ def test_a_loader_field_that_is_not_an_option_nor_translated_is_refused():
 def test_the_test_runs_data_variable_is_no_training_option(monkeypatch, capsys):
     from conftest import DATA_ENV, SHARED_DATA
 
-    from ops.config import ENV_PREFIX
+    from mocostream.ops.config import ENV_PREFIX
 
     assert not DATA_ENV.startswith(ENV_PREFIX)
     monkeypatch.setenv(DATA_ENV, str(SHARED_DATA))

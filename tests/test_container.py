@@ -130,5 +130,5 @@ def test_base_image_user_entrypoint_and_gpu_capabilities():
     comments = " ".join(line for line in DOCKERFILE_TEXT.splitlines() if line.startswith("#"))
     assert "/dev/shm" in comments and "--shm-size" in comments
     exposed = [args for word, args in DOCKERFILE if word == "EXPOSE"]
-    from ops.config import TrainConfig
+    from mocostream.ops.config import TrainConfig
     assert str(TrainConfig().metrics_port) in exposed, "EXPOSE the default --metrics-port"

@@ -12,10 +12,10 @@ import urllib.request
 import pytest
 
 from conftest import REPO
-from ops.cpu_budget import (CpuBudget, CpuBudgetError, cgroup_dirs, detect_budget, quota_of, shard_tool_defaults,
+from mocostream.ops.cpu_budget import (CpuBudget, CpuBudgetError, cgroup_dirs, detect_budget, quota_of, shard_tool_defaults,
                             ThreadSplit, split_threads, throttling)
-from ops.cpu_threads import openmp_wait
-from ops.thread_tuner import ThreadTuner, ladder
+from mocostream.ops.cpu_threads import openmp_wait
+from mocostream.ops.thread_tuner import ThreadTuner, ladder
 
 
 def write(folder, **files):
@@ -92,7 +92,7 @@ def test_cpus_flag_overrides_and_bad_values_are_refused(tmp_path):
 
 
 def test_bad_cpus_flag_is_a_one_line_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "ops.cli", "train", "--data", str(tmp_path), "--cpus", "-1"],
+    r = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "train", "--data", str(tmp_path), "--cpus", "-1"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == ["mocostream: error: --cpus must be a positive number of CPUs"]
@@ -121,7 +121,7 @@ def test_start_line_names_the_budget_its_sources_and_the_split(caplog):
     that the torch backend is the faster loader there."""
     import logging
 
-    from ops.cpu_threads import log_cpu_budget
+    from mocostream.ops.cpu_threads import log_cpu_budget
 
     budget = detect_budget(affinity=8, dirs=[], local_ranks=2, cpus=6)
     split = split_threads(budget, on_gpu=False)
@@ -138,7 +138,7 @@ def test_start_line_names_the_budget_its_sources_and_the_split(caplog):
 
 def test_eval_workers_default_from_the_budget(monkeypatch):
     """`eval linear --protocol reference` sizes its decode processes like training: the rank's share."""
-    from ops.cli_eval import budget_workers
+    from mocostream.ops.cli_eval import budget_workers
 
     cpus = len(os.sched_getaffinity(0))
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
@@ -227,8 +227,8 @@ def test_tuner_walks_down_a_longer_ladder():
 # --- metrics on a real endpoint ----------------------------------------------------------------------
 
 def test_cpu_metrics_on_a_real_endpoint(tmp_path):
-    from ops.cpu_metrics import CpuCollector
-    from ops.metrics import TrainMetrics
+    from mocostream.ops.cpu_metrics import CpuCollector
+    from mocostream.ops.metrics import TrainMetrics
 
     metrics = TrainMetrics(3)
     cgroup = write(tmp_path / "cg", cpu_stat="nr_periods 90\nnr_throttled 12\nthrottled_usec 4500000\n")
@@ -258,7 +258,7 @@ def test_cpu_metrics_on_a_real_endpoint(tmp_path):
 
 
 def test_run_delay_stays_monotonic_when_threads_exit(tmp_path):
-    from ops.cpu_metrics import RunDelay
+    from mocostream.ops.cpu_metrics import RunDelay
 
     tasks = tmp_path / "task"
     write(tasks / "1", schedstat="10 2000000000 5\n")

@@ -16,14 +16,14 @@ def run(args, timeout=600):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    r = run(["-m", "ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "4", "--metrics-port", "0"])
+    r = run(["-m", "mocostream.ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "4", "--metrics-port", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[demo] 4 MoCo steps" in r.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 4 and (tmp_path / "checkpoints" / "checkpoint-00000004.pt").exists()
     assert len((tmp_path / "trace-keys.rank0").read_text().split()) == 4 * 32
     # A second run reuses the shards it made.
-    r = run(["-m", "ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "1", "--metrics-port", "0"])
+    r = run(["-m", "mocostream.ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "1", "--metrics-port", "0"])
     assert r.returncode == 0 and "reusing the shards" in r.stdout, r.stderr[-3000:]
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import free_port
-from ops.cli import main as cli_main
-from ops.config import build_config
-from ops.evaluate import fingerprint
-from ops.train import Trainer
-from pipeline.labeled import knn_sets, load_labeled
+from mocostream.ops.cli import main as cli_main
+from mocostream.ops.config import build_config
+from mocostream.ops.evaluate import fingerprint
+from mocostream.ops.train import Trainer
+from mocostream.pipeline.labeled import knn_sets, load_labeled
 
 # workers=0 (augmentation in-process): a worker pool's start, which imports torch again, is most of a short
 # run's time; test_labelled_stream_augments_per_epoch_deterministically is the one about workers.
@@ -65,7 +65,7 @@ def test_trainer_runs_the_knn_monitor_and_exports_the_new_metrics(trained):
 
 def test_knn_monitor_images_at_their_own_size(imagenette_small):
     """--knn-image-size: a run on small crops can measure its features on larger images; default: --image-size."""
-    from ops.train import KnnMonitor
+    from mocostream.ops.train import KnnMonitor
 
     cfg = dict(data="x", knn_data=str(imagenette_small), **TINY)
     assert KnnMonitor(build_config({}, cfg), torch.device("cpu")).bank.images.shape[-1] == 32
@@ -97,7 +97,7 @@ def test_random_init_baseline_and_bad_arguments(imagenette_small, capsys):
 
 
 def test_fingerprint_sees_a_change_in_bn_statistics():
-    from moco_core import backbone_of, build_encoder
+    from mocostream.moco_core import backbone_of, build_encoder
 
     backbone = backbone_of(build_encoder("resnet18")(num_classes=8))
     before = fingerprint(backbone)
@@ -174,7 +174,7 @@ def test_reference_linear_protocol_keeps_the_backbone_and_writes_the_classifier(
 
 
 def test_labelled_stream_augments_per_epoch_deterministically(imagenette_small):
-    from pipeline.labeled_stream import LabeledStream, labeled_units
+    from mocostream.pipeline.labeled_stream import LabeledStream, labeled_units
 
     units, classes = labeled_units(str(imagenette_small), "train")
     assert sum(u.count for u in units) == 100 and len(classes) == 10
@@ -212,7 +212,7 @@ def test_reference_linear_protocol_under_torchrun(trained, imagenette_small):
 def test_labelled_stream_reads_labelled_shards(imagenette_small, tmp_path):
     import webdataset as wds
 
-    from pipeline.labeled_stream import LabeledStream, labeled_units, shard_class_names
+    from mocostream.pipeline.labeled_stream import LabeledStream, labeled_units, shard_class_names
 
     files = sorted(imagenette_small.rglob("*.JPEG"))[:24]
     classes = sorted({f.parent.name for f in files})

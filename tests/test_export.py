@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from ops.cli import main as cli_main
-from ops.config import build_config
-from ops.evaluate import load_query_encoder
-from ops.train import train
-from pipeline.augment_torch import normalize
-from pipeline.labeled import load_labeled
+from mocostream.ops.cli import main as cli_main
+from mocostream.ops.config import build_config
+from mocostream.ops.evaluate import load_query_encoder
+from mocostream.ops.train import train
+from mocostream.pipeline.augment_torch import normalize
+from mocostream.pipeline.labeled import load_labeled
 from test_eval import shards  # noqa: F401  (the labelled tar shards fixture)
 
 TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1, progress=False, backend="torch",
@@ -55,7 +55,7 @@ def test_torchvision_export_loads_strictly_and_gives_the_same_features(r50_check
     net.fc = nn.Identity()
     net.load_state_dict(state, strict=True)
 
-    from moco_core import backbone_of
+    from mocostream.moco_core import backbone_of
 
     encoder, _ = load_query_encoder(str(r50_checkpoint))
     ours = backbone_of(encoder).eval()
@@ -77,7 +77,7 @@ def test_safetensors_round_trip_with_metadata(r50_checkpoint, tmp_path, capsys):
     assert meta["images_seen"] == "16" and meta["encoder"] == "query"
     assert meta["source_sha256"] == hashlib.sha256(r50_checkpoint.read_bytes()).hexdigest()
 
-    from ops.weights import read_backbone  # what --init-from reads: the same tensors
+    from mocostream.ops.weights import read_backbone  # what --init-from reads: the same tensors
 
     again = read_backbone(str(tmp_path / "r50.safetensors"))
     assert all(torch.equal(again[k], expected[k]) for k in expected)
@@ -193,8 +193,8 @@ def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
 def test_fp16_scaler_and_guard_agree_on_an_overflow_step():
     """An fp16 overflow (scaled gradient above 65504) is skipped once, counted once, and halves the scale;
     the next step trains."""
-    from moco_core import NonFiniteGuard, build_optimizer
-    from ops.precision import StepPrecision
+    from mocostream.moco_core import NonFiniteGuard, build_optimizer
+    from mocostream.ops.precision import StepPrecision
 
     torch.manual_seed(0)
     net = nn.Linear(4, 2)
@@ -221,7 +221,7 @@ def test_fp16_scaler_and_guard_agree_on_an_overflow_step():
 
 
 def test_precision_auto_picks_bf16_only_where_supported(monkeypatch):
-    from ops.precision import precision_mode
+    from mocostream.ops.precision import precision_mode
 
     cuda = torch.device("cuda", 0)
     assert precision_mode("auto", torch.device("cpu")) == "fp32"
@@ -240,7 +240,7 @@ def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(shar
 
 
 def test_export_from_and_to_s3_and_init_from_s3(s3_env, r50_checkpoint, tmp_path, capsys):
-    from ops.weights import read_backbone
+    from mocostream.ops.weights import read_backbone
 
     bucket = s3_env.make_bucket("export")
     fs = s3_env.filesystem()

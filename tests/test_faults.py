@@ -8,10 +8,10 @@ import urllib.parse
 import pytest
 
 from faultproxy import FaultProxy, Faults
-from ops.metrics import TrainMetrics
-from pipeline.loader import LoaderConfig, TwoViewLoader
-from pipeline.storage import StorageConfig
-from shards.create import create_shards
+from mocostream.ops.metrics import TrainMetrics
+from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
+from mocostream.pipeline.storage import StorageConfig
+from mocostream.shards.create import create_shards
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from conftest import REPO
-from ops.cli import build_parser
-from ops.config import build_config, read_config_file
+from mocostream.ops.cli import build_parser
+from mocostream.ops.config import build_config, read_config_file
 
 K8S = REPO / "ops" / "k8s"
 CRDS = {("kubeflow.org/v1", "PyTorchJob"), ("monitoring.coreos.com/v1", "PodMonitor")}
@@ -107,7 +107,7 @@ def test_pytorchjob_command_gpus_ports_and_config_agree(tmp_path):
     job, pod, container = pytorchjob()
     assert container["command"] == ["torchrun"]
     launcher = get_args_parser().parse_args(container["args"])  # real torchrun flags or SystemExit
-    assert launcher.module and launcher.training_script == "ops.cli"
+    assert launcher.module and launcher.training_script == "mocostream.ops.cli"
     env = {e["name"]: e.get("value") for e in container.get("env", [])}
     assert env.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1", "restarted groups need a fresh store"
     nproc = int(launcher.nproc_per_node)
@@ -141,7 +141,7 @@ def test_pytorchjob_command_gpus_ports_and_config_agree(tmp_path):
 
 
 def test_pytorchjob_pod_shm_secret_user_and_grace_period(tmp_path):
-    from moco_core import MoCo, build_encoder
+    from mocostream.moco_core import MoCo, build_encoder
     from torch.distributed.run import get_args_parser
 
     job, pod, container = pytorchjob()

@@ -9,8 +9,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from pipeline.loader import LoaderConfig, TwoViewLoader
-from pipeline.sources import Shard
+from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
+from mocostream.pipeline.sources import Shard
 
 
 def photos(folder, n):
@@ -131,7 +131,7 @@ def test_key_order_does_not_depend_on_worker_count(damaged_shards):
 def test_files_only_dali_rejects_are_skipped_before_they_fail_a_batch(imagenette_small, tmp_path):
     """PIL decodes these crafted files, DALI's decoder fails on them. The pre-flight check asks nvImageCodec
     too, so each is skipped as `corrupt` on its own, instead of failing its whole batch (`decoder_error`)."""
-    from pipeline.image_check import check_image
+    from mocostream.pipeline.image_check import check_image
     from test_shards_dali import crafted
 
     files = photos(imagenette_small, 12)
@@ -155,7 +155,7 @@ def test_dali_pre_flight_checks_run_ahead_off_the_training_thread(damaged_shards
     their answers, so decoding every image with PIL and nvImageCodec does not stall the step."""
     import threading
 
-    import pipeline.image_check as image_check
+    import mocostream.pipeline.image_check as image_check
 
     real, threads = image_check.check_image, []
 
@@ -178,7 +178,7 @@ def test_dali_pre_flight_checks_run_ahead_off_the_training_thread(damaged_shards
 # ---------------------------------------------------------------- pre-flight check and validated shards
 
 def _recording_check(monkeypatch) -> list:
-    import pipeline.image_check as image_check
+    import mocostream.pipeline.image_check as image_check
 
     real, calls = image_check.check_image, []
 
@@ -193,7 +193,7 @@ def _recording_check(monkeypatch) -> list:
 @pytest.fixture(scope="module")
 def created_shards(imagenette_small, tmp_path_factory):
     """Shards made by `shards create`: its manifest says they were validated, and by which checker."""
-    from shards.create import create_shards
+    from mocostream.shards.create import create_shards
 
     out = tmp_path_factory.mktemp("created")
     create_shards([str(imagenette_small)], str(out), fmt="tar", samples_per_shard=40, progress=False, dedup="none")
@@ -202,7 +202,7 @@ def created_shards(imagenette_small, tmp_path_factory):
 
 @pytest.mark.parametrize("mode,checked", [("auto", False), ("always", True), ("never", False)])
 def test_validated_shards_skip_the_pre_flight_check(created_shards, monkeypatch, mode, checked):
-    from pipeline.shard_table import load_shard_table
+    from mocostream.pipeline.shard_table import load_shard_table
 
     table = load_shard_table(str(created_shards))  # the columnar manifest carries the stamp too
     assert table.validated_by["check_version"] >= 1
@@ -220,10 +220,10 @@ def test_foreign_or_stale_shards_keep_the_check(created_shards, monkeypatch):
     checked; `never` forces the check off for them too."""
     import dataclasses
 
-    from pipeline.image_check import CHECK_VERSION, MAX_PIXELS
-    from pipeline.loader import needs_preflight
-    from pipeline.shard_table import ShardTable
-    from pipeline.sources import resolve_shards
+    from mocostream.pipeline.image_check import CHECK_VERSION, MAX_PIXELS
+    from mocostream.pipeline.loader import needs_preflight
+    from mocostream.pipeline.shard_table import ShardTable
+    from mocostream.pipeline.sources import resolve_shards
 
     shards = resolve_shards(str(created_shards / "manifest.json"))  # the JSON manifest
     stamp = ShardTable.from_shards(shards).validated_by
@@ -250,7 +250,7 @@ def test_a_bad_image_in_trusted_shards_costs_one_batch(damaged_shards):
     pipeline is rebuilt and the batch's samples are counted as decoder_error."""
     import dataclasses
 
-    from pipeline.image_check import MAX_PIXELS, validation_stamp
+    from mocostream.pipeline.image_check import MAX_PIXELS, validation_stamp
 
     stamp = validation_stamp(MAX_PIXELS)
     shards = [dataclasses.replace(s, validated_by=stamp) for s in damaged_shards["tar"]]

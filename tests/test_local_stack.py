@@ -16,8 +16,8 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, port_is_free
-from ops import local_stack
-from ops.cli import build_parser
+from mocostream.ops import local_stack
+from mocostream.ops.cli import build_parser
 
 SCRIPT = REPO / "ops" / "local-stack"
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())
@@ -182,7 +182,7 @@ def test_compose_commands_agree_with_each_other_the_cli_and_the_local_stack():
 def test_compose_shards_step_creates_the_bucket_and_shards(s3_env, tmp_path):
     """The shards service's script, run as is against a real SeaweedFS (no Docker here), with the
     image folder at a local path instead of /images."""
-    from ops.demo import write_images
+    from mocostream.ops.demo import write_images
 
     write_images(tmp_path / "images", per_class=2, size=48)
     script = COMPOSE["services"]["shards"]["command"][0].replace('"/images"', repr(str(tmp_path / "images")))

@@ -11,9 +11,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import free_port
-from moco_core import (ARCHS, MoCo, add_mlp_head, build_encoder, build_optimizer, cosine_lr, info_nce,
+from mocostream.moco_core import (ARCHS, MoCo, add_mlp_head, build_encoder, build_optimizer, cosine_lr, info_nce,
                        instance_accuracy, scaled_lr)
-from moco_core.distributed import (batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, rank,
+from mocostream.moco_core.distributed import (batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, rank,
                                    world_size)
 
 
@@ -307,7 +307,7 @@ def test_bn_splits_key_never_shares_its_query_sub_batch(splits):
 
 
 def test_split_batch_norm_equals_bn_per_interleaved_sub_batch():
-    from moco_core.split_bn import SplitBatchNorm2d, split_batch_norms
+    from mocostream.moco_core.split_bn import SplitBatchNorm2d, split_batch_norms
 
     torch.manual_seed(0)
     splits, n, c = 4, 12, 5
@@ -330,7 +330,7 @@ def test_split_batch_norm_equals_bn_per_interleaved_sub_batch():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_split_batch_norm_in_channels_last_memory_matches_the_nchw_path(dtype):
     """bf16 + channels_last (CPU AMX, GPU) takes the NHWC kernel: same outputs, gradients and running stats."""
-    from moco_core.split_bn import SplitBatchNorm2d
+    from mocostream.moco_core.split_bn import SplitBatchNorm2d
 
     torch.manual_seed(0)
     nchw, nhwc = SplitBatchNorm2d(6, 4), SplitBatchNorm2d(6, 4)

@@ -10,9 +10,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moco_core import (MoCo, NonFiniteError, NonFiniteGuard, budget_lr, build_optimizer, cosine_lr, info_nce,
+from mocostream.moco_core import (MoCo, NonFiniteError, NonFiniteGuard, budget_lr, build_optimizer, cosine_lr, info_nce,
                        knn_top1, momentum_at, step_lr)
-from moco_core.knn import backbone_of, knn_predict
+from mocostream.moco_core.knn import backbone_of, knn_predict
 from test_moco_core import TinyNet
 
 
@@ -275,7 +275,7 @@ def test_knn_top1_on_separable_clusters():
 
 
 def test_backbone_drops_the_projection_head_and_shares_weights():
-    from moco_core import build_encoder
+    from mocostream.moco_core import build_encoder
 
     net = build_encoder("resnet18_cifar")(num_classes=16)
     net.fc = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 16))

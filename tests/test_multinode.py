@@ -25,7 +25,7 @@ def launcher(rdzv_port: int, args: list[str], env: dict, log) -> subprocess.Pope
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{rdzv_port}", "--rdzv-id", "multinode-test",
            "--max-restarts", "1", "--monitor-interval", "0.5", "--local-addr", "127.0.0.1",
-           "-m", "ops.cli", "train", *args]
+           "-m", "mocostream.ops.cli", "train", *args]
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE: by default the ranks of every round share the rank-0 agent's
     # store, where the previous round's process-group keys remain: a restarted rank can read its dead
     # peer's gloo address and fail (seen here in 2 of 5 runs). With it, each round gets a fresh store.
@@ -41,7 +41,7 @@ def lines(path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def s3_shards(s3_server, tmp_path_factory):
-    from ops.demo import write_images
+    from mocostream.ops.demo import write_images
     from test_train import cli
 
     images = tmp_path_factory.mktemp("multinode") / "images"

@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from pipeline.plan import rank_blocks, rank_pieces, samples_per_rank
-from pipeline.sources import DataSpecError, Shard, resolve_shards, with_counts
-from pipeline.stream import SampleStream
+from mocostream.pipeline.plan import rank_blocks, rank_pieces, samples_per_rank
+from mocostream.pipeline.sources import DataSpecError, Shard, resolve_shards, with_counts
+from mocostream.pipeline.stream import SampleStream
 
 
 def write_tar(path, keys):
@@ -64,7 +64,7 @@ def test_plan_is_a_pure_function_and_changes_per_epoch():
     np.random.seed(54321)
     assert order(0) == first
     # and another process (another hash seed) computes the same plan: what a resume on another node relies on
-    code = ("from pipeline.plan import rank_blocks; print([tuple(map(int, b.sample_at(i))) "
+    code = ("from mocostream.pipeline.plan import rank_blocks; print([tuple(map(int, b.sample_at(i))) "
             "for b in rank_blocks([4, 4, 4, 4], 1, 0, 1, 0, 2) for i in range(b.size)])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONHASHSEED": "7"})
@@ -191,7 +191,7 @@ def test_elastic_resume_with_ranks_straddling_epochs(uneven_tars):
 def test_read_ahead_is_bounded_by_bytes(uneven_tars, monkeypatch):
     from concurrent.futures import ThreadPoolExecutor
 
-    import pipeline.stream
+    from mocostream.pipeline import stream as pipeline_stream
 
     submitted = []
 
@@ -204,7 +204,7 @@ def test_read_ahead_is_bounded_by_bytes(uneven_tars, monkeypatch):
                 submitted.append(args)
             return super().submit(fn, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.stream, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(pipeline_stream, "ThreadPoolExecutor", CountingPool)
     sized = [Shard(s.url, s.samples, s.format, bytes=os.path.getsize(s.url)) for s in uneven_tars]
     stream = SampleStream(sized, seed=0, world=1, rank=0, shuffle_shards=1, read_ahead=4,
                           read_ahead_bytes=min(s.bytes for s in sized) - 1, epochs=1)

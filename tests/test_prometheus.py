@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, free_port, port_is_free
-from ops import local_stack
+from mocostream.ops import local_stack
 
 PROM_DIR = REPO / "ops" / "prometheus"
 DASHBOARD = json.loads((REPO / "ops" / "grafana" / "mocostream.json").read_text())
@@ -62,8 +62,8 @@ def metric_names(expr: str) -> set[str]:
 
 def exported_names() -> set[str]:
     """Sample names the trainer's registry exports, from the metric families' types."""
-    from ops.metrics import TrainMetrics
-    from shards.metrics import IngestMetrics
+    from mocostream.ops.metrics import TrainMetrics
+    from mocostream.shards.metrics import IngestMetrics
 
     names = set()
     for family in [*TrainMetrics(0).registry.collect(), *IngestMetrics(0).registry.collect()]:
@@ -182,10 +182,10 @@ def api(base: str, path: str, **params) -> dict:
 def test_real_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus not installed (Debian package 'prometheus'; .ci/run installs it)")
-    from ops.demo import write_images
+    from mocostream.ops.demo import write_images
 
     write_images(tmp_path / "images", per_class=8, size=48)  # 8 classes: training data and the kNN set
-    r = subprocess.run([sys.executable, "-m", "ops.cli", "shards", "create", str(tmp_path / "images"), "--out",
+    r = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(tmp_path / "images"), "--out",
                         str(tmp_path / "shards"), "--samples-per-shard", "16", "--quiet"], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -198,7 +198,7 @@ def test_real_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path)
                                         scrape_interval="1s")
     train = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={free_port()}",
-         "-m", "ops.cli", "train", "--data", str(tmp_path / "shards"), "--steps", "100000", "--backend", "dali",
+         "-m", "mocostream.ops.cli", "train", "--data", str(tmp_path / "shards"), "--steps", "100000", "--backend", "dali",
          "--arch", "resnet18", "--image-size", "32", "--batch-size", "8", "--queue-size", "128", "--workers", "1",
          "--log-every", "1", "--checkpoint-every", "3", "--checkpoint-dir", str(tmp_path / "ckpt"),
          "--metrics-port", str(port), "--metrics-addr", "127.0.0.1", "--knn-data", str(tmp_path / "images"),

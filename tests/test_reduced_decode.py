@@ -10,8 +10,8 @@ import pytest
 import torch
 from torchvision import transforms
 
-import pipeline.augment_cv as augment_cv
-from pipeline.aug_params import AugParams, image_size
+import mocostream.pipeline.augment_cv as augment_cv
+from mocostream.pipeline.aug_params import AugParams, image_size
 from conftest import _need_archive, extract_members
 
 
@@ -56,7 +56,7 @@ def assert_same_view_statistics(ours: np.ndarray, ref: np.ndarray, width: int, h
 def test_dali_crop_windows_match_random_resized_crop(width, height):
     """The DALI backend draws its windows in numpy, for a whole batch at once (2000x300: mostly the
     fallback central crop, as in torchvision)."""
-    from pipeline.aug_params import crop_windows
+    from mocostream.pipeline.aug_params import crop_windows
 
     n = 4000
     rng = np.random.default_rng(0)
@@ -67,7 +67,7 @@ def test_dali_crop_windows_match_random_resized_crop(width, height):
 
 def test_dali_decodes_the_union_region_and_views_match_a_full_decode(large_photos):
     """Decoding only the region both crop windows cover gives the views a full decode would."""
-    ad = pytest.importorskip("pipeline.augment_dali")
+    ad = pytest.importorskip("mocostream.pipeline.augment_dali")
     b = 8
     data = [np.frombuffer(x, np.uint8) for x in large_photos[:b]]
 
@@ -145,8 +145,8 @@ def test_header_size_is_the_decoded_size(messy_images):
 
     from PIL import Image, ImageOps
 
-    from pipeline.aug_params import jpeg_size
-    from pipeline.image_check import check_image
+    from mocostream.pipeline.aug_params import jpeg_size
+    from mocostream.pipeline.image_check import check_image
 
     checked = rotated = 0
     for path in sorted(Path(messy_images).rglob("*")):

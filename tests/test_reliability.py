@@ -69,7 +69,7 @@ def test_fresh_run_into_a_used_checkpoint_folder_is_refused_and_resume_continues
 
 
 def test_retention_never_removes_the_checkpoint_just_written(tmp_path):
-    from ops import checkpoint
+    from mocostream.ops import checkpoint
 
     for step in (30, 40):
         checkpoint.save(str(tmp_path), step, {"step": step}, keep=2)
@@ -82,7 +82,7 @@ def test_retention_never_removes_the_checkpoint_just_written(tmp_path):
 # ---- signals to the whole process group ---------------------------------------------------------------
 def start(shards: str, ckpt: Path, trace: Path, *extra: str) -> subprocess.Popen:
     """A long torch-backend run in its own process group (as a terminal's foreground job is)."""
-    cmd = [sys.executable, "-m", "ops.cli", "train", "--data", shards, "--backend", "torch",
+    cmd = [sys.executable, "-m", "mocostream.ops.cli", "train", "--data", shards, "--backend", "torch",
            "--checkpoint-dir", str(ckpt), "--trace-keys", str(trace), "--steps", "100000",
            "--checkpoint-every", "100000", *SMALL, "--workers", "2", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -260,7 +260,7 @@ def test_full_checkpoint_disk_fails_at_start(shards, tmpfs):
 
 
 def test_a_checkpoint_that_fills_the_disk_leaves_no_partial_file(tmpfs):
-    from ops import checkpoint
+    from mocostream.ops import checkpoint
 
     ckpt = tmpfs("4m")
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
@@ -414,8 +414,8 @@ def test_missing_shard_of_a_brace_pattern_is_skipped_and_counted(shards, tmp_pat
 
 
 def test_a_missing_shard_of_a_brace_pattern_counts_as_failed(shards):
-    from ops.metrics import TrainMetrics
-    from pipeline.loader import LoaderConfig, TwoViewLoader
+    from mocostream.ops.metrics import TrainMetrics
+    from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
 
     metrics = TrainMetrics(0)
     loader = TwoViewLoader(LoaderConfig(data=f"{shards}/shard-{{000000..000008}}.tar", batch_size=4,
@@ -456,7 +456,7 @@ def test_secrets_are_masked_in_print_config_and_error_lines(tmp_path):
     (["--bn-splits", "3"], "--bn-splits must divide --batch-size 4"),
 ])
 def test_bad_model_options_give_one_line_errors(args, words, capsys):
-    from ops.cli import main as cli_main
+    from mocostream.ops.cli import main as cli_main
 
     assert cli_main(["train", "--data", "x.tar", "--batch-size", "4", *args, "--print-config"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -505,7 +505,7 @@ def test_manifest_names_outside_its_folder_are_refused_unless_allowed(shards, tm
 
 @pytest.mark.parametrize("name", ["/etc/shard.tar", "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
 def test_external_manifest_names_are_refused(shards, tmp_path, name):
-    from pipeline.sources import DataSpecError, resolve_shards
+    from mocostream.pipeline.sources import DataSpecError, resolve_shards
 
     with pytest.raises(DataSpecError, match="outside the manifest's folder"):
         resolve_shards(str(manifest_with(Path(shards), tmp_path, name=name)))
@@ -522,7 +522,7 @@ def test_external_manifest_names_are_refused(shards, tmp_path, name):
     ({"name": None}, "needs a 'name' string"),
 ])
 def test_manifest_entries_are_validated(shards, tmp_path, changes, words):
-    from pipeline.sources import DataSpecError, resolve_shards
+    from mocostream.pipeline.sources import DataSpecError, resolve_shards
 
     with pytest.raises(DataSpecError, match="shard entry 0") as e:
         resolve_shards(str(manifest_with(Path(shards), tmp_path, **changes)))
@@ -544,7 +544,7 @@ def columnar_manifest_with(folder: Path, tmp_path: Path, **changes) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from shards.manifest import columnar_bytes
+    from mocostream.shards.manifest import columnar_bytes
 
     manifest = manifest_with(folder, tmp_path)
     doc = json.loads(manifest.read_text())
@@ -561,8 +561,8 @@ def columnar_manifest_with(folder: Path, tmp_path: Path, **changes) -> Path:
 @pytest.mark.parametrize("name", ["../outside/shard-000000.tar", "/etc/shard.tar",
                                   "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
 def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp_path, name, monkeypatch):
-    from pipeline import sources
-    from pipeline.shard_table import load_shard_table
+    from mocostream.pipeline import sources
+    from mocostream.pipeline.shard_table import load_shard_table
 
     manifest = columnar_manifest_with(Path(shards), tmp_path, name=name)
     with pytest.raises(sources.DataSpecError, match="shard entry 0.*outside the manifest's folder"):
@@ -582,8 +582,8 @@ def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp
     ({"name": "shard-000000.txt"}, "not a shard"),
 ])
 def test_columnar_manifest_entries_are_validated(shards, tmp_path, changes, words):
-    from pipeline.shard_table import load_shard_table
-    from pipeline.sources import DataSpecError
+    from mocostream.pipeline.shard_table import load_shard_table
+    from mocostream.pipeline.sources import DataSpecError
 
     with pytest.raises(DataSpecError, match="shard entry 0") as e:
         load_shard_table(str(columnar_manifest_with(Path(shards), tmp_path, **changes)))

@@ -78,7 +78,7 @@ def test_finite_epochs_on_uneven_damaged_shards_end_every_rank_together(imagenet
 
     import webdataset as wds
 
-    from pipeline.plan import rank_pieces
+    from mocostream.pipeline.plan import rank_pieces
 
     photos = sorted(imagenette_small.rglob("*.JPEG"))[:64]
     sizes, broken_shard, entries, i = [3, 20, 5, 11, 2, 15, 8], 1, [], 0  # every image of shard 1 is broken

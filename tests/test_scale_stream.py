@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from pipeline.plan import EpochPlan
-from pipeline.readers import Sample
-from pipeline.shard_table import ShardTable, load_shard_table
-from pipeline.skip_log import SkipLog
-from pipeline.sources import resolve_shards
-from pipeline.stream import ResumeMismatch, SampleStream
+from mocostream.pipeline.plan import EpochPlan
+from mocostream.pipeline.readers import Sample
+from mocostream.pipeline.shard_table import ShardTable, load_shard_table
+from mocostream.pipeline.skip_log import SkipLog
+from mocostream.pipeline.sources import resolve_shards
+from mocostream.pipeline.stream import ResumeMismatch, SampleStream
 
 
 class SyntheticStream(SampleStream):
@@ -132,7 +132,7 @@ def test_appended_shards_join_from_the_next_epoch(worlds, caplog):
     """The interrupted epoch finishes on the old list (exactly once); the new shards are read from the next."""
     old = [5, 3, 4, 6, 2, 5, 7, 1] * 5
     grown = old + [4] * 10
-    caplog.set_level(logging.INFO, logger="pipeline.stream")
+    caplog.set_level(logging.INFO, logger="mocostream.pipeline.stream")
     delivered, drops, _ = run_chain(old, [(worlds[0], 40), (worlds[1], None)], appended=grown)
     check_exactly_once(delivered, drops, [sum(old), sum(grown)])
     new_keys = {f"{i}:{j}" for i in range(len(old), len(grown)) for j in range(4)}
@@ -156,8 +156,8 @@ def test_progress_is_constant_time_after_many_resizes():
 
 def write_set(tmp_path, sizes):
     """A shard set made by the shard tool's manifest writer: manifest.parquet + manifest.json."""
-    from shards.manifest import build_manifest, file_digest, write_manifests
-    from shards.output import Destination
+    from mocostream.shards.manifest import build_manifest, file_digest, write_manifests
+    from mocostream.shards.output import Destination
 
     entries = []
     for i, n in enumerate(sizes):

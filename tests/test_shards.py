@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import assert_same_shard_sets
-from shards import REASONS, ShardError, create_shards
-from shards.keys import MAX_KEY_LEN, assign_keys, natural_key
+from mocostream.shards import REASONS, ShardError, create_shards
+from mocostream.shards.keys import MAX_KEY_LEN, assign_keys, natural_key
 
 SPS = 50  # samples per shard for the 120-image set: 50 + 50 + 20
 
@@ -380,7 +380,7 @@ def test_rerun_finished_is_noop_other_options_refused(imagenette_tar, imagenette
 
 
 def _cli():
-    from ops.cli_shards import add_shards_parser
+    from mocostream.ops.cli_shards import add_shards_parser
     parser = argparse.ArgumentParser(prog="mocostream")
     add_shards_parser(parser.add_subparsers(dest="command"))
     return parser
@@ -405,18 +405,18 @@ def test_cli_create_and_errors(imagenette_small, tmp_path, capsys):
 
 
 def _create_parser() -> argparse.ArgumentParser:
-    from ops.cli_shards import add_create_parser
+    from mocostream.ops.cli_shards import add_create_parser
     sub = argparse.ArgumentParser().add_subparsers()
     add_create_parser(sub)
     return sub.choices["create"]
 
 
 def _plan_from_cli(argv: list[str]):
-    from ops.cli_shards import HTTP
-    from ops.options import values_from
-    from shards.create import make_plan
-    from shards.download import HttpOptions
-    from shards.plan import Plan
+    from mocostream.ops.cli_shards import HTTP
+    from mocostream.ops.options import values_from
+    from mocostream.shards.create import make_plan
+    from mocostream.shards.download import HttpOptions
+    from mocostream.shards.plan import Plan
     args = _create_parser().parse_args(["src", "--out", "dest", *argv])
     return make_plan(values_from(args, Plan), HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)))
 
@@ -424,10 +424,10 @@ def _plan_from_cli(argv: list[str]):
 def test_create_flags_are_the_plans_and_download_options_fields():
     import dataclasses
 
-    from ops.options import flag_of, option_fields
-    from shards.create import make_plan
-    from shards.download import HttpOptions
-    from shards.plan import Plan
+    from mocostream.ops.options import flag_of, option_fields
+    from mocostream.shards.create import make_plan
+    from mocostream.shards.download import HttpOptions
+    from mocostream.shards.plan import Plan
     flags = {s for a in _create_parser()._actions for s in a.option_strings}
     for cls in (Plan, HttpOptions):
         assert {flag_of(f) for f in option_fields(cls)} <= flags
@@ -456,7 +456,7 @@ def test_create_bad_option_values_are_refused_with_their_name(capsys):
 
 
 def test_cli_summary_counts_reasons(messy_tar):
-    from ops.cli_shards import summary
+    from mocostream.ops.cli_shards import summary
     _, report = messy_tar
     text = summary(report)
     for reason, count in report.rejected_by_reason().items():

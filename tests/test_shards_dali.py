@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shards import create_shards
-from pipeline.dali_check import checker, dali_problem
-from shards.verify import tar_samples
+from mocostream.shards import create_shards
+from mocostream.pipeline.dali_check import checker, dali_problem
+from mocostream.shards.verify import tar_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid APNG")  # PIL's note on apng_zero_frames.png
 

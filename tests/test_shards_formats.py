@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import assert_same_shard_sets
-from shards import create_shards, inspect, merge, verify
-from shards.verify import tar_samples
+from mocostream.shards import create_shards, inspect, merge, verify
+from mocostream.shards.verify import tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 SPS = 50  # 120 photos: shards of 50, 50, 20
@@ -171,8 +171,8 @@ def test_resume_redoes_a_shard_missing_in_one_format(dual, imagenette_small, tmp
 def test_trainer_data_spec_reads_one_format(dual):
     """`mocostream train --data DEST` (or DEST/manifest.json) reads the primary format only, never both;
     DEST/manifest-parquet.json reads the other one. Same samples either way."""
-    from pipeline.readers import read_samples
-    from pipeline.sources import read_bytes, resolve_shards
+    from mocostream.pipeline.readers import read_samples
+    from mocostream.pipeline.sources import read_bytes, resolve_shards
     out, _ = dual
     tar_shards = resolve_shards(str(out))
     assert resolve_shards(str(out / "manifest.json")) == tar_shards
@@ -184,7 +184,7 @@ def test_trainer_data_spec_reads_one_format(dual):
         return [(s.key, s.data) for sh in shards for s in read_samples(sh, read_bytes(sh.url))]
     assert samples(tar_shards) == samples(parquet_shards)
     # the trainer's loader on DEST: one epoch delivers every sample once (not once per format)
-    from pipeline.loader import LoaderConfig, TwoViewLoader
+    from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
     loader = TwoViewLoader(LoaderConfig(data=str(out), batch_size=8, image_size=32, backend="dali", workers=1,
                                         epochs=1))
     keys = [k for b in loader for k in b.keys]
@@ -205,7 +205,7 @@ def test_parts_in_both_formats_merge_into_two_manifests(imagenette_small, tmp_pa
 
 
 def test_cli_format_list(imagenette_small, tmp_path):
-    run = [sys.executable, "-m", "ops.cli", "shards", "create", str(imagenette_small), "--out", str(tmp_path / "o"),
+    run = [sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(imagenette_small), "--out", str(tmp_path / "o"),
            "--samples-per-shard", "100", "--workers", "1", "--json"]
     p = subprocess.run(run + ["--format", "parquet,tar"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

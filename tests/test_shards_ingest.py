@@ -14,11 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from ops.ports import free_port
-from shards import ShardError, create_shards, verify
-from shards.discover import Inputs
-from shards.download import HttpOptions, opted_out, retry_after, user_agent
-from shards.verify import tar_samples
+from mocostream.ops.ports import free_port
+from mocostream.shards import ShardError, create_shards, verify
+from mocostream.shards.discover import Inputs
+from mocostream.shards.download import HttpOptions, opted_out, retry_after, user_agent
+from mocostream.shards.verify import tar_samples
 from webserver import WebServer
 
 # The HTTP timeout is what a hanging URL costs per attempt, and also the longest silence an answered URL may

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import assert_same_shard_sets
-from shards import ShardError, create_shards, verify
-from shards.verify import tar_samples
+from mocostream.shards import ShardError, create_shards, verify
+from mocostream.shards.verify import tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,7 +165,7 @@ def test_s3_errors_are_one_line(s3_env, imagenette_small, monkeypatch):
         make([imagenette_small], "s3://no-such-bucket-xyz/shards")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
     env = {**os.environ}
-    p = subprocess.run([sys.executable, "-m", "ops.cli", "shards", "create", str(imagenette_small), "--out",
+    p = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(imagenette_small), "--out",
                         "s3://shards-io/badkeys"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("mocostream: error:") and p.stderr.count("\n") == 1, p.stderr
 
@@ -177,7 +177,7 @@ def _stats_count(out: Path) -> int:
 
 
 def _start(src, out) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ops.cli", "shards", "create", str(src), "--out", str(out),
+    return subprocess.Popen([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(src), "--out", str(out),
                              "--samples-per-shard", "40", "--workers", "2", "--quiet", "--max-size", "320"],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
@@ -226,7 +226,7 @@ def test_kill_9_then_rerun_gives_identical_shards(webphotos, tmp_path):
     # kill the rerun too, early in its first new shard
     before = _stats_count(out)
     _kill_after(_start(webphotos, out), out, before + 1)
-    p = subprocess.run([sys.executable, "-m", "ops.cli", "shards", "create", str(webphotos), "--out", str(out),
+    p = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(webphotos), "--out", str(out),
                         "--samples-per-shard", "40", "--workers", "2", "--max-size", "320", "--json"],
                        cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -17,8 +17,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from shards import REASONS, ShardError, create_shards, inspect, merge, verify
-from shards.verify import tar_samples
+from mocostream.shards import REASONS, ShardError, create_shards, inspect, merge, verify
+from mocostream.shards.verify import tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def image_of(parts) -> Image.Image:
 
 
 def cli(*args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "ops.cli", "shards", *map(str, args)], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", *map(str, args)], cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}: {p.stderr[-2000:]}")
@@ -383,7 +383,7 @@ def test_parts_cover_inputs_and_merge(imagenette_small, tmp_path):
     keys = [k for k, _ in samples(out)]
     assert sorted(keys) == sorted(k for k, _ in samples(tmp_path / "whole"))  # disjoint, complete
     assert verify(str(out)) == []
-    from pipeline.sources import read_manifest  # the trainer reads the merged manifest as it is
+    from mocostream.pipeline.sources import read_manifest  # the trainer reads the merged manifest as it is
     shards = read_manifest(str(out / "manifest.json"))
     assert [s.samples for s in shards] == [e["samples"] for e in m["shards"]] and all(os.path.exists(s.url) for s in shards)
     with pytest.raises(ShardError, match="--part"):
@@ -406,7 +406,7 @@ def test_k8s_indexed_job_runs_parts_then_merge():
     m = merge_job["spec"]["template"]["spec"]["containers"][0]["command"]
     assert m[:3] == ["mocostream", "shards", "merge"] and m[3] == out
     # the command line parses with our own CLI
-    from ops.cli import build_parser
+    from mocostream.ops.cli import build_parser
     argv = cmd.split("exec ", 1)[1].replace('"${JOB_COMPLETION_INDEX}', "0").replace('"', "").split()[1:]
     args = build_parser().parse_args(argv)
     assert args.part == f"0/{n}" and args.out == out
@@ -439,9 +439,9 @@ def test_cli_help_lists_everything():
 def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
     """Our hand-built ustar headers are byte-for-byte tarfile's (USTAR_FORMAT), padding included."""
     import random
-    from shards.record import encode
-    from shards.tar_writer import TarShardWriter, sample_json
-    from shards.validate import Sample
+    from mocostream.shards.record import encode
+    from mocostream.shards.tar_writer import TarShardWriter, sample_json
+    from mocostream.shards.validate import Sample
     rng = random.Random(0)
     for trial in range(10):
         ours = TarShardWriter(str(tmp_path / "ours.tar"))
@@ -460,5 +460,5 @@ def test_tar_writer_bytes_equal_what_tarfile_writes(tmp_path):
         assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "ref.tar").read_bytes(), trial
         assert ours.digest() == (len((tmp_path / "ref.tar").read_bytes()),
                                  hashlib.sha256((tmp_path / "ref.tar").read_bytes()).hexdigest())
-        from shards.wds_index import index_lines
+        from mocostream.shards.wds_index import index_lines
         assert ours.index_lines() == index_lines(str(tmp_path / "ours.tar"))

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, wait_for_trace
-from ops.cli import main as cli_main
-from ops.config import build_config
-from ops.train import Trainer, train
+from mocostream.ops.cli import main as cli_main
+from mocostream.ops.config import build_config
+from mocostream.ops.train import Trainer, train
 
 # workers=0: augmentation in the trainer's own process. A worker pool costs each run a process start that
 # imports torch again (the slowest part of these short runs); the tests that are about workers ask for them.
@@ -28,13 +28,13 @@ TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=100, worker
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ops.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "mocostream.ops.cli", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def torchrun(*args: str, env: dict | None = None, nproc: int = 2, **kw) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "ops.cli", *args]
+           f"--master-port={free_port()}", "-m", "mocostream.ops.cli", *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
 
@@ -129,7 +129,7 @@ def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
 def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path):
     """An error in start-up (after the metrics endpoint is up) or inside the loop leaves no endpoint, trace file
     or signal handler behind."""
-    from ops.ports import port_is_free
+    from mocostream.ops.ports import port_is_free
 
     handler = signal.getsignal(signal.SIGTERM)
     port = free_port()
@@ -173,7 +173,7 @@ def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tm
     seconds are checkpointed, so a resumed run (here with the budget extended) continues the schedule."""
     import logging
 
-    from moco_core import cosine_lr
+    from mocostream.moco_core import cosine_lr
 
     caplog.set_level(logging.INFO, logger="mocostream.train")
     peak = 0.03 * 8 / 256
@@ -326,7 +326,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
 def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(local_shards, tmp_path):
     """--precision bf16 on CPU: autocast plus channels_last (oneDNN's fast bf16 path); parameters and checkpoints
     stay fp32. auto keeps CPU runs in fp32."""
-    from ops.train import build_model, uses_bf16
+    from mocostream.ops.train import build_model, uses_bf16
 
     cpu = torch.device("cpu")
     assert not uses_bf16(build_config({}, dict(data="x", **TINY)), cpu)
