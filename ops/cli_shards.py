@@ -170,6 +170,8 @@ def run_shards_create(args) -> int:
         args.sources, args.out, progress=not (args.quiet or args.json), workers=args.workers, timeout=args.timeout,
         memory_limit=args.worker_memory, retry_failed=args.retry_failed, metrics_port=args.metrics_port,
         http=HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)), **values_from(args, Plan))
+    for warning in report.warnings:
+        print(f"shards create: warning: {warning}", file=sys.stderr, flush=True)
     print(json.dumps(report.report) if args.json else summary(report), flush=True)
     return 0
 

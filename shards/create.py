@@ -60,7 +60,7 @@ def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> Cr
         raise ShardError(f"destination already holds a shard set made with other options or inputs "
                          f"({differences(m.get('options', {}), options)}): {dest.location('manifest.json')}; "
                          "use another destination or remove it first")
-    rejected = [tuple(r[:3]) for r in rejects_file.parse(dest.read("rejects.jsonl"))]
+    rejected = [tuple(r[:3]) for r in rejects_file.parse(dest.read("rejects.jsonl"), dest.location("rejects.jsonl"))]
     by_format = {f: json.loads(dest.read(name) or b'{"shards": []}')["shards"]
                  for f, name in m.get("formats", {m.get("format"): "manifest.json"}).items()}
     return CreateReport(shards=m["shards"], written=m["total_samples"], rejected=rejected, inputs=m["inputs"],

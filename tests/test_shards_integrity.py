@@ -1,0 +1,121 @@
+"""A shard set that cannot be corrupted by hand edits, copied folders, odd tables or two runs at once: what a
+user who tries to break `shards create / merge` runs into. Real runs, a real loopback HTTP server
+(tests/webserver.py), real files."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mocostream.shards import ShardError, create_shards, merge, verify
+from mocostream.shards.download import HttpOptions
+from mocostream.shards.verify import tar_samples
+from webserver import WebServer
+
+FAST = dict(timeout=5.0, retries=0, backoff=0.05, max_bytes=1 << 20)
+
+
+def make(sources, out, http=None, **kw):
+    kw.setdefault("progress", False)
+    kw.setdefault("workers", 1)
+    kw.setdefault("dedup", "none")
+    return create_shards([str(s) for s in sources], str(out), http=HttpOptions(**{**FAST, **(http or {})}), **kw)
+
+
+def manifest(out) -> dict:
+    return json.loads((Path(out) / "manifest.json").read_text())
+
+
+def write_json(path, doc) -> None:
+    Path(path).write_text(json.dumps(doc, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def photos(webphotos) -> list[bytes]:
+    return [p.read_bytes() for p in sorted(Path(webphotos).glob("*.jpg"))[:12]]
+
+
+@pytest.fixture
+def server(photos):
+    with WebServer(photos, hang=30.0) as srv:
+        yield srv
+
+
+def url_list(tmp_path, srv, kinds, name="urls.txt") -> Path:
+    path = tmp_path / name
+    path.write_text("".join(f"{srv.url}/{k}/{i}.jpg\n" for i, k in enumerate(kinds)))
+    return path
+
+
+# ---------------------------------------------------------------- --retry-failed on an edited set
+
+@pytest.fixture
+def down_set(server, tmp_path):
+    """A finished set of 4 written samples (one per shard) and 1 retryable reject (503 while `down`)."""
+    src = url_list(tmp_path, server, ["ok", "ok", "ok", "down", "ok"])
+    server.down = True
+    r = make([src], tmp_path / "o", samples_per_shard=1)
+    assert r.written == 4 and r.rejected_by_reason() == {"http_error": 1}
+    server.down = False
+    return src, tmp_path / "o"
+
+
+def _refused(server, src, out, match) -> None:
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    server.reset_counts()
+    with pytest.raises(ShardError, match=match) as err:
+        make([src], out, samples_per_shard=1, retry_failed=True)
+    assert "\n" not in str(err.value)
+    assert server.requests == 0  # the set was checked before anything was fetched or written
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_retry_failed_refuses_a_manifest_missing_its_last_shard(server, down_set):
+    src, out = down_set
+    m = manifest(out)
+    m["shards"].pop()  # edited by hand: the last entry removed
+    write_json(out / "manifest.json", m)
+    _refused(server, src, out, r"shard-000003\.tar .*not in manifest\.json")
+
+
+def test_retry_failed_refuses_a_set_with_a_missing_or_replaced_shard(server, down_set):
+    src, out = down_set
+    shard = (out / "shard-000001.tar").read_bytes()
+    (out / "shard-000001.tar").write_bytes(shard[:-1024])
+    _refused(server, src, out, r"shard-000001\.tar: .*bytes, manifest\.json says")
+    (out / "shard-000001.tar").unlink()
+    _refused(server, src, out, r"shard-000001\.tar: missing")
+    (out / "shard-000001.tar").write_bytes(shard)
+    stats = json.loads((out / "shard-000002_stats.json").read_text())
+    stats["shard"]["sha256"] = "0" * 64
+    write_json(out / "shard-000002_stats.json", stats)
+    _refused(server, src, out, r"shard-000002_stats\.json .*does not match manifest\.json")
+
+
+def test_retry_failed_refuses_a_manifest_whose_counts_do_not_add_up(server, down_set):
+    src, out = down_set
+    m = manifest(out)
+    m["total_samples"] += 1
+    write_json(out / "manifest.json", m)
+    _refused(server, src, out, r"manifest\.json: total_samples 5 but its shards hold 4")
+
+
+def test_a_killed_retry_can_be_run_again(server, down_set, monkeypatch):
+    """A retry killed after publishing a shard leaves it unlisted: that shard was never part of a finished
+    set, so the next retry replaces it (and the check above must not refuse it)."""
+    from mocostream.shards import create
+
+    src, out = down_set
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # after the shards were published, before the manifests
+
+    monkeypatch.setattr(create, "write_set", killed)
+    with pytest.raises(KeyboardInterrupt):
+        make([src], out, samples_per_shard=1, retry_failed=True)
+    assert (out / "shard-000004.tar").exists() and manifest(out)["total_samples"] == 4
+    monkeypatch.undo()
+    again = make([src], out, samples_per_shard=1, retry_failed=True)
+    assert again.written == 5 and not again.rejected and verify(str(out)) == []
