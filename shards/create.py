@@ -164,6 +164,7 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
+    options["source_ids"] = inputs.content_ids()  # what each source held: `shards merge` compares the parts'
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
     dest = Destination(out)

@@ -26,7 +26,8 @@ from typing import Iterator
 
 from .errors import ShardError
 from .keys import assign_keys, natural_key
-from .tables import Columns, check_columns, head_types, identity, parquet_file, row_ranges, rows, table_kind
+from .tables import (Columns, check_columns, content_id, head_types, identity, parquet_file, row_ranges, rows,
+                     table_kind)
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
 IMAGE_COLUMN = "image"
@@ -197,6 +198,20 @@ class Inputs:
                 for it in self._source(i, (0, 1) if self.shuffle else self.part):
                     h.update(f"{it.path}\0{it.key}".encode("utf-8", "surrogateescape") + b"\0")
         return h.hexdigest()
+
+    def content_ids(self) -> list[str]:
+        """Per source, what it holds whatever host reads it: files (tables, archives) by size and the digest
+        of both ends, folders by their whole listing. Recorded in the manifest for `shards merge`."""
+        out = []
+        for i, src in enumerate(self.sources):
+            if self.kinds[i] == "folder":
+                h = hashlib.sha256()
+                for it in self._listed.get(i, []):
+                    h.update(it.relpath.encode("utf-8", "surrogateescape") + b"\0")
+                out.append(f"{len(self._listed.get(i, []))} files:{h.hexdigest()[:32]}")
+            else:
+                out.append(content_id(src))
+        return out
 
     def listed_extras(self) -> Iterator[dict]:
         for items in self._listed.values():

@@ -119,3 +119,46 @@ def test_a_killed_retry_can_be_run_again(server, down_set, monkeypatch):
     monkeypatch.undo()
     again = make([src], out, samples_per_shard=1, retry_failed=True)
     assert again.written == 5 and not again.rejected and verify(str(out)) == []
+
+
+# ---------------------------------------------------------------- shards merge
+
+@pytest.fixture
+def image_list(imagenette_small, tmp_path) -> tuple[Path, list[Path]]:
+    """A .txt list of 20 local photos (the same name is reused for another list below)."""
+    paths = sorted(p for p in Path(imagenette_small).rglob("*") if p.is_file())
+    (tmp_path / "list.txt").write_text("".join(f"{p}\n" for p in paths[:20]))
+    return tmp_path / "list.txt", paths
+
+
+def test_merge_refuses_a_part_folder_copied_over_another(image_list, tmp_path):
+    src, _ = image_list
+    out = tmp_path / "parts"
+    for i in range(4):
+        make([src], out, part=f"{i}/4", samples_per_shard=3)
+    shutil.rmtree(out / "part-00003-of-00004")
+    shutil.copytree(out / "part-00002-of-00004", out / "part-00003-of-00004")
+    with pytest.raises(ShardError, match=r"part-00003-of-00004 holds part 2/4 .*not 3/4"):
+        merge(str(out))
+    m = manifest(out / "part-00003-of-00004")
+    m["options"]["part"] = "3/4"  # and its recorded part edited to match the folder
+    write_json(out / "part-00003-of-00004" / "manifest.json", m)
+    with pytest.raises(ShardError, match=r"5 sample key\(s\) occur in more than one part "
+                                         r"\(part-00002-of-00004, part-00003-of-00004\)"):
+        merge(str(out))
+    assert not (out / "manifest.json").exists()
+    shutil.rmtree(out / "part-00003-of-00004")
+    make([src], out, part="3/4", samples_per_shard=3)
+    report = merge(str(out))
+    assert report["inputs"] == 20 == report["written"] and verify(str(out)) == []
+
+
+def test_merge_refuses_a_part_made_from_another_list_of_the_same_name(image_list, tmp_path):
+    src, paths = image_list
+    out = tmp_path / "parts"
+    make([src], out, part="0/2", samples_per_shard=5)
+    src.write_text("".join(f"{p}\n" for p in paths[20:34]))  # another list, same file name
+    make([src], out, part="1/2", samples_per_shard=5)
+    with pytest.raises(ShardError, match=r"part-00001-of-00002 was made from other input files .*list\.txt"):
+        merge(str(out))
+    assert not (out / "manifest.json").exists()
