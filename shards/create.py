@@ -23,7 +23,7 @@ from .discover import Inputs
 from .download import HttpOptions
 from .errors import ShardError
 from .ingest import Ingest, PassStats
-from .keys import json_safe
+from .keys import json_safe, without_credentials
 from .manifest import build_manifest, json_bytes, manifest_names, run_report, write_manifests
 from .merge import part_dir
 from .metrics import IngestMetrics
@@ -161,7 +161,7 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     cols = Columns(plan.url_col or None, plan.caption_col or None,
                    tuple(c.strip() for c in plan.extra_cols.split(",") if c.strip()) if plan.extra_cols else None)
     inputs = Inputs(list(sources), plan.part, cols, plan.shuffle, plan.seed)
-    options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
+    options = {**plan.as_dict(), "sources": [json_safe(without_credentials(s)) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
     options["source_ids"] = inputs.content_ids()  # what each source held: `shards merge` compares the parts'

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import ShardError
-from .keys import assign_keys, natural_key
+from .keys import assign_keys, natural_key, without_credentials
 from .tables import (Columns, check_columns, content_id, head_types, identity, parquet_file, row_ranges, rows,
                      table_kind)
 
@@ -160,7 +160,8 @@ class Inputs:
             found = ((row, f"{src}#{row}", loc, extra) for row, loc, extra in _image_rows(src, part))
             width = 9
         else:
-            found = ((rid, r.get("url") or "", locator(r.get("url") or ""), r) for rid, r in rows(src, part, self.columns))
+            found = ((rid, without_credentials(r.get("url") or ""), locator(r.get("url") or ""), r)
+                     for rid, r in rows(src, part, self.columns))
             width = 9 if table_kind(src) == "parquet" else 12
         for rid, path, loc, row in found:
             extra = _clean_extra({k: v for k, v in row.items() if k != "url"})

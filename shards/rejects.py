@@ -12,10 +12,12 @@ import json
 
 from .download import retryable
 from .errors import ShardError
+from .keys import without_credentials
 
 
 def record(source: str, reason: str, detail: str, info: dict) -> list:
-    return [source, reason, detail, info]
+    """A reject as kept; a URL's user and password never in it (error messages may quote the URL)."""
+    return [without_credentials(source), reason, without_credentials(detail), info]
 
 
 def line(r) -> dict:

@@ -162,3 +162,24 @@ def test_merge_refuses_a_part_made_from_another_list_of_the_same_name(image_list
     with pytest.raises(ShardError, match=r"part-00001-of-00002 was made from other input files .*list\.txt"):
         merge(str(out))
     assert not (out / "manifest.json").exists()
+
+
+# ---------------------------------------------------------------- credentials in URLs
+
+def test_url_credentials_are_used_but_never_stored(server, tmp_path):
+    host = server.url.removeprefix("http://")
+    src = tmp_path / "urls.txt"
+    src.write_text(f"http://user:secret@{host}/ok/0.jpg\nhttp://user:secret@{host}/404/1.jpg\n"
+                   f"http://user:secret@{host}/reset/2.jpg\nhttp://user:secret@127.0.0.1:99999/ok/3.jpg\n")
+    r = make([src], tmp_path / "o", format="tar,parquet")
+    assert r.written == 1 and r.rejected_by_reason() == {"connection": 2, "http_error": 1}
+    assert server.auth["/ok/0.jpg"] == "Basic dXNlcjpzZWNyZXQ="  # the request still carries them
+    leaks = [p.name for p in (tmp_path / "o").iterdir() if p.is_file() and b"secret" in p.read_bytes()]
+    assert leaks == []
+    (e,) = manifest(tmp_path / "o")["shards"]
+    meta = json.loads(next(tar_samples((tmp_path / "o" / e["name"]).read_bytes()))[1]["json"])
+    assert meta["source"] == f"http://{host}/ok/0.jpg"
+    import pyarrow.parquet as pq
+    assert pq.read_table(tmp_path / "o" / "shard-000000.parquet").column("source").to_pylist() == [meta["source"]]
+    rejects = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
+    assert rejects[0]["url"] == f"http://{host}/404/1.jpg"

@@ -122,6 +122,7 @@ class WebServer:
         self.slow, self.gate_after, self.down = 0.3, 0, False
         self.active = self.peak = self.requests = 0
         self.agents: set[str] = set()
+        self.auth: dict[str, str] = {}  # path -> its last Authorization header
         self.times: dict[str, list[float]] = defaultdict(list)
         # hosts > 1: the same content on 127.0.0.1, 127.0.0.2, ... (one listener each), standing in for
         # the many hosts of a web-scale list (per-host limits apply per address).
@@ -148,6 +149,7 @@ class WebServer:
             self.requests += 1
             self.peak = max(self.peak, self.active)
             self.agents.add(handler.headers.get("User-Agent", ""))
+            self.auth[handler.path] = handler.headers.get("Authorization", "")
             self.times[handler.path].append(time.monotonic())
             self.seen.notify_all()
 
