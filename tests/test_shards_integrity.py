@@ -183,3 +183,53 @@ def test_url_credentials_are_used_but_never_stored(server, tmp_path):
     assert pq.read_table(tmp_path / "o" / "shard-000000.parquet").column("source").to_pylist() == [meta["source"]]
     rejects = [json.loads(x) for x in (tmp_path / "o" / "rejects.jsonl").read_text().splitlines()]
     assert rejects[0]["url"] == f"http://{host}/404/1.jpg"
+
+
+# ---------------------------------------------------------------- CSV / TSV parsed as CSV
+
+def test_csv_captions_with_line_breaks_and_a_bom(image_list, tmp_path):
+    _, paths = image_list
+    caption = 'a caption\nover two lines, with "quotes"'
+    text = ("\ufeffpath,caption,n\r\n" + f'{paths[0]},"{caption.replace(chr(34), chr(34) * 2)}",1\r\n'
+            + f"{paths[1]},plain,2\r\n")
+    (tmp_path / "list.csv").write_text(text, newline="")
+    r = make([tmp_path / "list.csv"], tmp_path / "o", samples_per_shard=5)
+    assert r.inputs == 2 and r.written == 2
+    (e,) = manifest(tmp_path / "o")["shards"]
+    metas = [json.loads(p["json"]) for _, p in tar_samples((tmp_path / "o" / e["name"]).read_bytes())]
+    assert [(m["caption"], m["n"]) for m in metas] == [(caption, "1"), ("plain", "2")]
+
+
+@pytest.mark.parametrize("name", ["list.csv", "list.tsv", "list.csv.gz"])
+def test_parts_split_csv_records_not_lines(tmp_path, name, monkeypatch):
+    import gzip
+    import random
+
+    from mocostream.shards import tables
+    from mocostream.shards.discover import Inputs
+
+    # a part looks back only 64 bytes at first: every case of the lookback is met
+    monkeypatch.setattr(tables, "SCAN_CHUNK", 64, raising=False)
+    rng, sep = random.Random(0), "\t" if ".tsv" in name else ","
+    captions = ["plain", '"with, comma"', '"two\nlines"', '"quote ""x""\r\nend"', "", '"a\n\nb"', '"\n"', 'x"y',
+                '"a"b', '"' + "long\n" * 40 + '"']
+    text = f"url{sep}caption\n" + "".join(f"http://h/{i}.jpg{sep}{rng.choice(captions)}\n" for i in range(200))
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
+    whole = [(it.key, it.path) for it in Inputs([str(path)])]
+    assert [p for _, p in whole] == [f"http://h/{i}.jpg" for i in range(200)]  # no phantom rows
+    for n in (2, 3, 7, 40, 300):
+        parts = [[(it.key, it.path) for it in Inputs([str(path)], (i, n))] for i in range(n)]
+        joined = [x for p in parts for x in p]
+        assert sorted(joined) == sorted(whole)  # each record in exactly one part
+        assert joined == whole or name.endswith(".gz")  # byte ranges (compressed: every n-th record)
+
+
+@pytest.mark.parametrize("name", ["list.txt", "list.jsonl", "list.tsv"])
+def test_a_bom_is_not_part_of_the_first_row(tmp_path, name):
+    from mocostream.shards.discover import Inputs
+
+    rows = {"txt": "http://h/0.jpg\nhttp://h/1.jpg\n", "tsv": "url\tx\nhttp://h/0.jpg\t1\nhttp://h/1.jpg\t2\n",
+            "jsonl": '{"url": "http://h/0.jpg"}\n{"url": "http://h/1.jpg"}\n'}[name.split(".")[1]]
+    (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + rows.encode())
+    assert [it.path for it in Inputs([str(tmp_path / name)])] == ["http://h/0.jpg", "http://h/1.jpg"]
