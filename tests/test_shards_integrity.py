@@ -233,3 +233,30 @@ def test_a_bom_is_not_part_of_the_first_row(tmp_path, name):
             "jsonl": '{"url": "http://h/0.jpg"}\n{"url": "http://h/1.jpg"}\n'}[name.split(".")[1]]
     (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + rows.encode())
     assert [it.path for it in Inputs([str(tmp_path / name)])] == ["http://h/0.jpg", "http://h/1.jpg"]
+
+
+# ---------------------------------------------------------------- rejects.jsonl cut short or emptied
+
+def test_a_cut_short_rejects_file_is_a_one_line_error(server, down_set):
+    src, out = down_set
+    raw = (out / "rejects.jsonl").read_bytes()
+    (out / "rejects.jsonl").write_bytes(raw[: len(raw) // 2])
+    for retry in (False, True):
+        with pytest.raises(ShardError, match=r"rejects\.jsonl line 1 is not a reject record") as err:
+            make([src], out, samples_per_shard=1, retry_failed=retry)
+        assert "\n" not in str(err.value)
+
+
+def test_an_emptied_rejects_file_is_a_warning_not_silence(server, down_set):
+    from test_shards_more import cli
+
+    src, out = down_set
+    (out / "rejects.jsonl").write_bytes(b"")
+    server.reset_counts()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    r = make([src], out, samples_per_shard=1, retry_failed=True)
+    assert r.written == 4 and len(r.warnings) == 1 and "lists 0 reject(s) but manifest.json counts 1" in r.warnings[0]
+    p = cli("create", src, "--out", out, "--samples-per-shard", "1", "--retry-failed", "--retries", "0",
+            "--max-download-bytes", "1MiB", "--dedup", "none", "--workers", "1", "--quiet")
+    assert p.stderr.count("\n") == 1 and "shards create: warning: " in p.stderr and "nothing to retry" in p.stderr
+    assert server.requests == 0 and {p.name: p.read_bytes() for p in out.iterdir()} == before
