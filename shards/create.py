@@ -24,6 +24,7 @@ from .download import HttpOptions
 from .errors import ShardError
 from .ingest import Ingest, PassStats
 from .keys import json_safe, without_credentials
+from .lock import DestLock
 from .manifest import build_manifest, json_bytes, manifest_names, run_report, write_manifests
 from .merge import part_dir
 from .metrics import IngestMetrics
@@ -168,7 +169,9 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
     dest = Destination(out)
+    lock = DestLock(dest)
     try:
+        lock.acquire()  # before anything is read or written: one run per destination
         done = _existing_set(dest, fp, options, time.monotonic())
         if done is not None and not retry_failed:
             return done
@@ -182,4 +185,5 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
             return retry_rejects(job, inputs, done)
         return _fresh_or_resumed(job, inputs)
     finally:
+        lock.release()
         dest.close()

@@ -260,3 +260,34 @@ def test_an_emptied_rejects_file_is_a_warning_not_silence(server, down_set):
             "--max-download-bytes", "1MiB", "--dedup", "none", "--workers", "1", "--quiet")
     assert p.stderr.count("\n") == 1 and "shards create: warning: " in p.stderr and "nothing to retry" in p.stderr
     assert server.requests == 0 and {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+# ---------------------------------------------------------------- one run per destination
+
+def test_a_second_create_into_the_same_dest_is_refused(server, tmp_path):
+    import subprocess
+    import sys
+
+    src = url_list(tmp_path, server, ["ok", "gate", "ok"])
+    server.gate_after = 10**9  # /gate/1.jpg is answered when the test says so
+    out = tmp_path / "o"
+    args = ["create", src, "--out", out, "--workers", "1", "--dedup", "none", "--http-timeout", "60",
+            "--max-download-bytes", "1MiB", "--quiet"]
+    first = subprocess.Popen([sys.executable, "-m", "mocostream.ops.cli", "shards", *map(str, args)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with server.seen:  # the first run holds the lock from its start: it is downloading now
+            assert server.seen.wait_for(lambda: "/gate/1.jpg" in server.times or first.poll() is not None, 120)
+        assert (out / ".mocostream-create.lock").exists()
+        with pytest.raises(ShardError, match=rf"another `shards create` \(pid {first.pid}\) is writing into") as err:
+            make([src], out)
+        assert "\n" not in str(err.value)
+    finally:
+        with server.seen:
+            server.gate_after = 0
+            server.seen.notify_all()
+        stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert manifest(out)["total_samples"] == 3 and verify(str(out)) == []
+    assert not (out / ".mocostream-create.lock").exists()
+    assert make([src], out).already_complete  # the lock is free again
