@@ -117,10 +117,11 @@ class _Attempt:
         self.opts, self.agents, self.metrics = opts, agents, metrics
 
     async def __call__(self, session, url: str) -> tuple[Outcome, bool, float | None]:
+        seen: dict = {}  # what arrived before a timeout: the status, then the body's bytes
         try:
-            return await self._get(session, url)
+            return await self._get(session, url, seen)
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            return Outcome(None, TIMEOUT, f"no answer within {self.opts.timeout:g} s"), True, None
+            return Outcome(None, TIMEOUT, _timeout_detail(seen, self.opts.timeout)), True, None
         except aiohttp.ClientConnectorDNSError as exc:
             return Outcome(None, DNS, _short(exc)), False, None
         except aiohttp.ClientConnectorError as exc:
@@ -128,14 +129,18 @@ class _Attempt:
             return Outcome(None, DNS if dns else CONNECTION, _short(exc)), not dns, None
         except aiohttp.TooManyRedirects as exc:
             return Outcome(None, HTTP_ERROR, f"too many redirects ({_short(exc)})", exc.status), False, None
+        except aiohttp.RedirectClientError as exc:  # to file://, ftp://, or no URL at all: asking again gives the same
+            return Outcome(None, HTTP_ERROR, f"redirect to a non-http(s) or invalid URL: {_short(exc)}"), False, None
+        except aiohttp.ClientResponseError as exc:  # a reply that is not HTTP (headers over 8 KB, bad status line)
+            return Outcome(None, HTTP_ERROR, f"bad reply: {str(exc.message).split(':')[0]}"[:200]), False, None
         except (aiohttp.InvalidURL, ValueError) as exc:
             return Outcome(None, CONNECTION, f"invalid URL: {_short(exc)}"), False, None
         except (aiohttp.ClientError, OSError) as exc:  # reset, disconnected mid-body, broken payload
             return Outcome(None, CONNECTION, _short(exc)), True, None
 
-    async def _get(self, session, url: str) -> tuple[Outcome, bool, float | None]:
+    async def _get(self, session, url: str, seen: dict) -> tuple[Outcome, bool, float | None]:
         async with session.get(url) as resp:
-            status = resp.status
+            status = seen["status"] = resp.status
             if self.metrics:
                 self.metrics.response(status)
             if status >= 300:
@@ -151,9 +156,29 @@ class _Attempt:
             body = bytearray()
             async for chunk in resp.content.iter_chunked(1 << 16):
                 body += chunk
+                seen["bytes"] = len(body)
                 if cap and len(body) > cap:
                     return Outcome(None, TOO_LARGE, f"body over {cap} bytes", status), False, None
             return Outcome(bytes(body), status=status), False, None
+
+
+def _timeout_detail(seen: dict, timeout: float) -> str:
+    if "status" not in seen:
+        return f"no answer within {timeout:g} s"
+    return (f"HTTP {seen['status']}, then the body stopped or was too slow after {seen.get('bytes', 0)} bytes "
+            f"(at most {timeout:g} s of silence, {6 * timeout:g} s in all)")
+
+
+class _Connector(aiohttp.TCPConnector):
+    """A kept-alive connection that received bytes while idle (a server that sent more body than its
+    Content-Length said) would hand them to the next request as its reply: such a connection is dropped
+    instead of reused."""
+
+    async def _get(self, key, *args, **kwargs):
+        for proto, _ in list(getattr(self, "_conns", {}).get(key, ())):
+            if proto.should_close:  # for an idle connection: data arrived, or it failed
+                proto.close()
+        return await super()._get(key, *args, **kwargs)
 
 
 def _short(exc: BaseException) -> str:
@@ -181,8 +206,7 @@ class Downloader:
 
     async def _open(self) -> aiohttp.ClientSession:
         t = self.opts.timeout
-        connector = aiohttp.TCPConnector(limit=self.opts.concurrency, limit_per_host=self.opts.per_host,
-                                         ttl_dns_cache=300)
+        connector = _Connector(limit=self.opts.concurrency, limit_per_host=self.opts.per_host, ttl_dns_cache=300)
         # total: a drip-feeding server still ends; sock_read: silence while reading ends sooner.
         timeout = aiohttp.ClientTimeout(total=6 * t, connect=None, sock_connect=t, sock_read=t)
         return aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar(),

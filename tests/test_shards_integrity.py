@@ -33,8 +33,9 @@ def write_json(path, doc) -> None:
 
 
 @pytest.fixture(scope="module")
-def photos(webphotos) -> list[bytes]:
-    return [p.read_bytes() for p in sorted(Path(webphotos).glob("*.jpg"))[:12]]
+def photos(imagenette_small) -> list[bytes]:
+    """12 real photos of a few KB (small: a download and its decode result fit the worker pipes)."""
+    return [p.read_bytes() for p in sorted(p for p in Path(imagenette_small).rglob("*") if p.is_file())[:12]]
 
 
 @pytest.fixture
@@ -291,3 +292,57 @@ def test_a_second_create_into_the_same_dest_is_refused(server, tmp_path):
     assert manifest(out)["total_samples"] == 3 and verify(str(out)) == []
     assert not (out / ".mocostream-create.lock").exists()
     assert make([src], out).already_complete  # the lock is free again
+
+
+# ---------------------------------------------------------------- odd HTTP answers
+
+def rejects(out) -> list[dict]:
+    return [json.loads(x) for x in (Path(out) / "rejects.jsonl").read_text().splitlines()]
+
+
+ONE_CONNECTION = {"retries": 2, "per_host": 1, "concurrency": 1}
+
+
+def test_redirects_off_http_and_oversized_headers_are_final_reasons(server, tmp_path):
+    src = url_list(tmp_path, server, ["to_file", "to_ftp", "bigheader", "ok"])
+    r = make([src], tmp_path / "o", http=ONE_CONNECTION)
+    got = {d["source"].rsplit("/", 2)[1]: d for d in rejects(tmp_path / "o")}
+    assert sorted(got) == ["bigheader", "to_file", "to_ftp"] and r.written == 1
+    assert all(d["reason"] == "http_error" and d["attempts"] == 1 for d in got.values())  # final: not retried
+    assert "file:///etc/passwd" in got["to_file"]["detail"] and "ftp://" in got["to_ftp"]["detail"]
+    assert "8190 bytes" in got["bigheader"]["detail"]
+    server.reset_counts()
+    again = make([src], tmp_path / "o", http=ONE_CONNECTION, retry_failed=True)
+    assert again.already_complete and server.requests == 0  # --retry-failed does not ask again either
+
+
+def test_a_body_longer_than_its_content_length_never_poisons_the_connection(server, photos):
+    """One connection: longbody's reply is complete, then more bytes arrive on the kept-alive connection.
+    They must not become the next URL's reply (nor that one's the one after)."""
+    import select
+
+    from mocostream.shards.download import Downloader
+
+    got = []
+    downloader = Downloader(HttpOptions(**{**FAST, "per_host": 1, "concurrency": 1}))
+    try:
+        for i, kind in enumerate(["longbody", "ok", "ok"]):
+            downloader.submit(i, f"{server.url}/{kind}/{i}.jpg")
+            while len(got) <= i:
+                assert select.select([downloader.fileno()], [], [], 30)[0], "no download finished within 30 s"
+                got += downloader.completed()
+            if kind == "longbody":
+                server.extra.set()
+                assert server.extra_sent.wait(60)
+    finally:
+        downloader.close()
+    assert [(tag, o.reason, o.data) for tag, o in got] == [(i, "", photos[i]) for i in range(3)]
+
+
+def test_a_drip_fed_body_times_out_saying_what_arrived(server, tmp_path):
+    src = url_list(tmp_path, server, ["drip"])
+    r = make([src], tmp_path / "o", http={"timeout": 1.0})
+    assert r.rejected_by_reason() == {"timeout": 1}
+    (d,) = rejects(tmp_path / "o")
+    assert "HTTP 200" in d["detail"] and "no answer" not in d["detail"], d["detail"]
+    assert int(d["detail"].split(" after ")[1].split()[0]) > 0  # bytes had arrived

@@ -15,6 +15,7 @@ where kind is one of
   slow         the image after `slow` more seconds
   gate         the image once the server has seen `gate_after` requests in all (a head-of-line probe)
   down         503 while `down` is set, then the image
+  to_file, to_ftp, bigheader, longbody, drip: see ODD
 `mix(n, rates, seed)` spreads kinds over n URLs for benchmarks.
 """
 from __future__ import annotations
@@ -29,6 +30,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KINDS = ("ok", "404", "reset", "hang", "503", "429", "optout", "optout_other", "big", "bigchunked", "slow", "gate",
          "down")
+# Odd answers (_Handler._odd): a redirect to file:// or ftp://, 100 KB of headers, a body longer than its
+# Content-Length (the extra bytes sit on the kept-alive connection), a body dripped a few bytes at a time.
+ODD = ("to_file", "to_ftp", "bigheader", "longbody", "drip")
+KINDS += ODD
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -53,6 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
         n = int("".join(ch for ch in parts[-1].split(".")[0] if ch.isdigit()) or 0)
         if srv.latency:
             srv.stopping.wait(srv.latency)
+        if kind in ODD:
+            return self._odd(srv, kind, n)
         if kind == "404":
             return self._send(404, b"not found", {"Content-Type": "text/plain"})
         if kind == "reset":
@@ -80,6 +87,32 @@ class _Handler(BaseHTTPRequestHandler):
         if kind in ("big", "bigchunked"):
             return self._big(srv, kind == "bigchunked")
         self._send(200, srv.images[n % len(srv.images)], headers)
+
+    def _odd(self, srv: "WebServer", kind: str, n: int) -> None:
+        image = srv.images[n % len(srv.images)]
+        if kind in ("to_file", "to_ftp"):
+            target = "file:///etc/passwd" if kind == "to_file" else f"ftp://127.0.0.1/{n}.jpg"
+            return self._send(302, b"", {"Location": target})
+        if kind == "bigheader":
+            return self._send(200, image, {"Content-Type": "image/jpeg", "X-Filler": "x" * 100_000})
+        if kind == "longbody":  # more bytes than its Content-Length, once `extra` is set (the client has
+            self.send_response(200)  # its reply and keeps the connection): they would read as the next reply
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+            if srv.extra.wait(srv.hang) and not srv.stopping.is_set():
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+                srv.extra_sent.set()
+            return
+        self.send_response(200)  # drip: a few bytes every drip_every seconds, never the end
+        self.send_header("Content-Length", str(len(image)))
+        self.end_headers()
+        for i in range(0, len(image), 16):
+            self.wfile.write(image[i:i + 16])
+            self.wfile.flush()
+            if srv.stopping.wait(srv.drip_every):
+                break
+        self.close_connection = True
 
     def _send(self, status: int, body: bytes, headers: dict) -> None:
         self.send_response(status)
@@ -120,6 +153,8 @@ class WebServer:
         self.lock = threading.Lock()
         self.seen = threading.Condition(self.lock)
         self.slow, self.gate_after, self.down = 0.3, 0, False
+        self.drip_every = 0.1
+        self.extra, self.extra_sent = threading.Event(), threading.Event()  # longbody's extra bytes
         self.active = self.peak = self.requests = 0
         self.agents: set[str] = set()
         self.auth: dict[str, str] = {}  # path -> its last Authorization header
@@ -169,6 +204,7 @@ class WebServer:
 
     def __exit__(self, *exc) -> None:
         self.stopping.set()
+        self.extra.set()
         with self.seen:
             self.seen.notify_all()
         for httpd in self.servers:
