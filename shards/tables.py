@@ -231,7 +231,7 @@ def _value(v):
 
 def _rows_plain(src, part, cols) -> Iterator[tuple[int, dict]]:
     for offset, raw in _lines(src, part):
-        line = _text(raw).strip()
+        line = raw.decode("utf-8", "surrogateescape").strip()  # a path keeps its bytes, UTF-8 or not
         if line and not line.startswith("#"):
             yield offset, {"url": line}
 
@@ -271,7 +271,7 @@ def _rows_jsonl(src, part, cols) -> Iterator[tuple[int, dict]]:
             raise ShardError(f"{src} at byte {offset}: expected a JSON object with a URL field")
         url, caption, extra = cols.resolve(list(obj), src)
         row = {"url": obj.get(url)}
-        if not isinstance(row["url"], str):
+        if row["url"] is not None and not isinstance(row["url"], str):  # null: a row without URL, a reject
             raise ShardError(f"{src} at byte {offset}: the URL field {url!r} is not a string")
         if caption:
             row["caption"] = obj.get(caption)

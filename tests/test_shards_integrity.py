@@ -4,6 +4,7 @@ user who tries to break `shards create / merge` runs into. Real runs, a real loo
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -346,3 +347,37 @@ def test_a_drip_fed_body_times_out_saying_what_arrived(server, tmp_path):
     (d,) = rejects(tmp_path / "o")
     assert "HTTP 200" in d["detail"] and "no answer" not in d["detail"], d["detail"]
     assert int(d["detail"].split(" after ")[1].split()[0]) > 0  # bytes had arrived
+
+
+# ---------------------------------------------------------------- rows without URL, paths that are not UTF-8
+
+def test_a_row_without_url_is_rejected_as_no_url(image_list, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _, paths = image_list
+    pq.write_table(pa.table({"url": [str(paths[0]), None, str(paths[1])]}), tmp_path / "t.parquet")
+    csv_head = f"url,caption\n{paths[0]},a\n"
+    (tmp_path / "t.csv").write_text(csv_head + ",b\n")
+    jsonl_head = json.dumps({"url": str(paths[0])}) + "\n"
+    (tmp_path / "t.jsonl").write_text(jsonl_head + json.dumps({"url": None}) + "\n")
+    for name, row in (("t.parquet", 1), ("t.csv", len(csv_head)), ("t.jsonl", len(jsonl_head))):
+        out = tmp_path / name.replace(".", "_")
+        make([tmp_path / name], out)
+        (d,) = rejects(out)
+        assert (d["reason"], d["detail"], d["source"]) == ("unreadable", "no URL", f"{tmp_path / name}#{row}"), d
+
+
+def test_a_path_that_is_not_utf8_keeps_its_bytes(image_list, tmp_path):
+    _, paths = image_list
+    odd = os.fsencode(tmp_path) + b"/caf\xe9 \xff.jpg"  # Latin-1 and a stray byte: not UTF-8
+    with open(odd, "wb") as f:
+        f.write(paths[0].read_bytes())
+    (tmp_path / "list.txt").write_bytes(odd + b"\n" + os.fsencode(paths[1]) + b"\n")
+    r = make([tmp_path / "list.txt"], tmp_path / "o")
+    assert r.written == 2, r.rejected
+    (e,) = manifest(tmp_path / "o")["shards"]
+    metas = [json.loads(p["json"]) for _, p in tar_samples((tmp_path / "o" / e["name"]).read_bytes())]
+    assert metas[0]["source"] == f"{tmp_path}/caf\ufffd \ufffd.jpg"  # stored as valid text
+    from mocostream.shards.discover import locator
+    assert locator(b"http://h/caf\xe9.jpg".decode("utf-8", "surrogateescape")) == ("http", "http://h/caf%E9.jpg")
