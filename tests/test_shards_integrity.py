@@ -123,6 +123,17 @@ def test_a_killed_retry_can_be_run_again(server, down_set, monkeypatch):
     assert again.written == 5 and not again.rejected and verify(str(out)) == []
 
 
+def test_retry_failed_checks_and_tops_up_a_set_in_both_formats(server, tmp_path):
+    src = url_list(tmp_path, server, ["ok", "down", "ok"])
+    server.down = True
+    out = tmp_path / "o"
+    assert make([src], out, samples_per_shard=1, format="tar,parquet").written == 2
+    server.down = False
+    again = make([src], out, samples_per_shard=1, format="tar,parquet", retry_failed=True)
+    assert again.written == 3 and verify(str(out)) == []
+    assert json.loads((out / "manifest-parquet.json").read_text())["total_samples"] == 3
+
+
 # ---------------------------------------------------------------- shards merge
 
 @pytest.fixture
