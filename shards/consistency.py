@@ -66,13 +66,18 @@ def _files(name: str, m: dict, files: dict[str, int]) -> list[str]:
     return problems
 
 
-def _read_many(dest: Destination, names: list[str]):
-    """(name, bytes or None) for each name, fetched BATCH at a time."""
+def read_many(dest: Destination, names: list[str]):
+    """(name, bytes or None when missing) for each name under DEST, fetched BATCH at a time (concurrently
+    on S3)."""
+    if any(c in dest.root for c in "*?["):  # fsspec would read these as glob patterns
+        yield from ((n, dest.read(n)) for n in names)
+        return
+    strip = dest.fs._strip_protocol  # the keys fsspec's cat() answers with
     for i in range(0, len(names), BATCH):
         chunk = names[i:i + BATCH]
-        got = dest.fs.cat([dest.join(n) for n in chunk], on_error="return")
+        got = {strip(k): v for k, v in dest.fs.cat([dest.join(n) for n in chunk], on_error="return").items()}
         for n in chunk:
-            data = got.get(dest.join(n))
+            data = got.get(strip(dest.join(n)))
             yield n, data if isinstance(data, bytes) else None
 
 
@@ -83,7 +88,7 @@ def _stats(dest: Destination, manifests: dict[str, dict], fp: str, on_stats) -> 
         for e in m.get("shards", []):
             by_stats.setdefault(e.get("stats") or "", []).append(e)
     problems = []
-    for name, raw in _read_many(dest, [n for n in by_stats if n]):
+    for name, raw in read_many(dest, [n for n in by_stats if n]):
         try:
             doc = json.loads(raw or b"")
             held = [doc["shard"]] + doc.get("also", [])

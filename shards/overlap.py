@@ -15,8 +15,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from .consistency import read_many
+
 BUCKET = 1 << 24   # hashes compared at once (128 MB)
-BATCH = 256        # stats files fetched at once (concurrently on S3)
 
 
 def key_hash(key: str) -> int:
@@ -25,14 +26,10 @@ def key_hash(key: str) -> int:
 
 def part_keys(dest, folder: str, stats_names: list[str], reject_keys: Iterable[str]) -> Iterator[str]:
     """A finished part's keys: its written samples (stats files), then its rejects."""
-    for i in range(0, len(stats_names), BATCH):
-        paths = [dest.join(f"{folder}/{n}") for n in stats_names[i:i + BATCH]]
-        got = dest.fs.cat(paths, on_error="return")
-        for path in paths:
-            data = got.get(path)
-            if not isinstance(data, bytes):
-                raise FileNotFoundError(path)
-            yield from (w[0] for w in json.loads(data).get("written", []))
+    for name, data in read_many(dest, [f"{folder}/{n}" for n in stats_names]):
+        if data is None:
+            raise FileNotFoundError(dest.location(name))
+        yield from (w[0] for w in json.loads(data).get("written", []))
     yield from reject_keys
 
 
