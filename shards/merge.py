@@ -4,14 +4,15 @@
 rejects, so each host resumes independently). merge checks that all N parts are complete, that each is
 the part its folder names (its recorded `part`), that all were made with the same options from the same
 inputs (`source_ids`: size and digest of each table, recorded at create time), and that no sample key
-occurs in two parts (shards.overlap: reads each part's stats files once), then writes DEST/manifest.json
-listing every part's shards under their relative names (`part-00000-of-00004/shard-000000.tar`, readable
-by pipeline/ as they are: nothing is copied), DEST/rejects.jsonl (all parts, in part order) and
-DEST/report.json. Parts written in several formats merge into one manifest per format (manifest.json +
-manifest-<fmt>.json, as create writes them).
+occurs in two parts (shards.overlap: reads each part's stats files, twice if hashes match). Then it writes
+DEST/manifest.json listing every part's shards under their relative names
+(`part-00000-of-00004/shard-000000.tar`, readable by pipeline/ as they are: nothing is copied),
+DEST/rejects.jsonl (all parts, in part order) and DEST/report.json. Parts written in several formats merge
+into one manifest per format (manifest.json + manifest-<fmt>.json, as create writes them).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -71,8 +72,9 @@ def _check_parts(manifests: list[tuple[str, dict]], n: int) -> dict:
 
 def _check_keys(dest: Destination, manifests: list[tuple[str, dict]], reject_keys: dict[str, list[str]]) -> None:
     """No sample key in two parts (a part folder copied over another, edited manifests)."""
-    parts = [(name, part_keys(dest, name, [e.get("stats") or stats_name(e["name"]) for e in m["shards"]],
-                              reject_keys[name])) for name, m in manifests]
+    parts = [(name, functools.partial(part_keys, dest, name, [e.get("stats") or stats_name(e["name"])
+                                                              for e in m["shards"]], reject_keys[name]))
+             for name, m in manifests]
     try:
         shared, involved = shared_keys(parts)
     except FileNotFoundError as exc:

@@ -166,6 +166,20 @@ def test_merge_refuses_a_part_folder_copied_over_another(image_list, tmp_path):
     assert report["inputs"] == 20 == report["written"] and verify(str(out)) == []
 
 
+def test_merge_key_check_confirms_hash_matches_with_the_keys(monkeypatch):
+    from mocostream.shards import overlap
+
+    parts = [("a", lambda: ["k1", "k2"]), ("b", lambda: ["k3", "k2"]), ("c", lambda: ["k4"])]
+    assert overlap.shared_keys(parts) == (1, ["a", "b"])
+    monkeypatch.setattr(overlap, "BUCKET", 16)  # many buckets: a shared key is found in whichever it falls
+    many = [(f"p{p}", lambda p=p: [f"key{p * 100 + i}" for i in range(100)] + (["key7"] if p == 3 else []))
+            for p in range(5)]
+    assert overlap.shared_keys(many) == (1, ["p0", "p3"])
+    monkeypatch.setattr(overlap, "_hash", lambda key: 7)  # every key collides: only k2 is really shared
+    assert overlap.shared_keys(parts) == (1, ["a", "b"])
+    assert overlap.shared_keys(parts[:1] + parts[2:]) == (0, [])
+
+
 def test_merge_refuses_a_part_made_from_another_list_of_the_same_name(image_list, tmp_path):
     src, paths = image_list
     out = tmp_path / "parts"
