@@ -17,7 +17,6 @@ from .sources import DataSpecError, Shard, check_shard_columns, filesystem, shar
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("name", "samples", "bytes", "sha256")
 META_KEY = b"mocostream_manifest"  # parquet key-value metadata: {"json_bytes": size of the JSON it mirrors}
 
 
