@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 
-from .export import FORMATS
+# The formats offered, here rather than in export.py: that module imports torch, which every other
+# subcommand (`shards create` above all) must not pay for at start-up.
+FORMATS = ("torchvision", "safetensors", "detectron2")
 
 
 def add_export_parser(sub) -> None:
