@@ -69,17 +69,46 @@ class Hung(AssertionError):
     pass
 
 
+def _kib(path: str, field: str) -> int:
+    try:
+        with open(path) as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(field)), 0)
+    except OSError:
+        return 0
+
+
+class TreeMemory:
+    """Peaks over the samples of a process tree: the sum of RSS (pages shared between processes, e.g. a forked
+    worker's inherited libraries, counted once per process: an upper bound), the sum of PSS (shared pages
+    split between their users: what the tree really holds), and each process's own peak (VmHWM)."""
+
+    def __init__(self):
+        self.rss_sum = self.pss_sum = 0
+        self.hwm: dict[int, int] = {}
+
+    def sample(self, tree: list[int]) -> None:
+        self.rss_sum = max(self.rss_sum, sum(_kib(f"/proc/{p}/status", "VmRSS:") for p in tree) << 10)
+        self.pss_sum = max(self.pss_sum, sum(_kib(f"/proc/{p}/smaps_rollup", "Pss:") for p in tree) << 10)
+        for p in tree:
+            self.hwm[p] = max(self.hwm.get(p, 0), _kib(f"/proc/{p}/status", "VmHWM:") << 10)
+
+    def as_dict(self) -> dict:
+        return {"tree_peak_rss_sum_bytes": self.rss_sum, "tree_peak_pss_sum_bytes": self.pss_sum,
+                "processes": len(self.hwm), "sum_of_process_peaks_bytes": sum(self.hwm.values())}
+
+
 def run_watched(cmd: list[str], bound: float = 120.0, stall: float = 5.0, env: dict | None = None,
                 cwd: str | None = None) -> subprocess.CompletedProcess:
-    """Run `cmd`; its CompletedProcess (stdout, stderr as text) when it exits within `bound` seconds, else
-    raise Hung with the report (after `stall` seconds of a send-send deadlock)."""
+    """Run `cmd`; its CompletedProcess (stdout, stderr as text; `.memory`: the tree's TreeMemory, sampled
+    every 0.5 s) when it exits within `bound` seconds, else raise Hung with the report (after `stall` seconds
+    of a send-send deadlock)."""
     env = {**(env or os.environ), "PYTHONFAULTHANDLER": "1"}
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         with open(out, "wb") as fo, open(err, "wb") as fe:
             proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, env=env, cwd=cwd, start_new_session=True)
         started = time.monotonic()
-        quiet_since, last_ticks = None, None
+        quiet_since, last_ticks, memory = None, None, TreeMemory()
         try:
             while True:
                 try:
@@ -88,6 +117,7 @@ def run_watched(cmd: list[str], bound: float = 120.0, stall: float = 5.0, env: d
                 except subprocess.TimeoutExpired:
                     pass
                 tree = [proc.pid] + descendants(proc.pid)
+                memory.sample(tree)
                 samples = [_sample(p) for p in tree]
                 ticks = sum(s[2] for s in samples)
                 sending = [s[1] in SEND_WAITS for s in samples]
@@ -111,5 +141,7 @@ def run_watched(cmd: list[str], bound: float = 120.0, stall: float = 5.0, env: d
                 os.killpg(proc.pid, signal.SIGKILL)  # workers left behind by a killed main process
             except ProcessLookupError:
                 pass
-        return subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(errors="replace"),
+        done = subprocess.CompletedProcess(cmd, proc.returncode, out.read_text(errors="replace"),
                                            err.read_text(errors="replace"))
+        done.memory = memory
+        return done

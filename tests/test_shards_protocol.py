@@ -1,10 +1,12 @@
 """The main process <-> decode worker protocol under web-size payloads: tasks and results of megabytes, several
 in flight per worker, for every kind of input (URL, folder, tar, parquet), run as the real command under a
 deadlock detector (tests/deadlock.py: a bounded wait that reports where every process is when it expires, and
-fails within seconds when the main process and a worker are both blocked sending to each other)."""
+fails within seconds when the main process and a worker are both blocked sending to each other); the URL soak
+(bench/soak.py) with a web's failure mix; the memory of the main process and of the whole process tree."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import io
 import json
 import sys
@@ -23,6 +25,9 @@ from mocostream.shards.workers import DEPTH
 from webserver import WebServer
 
 REPO = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("bench_soak", REPO / "bench" / "soak.py")
+soak = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(soak)
 WORKERS = 2
 COUNT = 3 * WORKERS * DEPTH  # every worker holds DEPTH tasks at once, three times over
 BOUND = 120.0  # seconds: generous; a run here takes a few (a deadlock is reported after 5 s without progress)
@@ -51,9 +56,7 @@ def server(big_jpegs):
 
 @functools.cache
 def loopback_flags() -> list[str]:
-    """The flag that lets a run fetch from loopback servers, where the tool has one."""
-    p = run_watched([sys.executable, "-m", "mocostream.ops.cli", "shards", "create", "--help"], cwd=str(REPO))
-    return ["--allow-private-addresses"] if "--allow-private-addresses" in p.stdout else []
+    return soak.loopback_flags()
 
 
 def create(src: Path, out: Path, workers: int) -> dict:
@@ -135,3 +138,39 @@ b.close(); a.sendall(b"y" * (4 << 20)); a.recv(1)
     report = str(hung.value)
     assert "deadlocked" in report and report.count("wchan sock_alloc_send_pskb") == 2, report
     assert "Current thread" in report or "Stack (most recent call first)" in report, report  # faulthandler
+
+
+# ---------------------------------------------------------------- soak, memory
+
+SOAK_URLS = 2000  # ~20-40 s on 2 busy cores; bench/soak.py runs 20,000 (the old protocol hung after ~500)
+
+
+@pytest.mark.slow
+def test_url_soak_finishes_with_every_url_accounted_for(tmp_path):
+    r = soak.soak(SOAK_URLS, tmp_path)  # raises Hung past its time bound (or at once on a deadlock)
+    assert r["inputs"] == SOAK_URLS and r["written"] + sum(r["rejected_by_reason"].values()) == SOAK_URLS, r
+    check = r["check"]
+    assert check["mismatch_count"] == 0 and check["got"] == check["expected"], check
+    assert set(check["expected"]) == {"written", "http_error", "connection", "opted_out"}, check
+    # Memory: the main process downloads and writes (no torch, no decoding), the workers decode
+    assert r["main_peak_rss_bytes"] < 300e6, r
+    assert r["tree_peak_rss_sum_bytes"] < 1e9 and r["processes"] >= 3, r
+
+
+def test_main_process_of_shards_create_imports_no_torch(server, tmp_path):
+    """The main process of `shards create` on a URL list: no torch, no DALI pipeline, no OpenCV (torch alone
+    made it 720 MB; the decode workers import what decoding needs)."""
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(f"{server.url}/ok/{i}.jpg\n" for i in range(3)))
+    script = f"""
+import json, sys
+from mocostream.ops.cli import main
+rc = main(["shards", "create", {str(urls)!r}, "--out", {str(tmp_path / "out")!r}, "--workers", "2", "--quiet",
+           "--json", *{loopback_flags()!r}])
+heavy = [m for m in ("torch", "torchvision", "nvidia.dali", "cv2") if m in sys.modules]
+open({str(tmp_path / "modules.json")!r}, "w").write(json.dumps({{"rc": rc, "heavy": heavy}}))
+"""
+    p = run_watched([sys.executable, "-c", script], bound=BOUND, cwd=str(REPO))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads(p.stdout)["written"] == 3
+    assert json.loads((tmp_path / "modules.json").read_text()) == {"rc": 0, "heavy": []}
