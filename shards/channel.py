@@ -76,6 +76,11 @@ class Channel:
     def pending(self) -> bool:
         return bool(self._out)
 
+    @property
+    def unsent(self) -> int:
+        """Messages not yet written in full (the last ones queued)."""
+        return len(self._out)
+
     def queue(self, payload: bytes) -> None:
         """Send `payload` as soon as the socket takes it (call `flush`, now and whenever it is writable)."""
         self._out.append([memoryview(_HEADER.pack(len(payload))), memoryview(payload)])

@@ -146,18 +146,25 @@ class _Worker:
         self.ready = False  # until its ready message: start-up time is not charged to a file
         self.started = math.inf  # when the head task began (as far as we can tell)
 
+    @property
+    def decoding(self) -> bool:
+        """Its head task has reached it in full: only then can it be stuck on it. (A task still partly in our
+        buffer waits for us, e.g. while the main process writes a shard: that must not count as its time.)"""
+        return bool(self.inflight) and self.chan.unsent < len(self.inflight)
+
     def send(self, seq: int, task: tuple) -> None:
-        if not self.inflight and self.ready:
-            self.started = time.monotonic()
         self.inflight.append((seq, task))
         self.chan.queue(_dumps((seq, task)))
         self.flush()
 
     def flush(self) -> None:
+        was = self.decoding
         try:
             self.chan.flush()
         except OSError:
             pass  # it died: the read side sees EOF and the run replaces it
+        if self.ready and not was and self.decoding:
+            self.started = time.monotonic()
 
     def kill(self) -> None:
         self.proc.kill()
@@ -300,13 +307,13 @@ class DecodePool:
                 if want != w.events:
                     poller.modify(w.fd, want)
                     w.events = want
-            deadline = min((w.started for w in busy), default=math.inf) + self.timeout
+            deadline = min((w.started for w in busy if w.decoding), default=math.inf) + self.timeout
             wait_ms = None if math.isinf(deadline) else max(0, math.ceil((deadline - time.monotonic()) * 1000))
             events = dict(poller.poll(wait_ms))
             heard = self._collect(workers, run, events, poller)
             now = time.monotonic()
             for w in list(workers):
-                if w.inflight and now - w.started > self.timeout and w not in heard:
+                if w.decoding and now - w.started > self.timeout and w not in heard:
                     head_seq, _ = w.inflight[0]
                     run.results[head_seq] = (Reject(TIMEOUT, f"decoding took longer than {self.timeout:g} s"), 0)
                     self._replace(workers, w, run, poller)
@@ -335,7 +342,7 @@ class DecodePool:
                     seq, result, nbytes = pickle.loads(msg)
                     assert seq == w.inflight[0][0]
                     w.inflight.popleft()
-                    w.started = time.monotonic()
+                    w.started = time.monotonic()  # the next task begins (if it has reached the worker)
                     run.results[seq] = (result, nbytes)
             except (EOFError, OSError):
                 if w.inflight:
