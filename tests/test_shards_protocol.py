@@ -123,6 +123,28 @@ print(len(sizes), min(sizes))
     assert n == COUNT and smallest > 2 << 20
 
 
+def test_a_busy_main_process_does_not_time_out_a_worker_waiting_for_its_task(tmp_path):
+    """The main process away (writing a shard, say) for longer than the per-file budget while a worker waits for
+    the rest of a multi-MB task: that wait is not the worker's, so nobody is killed. The consumer's pause is the
+    condition under test, not a synchronisation: it has to outlast the budget."""
+    script = f"""
+import time
+from mocostream.shards.validate import Options
+from mocostream.shards.workers import DecodePool
+tasks = ((("bytes", bytes([i]) * (6 << 20)), None) for i in range({COUNT}))  # no image: rejected in ms
+pool = DecodePool(1, Options(), timeout=3.0)
+reasons = []
+for result, _ in pool.imap(tasks):
+    if not reasons:
+        time.sleep(6.0)  # the main process busy elsewhere, twice the budget, with a task half sent
+    reasons.append(result.reason)
+print(pool.replaced, sorted(set(reasons)), len(reasons))
+"""
+    p = run_watched([sys.executable, "-c", script], bound=BOUND, cwd=str(REPO))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split() == ["0", "['not_an_image']", str(COUNT)], p.stdout
+
+
 def test_the_detector_reports_a_send_send_deadlock():
     """The watcher itself: two processes that each send 4 MB over a socket pair before reading anything
     (the bug the tests above guard against) are reported, with both kernel send waits, well within the bound."""
