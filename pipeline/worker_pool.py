@@ -1,4 +1,4 @@
-"""The torch backend's augmentation worker processes, tied to the trainer's life.
+"""The opencv backend's augmentation worker processes, tied to the trainer's life.
 
 - They ignore SIGINT and SIGTERM: Ctrl-C (or `timeout`, or a runtime signalling the whole process group)
   must reach the trainer only, which checkpoints and then shuts the pool down itself. Workers that died

@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0 and "reusing the shards" in r.stdout, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["dali", "opencv", "reference"])
 def test_loader_benchmark_prints_images_per_second(imagenette_small, backend):
     r = run(["bench/loader.py", "--images", str(imagenette_small), "--backend", backend, "--seconds", "0.5",
              "--batch-size", "8", "--image-size", "64", "--workers", "1"])
