@@ -29,5 +29,5 @@ def pick_backend(name: str, on_gpu: bool) -> tuple[str, str]:
         return (DALI, "auto: a CUDA GPU") if on_gpu else (OPENCV, "auto: no CUDA GPU, OpenCV is the faster "
                                                                   "loader on CPU")
     if name == DALI and not on_gpu:
-        return DALI, "as asked; without a GPU the opencv backend is ~1.3-1.7x faster (BENCHMARKS.md)"
+        return DALI, "as asked; without a GPU the opencv backend loads ~1.3-1.7x faster: BENCHMARKS.md"
     return name, "as asked"
