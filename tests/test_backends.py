@@ -98,6 +98,38 @@ def test_an_unknown_backend_is_refused_naming_the_choices(shards):
         TwoViewLoader(LoaderConfig(data=str(shards), backend="jax"))
 
 
+# A rank as torchrun stops it: SIGTERM to its whole process group (os.killpg), forkserver and workers included.
+GROUP_SIGTERM = r"""
+import os, signal
+from pathlib import Path
+from mocostream.pipeline.worker_pool import augmentation_pool
+
+stopping = []
+signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+pool = augmentation_pool(1)
+worker = pool.submit(os.getpid).result()
+forkserver = next(int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+                  and b"multiprocessing.forkserver" in (p / "cmdline").read_bytes()
+                  and f"PPid:\t{os.getpid()}\n" in (p / "status").read_text())
+ignored = int(next(l for l in (Path("/proc") / str(forkserver) / "status").read_text().splitlines()
+                   if l.startswith("SigIgn:")).split()[1], 16)
+os.killpg(0, signal.SIGTERM)
+after = pool.submit(os.getpid).result()  # the trainer's next batch, while it checkpoints
+pool.shutdown()
+print(stopping == [True], bool(ignored & (1 << (signal.SIGTERM - 1))), after == worker)
+"""
+
+
+def test_the_opencv_workers_survive_a_sigterm_to_the_process_group():
+    """torchrun stops a rank with SIGTERM to its process group. The trainer checkpoints; its augmentation
+    workers and their forkserver ignore the signal, so the pool keeps working meanwhile (a dead forkserver
+    would break it: BrokenProcessPool, and no checkpoint)."""
+    r = subprocess.run([sys.executable, "-c", GROUP_SIGTERM], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, start_new_session=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.split() == ["True", "True", "True"], r.stdout + r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------- vocabularies, defined once
 
 def python_files() -> list[Path]:

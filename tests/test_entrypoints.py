@@ -19,6 +19,7 @@ def test_demo_runs_end_to_end(tmp_path):
     r = run(["-m", "mocostream.ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "4", "--metrics-port", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[demo] 4 MoCo steps" in r.stdout
+    assert f"augmentation backend: {'dali' if torch.cuda.is_available() else 'opencv'} (auto" in r.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 4 and (tmp_path / "checkpoints" / "checkpoint-00000004.pt").exists()
     assert len((tmp_path / "trace-keys.rank0").read_text().split()) == 4 * 32
