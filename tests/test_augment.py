@@ -1,4 +1,4 @@
-"""pipeline.image_check, pipeline.augment_reference (the reference recipe), augment_cv and augment_dali on real photos."""
+"""pipeline.image_check, pipeline.augment_reference, augment_cv and augment_dali on real photos."""
 from __future__ import annotations
 
 import io
