@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .export import FORMATS
+from .export_formats import FORMATS
 
 
 def add_export_parser(sub) -> None:

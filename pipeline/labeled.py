@@ -17,10 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.transforms import functional as TF
 
-from .augment_torch import UndecodableImage, decode_rgb
+from .augment_reference import UndecodableImage, decode_rgb
 from .readers import IMAGE_EXTS
 from .sources import DataSpecError, Shard, read_bytes, resolve_shards
 

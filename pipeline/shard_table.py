@@ -17,7 +17,6 @@ from .sources import DataSpecError, Shard, check_shard_columns, filesystem, shar
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("name", "samples", "bytes", "sha256")
 META_KEY = b"mocostream_manifest"  # parquet key-value metadata: {"json_bytes": size of the JSON it mirrors}
 
 
@@ -130,7 +129,7 @@ def read_columnar(url: str, json_url: str | None = None) -> ShardTable | None:
         return None
 
 
-def _columns(pf, url: str, allow_external: bool | None = None) -> ShardTable:
+def _columns(pf, url: str) -> ShardTable:
     """Column by column, row group by row group, into the table's final form: little more than the table.
     Checked by the same rules as a JSON manifest's entries (sources.check_shard_columns)."""
     import pyarrow as pa
@@ -145,7 +144,7 @@ def _columns(pf, url: str, allow_external: bool | None = None) -> ShardTable:
             row += len(chunk)
         names += pf.read_row_group(group, columns=["name"]).column(0).chunks
     names = pa.chunked_array(names, pa.string())  # chunked: indexing finds the chunk
-    check_shard_columns(names, counts, sizes, url, allow_external)
+    check_shard_columns(names, counts, sizes, url)
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return ShardTable(base, names, counts, sizes, digests)
 

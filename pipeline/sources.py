@@ -66,7 +66,7 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def read_manifest(url: str, allow_external: bool | None = None) -> list[Shard]:
+def read_manifest(url: str) -> list[Shard]:
     try:
         fs, path = filesystem(url)
         manifest = json.loads(fs.cat_file(path))
@@ -82,7 +82,7 @@ def read_manifest(url: str, allow_external: bool | None = None) -> list[Shard]:
         _check_entry_types(entry, f"manifest {url}, shard entry {i}")
     names = [e["name"] for e in entries]
     sizes = [-1 if e.get("bytes") is None else e["bytes"] for e in entries]
-    external = check_shard_columns(names, [e["samples"] for e in entries], sizes, url, allow_external)
+    external = check_shard_columns(names, [e["samples"] for e in entries], sizes, url)
     stamp = (manifest.get("options") or {}).get("validated_by")
     return [Shard(name if out else _join(base, name), e["samples"], shard_format(name), e.get("bytes"),
                   e.get("sha256"), stamp) for name, e, out in zip(names, entries, external.tolist())]
@@ -109,7 +109,7 @@ def _check_entry_types(entry, where: str) -> None:
         raise DataSpecError(f"{where} ({entry['name']}): 'bytes' must be a non-negative integer, got {size!r}")
 
 
-def check_shard_columns(names, samples, sizes, url: str, allow_external: bool | None = None):
+def check_shard_columns(names, samples, sizes, url: str):
     """The manifest rules, vectorised over a whole shard list (JSON or columnar): a manifest is input like
     any other and may be hostile. Names resolve under the manifest's own location (no `..`, absolute paths
     or URLs unless allowed) and name a shard format; sample counts are positive integers that fit in the
@@ -119,7 +119,7 @@ def check_shard_columns(names, samples, sizes, url: str, allow_external: bool | 
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    allow = ALLOW_EXTERNAL_SHARDS if allow_external is None else allow_external
+    allow = ALLOW_EXTERNAL_SHARDS
     names = names if isinstance(names, (pa.Array, pa.ChunkedArray)) else pa.array(names, pa.string())
     samples, sizes = np.asarray(samples), np.asarray(sizes)
     if len(names) == 0:
@@ -149,19 +149,19 @@ def check_shard_columns(names, samples, sizes, url: str, allow_external: bool | 
     return external
 
 
-def resolve_shards(spec: str, allow_external: bool | None = None) -> list[Shard]:
-    """Turn a data spec into shards, in a stable order (`allow_external`: see check_shard_columns)."""
+def resolve_shards(spec: str) -> list[Shard]:
+    """Turn a data spec into shards, in a stable order."""
     spec = spec.strip()
     if not spec:
         raise DataSpecError("no data given (--data)")
     if spec.endswith(".json"):
-        return read_manifest(spec, allow_external)
+        return read_manifest(spec)
     if "," not in spec and "{" not in spec and not spec.endswith((".tar", ".parquet")):
         # A folder or prefix: prefer its manifest, else list its shards.
         fs, path = filesystem(spec)
         manifest = _join(spec, "manifest.json")
         if fs.exists(_join(path, "manifest.json")):
-            return read_manifest(manifest, allow_external)
+            return read_manifest(manifest)
         if not fs.exists(path):
             raise DataSpecError(f"data not found: {spec}")
         names = sorted(p for p in fs.ls(path, detail=False)  # not a columnar manifest left by an unfinished set

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 
 from . import consistency
-from . import rejects as rejects_file
 from .dedup import Deduper
 from .errors import ShardError
+from .job import write_set
+from .rejects import can_retry, parse as parse_rejects
 from .sequence import CreateReport, ShardSequence
 
 
@@ -51,12 +52,12 @@ def _checked(job, raw: bytes, manifests: dict[str, dict]) -> Deduper:
 def _rejects(job, manifest: dict, done: CreateReport) -> list[list] | None:
     """rejects.jsonl's records; None (with a warning on `done`) when they do not match the manifest's count
     and none of them can be retried."""
-    old = rejects_file.parse(job.dest.read("rejects.jsonl"), job.dest.location("rejects.jsonl"))
+    old = parse_rejects(job.dest.read("rejects.jsonl"), job.dest.location("rejects.jsonl"))
     if len(old) == manifest["rejected"]:
         return old
     lost = (f"{job.dest.location('rejects.jsonl')} lists {len(old)} reject(s) but manifest.json counts "
             f"{manifest['rejected']}")
-    if not any(rejects_file.can_retry(r) for r in old):
+    if not any(can_retry(r) for r in old):
         done.warnings.append(f"{lost}: nothing to retry (the missing lines cannot be found again)")
         return None
     raise ShardError(f"{lost}: retrying would break the set's accounting; restore rejects.jsonl")
@@ -69,12 +70,12 @@ def retry_rejects(job, inputs, done: CreateReport | None) -> CreateReport:
                          "without --retry-failed first")
     manifest = json.loads(raw)
     old = _rejects(job, manifest, done)
-    again = {r[3]["key"] for r in old or [] if rejects_file.can_retry(r)}
+    again = {r[3]["key"] for r in old or [] if can_retry(r)}
     if not again:
         return done
     manifests = _manifests(job, manifest)
     deduper = _checked(job, raw, manifests)
-    kept = [r for r in old if not (rejects_file.can_retry(r) and r[3]["key"] in again)]
+    kept = [r for r in old if not (can_retry(r) and r[3]["key"] in again)]
     entries = {f: m["shards"] for f, m in manifests.items()}
     seq = ShardSequence(job.dest, job.plan, job.fp, job.options, job.extra_fields, entries, 0,
                         appended_to=consistency.manifest_digest(raw))
@@ -89,10 +90,4 @@ def retry_rejects(job, inputs, done: CreateReport | None) -> CreateReport:
         seq.abort()
         raise
     prior = json.loads(job.dest.read("report.json") or b"{}").get("bytes_in", 0)
-    return job_write(job, entries, kept + fresh, manifest["inputs"], stats, prior + stats.bytes_in)
-
-
-def job_write(job, entries, rejected, inputs, stats, bytes_in) -> CreateReport:
-    from .create import write_set
-
-    return write_set(job, entries, rejected, inputs, stats.end, 0, stats, bytes_in)
+    return write_set(job, entries, kept + fresh, manifest["inputs"], stats.end, 0, stats, prior + stats.bytes_in)

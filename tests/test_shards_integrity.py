@@ -107,14 +107,14 @@ def test_retry_failed_refuses_a_manifest_whose_counts_do_not_add_up(server, down
 def test_a_killed_retry_can_be_run_again(server, down_set, monkeypatch):
     """A retry killed after publishing a shard leaves it unlisted: that shard was never part of a finished
     set, so the next retry replaces it (and the check above must not refuse it)."""
-    from mocostream.shards import create
+    from mocostream.shards import retry
 
     src, out = down_set
 
     def killed(*a, **k):
         raise KeyboardInterrupt  # after the shards were published, before the manifests
 
-    monkeypatch.setattr(create, "write_set", killed)
+    monkeypatch.setattr(retry, "write_set", killed)
     with pytest.raises(KeyboardInterrupt):
         make([src], out, samples_per_shard=1, retry_failed=True)
     assert (out / "shard-000004.tar").exists() and manifest(out)["total_samples"] == 4
