@@ -17,11 +17,11 @@ import hashlib
 import json
 import re
 
-from . import rejects as rejects_file
 from .errors import ShardError
 from .manifest import build_manifest, json_bytes, manifest_names, write_manifests
 from .output import Destination
 from .overlap import part_keys, shared_keys
+from .rejects import parse as parse_rejects
 from .stats import stats_name
 
 PART_DIR = re.compile(r"^part-(\d{5})-of-(\d{5})$")
@@ -115,7 +115,7 @@ def merge(url: str) -> dict:
             for e in part_m["shards"]:
                 shards[fmt].append({**e, **{k: f"{name}/{e[k]}" for k in ("name", "index", "stats") if k in e}})
         part_rejects = dest.read(f"{name}/rejects.jsonl") or b""
-        records = rejects_file.parse(part_rejects, dest.location(f"{name}/rejects.jsonl"))
+        records = parse_rejects(part_rejects, dest.location(f"{name}/rejects.jsonl"))
         rejected += [tuple(r[:3]) for r in records]
         reject_keys[name] = [r[3]["key"] for r in records if r[3].get("key")]
         rejects += part_rejects

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 
-from . import consistency
+from .consistency import manifest_digest, problems
 from .dedup import Deduper
 from .errors import ShardError
 from .job import write_set
@@ -41,7 +41,7 @@ def _checked(job, raw: bytes, manifests: dict[str, dict]) -> Deduper:
             for key, _, _, digest in doc.get("written", []):
                 deduper.add(digest, key)
 
-    found = consistency.problems(job.dest, manifests, raw, add)
+    found = problems(job.dest, manifests, raw, add)
     if found:
         more = f" (and {len(found) - 1} more problem(s))" if len(found) > 1 else ""
         raise ShardError(f"{job.dest.url} is not a whole shard set, nothing was retried: {found[0]}{more}; "
@@ -78,7 +78,7 @@ def retry_rejects(job, inputs, done: CreateReport | None) -> CreateReport:
     kept = [r for r in old if not (can_retry(r) and r[3]["key"] in again)]
     entries = {f: m["shards"] for f, m in manifests.items()}
     seq = ShardSequence(job.dest, job.plan, job.fp, job.options, job.extra_fields, entries, 0,
-                        appended_to=consistency.manifest_digest(raw))
+                        appended_to=manifest_digest(raw))
     fresh = []
     try:
         stats = job.ingest.run((it for it in inputs if it.key in again), 0, len(again), seq, deduper, fresh)
