@@ -22,7 +22,7 @@ from yarl import URL
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # IPv6 addresses that stand for an IPv4 one
 REDIRECTS = (301, 302, 303, 307, 308)
 _CHECKS = (("loopback", "is_loopback"), ("link-local", "is_link_local"), ("unspecified", "is_unspecified"),
-           ("multicast", "is_multicast"), ("private", "is_private"), ("reserved", "is_reserved"))
+           ("multicast", "is_multicast"), ("reserved", "is_reserved"), ("private", "is_private"))
 
 
 def address_problem(address: str, allowed=()) -> str | None:

@@ -266,14 +266,16 @@ class Downloader:
 
     async def _report(self) -> None:
         while True:
-            top, other, known = self.hosts.top(self.TOP_HOSTS)
-            backoffs = sum(self.hosts.backoffs.values())
-            conns = other + sum(t[1] for t in top)
-            lead = f" (most: {top[0][0][:40]} {top[0][1]}/{int(top[0][2])})" if top else ""
-            self.summary = f"{conns} conns to {known} hosts{lead}, {backoffs} back-offs"
-            if self.metrics:
-                self.metrics.hosts(top, other, self.hosts.backoffs, self.hosts.pauses)
+            self._publish()
             await asyncio.sleep(self.REPORT_EVERY)
+
+    def _publish(self) -> None:
+        top, other, known = self.hosts.top(self.TOP_HOSTS)
+        conns = other + sum(t[1] for t in top)
+        lead = f" (most: {top[0][0][:40]} {top[0][1]}/{int(top[0][2])})" if top else ""
+        self.summary = f"{conns} conns to {known} hosts{lead}, {sum(self.hosts.backoffs.values())} back-offs"
+        if self.metrics:
+            self.metrics.hosts(top, other, self.hosts.backoffs, self.hosts.pauses)
 
     def fileno(self) -> int:
         return self._rfd
@@ -342,6 +344,7 @@ class Downloader:
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(self._reporter, *self._tasks, return_exceptions=True)
+            self._publish()  # the final counts
             await self._session.close()
 
         if self._loop.is_running():
