@@ -3,7 +3,7 @@
 The way TCP shares a link (AIMD), per host: a host starts at `start` connections. While it is the limit
 (requests are waiting for it) and it answers quickly and cleanly, it gets more: one more per clean answer
 until its first back-off (doubling each round trip), then one more per round trip (`limit` clean answers),
-and past the level where it last pushed back only one more per max(64, 8 x limit) clean answers, so a host
+and past the level where it last pushed back only one more per max(128, 16 x limit) clean answers, so a host
 that refuses above N connections sees few refusals. On 429, 503, a timeout or a dropped connection the
 limit is halved, once per round trip (a request sent before the last cut does not cut again), and a
 Retry-After pauses the whole host. The limit stays between 1 and `cap`. "Quickly": the time to the reply's
@@ -107,7 +107,7 @@ class Hosts:
         if g.slow_start:
             step = 1.0
         elif g.ceiling and g.limit + 1 > g.ceiling:
-            step = 1.0 / max(64.0, 8.0 * g.limit)
+            step = 1.0 / max(128.0, 16.0 * g.limit)
         else:
             step = 1.0 / g.limit
         g.limit = min(float(self.cap), g.limit + step)
