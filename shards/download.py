@@ -36,7 +36,7 @@ import aiohttp
 
 from .addresses import (BlockedAddress, BlockedAddressError, ConnectionDropped, PublicResolver, RedirectRefused,
                         guard, parse_networks)
-from .hosts import Hosts
+from .hosts import OVERLOAD, Hosts
 from .options import byte_size, option
 from .validate import BLOCKED_ADDRESS, CONNECTION, DNS, HTTP_ERROR, OPTED_OUT, TIMEOUT, TOO_LARGE
 
@@ -243,12 +243,16 @@ class Downloader:
 
     REPORT_EVERY = 1.0
     TOP_HOSTS = 10  # hosts named in the metrics; the rest are summed up as "other"
+    # URLs that may be handed over at once, per request allowed in flight: those waiting for a busy or paused
+    # host hold no connection, so one slow host does not use up --io-concurrency for all the others
+    QUEUED_PER_REQUEST = 16
 
     def __init__(self, opts: HttpOptions, metrics=None):
         self.opts, self.metrics = opts, metrics
         token = opts.user_agent_token.strip().lower()
         self._attempt = _Attempt(opts, ("mocostream",) + ((token,) if token else ()), metrics)
         self.hosts = Hosts(start=4, cap=opts.per_host)
+        self.capacity = opts.concurrency * self.QUEUED_PER_REQUEST
         self.summary = ""
         self._done: collections.deque = collections.deque()
         self._rfd, self._wfd = os.pipe()
@@ -261,6 +265,7 @@ class Downloader:
         self._session = asyncio.run_coroutine_threadsafe(self._open(), self._loop).result()
 
     async def _open(self) -> aiohttp.ClientSession:
+        self._requests = asyncio.Semaphore(self.opts.concurrency)  # requests on the wire, all hosts together
         self._reporter = asyncio.get_running_loop().create_task(self._report())
         return open_session(self.opts)
 
@@ -309,17 +314,23 @@ class Downloader:
 
     async def fetch(self, url: str) -> Outcome:
         """GET with retries (see the module doc), each try within its host's connection limit."""
-        host = host_key(url)
-        attempt = 0
+        host, loop = host_key(url), asyncio.get_running_loop()
+        attempt, failed = 0, False
         while True:
             attempt += 1
             gate = self.hosts.gate(host)
             started = await self.hosts.acquire(gate)
-            t = None
+            t, crowded = None, False
             try:
-                t = await self._attempt(self._session, url)
+                async with self._requests:
+                    started = loop.time()
+                    t = await self._attempt(self._session, url)
+                    crowded = self._requests.locked()  # all requests in use: this host was not the limit
             finally:
-                self.hosts.release(gate, started, _signal(t), t and t.latency, t and t.wait)
+                signal = _signal(t)
+                if signal in OVERLOAD:  # a URL that fails again says more about itself than about its host
+                    signal, failed = ("again" if failed else signal), True
+                self.hosts.release(gate, started, signal, None if crowded else t and t.latency, t and t.wait)
             t.outcome.attempts = attempt
             if not t.retry or attempt > self.opts.retries:
                 return t.outcome

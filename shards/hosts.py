@@ -5,8 +5,8 @@ The way TCP shares a link (AIMD), per host: a host starts at `start` connections
 until its first back-off (doubling each round trip), then one more per round trip (`limit` clean answers),
 and past the level where it last pushed back only one more per max(128, 16 x limit) clean answers, so a host
 that refuses above N connections sees few refusals. On 429, 503, a timeout or a dropped connection the
-limit is halved, once per round trip (a request sent before the last cut does not cut again), and a
-Retry-After pauses the whole host. The limit stays between 1 and `cap`. "Quickly": the time to the reply's
+limit is halved, once per round trip (a request sent before the last cut does not cut again; the download
+stage does not count a URL's second failure), and a Retry-After pauses the whole host. The limit stays between 1 and `cap`. "Quickly": the time to the reply's
 headers is under max(2 x the host's best, best + 0.1 s), so a host that slows down under load stops growing.
 
 All methods run on the download stage's event loop (no locks). Idle hosts beyond `max_hosts` are forgotten
@@ -89,12 +89,15 @@ class Hosts:
 
     def release(self, g: Gate, started: float, signal: str, latency: float | None = None,
                 pause: float | None = None) -> None:
-        """A request granted at `started` ended. signal: "ok" (the host answered), one of OVERLOAD, or
-        "none" (nothing reached the host: DNS, refused address); latency: seconds to the reply's headers;
-        pause: the reply's Retry-After."""
+        """A request sent at `started` ended. signal: "ok" (the host answered), one of OVERLOAD, or anything
+        else for no change (nothing reached the host; a URL failing again); latency: seconds to the reply's
+        headers (None: do not grow, e.g. the host was not what held requests back); pause: its Retry-After."""
         now = asyncio.get_running_loop().time()
+        if pause and g.paused_until < now + pause:
+            g.paused_until = now + pause
+            self.pauses += 1
         if signal in OVERLOAD:
-            self._back_off(g, now, started, signal, pause)
+            self._back_off(g, now, started, signal)
         elif signal == "ok" and latency is not None:
             g.best = min(g.best, latency)
             waited_on = g.waiters or g.active >= int(g.limit)  # otherwise more connections would not be used
@@ -114,11 +117,7 @@ class Hosts:
         if g.ceiling and g.limit >= g.ceiling + 2:
             g.ceiling = 0.0  # it took more than where it pushed back: probe at the normal pace again
 
-    def _back_off(self, g: Gate, now: float, started: float, cause: str, pause: float | None) -> None:
-        if pause:
-            if g.paused_until < now + pause:
-                g.paused_until = now + pause
-                self.pauses += 1
+    def _back_off(self, g: Gate, now: float, started: float, cause: str) -> None:
         if started < g.cut_at:
             return  # sent before the last cut: that cut already answered this round trip
         level = min(g.limit, float(g.active))

@@ -151,6 +151,19 @@ def test_retry_after_pauses_the_whole_host(photos, tmp_path):
         assert srv.times["/ok/1.jpg"][0] - srv.times["/503/0.jpg"][0] >= 1.0
 
 
+def test_a_paused_host_does_not_hold_up_the_others(photos, tmp_path):
+    # Host A asks for a 10 s pause at once; with 4 requests allowed in flight, A's waiting URLs must not
+    # take the places of host B's, which are all served while A waits.
+    with WebServer(photos, retry_after=10, hosts=2) as srv:
+        a, b = srv.urls
+        src = tmp_path / "urls.txt"
+        src.write_text(f"{a}/503/0.jpg\n" + "".join(f"{a}/ok/{i}.jpg\n{b}/ok/{100 + i}.jpg\n" for i in range(1, 31)))
+        r = make([src], tmp_path / "o", http={"concurrency": 4})
+        paused_at = srv.times["/503/0.jpg"][0]
+        b_times = [t for i in range(101, 131) for t in srv.times[f"/ok/{i}.jpg"]]
+        assert r.written == 61 and len(b_times) == 30 and max(b_times) < paused_at + 10
+
+
 def test_host_metrics_and_back_offs_are_served(photos, tmp_path):
     port = free_port()
     with WebServer(photos, retry_after=0, hosts=2) as srv:
