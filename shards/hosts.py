@@ -1,12 +1,15 @@
 """Adaptive per-host concurrency: how many requests each host gets at once, learned from its answers.
 
 The way TCP shares a link (AIMD), per host: a host starts at `start` connections. While it is the limit
-(requests are waiting for it) and it answers quickly and cleanly, it gets more: one more per clean answer
-until its first back-off (doubling each round trip), then one more per round trip (`limit` clean answers),
-and past the level where it last pushed back only one more per max(128, 16 x limit) clean answers, so a host
-that refuses above N connections sees few refusals. On 429, 503, a timeout or a dropped connection the
-limit is halved, once per round trip (a request sent before the last cut does not cut again; the download
-stage does not count a URL's second failure), and a Retry-After pauses the whole host. The limit stays between 1 and `cap`. "Quickly": the time to the reply's
+(requests are waiting for it) and it answers quickly and cleanly, it gets more: half a connection more per
+clean answer until its first back-off (x1.5 each round trip: a host that refuses above N sees at most
+about N/2 refusals before that first back-off), then one more per round trip (`limit` clean answers).
+On 429, 503, a timeout or a dropped connection the limit is halved, once per round trip (a request sent
+before the last cut does not cut again; the download stage does not count a URL's second failure), and a
+Retry-After pauses the whole host. A 429 says this client asked too much, a limit that stays: past the
+level where the host last answered 429 it gets only one more per max(128, 16 x limit) clean answers, so a
+host that refuses above N connections sees few refusals (503s, timeouts and resets are more often passing
+trouble, so they only halve). The limit stays between 1 and `cap`. "Quickly": the time to the reply's
 headers is under max(2 x the host's best, best + 0.1 s), so a host that slows down under load stops growing.
 
 All methods run on the download stage's event loop (no locks). Idle hosts beyond `max_hosts` are forgotten
@@ -33,7 +36,7 @@ class Gate:
         self.paused_until = 0.0         # loop time before which no new request starts (Retry-After)
         self.cut_at = -math.inf         # loop time of the last back-off
         self.slow_start = True          # until the first back-off
-        self.ceiling = 0.0              # connections in use at the last back-off (0: none to respect)
+        self.ceiling = 0.0              # connections in use at the last 429 (0: none to respect)
         self.best = math.inf            # the shortest time to a reply's headers seen
         self.requests = 0
         self.timer = None               # wakes the waiters when a pause ends
@@ -108,7 +111,7 @@ class Hosts:
 
     def _grow(self, g: Gate) -> None:
         if g.slow_start:
-            step = 1.0
+            step = 0.5
         elif g.ceiling and g.limit + 1 > g.ceiling:
             step = 1.0 / max(128.0, 16.0 * g.limit)
         else:
@@ -121,7 +124,8 @@ class Hosts:
         if started < g.cut_at:
             return  # sent before the last cut: that cut already answered this round trip
         level = min(g.limit, float(g.active))
-        g.ceiling = level
+        if cause == "429":
+            g.ceiling = level
         g.limit = max(1.0, level / 2)
         g.slow_start = False
         g.cut_at = now

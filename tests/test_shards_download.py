@@ -79,19 +79,19 @@ def test_a_host_limit_grows_on_quick_clean_answers_and_halves_once_per_round_tri
         waiting = [asyncio.ensure_future(hosts.acquire(g)) for _ in range(20)]
         await asyncio.sleep(0)
         assert g.active == 4 and not any(w.done() for w in waiting)
-        for t in granted:  # slow start: one more connection per quick clean answer while requests wait
+        for t in granted:  # slow start: half a connection more per quick clean answer while requests wait
             hosts.release(g, t, "ok", 0.05)
         await asyncio.sleep(0)
-        assert g.limit == 8 and g.active == 8 and sum(w.done() for w in waiting) == 8
+        assert g.limit == 6 and g.active == 6 and sum(w.done() for w in waiting) == 6
         hosts.release(g, granted[0], "ok", 5.0)  # slow (over 2x the best): no growth
-        assert g.limit == 8
+        assert g.limit == 6
         sent_before_cut = granted[0]
-        hosts.release(g, sent_before_cut, "429")  # 8 in use: halved to 4
-        assert g.limit == 4 and hosts.backoffs["429"] == 1
+        hosts.release(g, sent_before_cut, "429")  # 6 in use: halved to 3
+        assert g.limit == 3 and hosts.backoffs["429"] == 1 and g.ceiling == 6
         hosts.release(g, sent_before_cut, "timeout")  # sent before the cut: no second cut
-        assert g.limit == 4 and hosts.backoffs["timeout"] == 0
+        assert g.limit == 3 and hosts.backoffs["timeout"] == 0
         hosts.release(g, asyncio.get_running_loop().time(), "connection")  # sent after the cut: cuts again
-        assert g.limit == 2 and hosts.backoffs["connection"] == 1
+        assert g.limit == 1.5 and hosts.backoffs["connection"] == 1 and g.ceiling == 6  # only a 429 sets it
         for _ in range(3):
             hosts.release(g, asyncio.get_running_loop().time(), "503")
         assert g.limit == 1  # never below one connection
