@@ -61,9 +61,9 @@ class BlockedAddress(OSError):
     with this as its `os_error`)."""
 
     def __init__(self, host: str, address: str, problem: str):
-        super().__init__(f"{host} resolves to {address}, a {problem} address (--allow-private-addresses "
+        super().__init__(f"{host} resolves to {address}, {_a(problem)} address (--allow-private-addresses "
                          "to fetch it)" if host != address else
-                         f"{address} is a {problem} address (--allow-private-addresses to fetch it)")
+                         f"{address} is {_a(problem)} address (--allow-private-addresses to fetch it)")
 
 
 class BlockedAddressError(aiohttp.ClientConnectionError):
@@ -80,7 +80,7 @@ class RedirectRefused(aiohttp.ClientError):
     """A redirect to something other than an http(s) URL (file:, ftp:, data:, ...): a final answer."""
 
     def __init__(self, status: int, scheme: str):
-        super().__init__(f"HTTP {status}: redirect to a {scheme}: URL (only http and https are followed)")
+        super().__init__(f"HTTP {status}: redirect to {_a(scheme)}: URL (only http and https are followed)")
         self.status = status
 
 
@@ -110,7 +110,7 @@ def guard(allow_private: bool, allowed=()):
         if not allow_private and _is_ip(host):
             problem = address_problem(host, allowed)
             if problem:
-                raise BlockedAddressError(f"{host} is a {problem} address (--allow-private-addresses to fetch it)")
+                raise BlockedAddressError(f"{host} is {_a(problem)} address (--allow-private-addresses to fetch it)")
         try:
             resp = await handler(req)
         except aiohttp.ClientConnectorError:
@@ -131,6 +131,10 @@ def _scheme(base: URL, location: str) -> str:
         return base.join(URL(location)).scheme.lower()
     except (ValueError, TypeError):
         return "unreadable"
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
 
 
 def _is_ip(host: str) -> bool:
