@@ -26,8 +26,8 @@ class IngestMetrics:
         self._seconds = Histogram("mocostream_ingest_download_seconds", "Time to download one URL, retries "
                                   "and their waits included.", ["rank"], buckets=LATENCY_BUCKETS, registry=r
                                   ).labels(self.rank)
-        self.in_flight = Gauge("mocostream_ingest_requests_in_flight", "URLs being downloaded (or waiting "
-                               "to retry).", ["rank"], registry=r).labels(self.rank)
+        self.in_flight = Gauge("mocostream_ingest_requests_in_flight", "URLs being downloaded (or waiting for "
+                               "their host, or to retry).", ["rank"], registry=r).labels(self.rank)
 
         self._host_conns = Gauge("mocostream_ingest_host_connections", "Connections open to a host now (the "
                                  "hosts with the most requests; host=\"other\": all the others together).",
