@@ -3,7 +3,7 @@
     python bench/stream.py --images /tmp/wp/jpg --seconds 20
     python bench/stream.py --seconds 20 --backend opencv         # generated images, opencv backend
 
-1. Loader throughput, S3 vs local. A real SeaweedFS server is started on 127.0.0.1 (tests/conftest.py's
+1. Loader throughput, S3 vs local. A real SeaweedFS server is started on 127.0.0.1 (tests/helpers.py's
    S3Server). The images are made into tar shards twice, with the same options: into a local temp folder and
    into `s3://bench/shards`. The loader alone (TwoViewLoader, two 224-px MoCo v2 views, batch 32, 2 workers,
    read-ahead 2) is then run over each in turn, local / S3 / local / S3 (`--rounds` each) after an unmeasured
@@ -305,10 +305,10 @@ def resume_benchmark(args, server, work: Path) -> dict:
 
 
 def start_s3(workdir: Path):
-    """The real SeaweedFS server of the test suite (tests/conftest.py)."""
-    import conftest
+    """The real SeaweedFS server of the test suite (tests/helpers.py)."""
+    import helpers
 
-    return conftest.S3Server(workdir)
+    return helpers.S3Server(workdir)
 
 
 # ---- main -----------------------------------------------------------------------------------------------

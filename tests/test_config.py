@@ -204,7 +204,7 @@ def test_a_loader_field_that_is_not_an_option_nor_translated_is_refused():
 
 
 def test_the_test_runs_data_variable_is_no_training_option(monkeypatch, capsys):
-    from conftest import DATA_ENV, SHARED_DATA
+    from helpers import DATA_ENV, SHARED_DATA
 
     from mocostream.ops.config import ENV_PREFIX
 

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from mocostream.ops.cpu_budget import (CpuBudget, CpuBudgetError, cgroup_dirs, detect_budget, quota_of, shard_tool_defaults,
                             ThreadSplit, split_threads, throttling)
 from mocostream.ops.cpu_threads import openmp_wait

@@ -8,34 +8,27 @@ import urllib.request
 import pytest
 import torch
 
-from conftest import free_port
+from helpers import tiny, tiny_flags, torchrun
 from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import fingerprint
+from mocostream.ops.ports import free_port
 from mocostream.ops.train import Trainer
 from mocostream.pipeline.labeled import knn_sets, load_labeled
 
 # workers=0 (augmentation in-process): a worker pool's start, which imports torch again, is most of a short
 # run's time; test_labelled_stream_augments_per_epoch_deterministically is the one about workers.
-TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1,
-            progress=False, backend="opencv")
+TINY = tiny(queue_size=64, backend="opencv")
 
 
 @pytest.fixture(scope="module")
-def shards(imagenette_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("eval-shards") / "tar"
-    assert cli_main(["shards", "create", str(imagenette_small), "--out", str(out), "--samples-per-shard", "40",
-                     "--quiet"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(shards, imagenette_small, tmp_path_factory):
+def trained(labelled_shards, imagenette_small, tmp_path_factory):
     """A short run with the kNN monitor every 2 steps, serving metrics."""
     ckpt = tmp_path_factory.mktemp("eval-ckpt")
     port = free_port()
-    cfg = build_config({}, dict(data=str(shards), steps=4, checkpoint_dir=str(ckpt), knn_data=str(imagenette_small),
-                                knn_every=2, metrics_port=port, momentum_schedule="cosine", symmetric=True, **TINY))
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=4, checkpoint_dir=str(ckpt),
+                                knn_data=str(imagenette_small), knn_every=2, momentum_schedule="cosine", symmetric=True,
+                                **{**TINY, "metrics_port": port}))
     with Trainer(cfg) as trainer:  # the endpoint lives as long as the trainer: read it after the last step
         summary = trainer.train()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
@@ -105,13 +98,11 @@ def test_fingerprint_sees_a_change_in_bn_statistics():
     assert fingerprint(backbone) != before
 
 
-def test_non_finite_losses_stop_the_job_with_one_line(shards, tmp_path, capsys):
+def test_non_finite_losses_stop_the_job_with_one_line(labelled_shards, tmp_path, capsys):
     # T so small that every logit overflows: every step is non-finite and skipped, then the job stops
-    args = ["train", "--data", str(shards), "--steps", "20", "--checkpoint-dir", str(tmp_path), "--temperature",
-            "1e-45", "--max-nonfinite-steps", "3", "--metrics-port", "0"]
-    for k, v in TINY.items():
-        args += [] if k == "progress" else [f"--{k.replace('_', '-')}", str(v)]
-    assert cli_main([*args, "--no-progress"]) == 2
+    args = ["train", "--data", str(labelled_shards), "--steps", "20", "--checkpoint-dir", str(tmp_path),
+            "--temperature", "1e-45", "--max-nonfinite-steps", "3", *tiny_flags(**TINY)]
+    assert cli_main(args) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mocostream: error:")]
     assert err == ["mocostream: error: 3 training steps in a row had a non-finite loss or gradient; stopping "
                    "(lower --base-lr, check the data, or raise --max-nonfinite-steps)"]
@@ -197,8 +188,6 @@ def test_labelled_stream_augments_per_epoch_deterministically(imagenette_small):
 
 @pytest.mark.slow
 def test_reference_linear_protocol_under_torchrun(trained, imagenette_small):
-    from test_train import torchrun
-
     _, _, ckpt = trained
     proc = torchrun("eval", "linear", "--checkpoint", str(ckpt), "--data", str(imagenette_small), *REFERENCE)
     out, _ = proc.communicate(timeout=600)
@@ -320,8 +309,6 @@ def test_reference_linear_protocol_on_named_shards(named_shards, tmp_path, capsy
 def test_reference_linear_protocol_on_named_shards_under_torchrun(named_shards, tmp_path):
     """No classes in the manifest: rank 0 counts them, every rank indexes by the same names."""
     import shutil
-
-    from test_train import torchrun
 
     root, _ = named_shards
     data = tmp_path / "old"

@@ -12,23 +12,22 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from helpers import tiny
 from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import load_query_encoder
 from mocostream.ops.train import train
 from mocostream.pipeline.augment_reference import normalize
 from mocostream.pipeline.labeled import load_labeled
-from test_eval import shards  # noqa: F401  (the labelled tar shards fixture)
 
-TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1, progress=False, backend="opencv",
-            metrics_port=0)
+TINY = {k: v for k, v in tiny(queue_size=64, backend="opencv").items() if k != "arch"}  # each test names its arch
 
 
 @pytest.fixture(scope="module")
-def r50_checkpoint(shards, tmp_path_factory):
+def r50_checkpoint(labelled_shards, tmp_path_factory):
     """Two MoCo v2 steps of a ResNet-50 (MLP head): the checkpoint every export test reads."""
     ckpt = tmp_path_factory.mktemp("export-ckpt")
-    train(build_config({}, dict(data=str(shards), steps=2, arch="resnet50", checkpoint_dir=str(ckpt),
+    train(build_config({}, dict(data=str(labelled_shards), steps=2, arch="resnet50", checkpoint_dir=str(ckpt),
                                           **TINY)))
     return ckpt / "checkpoint-00000002.pt"
 
@@ -161,13 +160,13 @@ def test_crafted_pickle_and_foreign_files_are_refused_without_running(tmp_path, 
     assert capsys.readouterr().err.strip() == f"mocostream: error: no checkpoint in {tmp_path / 'none'}"
 
 
-def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
+def test_init_from_a_torchvision_state_dict(labelled_shards, tmp_path, capsys):
     torch.manual_seed(123)
     weights = torchvision.models.resnet18().state_dict()
     torch.save(weights, tmp_path / "r18.pth")
     ckpt = tmp_path / "ckpt"
     # --stop-after 0: the checkpoint holds the encoders the first step starts from
-    summary = train(build_config({}, dict(data=str(shards), steps=5, arch="resnet18", init_from=str(tmp_path / "r18.pth"),
+    summary = train(build_config({}, dict(data=str(labelled_shards), steps=5, arch="resnet18", init_from=str(tmp_path / "r18.pth"),
                                           checkpoint_dir=str(ckpt), stop_after=0, **TINY)))
     model = torch.load(ckpt / "checkpoint-00000000.pt", weights_only=True)["model"]
     for name, value in weights.items():
@@ -177,12 +176,12 @@ def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
     assert model["encoder_q.fc.0.weight"].shape == (512, 512)  # the v2 MLP head: fresh, not the classifier
     assert torch.equal(model["encoder_q.fc.2.weight"], model["encoder_k.fc.2.weight"])
     # a resumed run continues from its checkpoint: --init-from is not read again
-    summary = train(build_config({}, dict(data=str(shards), steps=5, arch="resnet18", init_from=str(tmp_path / "gone"),
+    summary = train(build_config({}, dict(data=str(labelled_shards), steps=5, arch="resnet18", init_from=str(tmp_path / "gone"),
                                           checkpoint_dir=str(ckpt), resume=True, stop_after=0, **TINY)))
     assert summary["step"] == 0 and summary["stopped"]
 
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
-    args = ["train", "--data", str(shards), "--arch", "resnet18", "--init-from", str(tmp_path / "r50.pth"),
+    args = ["train", "--data", str(labelled_shards), "--arch", "resnet18", "--init-from", str(tmp_path / "r50.pth"),
             "--checkpoint-dir", str(tmp_path / "c2"), "--metrics-port", "0", "--backend", "opencv", "--no-progress"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -231,8 +230,8 @@ def test_precision_auto_picks_bf16_only_where_supported(monkeypatch):
     assert precision_mode("auto", cuda) == "bf16" and precision_mode("fp16", cuda) == "fp16"
 
 
-def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(shards, tmp_path):
-    summary = train(build_config({}, dict(data=str(shards), steps=3, arch="resnet18", precision="fp16",
+def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(labelled_shards, tmp_path):
+    summary = train(build_config({}, dict(data=str(labelled_shards), steps=3, arch="resnet18", precision="fp16",
                                           checkpoint_dir=str(tmp_path), **TINY)))
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     state = torch.load(tmp_path / "checkpoint-00000003.pt", weights_only=True)

@@ -9,7 +9,7 @@ import shlex
 import pytest
 import yaml
 
-from conftest import REPO
+from helpers import REPO
 from mocostream.ops.cli import build_parser
 from mocostream.ops.config import build_config, read_config_file
 

@@ -131,8 +131,8 @@ def test_key_order_does_not_depend_on_worker_count(damaged_shards):
 def test_files_only_dali_rejects_are_skipped_before_they_fail_a_batch(imagenette_small, tmp_path):
     """PIL decodes these crafted files, DALI's decoder fails on them. The pre-flight check asks nvImageCodec
     too, so each is skipped as `corrupt` on its own, instead of failing its whole batch (`decoder_error`)."""
+    from helpers import crafted
     from mocostream.pipeline.image_check import check_image
-    from test_shards_dali import crafted
 
     files = photos(imagenette_small, 12)
     bad = crafted(files[0].read_bytes())

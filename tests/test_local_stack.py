@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, port_is_free
+from helpers import REPO
 from mocostream.ops import local_stack
 from mocostream.ops.cli import build_parser
+from mocostream.ops.ports import free_port, port_is_free
 
 SCRIPT = REPO / "ops" / "local-stack"
 COMPOSE = yaml.safe_load((REPO / "compose.yaml").read_text())

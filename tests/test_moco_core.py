@@ -10,25 +10,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import free_port
+from helpers import TinyNet
 from mocostream.moco_core import (ARCHS, MoCo, add_mlp_head, build_encoder, build_optimizer, cosine_lr, info_nce,
                        instance_accuracy, scaled_lr)
 from mocostream.moco_core.distributed import (batch_shuffle_ddp, batch_unshuffle_ddp, concat_all_gather, rank,
                                    world_size)
-
-
-class TinyNet(nn.Module):
-    """A small conv net shaped like a torchvision ResNet (BN, `.fc`), so MoCo tests run in milliseconds."""
-
-    def __init__(self, num_classes: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
-
-    def forward(self, x):
-        return self.fc(self.pool(F.relu(self.bn1(self.conv1(x)))).flatten(1))
+from mocostream.ops.ports import free_port
 
 
 def images_with_ids(ids, size: int = 8, generator=None) -> torch.Tensor:

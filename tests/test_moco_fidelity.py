@@ -10,10 +10,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import TinyNet
 from mocostream.moco_core import (MoCo, NonFiniteError, NonFiniteGuard, budget_lr, build_optimizer, cosine_lr, info_nce,
                        knn_top1, momentum_at, step_lr)
 from mocostream.moco_core.knn import backbone_of, knn_predict
-from test_moco_core import TinyNet
 
 
 Tiny = TinyNet  # a small conv net with BN and an `fc`, like the ResNets MoCo wraps

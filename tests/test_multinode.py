@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from conftest import REPO, free_port
-from test_train import children, tiny_flags
+from helpers import REPO, children, cli, tiny_flags
+from mocostream.ops.ports import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,6 @@ def lines(path) -> list[str]:
 @pytest.fixture(scope="module")
 def s3_shards(s3_server, tmp_path_factory):
     from mocostream.ops.demo import write_images
-    from test_train import cli
 
     images = tmp_path_factory.mktemp("multinode") / "images"
     write_images(images, per_class=24, size=48)  # 192 images

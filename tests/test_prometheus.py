@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, free_port, port_is_free
+from helpers import REPO
 from mocostream.ops import local_stack
+from mocostream.ops.ports import free_port, port_is_free
 
 PROM_DIR = REPO / "ops" / "prometheus"
 DASHBOARD = json.loads((REPO / "ops" / "grafana" / "mocostream.json").read_text())

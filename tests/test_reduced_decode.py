@@ -12,13 +12,13 @@ from torchvision import transforms
 
 import mocostream.pipeline.augment_cv as augment_cv
 from mocostream.pipeline.aug_params import AugParams, image_size
-from conftest import _need_archive, extract_members
+from helpers import extract_members, need_archive
 
 
 @pytest.fixture(scope="module")
 def large_photos(tmp_path_factory) -> list[bytes]:
     """webphotos jpg_large/: ~1024x768 web photos, where most crop windows are >= 2 x 224 px."""
-    root = extract_members(_need_archive("webphotos.tar.gz"), tmp_path_factory.mktemp("large"), "jpg_large", limit_per_dir=40)
+    root = extract_members(need_archive("webphotos.tar.gz"), tmp_path_factory.mktemp("large"), "jpg_large", limit_per_dir=40)
     paths = sorted(Path(root).rglob("*.jpg"))
     assert len(paths) >= 40
     return [p.read_bytes() for p in paths[:40]]

@@ -17,8 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, wait_for_trace
-from test_train import cli
+from helpers import REPO, cli, wait_for_trace
 
 # --workers 0: no augmentation process to start (it imports torch again: most of a short run's time); the
 # signal tests, which are about the workers, ask for 2.

@@ -2,14 +2,11 @@
 elastic resume (2 -> 1 -> 3 ranks) that delivers every sample of the epoch exactly once."""
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO
-from test_train import cli, tiny_flags, torchrun
+from helpers import cli, tiny_flags, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -28,18 +25,10 @@ def read(path) -> list[str]:
     return path.read_text().split("\n")[:-1] if path.exists() else []
 
 
-@pytest.fixture(scope="module")
-def shards(imagenette_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("resume") / "tar"
-    r = cli("shards", "create", str(imagenette_small), "--out", str(out), "--samples-per-shard", "25", "--quiet")
-    assert r.returncode == 0, r.stderr
-    return str(out)
-
-
 @pytest.mark.parametrize("backend", ["dali"])  # opencv: test_train's SIGTERM test (cut, --resume, whole, 2 ranks)
-def test_preempted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path, backend):
+def test_preempted_and_resumed_run_matches_an_uninterrupted_one(labelled_shards, tmp_path, backend):
     def flags(name):
-        return ["--data", shards, "--backend", backend, "--steps", "6", "--checkpoint-dir", str(tmp_path / name),
+        return ["--data", labelled_shards, "--backend", backend, "--steps", "6", "--checkpoint-dir", str(tmp_path / name),
                 "--trace-keys", str(tmp_path / name / "keys"), *tiny_flags()]
 
     (tmp_path / "whole").mkdir()
@@ -56,9 +45,9 @@ def test_preempted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path
         assert read(tmp_path / "cut" / f"keys.rank{r}.loss") == read(tmp_path / "whole" / f"keys.rank{r}.loss")
 
 
-def test_elastic_resume_2_1_3_ranks_consumes_each_sample_once(shards, tmp_path):
+def test_elastic_resume_2_1_3_ranks_consumes_each_sample_once(labelled_shards, tmp_path):
     """120 samples, batch 8 per rank: 2 ranks x 3 steps (48), 1 rank x 3 steps (24), 3 ranks x 2 steps (48)."""
-    base = ["--data", shards, "--backend", "dali", "--steps", "50", "--checkpoint-dir", str(tmp_path / "ck"),
+    base = ["--data", labelled_shards, "--backend", "dali", "--steps", "50", "--checkpoint-dir", str(tmp_path / "ck"),
             *tiny_flags()]
     traces = []
     for i, (world, steps) in enumerate([(2, 3), (1, 3), (3, 2)]):
@@ -100,27 +89,27 @@ def test_finite_epochs_on_uneven_damaged_shards_end_every_rank_together(imagenet
     assert (tmp_path / "ck" / f"checkpoint-{counts[0] // 8:08d}.pt").exists()
 
 
-def test_resume_checks_seed_and_shard_list_and_accepts_appended_shards(shards, tmp_path):
+def test_resume_checks_seed_and_shard_list_and_accepts_appended_shards(labelled_shards, tmp_path):
     """--resume with another --seed or another --data is refused in one line; a list that only grew resumes."""
     import hashlib
     import json
     import shutil
 
     ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--backend", "opencv", *tiny_flags()]
-    run(1, "--data", shards, "--steps", "2", *ck)
+    run(1, "--data", labelled_shards, "--steps", "2", *ck)
 
     def refused(*args: str, says: str) -> None:
         r = cli("train", *args, "--steps", "3", "--resume", *ck)
         assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
         assert says in r.stderr.strip().splitlines()[-1]
 
-    refused("--data", shards, "--seed", "1", says="--seed 0")
-    manifest = json.loads((Path(shards) / "manifest.json").read_text())
-    fewer = ",".join(f"{shards}/{s['name']}" for s in manifest["shards"][:-1])
+    refused("--data", labelled_shards, "--seed", "1", says="--seed 0")
+    manifest = json.loads((Path(labelled_shards) / "manifest.json").read_text())
+    fewer = ",".join(f"{labelled_shards}/{s['name']}" for s in manifest["shards"][:-1])
     refused("--data", fewer, says=f"it had {len(manifest['shards'])} shards")
 
     grown = tmp_path / "grown"
-    shutil.copytree(shards, grown)  # the same shards, one more appended (a stale manifest.parquet copied too)
+    shutil.copytree(labelled_shards, grown)  # the same shards, one more appended (a stale manifest.parquet copied too)
     extra = grown / "extra-000000.tar"
     shutil.copy(grown / manifest["shards"][0]["name"], extra)
     data = extra.read_bytes()

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import assert_same_shard_sets
+from helpers import assert_same_shard_sets
 from mocostream.shards import REASONS, ShardError, create_shards
 from mocostream.shards.keys import MAX_KEY_LEN, assign_keys, natural_key
 

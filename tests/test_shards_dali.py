@@ -7,14 +7,13 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import crafted
 from mocostream.pipeline.dali_check import checker, dali_problem
 from mocostream.pipeline.image_check import check_image, jpeg_segments_ok, trusted
 from mocostream.shards import create_shards
@@ -22,42 +21,6 @@ from mocostream.shards.validate import Options, normalise
 from mocostream.shards.verify import tar_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid APNG")  # PIL's note on apng_zero_frames.png
-
-
-def _chunk(kind: bytes, data: bytes, crc: int | None = None) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) if crc is None else crc)
-
-
-def _chunks(png: bytes) -> list[tuple[bytes, bytes]]:
-    i, out = 8, []
-    while i < len(png):
-        n = struct.unpack(">I", png[i:i + 4])[0]
-        out.append((png[i + 4:i + 8], png[i + 8:i + 8 + n]))
-        i += 12 + n
-    return out
-
-
-def crafted(photo: bytes) -> dict[str, bytes]:
-    """Upright 8-bit RGB PNG/JPEG (so nothing else would make the tool re-encode them), each with one
-    structure PIL tolerates and nvImageCodec does not."""
-    img = Image.open(io.BytesIO(photo)).convert("RGB").resize((96, 72))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    png = buf.getvalue()
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=90)
-    jpeg = buf.getvalue()
-    sig, chunks = png[:8], _chunks(png)
-    ihdr, body, iend = _chunk(*chunks[0]), b"".join(_chunk(k, d) for k, d in chunks[1:-1]), _chunk(*chunks[-1])
-    bad_crc = b"".join(_chunk(k, d, zlib.crc32(k + d) ^ 1) if k == b"IDAT" else _chunk(k, d) for k, d in chunks)
-    return {
-        "unknown_critical_chunk.png": sig + ihdr + _chunk(b"ZZZZ", b"x") + body + iend,  # PIL skips any chunk
-        "bad_idat_crc.png": sig + bad_crc,                                               # PIL skips IDAT CRCs
-        "apng_zero_frames.png": sig + ihdr + _chunk(b"acTL", bytes(8)) + body + iend,     # num_frames 0
-        "no_iend.png": sig + ihdr + body,
-        # APP1 declares 8 bytes but 30 follow: libjpeg (PIL) skips the extra bytes, nvImageCodec's parser fails
-        "app1_length_short.jpg": jpeg[:2] + b"\xff\xe1\x00\x08Exif\x00\x00" + b"\x01" * 24 + jpeg[2:],
-    }
 
 
 def dali_decodes(data: bytes) -> bool:

@@ -17,11 +17,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_same_shard_sets
+from helpers import REPO, assert_same_shard_sets
 from mocostream.shards import create_shards, inspect, merge, verify
 from mocostream.shards.verify import tar_samples
 
-REPO = Path(__file__).resolve().parents[1]
 SPS = 50  # 120 photos: shards of 50, 50, 20
 BOTH = {"tar": "manifest.json", "parquet": "manifest-parquet.json"}
 

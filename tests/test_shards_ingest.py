@@ -255,7 +255,7 @@ def test_metrics_are_served_and_valid(server, tmp_path):
 
 
 def test_cli_flags_and_one_line_errors(server, tmp_path):
-    from test_shards_more import cli
+    from helpers import shards_cli as cli
 
     src = url_list(tmp_path, server, ["ok"] * 4 + ["404"])
     p = cli("create", src, "--out", tmp_path / "o", "--io-concurrency", "8", "--per-host-connections", "2",

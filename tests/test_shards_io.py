@@ -20,12 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import assert_same_shard_sets
+from helpers import REPO, assert_same_shard_sets
 from mocostream.shards import ShardError, create_shards, verify
 from mocostream.shards.download import HttpOptions
 from mocostream.shards.verify import tar_samples
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make(sources, out, **kw):

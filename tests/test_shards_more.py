@@ -7,8 +7,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,10 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
+from helpers import REPO, shards_cli as cli
 from mocostream.shards import REASONS, ShardError, create_shards, inspect, merge, verify
 from mocostream.shards.verify import tar_samples
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make(sources, out, **kw):
@@ -45,14 +42,6 @@ def samples(out) -> list[tuple[str, dict]]:
 def image_of(parts) -> Image.Image:
     ext = parts["meta"]["format"]
     return Image.open(io.BytesIO(parts[ext]))
-
-
-def cli(*args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "mocostream.ops.cli", "shards", *map(str, args)], cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}: {p.stderr[-2000:]}")
-    return p
 
 
 @pytest.fixture(scope="module")

@@ -9,67 +9,17 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, free_port, wait_for_trace
+from helpers import TINY, children, cli, tiny_flags, torchrun, wait_for_trace
 from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
+from mocostream.ops.ports import free_port
 from mocostream.ops.train import Trainer, train
-
-# workers=0: augmentation in the trainer's own process. A worker pool costs each run a process start that
-# imports torch again (the slowest part of these short runs); the tests that are about workers ask for them.
-TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=100, workers=0, log_every=1,
-            progress=False, metrics_port=0)
-
-
-def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mocostream.ops.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=timeout)
-
-
-def torchrun(*args: str, env: dict | None = None, nproc: int = 2, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "-m", "mocostream.ops.cli", *args]
-    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
-
-
-def children(pid: int) -> list[int]:
-    """Direct child processes of `pid` (the ranks torchrun started)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def tiny_flags(**over) -> list[str]:
-    flags = {**TINY, **over}
-    out = []
-    for k, v in flags.items():
-        if k == "progress":
-            out += [] if v else ["--no-progress"]
-        else:
-            out += [f"--{k.replace('_', '-')}", str(v)]
-    return out
-
-
-@pytest.fixture(scope="module")
-def local_shards(imagenette_small, tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards") / "tar"
-    r = cli("shards", "create", str(imagenette_small), "--out", str(out), "--format", "tar",
-            "--samples-per-shard", "25", "--quiet")
-    assert r.returncode == 0, r.stderr
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +36,8 @@ def s3_shards(imagenette_small, s3_server):
     return urls
 
 
-def test_single_process_training_with_opencv_backend(local_shards, tmp_path):
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="opencv", recipe="moco_v1",
+def test_single_process_training_with_opencv_backend(labelled_shards, tmp_path):
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=3, backend="opencv", recipe="moco_v1",
                                 checkpoint_dir=str(tmp_path / "ckpt"), trace_keys=str(tmp_path / "trace"), **TINY))
     summary = train(cfg)
     assert summary["step"] == 3 and math.isfinite(summary["loss"])
@@ -96,9 +46,9 @@ def test_single_process_training_with_opencv_backend(local_shards, tmp_path):
     assert len(keys) == 24 and len(set(keys)) == 24
 
 
-def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
+def test_metrics_endpoint_passes_promtool(labelled_shards, tmp_path):
     port = free_port()
-    cfg = build_config({}, dict(data=str(local_shards), steps=2, backend="dali", checkpoint_dir=str(tmp_path),
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=2, backend="dali", checkpoint_dir=str(tmp_path),
                                 **{**TINY, "metrics_port": port}))
     with Trainer(cfg) as trainer:  # the endpoint lives as long as the trainer: read it after the last step
         summary = trainer.train()
@@ -126,14 +76,14 @@ def test_metrics_endpoint_passes_promtool(local_shards, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path):
+def test_trainer_closes_what_it_opened_on_every_exit_path(labelled_shards, tmp_path):
     """An error in start-up (after the metrics endpoint is up) or inside the loop leaves no endpoint, trace file
     or signal handler behind."""
     from mocostream.ops.ports import port_is_free
 
     handler = signal.getsignal(signal.SIGTERM)
     port = free_port()
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="opencv", checkpoint_dir=str(tmp_path / "a"),
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=3, backend="opencv", checkpoint_dir=str(tmp_path / "a"),
                                 trace_keys=str(tmp_path / "no-such-folder" / "trace"), **{**TINY, "metrics_port": port}))
     with pytest.raises(FileNotFoundError):
         Trainer(cfg)
@@ -144,7 +94,7 @@ def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path
             assert self.metrics_port == port and signal.getsignal(signal.SIGTERM) is not handler
             raise RuntimeError("step failed")
 
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="opencv", checkpoint_dir=str(tmp_path / "b"),
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=3, backend="opencv", checkpoint_dir=str(tmp_path / "b"),
                                 trace_keys=str(tmp_path / "trace"), **{**TINY, "metrics_port": port}))
     with pytest.raises(RuntimeError, match="step failed"), FailingStep(cfg) as trainer:
         trainer.train()
@@ -152,9 +102,9 @@ def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path
     assert port_is_free(port) and signal.getsignal(signal.SIGTERM) is handler
 
 
-def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
+def test_resume_continues_the_exact_key_sequence(labelled_shards, tmp_path):
     """A run cut after 3 steps and resumed consumes exactly the keys of an uninterrupted run."""
-    base = dict(data=str(local_shards), backend="opencv", **TINY)
+    base = dict(data=str(labelled_shards), backend="opencv", **TINY)
 
     def run(steps, name, resume=False):
         return train(build_config({}, dict(base, steps=steps, resume=resume, checkpoint_dir=str(tmp_path / name),
@@ -168,7 +118,7 @@ def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
     assert len(set(whole[:120])) == 120
 
 
-def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tmp_path, caplog):
+def test_budget_run_ends_with_its_clock_and_resume_continues_it(labelled_shards, tmp_path, caplog):
     """--budget-minutes: the run ends when its training seconds reach the budget, with the cosine lr near 0; the
     seconds are checkpointed, so a resumed run (here with the budget extended) continues the schedule."""
     import logging
@@ -180,7 +130,7 @@ def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tm
 
     def run(budget_minutes, resume=False):
         caplog.clear()
-        s = train(build_config({}, dict(data=str(local_shards), backend="opencv", budget_minutes=budget_minutes,
+        s = train(build_config({}, dict(data=str(labelled_shards), backend="opencv", budget_minutes=budget_minutes,
                                         resume=resume, checkpoint_dir=str(tmp_path / "ckpt"), **TINY)))
         lrs = [float(m) for r in caplog.records for m in re.findall(r"\| lr ([\d.e-]+) \|", r.getMessage())]
         return s, lrs
@@ -323,14 +273,14 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
         assert cut_loss == whole_loss and len(whole_loss.splitlines()) == steps
 
 
-def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(local_shards, tmp_path):
+def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(labelled_shards, tmp_path):
     """--precision bf16 on CPU: autocast plus channels_last (oneDNN's fast bf16 path); parameters and checkpoints
     stay fp32. auto keeps CPU runs in fp32."""
     from mocostream.ops.train import build_model, uses_bf16
 
     cpu = torch.device("cpu")
     assert not uses_bf16(build_config({}, dict(data="x", **TINY)), cpu)
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="dali", precision="bf16",
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=3, backend="dali", precision="bf16",
                                 checkpoint_dir=str(tmp_path), **TINY))
     assert uses_bf16(cfg, cpu)
     model = build_model(cfg, 1, cpu)
@@ -341,12 +291,12 @@ def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(local_shards, t
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
 
 
-def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
+def test_compact_log_line_every_n_steps(labelled_shards, tmp_path, caplog):
     import logging
     import re
 
     caplog.set_level(logging.INFO, logger="mocostream.train")
-    cfg = build_config({}, dict(data=str(local_shards), steps=4, backend="opencv", checkpoint_dir=str(tmp_path),
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=4, backend="opencv", checkpoint_dir=str(tmp_path),
                                 **{**TINY, "log_every": 2}))
     train(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "ETA" in r.getMessage()]
@@ -355,7 +305,7 @@ def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
     assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [2, 4], lines
     assert lines[-1].endswith("ETA 0:00:00")
     # a run cut between log steps (preemption, a spent --budget-minutes) still reports its last step's loss
-    cfg = build_config({}, dict(data=str(local_shards), steps=4, stop_after=3, backend="opencv",
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=4, stop_after=3, backend="opencv",
                                 checkpoint_dir=str(tmp_path / "cut"), **{**TINY, "log_every": 2}))
     summary = train(cfg)
     assert summary["stopped"] and summary["step"] == 3 and math.isfinite(summary["loss"])
