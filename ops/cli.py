@@ -29,14 +29,14 @@ def add_train_parser(sub) -> None:
 
 
 def run_train(args) -> int:
-    from .train import train
-
     config_file = args.config or os.environ.get(CONFIG_ENV)
     file_values = read_config_file(config_file) if config_file else {}
     cfg = build_config(file_values, values_from(args, TrainConfig))
     if args.print_config:
         print(json.dumps(printable_config(cfg), indent=2))
         return 0
+    from .train import train  # torch: only a run that trains pays for it, not --print-config or a config error
+
     summary = train(cfg)
     if summary["rank"] == 0:
         print(json.dumps(summary))

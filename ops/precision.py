@@ -9,11 +9,12 @@ overflow step is skipped once and counted once (`mocostream_nonfinite_steps_tota
 from __future__ import annotations
 
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # listed by the command line, which must not load torch for it
 
 
 def precision_mode(precision: str, device: torch.device) -> str:
@@ -21,12 +22,16 @@ def precision_mode(precision: str, device: torch.device) -> str:
     if precision != "auto":
         return precision
     if device.type == "cuda":
+        import torch
+
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "fp32"
 
 
 class StepPrecision:
     def __init__(self, precision: str, device: torch.device):
+        import torch
+
         self.mode = precision_mode(precision, device)
         self.device = device
         self.scaler = torch.amp.GradScaler(device.type) if self.mode == "fp16" else None
@@ -37,7 +42,10 @@ class StepPrecision:
         return self.mode != "fp32"
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=DTYPES[self.mode]) if self.mode in DTYPES else nullcontext()
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.mode)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, guard, params) -> None:
         """Backward, the non-finite guard, the optimizer step (skipped on the device if not finite)."""
