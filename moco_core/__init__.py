@@ -1,14 +1,33 @@
 """moco_core: the MoCo algorithm in pure PyTorch (no I/O): encoders, momentum update, queue, Shuffle BN,
-loss, schedules, numerical safety and the kNN monitor."""
-from .builder import MoCo, add_mlp_head
-from .encoders import ARCHS, build_encoder
-from .knn import backbone_of, extract_features, knn_top1
-from .loss import info_nce, instance_accuracy
-from .numerics import NonFiniteError, NonFiniteGuard
-from .schedule import (LR_SCHEDULES, MOMENTUM_SCHEDULES, budget_lr, build_optimizer, cosine_lr, momentum_at, scaled_lr,
-                       step_lr)
+loss, schedules, numerical safety and the kNN monitor.
 
-__all__ = ["MoCo", "add_mlp_head", "build_encoder", "ARCHS", "info_nce", "instance_accuracy", "scaled_lr", "cosine_lr",
-           "step_lr", "budget_lr", "LR_SCHEDULES", "MOMENTUM_SCHEDULES", "momentum_at", "build_optimizer",
-           "NonFiniteGuard", "NonFiniteError",
-           "backbone_of", "extract_features", "knn_top1"]
+The names below load on first use (PEP 562): the command line reads the names of the encoders and schedules
+(vocabulary.py, schedule.py) to list and check them without loading torch."""
+from __future__ import annotations
+
+from importlib import import_module
+
+_EXPORTS = {  # module -> the names it gives the package
+    "builder": ("MoCo", "add_mlp_head"),
+    "encoders": ("build_encoder",),
+    "vocabulary": ("ARCHS",),
+    "knn": ("backbone_of", "extract_features", "knn_top1"),
+    "loss": ("info_nce", "instance_accuracy"),
+    "numerics": ("NonFiniteError", "NonFiniteGuard"),
+    "schedule": ("LR_SCHEDULES", "MOMENTUM_SCHEDULES", "budget_lr", "build_optimizer", "cosine_lr", "momentum_at",
+                 "scaled_lr", "step_lr"),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f"{__name__}.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # the next lookup finds it without calling here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

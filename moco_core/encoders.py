@@ -7,7 +7,7 @@ from typing import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
-ARCHS = ("resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar", "resnet18_cifar_half", "resnet18_cifar_small")
+from .vocabulary import ARCHS
 
 
 def _resnet_cifar(resnet: Callable[..., nn.Module], **kwargs) -> nn.Module:

@@ -7,9 +7,11 @@ whatever the machine's speed."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import torch
-import torch.nn as nn
+if TYPE_CHECKING:  # torch loads in build_optimizer: the command line reads the schedule names without it
+    import torch
+    import torch.nn as nn
 
 
 def scaled_lr(base_lr: float, global_batch: int) -> float:
@@ -86,6 +88,8 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
     without a host sync. The momentum buffers start at zero, which is what SGD's first step computes
     anyway, so a skipped first step leaves nothing uninitialised behind.
     """
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
     if momentum:
