@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from conftest import assert_same_shard_sets
 from deadlock import Hung, run_watched
+from helpers import assert_same_shard_sets
 from mocostream.shards.workers import DEPTH
 from webserver import WebServer
 
