@@ -107,6 +107,7 @@ def test_check_image_reasons(photos, tmp_path):
     assert check_image(_encode(small.convert("RGBA"), "WEBP", lossless=True)) is None
 
 
+@pytest.mark.slow
 @quiet_pil
 def test_check_image_never_raises_on_messy_corpus(messy_images):
     files = sorted(p for p in Path(messy_images).rglob("*") if p.is_file())
@@ -136,6 +137,7 @@ def _synthetic_variants(photo: bytes) -> list[bytes]:
     return out
 
 
+@pytest.mark.slow
 @quiet_pil
 @pytest.mark.parametrize("decoder", ["cpu", pytest.param("mixed", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU"))])
@@ -189,6 +191,7 @@ def test_cv_skips_bad_images_with_their_reason_and_keeps_the_rest(photos, messy_
     assert q.shape == k.shape == (4, 3, 32, 32)
 
 
+@pytest.mark.slow
 @quiet_pil
 def test_cv_never_raises_on_messy_corpus(messy_images):
     """Every file of the messy corpus (truncated, corrupt, bombs, odd modes, CMYK, 16-bit, ...) either gives
@@ -207,6 +210,7 @@ def test_cv_never_raises_on_messy_corpus(messy_images):
     assert by_name["pillow/hopper.png"] is None and by_name["exif-orientation/Landscape_5.jpg"] is None
 
 
+@pytest.mark.slow
 def test_cv_decodes_like_pil_with_exif_orientation_applied(messy_images):
     """OpenCV's decode is the image PIL's decode_rgb gives (EXIF rotation included), up to IDCT rounding."""
     from mocostream.pipeline.augment_cv import decode
@@ -218,6 +222,7 @@ def test_cv_decodes_like_pil_with_exif_orientation_applied(messy_images):
         assert np.abs(ours - pil).mean() < 2, path.name
 
 
+@pytest.mark.slow
 def test_cv_views_are_the_dali_views_for_the_same_seed(photos):
     """The OpenCV workers draw the DALI graph's parameters and apply the same maths: one batch seed gives
     both backends the same views, up to decoder and resampling rounding (grey levels out of 255; at 224 px
@@ -330,6 +335,7 @@ def test_dali_seed_reproducible(photos):
     assert not torch.equal(a[0][0], c[0][0])
 
 
+@pytest.mark.slow
 def test_both_backends_distribution_close_to_the_reference_recipe(photos):
     """Per-channel mean / std over many views against torchvision's recipe: a distribution check, loose
     tolerance (DALI and the OpenCV workers clamp once, and rotate hue about the gray axis)."""

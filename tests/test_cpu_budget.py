@@ -155,6 +155,7 @@ def test_throttling_from_cpu_stat(tmp_path):
     assert throttling(tmp_path / "none") is None and throttling(None) is None
 
 
+@pytest.mark.slow
 def test_openmp_spins_briefly_unless_chosen():
     code = ("import os; from ops.cpu_budget import short_openmp_spin; short_openmp_spin(); import torch; "
             "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")

@@ -15,6 +15,7 @@ def run(args, timeout=600):
     return subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
     r = run(["-m", "mocostream.ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "4", "--metrics-port", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -28,6 +29,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0 and "reusing the shards" in r.stdout, r.stderr[-3000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "opencv", "reference"])
 def test_loader_benchmark_prints_images_per_second(imagenette_small, backend):
     r = run(["bench/loader.py", "--images", str(imagenette_small), "--backend", backend, "--seconds", "0.5",
@@ -37,6 +39,7 @@ def test_loader_benchmark_prints_images_per_second(imagenette_small, backend):
     assert result["images_per_s"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the check would really run")
 def test_gpu_check_exits_at_once_without_a_gpu():
     r = run(["bench/gpu_check.py"], timeout=120)

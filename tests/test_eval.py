@@ -44,6 +44,7 @@ def test_labelled_folder_split_is_deterministic_and_stratified(imagenette_small)
     assert torch.equal(torch.cat([bank.labels, queries.labels]).sort().values, again.labels.sort().values)
 
 
+@pytest.mark.slow
 def test_trainer_runs_the_knn_monitor_and_exports_the_new_metrics(trained):
     summary, text, _ = trained
     assert 0.0 <= summary["knn_top1"] <= 1.0 and summary["nonfinite_steps"] == 0
@@ -66,6 +67,7 @@ def test_knn_monitor_images_at_their_own_size(imagenette_small):
     assert monitor.bank.images.shape[-2:] == monitor.queries.images.shape[-2:] == (40, 40)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,extra", [("knn", []), ("linear", ["--epochs", "3"])])
 def test_eval_on_a_checkpoint_keeps_the_backbone_frozen(trained, imagenette_small, kind, extra, capsys):
     _, _, ckpt = trained
@@ -98,6 +100,7 @@ def test_fingerprint_sees_a_change_in_bn_statistics():
     assert fingerprint(backbone) != before
 
 
+@pytest.mark.slow
 def test_non_finite_losses_stop_the_job_with_one_line(labelled_shards, tmp_path, capsys):
     # T so small that every logit overflows: every step is non-finite and skipped, then the job stops
     args = ["train", "--data", str(labelled_shards), "--steps", "20", "--checkpoint-dir", str(tmp_path),
@@ -144,6 +147,7 @@ def test_labelled_shards_tar_and_parquet(imagenette_small, tmp_path):
 REFERENCE = ["--protocol", "reference", "--image-size", "32", "--epochs", "3", "--batch-size", "32", "--workers", "0"]
 
 
+@pytest.mark.slow
 def test_reference_linear_protocol_keeps_the_backbone_and_writes_the_classifier(trained, imagenette_small, tmp_path,
                                                                                 capsys):
     _, _, ckpt = trained
@@ -164,6 +168,7 @@ def test_reference_linear_protocol_keeps_the_backbone_and_writes_the_classifier(
     assert classifier["backbone_sha256"] == result["backbone_sha256"] and classifier["top1"] == result["top1"]
 
 
+@pytest.mark.slow
 def test_labelled_stream_augments_per_epoch_deterministically(imagenette_small):
     from mocostream.pipeline.labeled_stream import LabeledStream, labeled_units
 

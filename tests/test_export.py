@@ -42,6 +42,7 @@ def images(imagenette_small):
     return normalize(load_labeled(str(imagenette_small), 64, max_per_class=1).images)
 
 
+@pytest.mark.slow
 def test_torchvision_export_loads_strictly_and_gives_the_same_features(r50_checkpoint, tmp_path, images, capsys):
     out = tmp_path / "r50.pth"
     report = export(capsys, r50_checkpoint.parent, "--out", out, "--format", "torchvision")
@@ -62,6 +63,7 @@ def test_torchvision_export_loads_strictly_and_gives_the_same_features(r50_check
         torch.testing.assert_close(net.eval()(images), ours(images), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_with_metadata(r50_checkpoint, tmp_path, capsys):
     from safetensors import safe_open
 
@@ -105,6 +107,7 @@ def expected_detectron2_r50() -> dict[str, tuple]:
     return names
 
 
+@pytest.mark.slow
 def test_detectron2_export_has_its_names_and_shapes(r50_checkpoint, tmp_path, capsys):
     out = tmp_path / "r50.pkl"
     report = export(capsys, r50_checkpoint, "--out", out, "--format", "detectron2")
@@ -122,6 +125,7 @@ def test_detectron2_export_has_its_names_and_shapes(r50_checkpoint, tmp_path, ca
     assert cli_main(["export", str(r50_checkpoint), "--out", str(tmp_path / "x.pth"), "--format", "detectron2"]) == 2
 
 
+@pytest.mark.slow
 def test_key_encoder_export(r50_checkpoint, tmp_path, capsys):
     export(capsys, r50_checkpoint, "--out", tmp_path / "k.pth", "--format", "torchvision", "--encoder", "key")
     got = torch.load(tmp_path / "k.pth", weights_only=True)
@@ -160,6 +164,7 @@ def test_crafted_pickle_and_foreign_files_are_refused_without_running(tmp_path, 
     assert capsys.readouterr().err.strip() == f"mocostream: error: no checkpoint in {tmp_path / 'none'}"
 
 
+@pytest.mark.slow
 def test_init_from_a_torchvision_state_dict(labelled_shards, tmp_path, capsys):
     torch.manual_seed(123)
     weights = torchvision.models.resnet18().state_dict()
@@ -230,6 +235,7 @@ def test_precision_auto_picks_bf16_only_where_supported(monkeypatch):
     assert precision_mode("auto", cuda) == "bf16" and precision_mode("fp16", cuda) == "fp16"
 
 
+@pytest.mark.slow
 def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(labelled_shards, tmp_path):
     summary = train(build_config({}, dict(data=str(labelled_shards), steps=3, arch="resnet18", precision="fp16",
                                           checkpoint_dir=str(tmp_path), **TINY)))
@@ -238,6 +244,7 @@ def test_fp16_training_on_cpu_keeps_fp32_weights_and_checkpoints_the_scaler(labe
     assert state["grad_scaler"]["scale"] > 0 and state["model"]["encoder_q.conv1.weight"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_export_from_and_to_s3_and_init_from_s3(s3_env, r50_checkpoint, tmp_path, capsys):
     from mocostream.ops.weights import read_backbone
 

@@ -36,6 +36,7 @@ def metric(metrics: TrainMetrics, name: str) -> float:
     return sum(s.value for fam in metrics.registry.collect() for s in fam.samples if s.name == name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["opencv", "dali"])
 def test_every_sample_once_through_faulty_storage(s3_tar_shards, s3_server, monkeypatch, backend):
     upstream = urllib.parse.urlparse(s3_server.endpoint).port
@@ -63,6 +64,7 @@ def test_every_sample_once_through_faulty_storage(s3_tar_shards, s3_server, monk
     assert metric(metrics, "mocostream_storage_read_bytes_total") > 0
 
 
+@pytest.mark.slow
 def test_a_shard_that_keeps_failing_is_skipped_and_counted(s3_tar_shards, s3_server, monkeypatch, caplog):
     upstream = urllib.parse.urlparse(s3_server.endpoint).port
     proxy = FaultProxy(upstream, Faults(error_500=1.0, path_contains="shard-000003.tar"))  # this one always fails

@@ -39,6 +39,7 @@ def damaged_shards(imagenette_small, tmp_path_factory):
     return {"tar": tars, "parquet": [Shard(str(path), len(rows), "parquet")], "bad": {k for k, _ in bad}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "opencv"])
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
 def test_batches_of_two_views_skip_and_count_bad_images(damaged_shards, backend, fmt):
@@ -62,6 +63,7 @@ def test_batches_of_two_views_skip_and_count_bad_images(damaged_shards, backend,
     assert -3 < float(b.q.mean()) < 3 and 0.2 < float(b.q.std()) < 2  # ImageNet-normalised
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [4, 8])
 def test_both_backends_count_skips_and_the_partial_batch_alike(damaged_shards, batch_size):
     """Skips, batch cuts and the partial last batch are one stage shared by both backends: on the same damaged
@@ -104,6 +106,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["dali", "opencv"])
 def test_memory_stays_flat_over_20_passes(damaged_shards, backend):
     loader = TwoViewLoader(LoaderConfig(data="", batch_size=4, image_size=64, backend=backend, workers=1,
@@ -117,6 +120,7 @@ def test_memory_stays_flat_over_20_passes(damaged_shards, backend):
     assert max(rss[e] for e in range(3, 20)) < 1.10 * warm, {e: v >> 20 for e, v in rss.items()}
 
 
+@pytest.mark.slow
 def test_key_order_does_not_depend_on_worker_count(damaged_shards):
     orders = []
     for workers in (0, 1, 2):

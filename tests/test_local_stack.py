@@ -180,6 +180,7 @@ def test_compose_commands_agree_with_each_other_the_cli_and_the_local_stack():
     assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
 
 
+@pytest.mark.slow
 def test_compose_shards_step_creates_the_bucket_and_shards(s3_env, tmp_path):
     """The shards service's script, run as is against a real SeaweedFS (no Docker here), with the
     image folder at a local path instead of /images."""

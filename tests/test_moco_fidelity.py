@@ -81,6 +81,7 @@ class Algorithm1:
         return logits.detach(), loss.detach(), grads
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_moco_matches_algorithm_1_step_by_step(symmetric):
     torch.manual_seed(0)
@@ -284,6 +285,7 @@ def test_backbone_drops_the_projection_head_and_shares_weights():
     assert backbone[0] is net.conv1
 
 
+@pytest.mark.slow
 def test_compiled_encoders_match_and_keep_checkpoint_names():
     """--compile compiles the encoders in place: same results, same state-dict names (about 40 s on CPU)."""
     torch.manual_seed(0)

@@ -55,6 +55,7 @@ def steps_in(ckpt: Path) -> list[int]:
 
 
 # ---- a fresh run into a used checkpoint folder ---------------------------------------------------------
+@pytest.mark.slow
 def test_fresh_run_into_a_used_checkpoint_folder_is_refused_and_resume_continues(shards, trained_folder, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_folder, ckpt)  # what a 6-step run with --checkpoint-every 2 left
@@ -123,6 +124,7 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("attempt", range(2))
 def test_ctrl_c_to_the_process_group_checkpoints_and_exits_0(shards, tmp_path, attempt):
     ckpt, trace = tmp_path / "ckpt", tmp_path / "keys"
@@ -153,6 +155,7 @@ def wait_until_gone(pids: set[int]) -> None:
     assert not [p for p in pids if alive(p)], [Path(f"/proc/{p}/cmdline").read_bytes() for p in pids if alive(p)]
 
 
+@pytest.mark.slow
 def test_kill_9_of_the_trainer_leaves_no_worker_behind(shards, tmp_path):
     proc = start(shards, tmp_path / "ckpt", tmp_path / "keys")
     left: set[int] = set()
@@ -189,6 +192,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_resume_falls_back_from_a_damaged_latest_checkpoint(shards, trained_folder, tmp_path, damage):
     ckpt = tmp_path / "ckpt"
@@ -202,6 +206,7 @@ def test_resume_falls_back_from_a_damaged_latest_checkpoint(shards, trained_fold
     assert summary["steps_run"] == 3 and summary["step"] == 7
 
 
+@pytest.mark.slow
 def test_resume_with_only_damaged_checkpoints_is_a_one_line_error(shards, trained_folder, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_folder, ckpt)
@@ -211,6 +216,7 @@ def test_resume_with_only_damaged_checkpoints_is_a_one_line_error(shards, traine
     assert "no intact checkpoint" in error and "2 damaged" in error
 
 
+@pytest.mark.slow
 def test_resume_with_another_architecture_is_a_one_line_error(shards, trained_folder, tmp_path):
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_folder, ckpt)
@@ -243,6 +249,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.slow
 def test_read_only_checkpoint_folder_fails_at_start(shards, tmpfs):
     ckpt = tmpfs("1m", read_only=True)
     r = train(shards, ckpt, "--steps", "3")
@@ -251,6 +258,7 @@ def test_read_only_checkpoint_folder_fails_at_start(shards, tmpfs):
     assert "step 1" not in r.stderr  # found before any work, not at the first checkpoint
 
 
+@pytest.mark.slow
 def test_full_checkpoint_disk_fails_at_start(shards, tmpfs):
     ckpt = tmpfs("4m")
     r = train(shards, ckpt, "--steps", "3")
@@ -267,6 +275,7 @@ def test_a_checkpoint_that_fills_the_disk_leaves_no_partial_file(tmpfs):
     assert list(ckpt.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_bad_s3_credentials_for_checkpoints_fail_at_start(shards, s3_server):
     s3_server.make_bucket("ckpt-creds")
     env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
@@ -302,6 +311,7 @@ def silent_endpoint():
 SILENT_ENV = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+@pytest.mark.slow
 def test_training_start_up_honours_storage_timeout_and_retries(silent_endpoint, tmp_path):
     r = cli("train", "--data", "s3://bucket/data", "--storage-timeout", "1", "--storage-retries", "1",
             "--checkpoint-dir", str(tmp_path), "--metrics-port", "0",
@@ -311,12 +321,14 @@ def test_training_start_up_honours_storage_timeout_and_retries(silent_endpoint, 
     assert r.stderr.count("retry 1/1") == 1
 
 
+@pytest.mark.slow
 def test_shards_create_to_a_silent_endpoint_fails_instead_of_hanging(silent_endpoint, imagenette_small):
     r = cli("shards", "create", str(imagenette_small), "--out", "s3://bucket/x", "--quiet",
             env={**SILENT_ENV, "AWS_ENDPOINT_URL": silent_endpoint, "MOCOSTREAM_STORAGE_TIMEOUT": "1"}, timeout=180)
     assert "Read timeout" in one_line_error(r)
 
 
+@pytest.mark.slow
 def test_shards_create_with_a_wrong_secret_says_so(s3_server, imagenette_small):
     s3_server.make_bucket("create-creds")
     r = cli("shards", "create", str(imagenette_small), "--out", "s3://create-creds/x", "--quiet",
@@ -371,6 +383,7 @@ def hostile_shards(imagenette_small, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_hostile_shards_cost_only_their_own_samples(hostile_shards, tmp_path):
     trace = tmp_path / "keys"
     r = cli("train", "--data", str(hostile_shards), "--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"),
@@ -385,6 +398,7 @@ def test_hostile_shards_cost_only_their_own_samples(hostile_shards, tmp_path):
     assert summary["step"] == 6 and len(keys) == 24 and set(keys) == expected
 
 
+@pytest.mark.slow
 def test_keys_rolled_back_by_kill_9_are_cut_from_the_trace_on_resume(shards, tmp_path):
     # (a trace path that looks like a signed URL also shows that checkpoints store the masked config)
     ckpt, trace = tmp_path / "ckpt", tmp_path / "keys?sig=hunter2"
@@ -405,6 +419,7 @@ def test_keys_rolled_back_by_kill_9_are_cut_from_the_trace_on_resume(shards, tmp
     assert config["trace_keys"].endswith("keys?sig=***") and "hunter2" not in json.dumps(config)
 
 
+@pytest.mark.slow
 def test_missing_shard_of_a_brace_pattern_is_skipped_and_counted(shards, tmp_path):
     pattern = f"{shards}/shard-{{000000..000008}}.tar"  # 8 shards exist: 000000 to 000007
     r = cli("train", "--data", pattern, "--backend", "opencv", "--checkpoint-dir", str(tmp_path), "--steps", "2", *SMALL)
@@ -425,6 +440,7 @@ def test_a_missing_shard_of_a_brace_pattern_counts_as_failed(shards):
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_config_file_values_are_type_checked(tmp_path):
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({"data": "/d", "resume": "false", "symmetric": "no", "mlp": "false"}))
@@ -438,6 +454,7 @@ def test_config_file_values_are_type_checked(tmp_path):
         assert words in one_line_error(cli("train", "--config", str(conf), "--print-config"))
 
 
+@pytest.mark.slow
 def test_secrets_are_masked_in_print_config_and_error_lines(tmp_path):
     presigned = ("https://bucket.s3.amazonaws.com/shard.tar?X-Amz-Algorithm=AWS4-HMAC-SHA256&"
                  "X-Amz-Credential=AKIDEXAMPLE%2F20261201&X-Amz-Signature=deadbeefcafe")
@@ -462,6 +479,7 @@ def test_bad_model_options_give_one_line_errors(args, words, capsys):
     assert len(err) == 1 and words in err[0]
 
 
+@pytest.mark.slow
 def test_metrics_port_in_use_is_a_one_line_error(shards, tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
@@ -490,6 +508,7 @@ def manifest_with(folder: Path, tmp_path: Path, **changes) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_manifest_names_outside_its_folder_are_refused_unless_allowed(shards, tmp_path):
     folder = Path(shards)
     manifest = manifest_with(folder, tmp_path, name="../outside/shard-000000.tar")
@@ -528,6 +547,7 @@ def test_manifest_entries_are_validated(shards, tmp_path, changes, words):
     assert words in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp_path):
     manifest = manifest_with(Path(shards), tmp_path, samples=30_000_000)
     r = cli("train", "--data", str(manifest), "--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"),
@@ -589,6 +609,7 @@ def test_columnar_manifest_entries_are_validated(shards, tmp_path, changes, word
     assert words in str(e.value)
 
 
+@pytest.mark.slow
 def test_a_columnar_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp_path):
     manifest = columnar_manifest_with(Path(shards), tmp_path, samples=30_000_000)
     r = cli("train", "--data", str(manifest), "--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"),
@@ -598,6 +619,7 @@ def test_a_columnar_manifest_claiming_millions_of_samples_is_a_one_line_error(sh
 
 
 # ---- labelled evaluation data ----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_eval_skips_bad_labels_and_a_huge_label_costs_one_class(imagenette_small, tmp_path):
     images = jpegs(imagenette_small, 12)
     members = []

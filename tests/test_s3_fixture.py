@@ -1,3 +1,7 @@
+import pytest
+
+
+@pytest.mark.slow
 def test_seaweedfs_roundtrip(s3_server):
     fs = s3_server.filesystem()
     s3_server.make_bucket("fixture-check")

@@ -79,6 +79,7 @@ def check_exactly_once(delivered, drops, totals):
         assert len(keys) + drops[epoch] == total, f"epoch {epoch}: {total - len(keys) - drops[epoch]} lost silently"
 
 
+@pytest.mark.slow
 def test_exactly_once_over_100k_shards_and_a_chain_of_resizes():
     """8 -> 3 -> 64 (scale-up mid-epoch; half the ranks run into epoch 1) -> 5 ranks, which read to the end
     of epoch 1: each sample of each epoch delivered once or counted as epoch_remainder."""

@@ -246,6 +246,7 @@ def test_parquet_columns_counts_labels(imagenette_small, tmp_path):
     assert [r["source"] for r in rows] == all_files(imagenette_small)
 
 
+@pytest.mark.slow
 def test_parquet_row_groups_of_256(webphotos, tmp_path):
     make([webphotos], tmp_path, fmt="parquet", samples_per_shard=400)
     m = load_manifest(tmp_path)
@@ -267,6 +268,7 @@ def test_two_runs_give_identical_shards(imagenette_small, tmp_path, fmt):
 
 # ---------------------------------------------------------------- messy inputs
 
+@pytest.mark.slow
 def test_messy_every_input_written_or_rejected(messy_tar, messy_images):
     out, report = messy_tar
     inputs = all_files(messy_images)

@@ -203,6 +203,7 @@ def test_parts_in_both_formats_merge_into_two_manifests(imagenette_small, tmp_pa
     assert verify(str(out), decode=False) == []
 
 
+@pytest.mark.slow
 def test_cli_format_list(imagenette_small, tmp_path):
     run = [sys.executable, "-m", "mocostream.ops.cli", "shards", "create", str(imagenette_small), "--out", str(tmp_path / "o"),
            "--samples-per-shard", "100", "--workers", "1", "--json"]
@@ -219,6 +220,7 @@ def test_cli_format_list(imagenette_small, tmp_path):
 
 # ---------------------------------------------------------------- S3
 
+@pytest.mark.slow
 def test_both_formats_on_s3(s3_env, dual, imagenette_small, tmp_path, monkeypatch):
     import importlib
     gopen = importlib.import_module("webdataset.gopen")  # the module (the package re-exports a function by that name)

@@ -68,6 +68,7 @@ EXPECTED = {"ok": ("written", None, 1), "404": ("http_error", 404, 1), "reset": 
             "bigchunked": ("too_large", 200, 1)}
 
 
+@pytest.mark.slow
 def test_every_url_accounted_for_with_its_reason(server, tmp_path):
     kinds = [k for k in EXPECTED for _ in range(2)] + ["ok"] * 6
     src = url_list(tmp_path, server, kinds)
@@ -101,6 +102,7 @@ def test_every_url_accounted_for_with_its_reason(server, tmp_path):
     assert server.agents == {user_agent("moco-test")} and "mocostream/" in user_agent()
 
 
+@pytest.mark.slow
 def test_shards_are_deterministic_whatever_the_download_order(server, tmp_path):
     kinds = ["slow" if i % 3 == 0 else "ok" for i in range(30)]
     src = url_list(tmp_path, server, kinds)
@@ -254,6 +256,7 @@ def test_metrics_are_served_and_valid(server, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 def test_cli_flags_and_one_line_errors(server, tmp_path):
     from helpers import shards_cli as cli
 
@@ -273,6 +276,7 @@ def test_cli_flags_and_one_line_errors(server, tmp_path):
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and msg in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_url_ingest_into_s3(s3_env, server, tmp_path):
     bucket = s3_env.make_bucket("ingest")
     src = url_list(tmp_path, server, ["ok"] * 8 + ["404", "503"])

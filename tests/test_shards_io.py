@@ -134,6 +134,7 @@ def test_unreadable_list_is_a_user_error(tmp_path):
 
 # ---------------------------------------------------------------- S3
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
 def test_create_on_s3_both_formats(s3_env, imagenette_small, tmp_path, fmt):
     bucket = s3_env.make_bucket("shards-io")
@@ -161,6 +162,7 @@ def test_create_on_s3_both_formats(s3_env, imagenette_small, tmp_path, fmt):
     assert resumed.resumed_from == 12 and resumed.shards == r.shards
 
 
+@pytest.mark.slow
 def test_s3_errors_are_one_line(s3_env, imagenette_small, monkeypatch):
     with pytest.raises(ShardError, match="bucket not found"):
         make([imagenette_small], "s3://no-such-bucket-xyz/shards")
@@ -215,6 +217,7 @@ def _kill_after(proc, out, shards_done: int) -> None:
     assert not any(map(_running, workers))
 
 
+@pytest.mark.slow
 def test_kill_9_then_rerun_gives_identical_shards(webphotos, tmp_path):
     ref = make([webphotos], tmp_path / "ref", samples_per_shard=40, workers=1, max_size=320)
     out = tmp_path / "out"

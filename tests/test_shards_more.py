@@ -76,6 +76,7 @@ def hanging_input(tmp_path) -> Path:
     return table
 
 
+@pytest.mark.slow
 def test_timeout_kills_and_replaces_the_worker(small, hanging_input, tmp_path):
     # The hanging input first: the inputs queued behind it on its worker must be decoded elsewhere, in order.
     # 5 s is only the budget the hung input must exceed; every real input here decodes in milliseconds.
@@ -182,6 +183,7 @@ def test_worker_count_does_not_change_the_bytes(small, tmp_path):
 
 # ---------------------------------------------------------------- 2. accounting
 
+@pytest.mark.slow
 def test_messy_accounting_stats_report_rejects(messy_images, tmp_path):
     out = tmp_path / "o"
     p = cli("create", messy_images, "--out", out, "--workers", "2", "--samples-per-shard", "100", "--json")
@@ -215,6 +217,7 @@ def test_messy_accounting_stats_report_rejects(messy_images, tmp_path):
     assert dup["detail"].startswith("duplicate of ") and dup["detail"].split()[-1] in written
 
 
+@pytest.mark.slow
 def test_messy_cmyk_16bit_exif_become_upright_rgb(messy_images, tmp_path):
     out = tmp_path / "o"
     make([messy_images / "pillow", messy_images / "exif-orientation"], out, workers=2, dedup="none")
@@ -278,6 +281,7 @@ def test_perceptual_dedup_no_false_positives_on_distinct_photos(imagenette_small
 
 # ---------------------------------------------------------------- 5. options
 
+@pytest.mark.slow
 def test_max_size_min_size_quality_reencode(small, messy_images, tmp_path):
     r = make([small], tmp_path / "a", max_size=128, quality=80, workers=2)
     assert r.written == 30
@@ -307,6 +311,7 @@ def test_max_shard_bytes(small, tmp_path):
     assert all(s["bytes"] <= 100_000 for s in r.shards)
 
 
+@pytest.mark.slow
 def test_shuffle_mixes_sources_deterministically(imagenette_small, tmp_path):
     a = make([imagenette_small], tmp_path / "a", shuffle=True, seed=1, samples_per_shard=20, workers=2)
     b = make([imagenette_small], tmp_path / "b", shuffle=True, seed=1, samples_per_shard=20, workers=0)
@@ -320,6 +325,7 @@ def test_shuffle_mixes_sources_deterministically(imagenette_small, tmp_path):
 
 # ---------------------------------------------------------------- 7. verify / inspect
 
+@pytest.mark.slow
 def test_verify_catches_corruption_and_inspect_summarises(small, tmp_path):
     out = tmp_path / "o"
     make([small], out, samples_per_shard=10, workers=0)
@@ -352,6 +358,7 @@ def test_verify_catches_corruption_and_inspect_summarises(small, tmp_path):
 
 # ---------------------------------------------------------------- 10. --part + merge + k8s
 
+@pytest.mark.slow
 def test_parts_cover_inputs_and_merge(imagenette_small, tmp_path):
     whole = make([imagenette_small], tmp_path / "whole", shuffle=True, samples_per_shard=25, workers=2)
     out = tmp_path / "parts"
@@ -403,6 +410,7 @@ def test_k8s_indexed_job_runs_parts_then_merge():
 
 # ---------------------------------------------------------------- 8. CLI
 
+@pytest.mark.slow
 def test_cli_one_line_errors(small, tmp_path):
     for argv, msg in [
         (["create", tmp_path / "missing", "--out", tmp_path / "o"], "source not found"),
@@ -415,6 +423,7 @@ def test_cli_one_line_errors(small, tmp_path):
         assert p.stderr.count("\n") == 1 and p.stderr.startswith("mocostream: error:") and msg in p.stderr, p.stderr
 
 
+@pytest.mark.slow
 def test_cli_help_lists_everything():
     text = cli("create", "--help").stdout
     for opt in ("--workers", "--timeout", "--max-pixels", "--min-size", "--max-size", "--quality", "--reencode",

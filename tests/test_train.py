@@ -36,6 +36,7 @@ def s3_shards(imagenette_small, s3_server):
     return urls
 
 
+@pytest.mark.slow
 def test_single_process_training_with_opencv_backend(labelled_shards, tmp_path):
     cfg = build_config({}, dict(data=str(labelled_shards), steps=3, backend="opencv", recipe="moco_v1",
                                 checkpoint_dir=str(tmp_path / "ckpt"), trace_keys=str(tmp_path / "trace"), **TINY))
@@ -46,6 +47,7 @@ def test_single_process_training_with_opencv_backend(labelled_shards, tmp_path):
     assert len(keys) == 24 and len(set(keys)) == 24
 
 
+@pytest.mark.slow
 def test_metrics_endpoint_passes_promtool(labelled_shards, tmp_path):
     port = free_port()
     cfg = build_config({}, dict(data=str(labelled_shards), steps=2, backend="dali", checkpoint_dir=str(tmp_path),
@@ -102,6 +104,7 @@ def test_trainer_closes_what_it_opened_on_every_exit_path(labelled_shards, tmp_p
     assert port_is_free(port) and signal.getsignal(signal.SIGTERM) is handler
 
 
+@pytest.mark.slow
 def test_resume_continues_the_exact_key_sequence(labelled_shards, tmp_path):
     """A run cut after 3 steps and resumed consumes exactly the keys of an uninterrupted run."""
     base = dict(data=str(labelled_shards), backend="opencv", **TINY)
@@ -118,6 +121,7 @@ def test_resume_continues_the_exact_key_sequence(labelled_shards, tmp_path):
     assert len(set(whole[:120])) == 120
 
 
+@pytest.mark.slow
 def test_budget_run_ends_with_its_clock_and_resume_continues_it(labelled_shards, tmp_path, caplog):
     """--budget-minutes: the run ends when its training seconds reach the budget, with the cosine lr near 0; the
     seconds are checkpointed, so a resumed run (here with the budget extended) continues the schedule."""
@@ -193,12 +197,14 @@ def test_cli_bad_arguments_give_one_line_errors(args, capsys):
     assert len(err) == 1 and err[0].startswith("mocostream: error:"), err
 
 
+@pytest.mark.slow
 def test_cli_error_in_a_real_process_has_no_traceback():
     r = cli("train", "--data", "/nonexistent/folder", "--metrics-port", "0")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "mocostream: error: data not found: /nonexistent/folder"
 
 
+@pytest.mark.slow
 def test_config_file_and_flag_precedence(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("data: /d\nsteps: 7\nbatch-size: 16\nrecipe: moco_v1\n")
@@ -273,6 +279,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
         assert cut_loss == whole_loss and len(whole_loss.splitlines()) == steps
 
 
+@pytest.mark.slow
 def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(labelled_shards, tmp_path):
     """--precision bf16 on CPU: autocast plus channels_last (oneDNN's fast bf16 path); parameters and checkpoints
     stay fp32. auto keeps CPU runs in fp32."""
@@ -291,6 +298,7 @@ def test_bf16_on_cpu_trains_channels_last_and_keeps_fp32_weights(labelled_shards
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
 
 
+@pytest.mark.slow
 def test_compact_log_line_every_n_steps(labelled_shards, tmp_path, caplog):
     import logging
     import re
