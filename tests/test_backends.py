@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from mocostream.pipeline import vocabulary
 from mocostream.pipeline.skip_log import EVAL_SKIP_REASONS, SKIP_REASONS
 from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKEND_CHOICES, BACKENDS, RECIPES, pick_backend
