@@ -50,7 +50,7 @@ def opt(default, help: str, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
-# Choices come from the registries that use them; looked up when needed (they import torch).
+# Choices come from the registries that use them, looked up when needed; none of these imports torch.
 def _archs():
     from mocostream.moco_core import ARCHS
     return ARCHS
@@ -67,7 +67,7 @@ def _momentum_schedules():
 
 
 def _preflight_modes():
-    from mocostream.pipeline.loader import PREFLIGHT
+    from mocostream.pipeline.vocabulary import PREFLIGHT
     return PREFLIGHT
 
 

@@ -29,11 +29,9 @@ from .skip_log import SkipLog
 from .sources import Shard, with_counts
 from .storage import ShardReader, StorageConfig, StorageObserver
 from .stream import SampleStream
-from .vocabulary import BACKEND_CHOICES, BACKENDS, DALI, OPENCV, RECIPES, alias_notice, pick_backend
+from .vocabulary import BACKEND_CHOICES, BACKENDS, DALI, OPENCV, PREFLIGHT, RECIPES, alias_notice, pick_backend
 
 log = logging.getLogger(__name__)
-
-PREFLIGHT = ("auto", "always", "never")
 
 
 class LoaderConfigError(ValueError):

@@ -14,6 +14,9 @@ BACKENDS = (DALI, OPENCV)
 BACKEND_CHOICES = (AUTO, *BACKENDS)
 BACKEND_ALIASES = {"torch": OPENCV}  # old names, still accepted (with a notice)
 
+# When the DALI loader checks each image first (image_check.py): auto skips shards `shards create` validated
+PREFLIGHT = ("auto", "always", "never")
+
 
 def alias_notice(name: str) -> str | None:
     """The one-line notice for an old backend name, None for a current one."""
