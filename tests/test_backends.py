@@ -48,6 +48,7 @@ def test_pick_backend_auto_follows_the_device_and_says_why():
     assert pick_backend("torch", on_gpu=False) == ("opencv", "as asked")
 
 
+@pytest.mark.slow
 def test_auto_trains_with_opencv_on_this_machine_and_logs_it_once(shards, tmp_path):
     """The default (auto) in a real training run: OpenCV without a CUDA GPU (DALI with one), said in one
     start line with the reason; the CPU budget line counts the loader's processes as workers."""

@@ -440,7 +440,6 @@ def test_a_missing_shard_of_a_brace_pattern_counts_as_failed(shards):
 
 
 # ---- configuration ---------------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_config_file_values_are_type_checked(tmp_path):
     conf = tmp_path / "c.json"
     conf.write_text(json.dumps({"data": "/d", "resume": "false", "symmetric": "no", "mlp": "false"}))

@@ -90,6 +90,7 @@ def source(kind: str, images: list[bytes], tmp: Path, server: WebServer) -> Path
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["url", "folder", "tar", "parquet"])
 def test_megabyte_tasks_and_results_never_deadlock(kind, big_jpegs, server, tmp_path):
     src = source(kind, big_jpegs, tmp_path, server)
@@ -123,6 +124,7 @@ print(len(sizes), min(sizes))
     assert n == COUNT and smallest > 2 << 20
 
 
+@pytest.mark.slow
 def test_a_busy_main_process_does_not_time_out_a_worker_waiting_for_its_task(tmp_path):
     """The main process away (writing a shard, say) for longer than the per-file budget while a worker waits for
     the rest of a multi-MB task: that wait is not the worker's, so nobody is killed. The consumer's pause is the
@@ -145,6 +147,7 @@ print(pool.replaced, sorted(set(reasons)), len(reasons))
     assert p.stdout.split() == ["0", "['not_an_image']", str(COUNT)], p.stdout
 
 
+@pytest.mark.slow
 def test_the_detector_reports_a_send_send_deadlock():
     """The watcher itself: two processes that each send 4 MB over a socket pair before reading anything
     (the bug the tests above guard against) are reported, with both kernel send waits, well within the bound."""

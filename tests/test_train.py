@@ -204,7 +204,6 @@ def test_cli_error_in_a_real_process_has_no_traceback():
     assert r.stderr.strip() == "mocostream: error: data not found: /nonexistent/folder"
 
 
-@pytest.mark.slow
 def test_config_file_and_flag_precedence(tmp_path):
     conf = tmp_path / "c.yaml"
     conf.write_text("data: /d\nsteps: 7\nbatch-size: 16\nrecipe: moco_v1\n")
