@@ -4,12 +4,14 @@ that use each product package."""
 from __future__ import annotations
 
 import ast
+import functools
 
 from helpers import REPO
 
 PACKAGES = ("ops", "pipeline", "shards", "moco_core")
 
 
+@functools.cache
 def suite() -> dict[str, ast.Module]:
     return {p.stem: ast.parse(p.read_text(), filename=str(p)) for p in sorted((REPO / "tests").glob("*.py"))}
 
