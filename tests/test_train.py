@@ -36,7 +36,6 @@ def s3_shards(imagenette_small, s3_server):
     return urls
 
 
-@pytest.mark.slow
 def test_single_process_training_with_opencv_backend(labelled_shards, tmp_path):
     cfg = build_config({}, dict(data=str(labelled_shards), steps=3, backend="opencv", recipe="moco_v1",
                                 checkpoint_dir=str(tmp_path / "ckpt"), trace_keys=str(tmp_path / "trace"), **TINY))
