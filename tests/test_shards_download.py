@@ -51,6 +51,7 @@ def photos(webphotos) -> list[bytes]:
 
 # ---------------------------------------------------------------- attempts as promised
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retries", [0, 2])
 def test_the_server_sees_one_request_per_try(photos, tmp_path, retries):
     # Resets come on kept-alive connections (ok URLs before them on the same host): aiohttp would resend
@@ -135,6 +136,7 @@ def test_a_healthy_host_gets_more_connections_up_to_the_cap(photos, tmp_path):
         assert r.written == 150 and 4 < srv.peak <= 12  # started at 4, grew, never past the cap
 
 
+@pytest.mark.slow
 def test_a_host_limiting_connections_gets_few_429s_end_to_end(photos, tmp_path):
     with WebServer(photos, latency=0.05) as srv:
         srv.max_active = 5
@@ -151,6 +153,7 @@ def test_retry_after_pauses_the_whole_host(photos, tmp_path):
         assert srv.times["/ok/1.jpg"][0] - srv.times["/503/0.jpg"][0] >= 1.0
 
 
+@pytest.mark.slow
 def test_a_paused_host_does_not_hold_up_the_others(photos, tmp_path):
     # Host A asks for a 10 s pause at once; with 4 requests allowed in flight, A's waiting URLs must not
     # take the places of host B's, which are all served while A waits.
@@ -181,8 +184,9 @@ def test_host_metrics_and_back_offs_are_served(photos, tmp_path):
     assert check.returncode == 0, check.stdout + check.stderr
 
 
+@pytest.mark.slow
 def test_the_progress_line_shows_connections_and_back_offs(photos, tmp_path):
-    from test_shards_more import cli
+    from helpers import shards_cli as cli
 
     # 20 answers of 0.2 s, 2 at a time: at least 2 s, so the line (refreshed every second) shows the host
     with WebServer(photos, latency=0.2) as srv:

@@ -275,7 +275,7 @@ def test_a_cut_short_rejects_file_is_a_one_line_error(server, down_set):
 
 
 def test_an_emptied_rejects_file_is_a_warning_not_silence(server, down_set):
-    from test_shards_more import cli
+    from helpers import shards_cli as cli
 
     src, out = down_set
     (out / "rejects.jsonl").write_bytes(b"")
@@ -364,6 +364,7 @@ def test_a_body_longer_than_its_content_length_never_poisons_the_connection(serv
     assert [(tag, o.reason, o.data) for tag, o in got] == [(i, "", photos[i]) for i in range(3)]
 
 
+@pytest.mark.slow
 def test_a_drip_fed_body_times_out_saying_what_arrived(server, tmp_path):
     src = url_list(tmp_path, server, ["drip"])
     r = make([src], tmp_path / "o", http={"timeout": 1.0})
