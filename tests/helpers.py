@@ -18,8 +18,6 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch.nn as nn
-import torch.nn.functional as F
 
 from mocostream.ops.ports import free_port, port_is_free
 
@@ -188,18 +186,33 @@ def crafted(photo: bytes) -> dict[str, bytes]:
 
 
 # ---- models ----------------------------------------------------------------------------------------------
-class TinyNet(nn.Module):
-    """A small conv net shaped like a torchvision ResNet (BN, `.fc`), so MoCo tests run in milliseconds."""
+def _tiny_net() -> type:
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-    def __init__(self, num_classes: int = 8):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(8, num_classes)
+    class TinyNet(nn.Module):
+        """A small conv net shaped like a torchvision ResNet (BN, `.fc`), so MoCo tests run in milliseconds."""
 
-    def forward(self, x):
-        return self.fc(self.pool(F.relu(self.bn1(self.conv1(x)))).flatten(1))
+        def __init__(self, num_classes: int = 8):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+            self.bn1 = nn.BatchNorm2d(8)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(8, num_classes)
+
+        def forward(self, x):
+            return self.fc(self.pool(F.relu(self.bn1(self.conv1(x)))).flatten(1))
+
+    return TinyNet
+
+
+def __getattr__(name: str):
+    """TinyNet is made on first use: every test session imports this module (conftest does), and a session of
+    tests that need no torch should not wait seconds for it."""
+    if name == "TinyNet":
+        globals()[name] = _tiny_net()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---- a real S3 server ------------------------------------------------------------------------------------
