@@ -13,6 +13,8 @@ import hashlib
 import json
 import re
 
+from mocostream.pipeline.filesystems import Storage
+
 from .errors import ShardError
 from .manifest import build_manifest, json_bytes, manifest_names, write_manifests
 from .output import Destination
@@ -26,7 +28,8 @@ def part_dir(i: int, n: int) -> str:
 
 def _parts(dest: Destination) -> list[tuple[int, int, str]]:
     try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in dest.fs.ls(dest.root, detail=False)]
+        listed = dest.call(f"list {dest.url}", lambda: dest.fs.ls(dest.root, detail=False))
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
     except FileNotFoundError:
         names = []
     found = sorted((int(m.group(1)), int(m.group(2)), name) for name in names if (m := PART_DIR.match(name)))
@@ -35,8 +38,9 @@ def _parts(dest: Destination) -> list[tuple[int, int, str]]:
     return found
 
 
-def merge(url: str) -> dict:
-    dest = Destination(url)
+def merge(url: str, storage: Storage | None = None) -> dict:
+    """Join the parts' manifests at `url`; `storage`: how it is read and written (default: the default settings)."""
+    dest = Destination(url, storage=storage or Storage())
     parts = _parts(dest)
     counts = {n for _, n, _ in parts}
     if len(counts) != 1:

@@ -23,11 +23,11 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 from fsspec.utils import infer_compression
 
+from mocostream.pipeline.filesystems import Storage
+
 from .errors import ShardError
-from .output import storage_options
 
 PLAIN = (".txt", ".lst", ".urls")
 TEXT = PLAIN + (".csv", ".tsv", ".jsonl")
@@ -80,7 +80,7 @@ class Columns:
 
 def _open_binary(src: str):
     try:
-        return fsspec.open(src, "rb", compression=infer_compression(src), **storage_options(src)).open()
+        return Storage().open(src, "rb", compression=infer_compression(src))  # the default storage settings
     except FileNotFoundError:
         raise ShardError(f"source not found: {src}") from None
     except Exception as exc:  # unknown codec, bad credentials, ...
@@ -277,8 +277,9 @@ def head_types(src: str, cols: Columns) -> dict[str, object]:
 def identity(src: str) -> str:
     """What changes when the table's content does: size and modification time (or ETag)."""
     try:
-        fs, path = fsspec.core.url_to_fs(src, **storage_options(src))
-        info = fs.info(path)
+        storage = Storage()  # the default storage settings
+        fs, path = storage.filesystem(src)
+        info = storage.retrying(f"read {src}", lambda: fs.info(path))
     except FileNotFoundError:
         raise ShardError(f"source not found: {src}") from None
     except Exception as exc:
