@@ -65,8 +65,7 @@ def test_plan_is_a_pure_function_and_changes_per_epoch():
     np.random.seed(54321)
     assert order(0) == first
     # and another process (another hash seed) computes the same plan: what a resume on another node relies on
-    code = ("from mocostream.pipeline.filesystems import Storage
-from mocostream.pipeline.plan import rank_blocks; print([tuple(map(int, b.sample_at(i))) "
+    code = ("from mocostream.pipeline.plan import rank_blocks; print([tuple(map(int, b.sample_at(i))) "
             "for b in rank_blocks([4, 4, 4, 4], 1, 0, 1, 0, 2) for i in range(b.size)])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONHASHSEED": "7"})

@@ -70,6 +70,7 @@ def test_fresh_run_into_a_used_checkpoint_folder_is_refused_and_resume_continues
 
 def test_retention_never_removes_the_checkpoint_just_written(tmp_path):
     from mocostream.ops import checkpoint
+    from mocostream.pipeline.filesystems import Storage
 
     for step in (30, 40):
         checkpoint.save(str(tmp_path), step, {"step": step}, keep=2, storage=Storage())
@@ -261,6 +262,7 @@ def test_full_checkpoint_disk_fails_at_start(shards, tmpfs):
 
 def test_a_checkpoint_that_fills_the_disk_leaves_no_partial_file(tmpfs):
     from mocostream.ops import checkpoint
+    from mocostream.pipeline.filesystems import Storage
 
     ckpt = tmpfs("4m")
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
@@ -505,6 +507,7 @@ def test_manifest_names_outside_its_folder_are_refused_unless_allowed(shards, tm
 
 @pytest.mark.parametrize("name", ["/etc/shard.tar", "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
 def test_external_manifest_names_are_refused(shards, tmp_path, name):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.sources import DataSpecError, resolve_shards
 
     with pytest.raises(DataSpecError, match="outside the manifest's folder"):
@@ -522,6 +525,7 @@ def test_external_manifest_names_are_refused(shards, tmp_path, name):
     ({"name": None}, "needs a 'name' string"),
 ])
 def test_manifest_entries_are_validated(shards, tmp_path, changes, words):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.sources import DataSpecError, resolve_shards
 
     with pytest.raises(DataSpecError, match="shard entry 0") as e:
@@ -583,6 +587,7 @@ def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp
     ({"name": "shard-000000.txt"}, "not a shard"),
 ])
 def test_columnar_manifest_entries_are_validated(shards, tmp_path, changes, words):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.shard_table import load_shard_table
     from mocostream.pipeline.sources import DataSpecError
 
