@@ -69,8 +69,9 @@ def test_knn_monitor_images_at_their_own_size(imagenette_small):
     from mocostream.ops.train import KnnMonitor
 
     cfg = dict(data="x", knn_data=str(imagenette_small), **TINY)
-    assert KnnMonitor(build_config({}, cfg), torch.device("cpu")).bank.images.shape[-1] == 32
-    monitor = KnnMonitor(build_config({}, dict(cfg, image_size=24, knn_image_size=40)), torch.device("cpu"))
+    assert KnnMonitor(build_config({}, cfg), torch.device("cpu"), Storage()).bank.images.shape[-1] == 32
+    monitor = KnnMonitor(build_config({}, dict(cfg, image_size=24, knn_image_size=40)), torch.device("cpu"),
+                         Storage())
     assert monitor.bank.images.shape[-2:] == monitor.queries.images.shape[-2:] == (40, 40)
 
 
