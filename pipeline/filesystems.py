@@ -3,17 +3,21 @@ checkpoints, `--init-from` weights, the shard tool) gets its fsspec filesystems 
 a StorageConfig and passed down, so all use the same timeouts, retries, S3 endpoint and external-shard policy.
 
 S3: the endpoint comes from AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (keys and region as botocore reads
-them); every call has the connect and read timeouts (writes too: no `Expect: 100-continue`, whose answer
-aiohttp would await without a timeout). botocore and s3fs make one attempt per call, so
+them); every call has the connect and read timeouts, and writes are bounded too: no `Expect: 100-continue`
+(aiohttp would await its answer without a timeout), and on Linux an upload whose data stays unacknowledged
+for the read timeout is aborted (TCP_USER_TIMEOUT). botocore and s3fs make one attempt per call, so
 `Storage.retrying` (exponential backoff with jitter) is the only retry loop: every retry is logged and
 bounded. Streamed reads (`Storage.open`), which cannot be restarted from outside, get s3fs's own retries,
-as many as the config allows. Depends on fsspec and the standard library only: `shards` uses it too.
+as many as the config allows. Depends on fsspec and the standard library only (for S3, on what s3fs
+brings): `shards` uses it too.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -86,6 +90,9 @@ class Storage:
         options: dict = {"skip_instance_cache": True, "session": _s3_session(), "config_kwargs": {
             "connect_timeout": min(c.connect_timeout, c.read_timeout), "read_timeout": c.read_timeout,
             "retries": {"total_max_attempts": 1, "mode": "standard"}}}
+        if hasattr(socket, "TCP_USER_TIMEOUT"):  # Linux
+            factory = functools.partial(_stall_bounded_socket, round(c.read_timeout * 1000))
+            options["config_kwargs"]["connector_args"] = {"socket_factory": factory}
         endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}
@@ -156,6 +163,16 @@ def _s3_session():
     session = aiobotocore.session.AioSession()
     session.unregister("before-call.s3", add_expect_header)
     return session
+
+
+def _stall_bounded_socket(timeout_ms: int, addr_info) -> socket.socket:
+    """A client socket whose sent data may stay unacknowledged at most `timeout_ms` (TCP_USER_TIMEOUT): the
+    read timeout only starts once a request body is sent, so an upload to a peer that stopped reading would
+    otherwise wait forever."""
+    family, type_, proto, _, _ = addr_info
+    sock = socket.socket(family=family, type=type_, proto=proto)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+    return sock
 
 
 def protocol_of(url: str) -> str:
