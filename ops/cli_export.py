@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .export import FORMATS
+from .export_formats import FORMATS
 from .storage_flags import add_storage_flags, storage_from_args
 
 

@@ -18,9 +18,9 @@ import torch
 
 from mocostream.pipeline.filesystems import Storage, is_remote
 
+from .export_formats import FORMATS
 from .weights import WeightsError, backbone_state, read_checkpoint
 
-FORMATS = ("torchvision", "safetensors", "detectron2")
 TORCHVISION_ARCHS = ("resnet18", "resnet50")  # the mocostream archs that are torchvision's own models
 MISSING_BY_DESIGN = ["fc.weight", "fc.bias"]
 

@@ -46,9 +46,11 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format")
 
-# Version of the rules an image must pass to reach DALI: shards/validate.py (at shard creation) and
-# check_image (at training time) enforce them. Bump it when they get stricter, so that shard sets
-# validated under older rules are checked again by the loader.
+# Version of the rules an image must pass to reach DALI, all in this module: check_image enforces them at
+# training time, and the shard tool (shards/validate.py) keeps bytes as they are only when they pass
+# the same ones (jpeg_segments_ok, variant_problem, MAX_PIXELS, dali_problem), re-encoding the rest.
+# Bump it when they get stricter, so that shard sets validated under older rules are checked again by
+# the loader (trusted() then refuses their manifests' stamps).
 CHECK_VERSION = 1
 
 
@@ -73,12 +75,18 @@ def trusted(stamp: dict | None, max_pixels: int = MAX_PIXELS) -> bool:
 _DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "BMP", "TIFF", "PPM", "JPEG2000", "WEBP"})
 
 
-def _jpeg_segments_ok(data: bytes) -> bool:
-    """Walk the marker segments up to the first SOS: each must start with 0xFF.
+def jpeg_segments_ok(data: bytes) -> bool:
+    """Walk a JPEG's (or MPO's first frame's) marker segments from SOI to the first SOS: False when any is
+    broken. The shard tool (re-encode) and check_image (skip) both ask this one function.
 
     libjpeg (PIL) skips garbage between segments with a warning; nvImageCodec's JPEG parser (DALI) fails
     the image ("Invalid marker"). A wrong APPn length is the usual cause (photoshop-200dpi-broken.jpg).
+    Strict where the two former copies of this walk differed: SOI only at the start (a second one is
+    libjpeg's "two SOI markers" and nvImageCodec's "Invalid marker", not a segment to skip or to read a
+    length from); a length under 2 is broken (it counts its own two bytes); MPO is walked like JPEG.
     """
+    if data[:2] != b"\xff\xd8":
+        return False
     n, i = len(data), 2
     while i + 4 <= n:
         if data[i] != 0xFF:
@@ -89,10 +97,15 @@ def _jpeg_segments_ok(data: bytes) -> bool:
             continue
         if marker == 0xDA:  # SOS: entropy-coded data follows, PIL's decode checks the rest
             return True
-        if marker in (0x01, 0xD8) or 0xD0 <= marker <= 0xD7:  # TEM, SOI, RSTn: no length field
+        if marker == 0xD8:
+            return False
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length field
             i += 2
             continue
-        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2:
+            return False
+        i += 2 + length
     return False
 
 
@@ -115,34 +128,40 @@ def _tiff_ifds_ok(data: bytes) -> bool:
     return bool(seen)
 
 
-def _variant_reason(img: Image.Image, data: bytes) -> str | None:
-    """Format variants PIL decodes but DALI's decoder rejects (found by decoding the messy corpus with
-    fn.decoders.image on CPU): rare on the web, so they are refused rather than patched up."""
+def variant_problem(img: Image.Image, data: bytes) -> tuple[str, str] | None:
+    """(reason code, what) for a format variant PIL decodes but DALI's decoder rejects (found by decoding
+    the messy corpus with fn.decoders.image on CPU): rare on the web, so refused rather than patched up.
+    check_image skips such a sample; the shard tool re-encodes it rather than keep its bytes."""
     fmt = img.format
     # (WebP: DALI's docs say only the simple format, but its decoder (libwebp, also under "mixed") reads
     # the extended VP8X files too: alpha, ICC, EXIF, animation (first frame). Checked, so none refused.)
-    if fmt in ("JPEG", "MPO") and not _jpeg_segments_ok(data):
-        return "corrupt"
+    if fmt in ("JPEG", "MPO") and not jpeg_segments_ok(data):
+        return "corrupt", "broken JPEG marker segments (DALI's decoder rejects them)"
     if fmt == "PNG":
         actl = data.find(b"acTL", 0, 4096)  # APNG with num_frames == 0 is invalid
         if actl > 0 and int.from_bytes(data[actl + 4:actl + 8], "big") == 0:
-            return "corrupt"
+            return "corrupt", "APNG with zero frames (DALI's decoder rejects it)"
     if fmt == "BMP" and img.info.get("compression", 0) in (1, 2):  # RLE: DALI fails on sloppy rows
-        return "unsupported_format"
+        return "unsupported_format", "RLE-compressed BMP"
     if fmt == "JPEG2000" and img.mode not in ("L", "RGB", "RGBA", "LA"):  # >8-bit J2K
-        return "unsupported_format"
+        return "unsupported_format", f"JPEG 2000 in mode {img.mode}"
     if fmt == "TIFF":
-        tags = img.tag_v2
-        if tags.get(259) == 6:  # old-style JPEG-in-TIFF, deprecated; DALI fails on some
-            return "unsupported_format"
-        if any(v != 1 for v in (tags.get(339) or (1,))):  # signed / float samples
-            return "unsupported_format"
-        if any(b not in (1, 8, 16) for b in (tags.get(258) or (1,))):  # 2-, 4-, 32-bit samples
-            return "unsupported_format"
-        if img.mode in ("I", "F"):
-            return "unsupported_format"
-        if not _tiff_ifds_ok(data):
-            return "corrupt"
+        return _tiff_problem(img, data)
+    return None
+
+
+def _tiff_problem(img: Image.Image, data: bytes) -> tuple[str, str] | None:
+    tags = img.tag_v2
+    if tags.get(259) == 6:  # old-style JPEG-in-TIFF, deprecated; DALI fails on some
+        return "unsupported_format", "old-style JPEG-in-TIFF"
+    if any(v != 1 for v in (tags.get(339) or (1,))):  # signed / float samples
+        return "unsupported_format", "signed or floating-point TIFF samples"
+    if any(b not in (1, 8, 16) for b in (tags.get(258) or (1,))):  # 2-, 4-, 32-bit samples
+        return "unsupported_format", "TIFF samples of other than 1, 8 or 16 bits"
+    if img.mode in ("I", "F"):
+        return "unsupported_format", f"TIFF in mode {img.mode}"
+    if not _tiff_ifds_ok(data):
+        return "corrupt", "broken TIFF directory chain"
     return None
 
 
@@ -179,9 +198,9 @@ def check_image(data: bytes, max_pixels: int = MAX_PIXELS) -> str | None:
             fmt = img.format
             if fmt not in _DALI_FORMATS:
                 return "unsupported_format"
-            variant = _variant_reason(img, data)
+            variant = variant_problem(img, data)
             if variant is not None:
-                return variant
+                return variant[0]
             if fmt in ("JPEG", "MPO"):
                 # Reduced-scale but complete decode of the entropy-coded data.
                 img.draft("RGB", (max(1, w // 8), max(1, h // 8)))

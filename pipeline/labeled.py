@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torchvision.transforms import functional as TF
 
 from .augment_torch import UndecodableImage, decode_rgb

@@ -75,17 +75,12 @@ def samples_per_rank(counts, world: int) -> int:
     return int(np.sum(counts, dtype=np.int64)) // world
 
 
-def dropped_per_epoch(counts, world: int) -> int:
-    return int(np.sum(counts, dtype=np.int64)) % world
-
-
 class EpochPlan:
     """One epoch's level-0 plan over `counts` with `base_world` ranks: O(shards) arrays, built in milliseconds."""
 
     def __init__(self, counts, seed: int, epoch: int, shuffle_shards: int, base_world: int):
         counts = np.asarray(counts, dtype=np.int64)
         self.seed, self.epoch, self.shuffle_shards, self.base_world = seed, epoch, shuffle_shards, base_world
-        self.shard_count = len(counts)
         dtype = np.int32 if len(counts) < 2**31 else np.int64
         self.order = _rng(seed, epoch, "shards").permutation(len(counts)).astype(dtype, copy=False)
         self.ends = np.cumsum(counts[self.order])  # level-0 offset after each shuffled shard

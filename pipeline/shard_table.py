@@ -18,7 +18,6 @@ from .sources import DataSpecError, Shard, check_shard_columns, shard_format
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("name", "samples", "bytes", "sha256")
 META_KEY = b"mocostream_manifest"  # parquet key-value metadata: {"json_bytes": size of the JSON it mirrors}
 
 
@@ -146,7 +145,7 @@ def _columns(pf, url: str, allow_external: bool) -> ShardTable:
             row += len(chunk)
         names += pf.read_row_group(group, columns=["name"]).column(0).chunks
     names = pa.chunked_array(names, pa.string())  # chunked: indexing finds the chunk
-    check_shard_columns(names, counts, sizes, url, allow_external)
+    check_shard_columns(names, counts, sizes, url)
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return ShardTable(base, names, counts, sizes, digests)
 

@@ -4,50 +4,35 @@ Flow: stream this part's inputs (discover.Inputs: --shuffle order, --part slice)
 from the stats files a killed run with the same fingerprint left -> one pass (ingest.py: download http(s)
 URLs many at a time, decode in worker processes, back in input order, dedup) into the shard sequence
 (sequence.py: each full shard published atomically, then its stats file, the checkpoint) -> at the end
-rejects.jsonl, report.json, the other formats' manifests, manifest.json last.
+(job.write_set) rejects.jsonl, report.json, the other formats' manifests, manifest.json last.
 `--retry-failed` (retry.py) reruns only the retryable rejects of a finished set and appends shards.
 """
 from __future__ import annotations
 
 import json
-import resource
 import time
-from dataclasses import dataclass, field
 
 from mocostream.pipeline import dali_check
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.image_check import validation_stamp
 
-from . import rejects as rejects_file
 from .dedup import Deduper
 from .discover import Inputs
 from .download import HttpOptions
 from .errors import ShardError
-from .ingest import Ingest, PassStats
+from .ingest import Ingest
+from .job import Job, write_set
 from .keys import json_safe
-from .manifest import build_manifest, json_bytes, manifest_names, run_report, write_manifests
 from .merge import part_dir
 from .metrics import IngestMetrics
 from .output import Destination
 from .plan import Plan, differences, fingerprint, parse_formats, parse_part
+from .rejects import parse as parse_rejects
 from .sequence import CreateReport, ShardSequence
 from .stats import load_resume
 from .tables import Columns
 from .validate import REASONS
 from .workers import DecodePool
-
-
-@dataclass
-class Job:
-    """What a run needs besides the inputs: its plan, options, fingerprint, destination, one pass runner."""
-    plan: Plan
-    options: dict
-    fp: str
-    dest: Destination
-    ingest: Ingest
-    extra_fields: list | None
-    started: float = field(default_factory=time.monotonic)
-    cpu_started: float = field(default_factory=time.process_time)
 
 
 def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> CreateReport | None:
@@ -61,40 +46,13 @@ def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> Cr
         raise ShardError(f"destination already holds a shard set made with other options or inputs "
                          f"({differences(m.get('options', {}), options)}): {dest.location('manifest.json')}; "
                          "use another destination or remove it first")
-    rejected = [tuple(r[:3]) for r in rejects_file.parse(dest.read("rejects.jsonl"))]
+    rejected = [tuple(r[:3]) for r in parse_rejects(dest.read("rejects.jsonl"))]
     by_format = {f: json.loads(dest.read(name) or b'{"shards": []}')["shards"]
                  for f, name in m.get("formats", {m.get("format"): "manifest.json"}).items()}
     return CreateReport(shards=m["shards"], written=m["total_samples"], rejected=rejected, inputs=m["inputs"],
                         seconds=time.monotonic() - start, manifest_url=dest.location("manifest.json"),
                         report=json.loads(dest.read("report.json") or b"{}"), resumed_from=m["inputs"],
                         already_complete=True, by_format=by_format)
-
-
-def write_set(job: Job, entries: dict[str, list[dict]], rejected: list, inputs: int, processed: int,
-              resumed_from: int, stats: PassStats, bytes_in: int, classes: list[str] | None = None) -> CreateReport:
-    """rejects.jsonl, report.json and the manifests (manifest.json last: it marks the set complete)."""
-    formats, dest = job.plan.formats, job.dest
-    seconds = time.monotonic() - job.started
-    manifests = {f: build_manifest(f, job.options, entries[f], rejected, seconds, inputs=inputs, formats=formats,
-                                   classes=classes) for f in formats}
-    manifest = manifests[formats[0]]
-    if manifest["total_samples"] + len(rejected) != inputs:  # every input accounted for, always
-        raise RuntimeError(f"accounting error: {manifest['total_samples']} written + {len(rejected)} "
-                           f"rejected != {inputs} inputs")
-    report = run_report(manifest, bytes_in, seconds, processed, resumed_from, job.ingest.pool.n,
-                        stats.replaced_workers, dest.location("manifest.json"),
-                        {f: m for f, m in manifests.items() if f != formats[0]}, dali_check.checker(),
-                        {"main": time.process_time() - job.cpu_started, "workers": stats.worker_cpu})
-    report["success_rate"] = round(manifest["total_samples"] / inputs, 4) if inputs else 0.0
-    report["http_status"] = dict(sorted(stats.http_status.items()))  # this run's URLs, by final status
-    report["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # main process
-    dest.write_bytes("rejects.jsonl", rejects_file.jsonl_bytes(rejected))
-    dest.write_bytes("report.json", json_bytes(report))
-    write_manifests(dest, manifest_names(formats), manifests)  # manifest.json (the primary format's) last
-    return CreateReport(shards=entries[formats[0]], written=manifest["total_samples"],
-                        rejected=[tuple(r[:3]) for r in rejected], inputs=inputs, seconds=seconds,
-                        manifest_url=dest.location("manifest.json"), report=report, resumed_from=resumed_from,
-                        by_format=entries)
 
 
 def _fresh_or_resumed(job: Job, inputs: Inputs) -> CreateReport:

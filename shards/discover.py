@@ -230,8 +230,3 @@ class Inputs:
 
     def table_sources(self) -> list[str]:
         return [s for s, k in zip(self.sources, self.kinds) if k in ("table", "images")]
-
-
-def discover(sources: list[str]) -> list[InputFile]:
-    """Every input of every source, in order (no extension filter: a non-image is a reject, not skipped)."""
-    return list(Inputs(list(sources)))

@@ -4,6 +4,9 @@ tasks in the order they became ready -> results back in INPUT order, so shards s
 A slow or hanging URL holds back only the writing of its own position: downloads and decoding go on
 for up to `window` positions after it (and `max_bytes` of downloaded or decoded data held for later),
 so head-of-line waiting is bounded by the HTTP timeout and retries, not by the input order.
+`max_bytes` is most of the main process's memory beyond its code: 64 MiB (~600 web photos) keeps the
+process under 300 MB; 256 MiB filled up in a soak with 5-second answers and made it 390 MB, and bought no
+speed (bench/soak.py ran as fast or faster with 64).
 Inputs that are not http(s) URLs (files, tar members, s3://) need no download: their locator goes to
 the decode workers as it is. A failed download goes there as a ("failed", ...) locator, which the
 worker turns into its Reject at once: every input takes the same path, so accounting stays simple.
@@ -23,7 +26,7 @@ PENDING = object()  # yielded by `tasks` when nothing is ready yet: wait on `fil
 
 class Feed:
     def __init__(self, items: Iterable[InputFile], start: int, downloader: Downloader | None,
-                 window: int = 4096, max_bytes: int = 256 << 20):
+                 window: int = 4096, max_bytes: int = 64 << 20):
         self._items = iter(items)
         self.head = self._next = start          # oldest position not yet handed back; next to start
         self.downloader, self.window, self.max_bytes = downloader, window, max_bytes

@@ -9,7 +9,6 @@ from typing import Iterable
 
 from tqdm import tqdm
 
-from . import rejects as rejects_file
 from .dedup import Deduper
 from .discover import InputFile
 from .download import Downloader, HttpOptions
@@ -17,6 +16,7 @@ from .feed import Feed
 from .keys import json_safe
 from .metrics import IngestMetrics
 from .record import Record
+from .rejects import record as reject_record
 from .sequence import ShardSequence
 from .validate import DUPLICATE, Reject
 from .workers import DecodePool
@@ -100,6 +100,6 @@ class Ingest:
         outcome = feed.outcomes.pop(pos, None)
         if outcome is not None:
             info.update(status=outcome.status, attempts=outcome.attempts)
-        record = rejects_file.record(json_safe(item.path), result.reason, result.detail, info)
+        record = reject_record(json_safe(item.path), result.reason, result.detail, info)
         rejected.append(record)
         seq.reject(record, nbytes)

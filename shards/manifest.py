@@ -54,7 +54,6 @@ import time
 from collections import Counter
 
 FORMAT_VERSION = 1  # additive changes only: readers of version 1 read these
-TIMING_FIELDS = ("created_at", "seconds")
 
 
 def file_digest(path: str) -> tuple[int, str]:
@@ -134,9 +133,6 @@ def json_bytes(doc: dict) -> bytes:
     return (json.dumps(doc, indent=2) + "\n").encode("utf-8")
 
 
-manifest_bytes = json_bytes
-
-
 def columnar_bytes(manifest: dict, json_size: int) -> bytes:
     """The shard list of `manifest` as parquet (name, samples, bytes, sha256): what a trainer reads instead of
     parsing the JSON (a million shards: a few MB of columns instead of ~250 MB of JSON). `json_size` (the JSON's
@@ -166,8 +162,3 @@ def write_manifests(dest, names: dict[str, str], manifests: dict[str, dict]) -> 
         data = json_bytes(manifests[fmt])
         dest.write_bytes(names[fmt][: -len(".json")] + ".parquet", columnar_bytes(manifests[fmt], len(data)))
         dest.write_bytes(names[fmt], data)
-
-
-def rejects_bytes(rejected) -> bytes:
-    return "".join(json.dumps({"source": s, "reason": r, "detail": d}) + "\n"
-                   for s, r, d in rejected).encode("utf-8")

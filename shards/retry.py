@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 
-from . import rejects as rejects_file
 from .dedup import Deduper
 from .errors import ShardError
+from .job import write_set
+from .rejects import can_retry, parse as parse_rejects
 from .sequence import CreateReport, ShardSequence
 from .stats import stats_name
 
@@ -40,11 +41,11 @@ def retry_rejects(job, inputs, done: CreateReport | None) -> CreateReport:
         raise ShardError(f"--retry-failed needs a finished run at {job.dest.url}: run the same command "
                          "without --retry-failed first")
     manifest = json.loads(raw)
-    old = rejects_file.parse(job.dest.read("rejects.jsonl"))
-    again = {r[3]["key"] for r in old if rejects_file.can_retry(r)}
+    old = parse_rejects(job.dest.read("rejects.jsonl"))
+    again = {r[3]["key"] for r in old if can_retry(r)}
     if not again:
         return done
-    kept = [r for r in old if not (rejects_file.can_retry(r) and r[3]["key"] in again)]
+    kept = [r for r in old if not (can_retry(r) and r[3]["key"] in again)]
     entries = _shards(job, manifest)
     seq = ShardSequence(job.dest, job.plan, job.fp, job.options, job.extra_fields, entries, 0)
     deduper, fresh = _deduper(job, entries[job.plan.formats[0]]), []
@@ -58,10 +59,4 @@ def retry_rejects(job, inputs, done: CreateReport | None) -> CreateReport:
         seq.abort()
         raise
     prior = json.loads(job.dest.read("report.json") or b"{}").get("bytes_in", 0)
-    return job_write(job, entries, kept + fresh, manifest["inputs"], stats, prior + stats.bytes_in)
-
-
-def job_write(job, entries, rejected, inputs, stats, bytes_in) -> CreateReport:
-    from .create import write_set
-
-    return write_set(job, entries, rejected, inputs, stats.end, 0, stats, bytes_in)
+    return write_set(job, entries, kept + fresh, manifest["inputs"], stats.end, 0, stats, prior + stats.bytes_in)

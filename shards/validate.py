@@ -2,7 +2,9 @@
 
 Why decode fully: DALI cannot skip a corrupt image by itself, so anything that reaches a
 shard must already have been decoded end to end (`img.load()`), not just header-sniffed; and bytes
-kept as they are must pass DALI's own decoder as well (pipeline.dali_check), which is stricter than PIL.
+kept as they are must pass the loader's own image rules (pipeline.image_check: the JPEG marker walk, the
+format variants DALI rejects, the pixel budget) and DALI's decoder (pipeline.dali_check), which is stricter
+than PIL. One rule set, so that the loader can trust a shard set this validated (image_check.trusted).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from mocostream.pipeline.dali_check import dali_problem
+from mocostream.pipeline.image_check import MAX_PIXELS, variant_problem
 from .dedup import image_digest
 
 # Reject reason codes (the complete set; manifests and rejects.jsonl use only these).
@@ -43,7 +46,6 @@ RESIZE_MODES = ("longer", "shorter", "center_crop")  # which side --max-size cap
 DEDUP_MODES = ("exact", "perceptual", "none")
 
 MIN_SIDE = 8  # px; smaller images are icons/tracking pixels, useless for 224-px crops
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # PIL's own default bomb limit (~89.5 Mpx)
 JPEG_QUALITY = 95
 # Formats kept byte-for-byte when already RGB and upright: every reader (PIL, DALI, torchvision) decodes them.
 _KEEP = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
@@ -123,35 +125,6 @@ def _png_bit_depth(data: bytes) -> int:
     return data[24] if len(data) > 24 and data[12:16] == b"IHDR" else 0
 
 
-def jpeg_structure_ok(data: bytes) -> bool:
-    """Walk the JPEG marker segments from SOI to SOS; False if any length or marker is broken.
-
-    PIL tolerates a corrupt header segment (it resyncs on the next marker) but DALI's
-    nvImageCodec parser does not ("Invalid marker"), so such a file must be re-encoded
-    rather than kept byte-for-byte.
-    """
-    if data[:2] != b"\xff\xd8":
-        return False
-    i, n = 2, len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return False
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            return True
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length field
-            i += 2
-            continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
-        if length < 2:
-            return False
-        i += 2 + length
-    return False
-
-
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
 
@@ -196,8 +169,10 @@ def _changes_needed(img: Image.Image, data: bytes, fmt: str, orientation: int, a
         needs.append("transparency")
     if fmt == "PNG" and _png_bit_depth(data) != 8:
         needs.append(f"{_png_bit_depth(data)}-bit PNG")
-    if fmt == "JPEG" and not jpeg_structure_ok(data):
-        needs.append("broken JPEG marker segments (DALI's decoder rejects them)")
+    if fmt in ("JPEG", "MPO", "PNG", "WEBP"):  # formats DALI would read as they are: the loader's rules
+        problem = variant_problem(img, data)
+        if problem is not None:
+            needs.append(problem[1])
     return needs
 
 
@@ -285,12 +260,3 @@ def normalise(data: bytes, max_pixels: int = MAX_PIXELS, options: Options | None
             return _normalise(data, opt)
         except Exception as exc:  # data errors are data: classify, never crash
             return Reject(classify(exc), _short(exc))
-
-
-def normalise_file(path: str, max_pixels: int = MAX_PIXELS, options: Options | None = None) -> Sample | Reject:
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return Reject(UNREADABLE, _short(exc))
-    return normalise(data, max_pixels, options)

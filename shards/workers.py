@@ -7,7 +7,10 @@ bounded by the options, not by the input size). `tasks` may yield PENDING (nothi
 downloads in flight): the pool then also waits on `wake_fd`, which turns readable when there may be more. A result is a Reject, or (with `meta` = key, source,
 label, extra) a shards.record.Record whose shard bytes the worker already rendered: the main process,
 which writes every shard in order and so limits how well the tool scales, only appends them.
-Each worker holds up to DEPTH tasks so it never waits for the main process.
+Each worker holds up to DEPTH tasks so it never waits for the main process. Tasks and results of any size
+(a task carries a downloaded image) travel over a socket whose main-process end never blocks
+(shards/channel.py): the main process waits only in its poll, so it cannot deadlock with a worker and the
+time budget is always enforced.
 A worker that passes `timeout` seconds on one input is SIGKILLed: that input is rejected as `timeout`,
 the worker's queued inputs go to other workers, and a fresh worker takes its place. n = 0 decodes in
 this process (no isolation: for debugging and tiny runs). Each worker's address space is capped at its
@@ -28,6 +31,7 @@ from typing import Iterable, Iterator
 
 from mocostream.pipeline import dali_check
 
+from .channel import Channel, recv_frame, send_frame
 from .feed import PENDING
 from .fetch import FetchError, fetch
 from .record import Record, encode
@@ -103,25 +107,25 @@ def _worker_main(conn, options: Options, tar: bool, memory_limit: int, environ: 
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)
+    fd = conn.fileno()
     try:  # ready: a file's time budget starts now, not while the process and its libraries start
-        conn.send_bytes(b"")
-    except (BrokenPipeError, OSError):
+        send_frame(fd, b"")
+    except OSError:
         return
     while True:
         try:
             while not conn.poll(1.0):
                 if os.getppid() != parent:  # belt and braces: our parent died (kill -9) and we were reparented
                     return
-            msg = conn.recv_bytes()
-        except (EOFError, OSError):  # the main process is gone (finished, crashed, kill -9): so are we
-            return
-        if not msg:  # stop
+            msg = recv_frame(fd)
+        except (EOFError, OSError):  # the main process closed our channel (done), or is gone: so are we
             return
         seq, task = pickle.loads(msg)
+        del msg  # a downloaded image: not kept twice while decoding
         result = process(task, options, tar)
-        try:
-            conn.send_bytes(_dumps((seq, *result)))
-        except (BrokenPipeError, OSError):
+        try:  # blocks until the main process has read it all: it reads every worker whenever it waits
+            send_frame(fd, _dumps((seq, *result)))
+        except OSError:
             return
 
 
@@ -136,15 +140,31 @@ class _Worker:
         child.close()
         _PARENT_ENDS.add(self.conn)
         self.fd = self.conn.fileno()
+        self.chan = Channel(self.fd)  # non-blocking from here on: see shards/channel.py
+        self.events = select.POLLIN   # what the run's poll watches on fd (POLLOUT too while chan.pending)
         self.inflight: collections.deque = collections.deque()  # (seq, task)
         self.ready = False  # until its ready message: start-up time is not charged to a file
         self.started = math.inf  # when the head task began (as far as we can tell)
 
+    @property
+    def decoding(self) -> bool:
+        """Its head task has reached it in full: only then can it be stuck on it. (A task still partly in our
+        buffer waits for us, e.g. while the main process writes a shard: that must not count as its time.)"""
+        return bool(self.inflight) and self.chan.unsent < len(self.inflight)
+
     def send(self, seq: int, task: tuple) -> None:
-        if not self.inflight and self.ready:
-            self.started = time.monotonic()
         self.inflight.append((seq, task))
-        self.conn.send_bytes(_dumps((seq, task)))
+        self.chan.queue(_dumps((seq, task)))
+        self.flush()
+
+    def flush(self) -> None:
+        was = self.decoding
+        try:
+            self.chan.flush()
+        except OSError:
+            pass  # it died: the read side sees EOF and the run replaces it
+        if self.ready and not was and self.decoding:
+            self.started = time.monotonic()
 
     def kill(self) -> None:
         self.proc.kill()
@@ -153,16 +173,12 @@ class _Worker:
         self.conn.close()
 
     def stop(self) -> None:
-        try:
-            self.conn.send_bytes(b"")  # stop
-        except OSError:
-            pass
+        # Closing our end is the stop signal: EOF on its next read, or EPIPE if it was sending to us.
+        _PARENT_ENDS.discard(self.conn)
+        self.conn.close()
         self.proc.join(2)
         if self.proc.is_alive():
             self.kill()
-        else:
-            _PARENT_ENDS.discard(self.conn)
-            self.conn.close()
 
     def exit_detail(self) -> str:
         self.proc.join(1)
@@ -170,6 +186,37 @@ class _Worker:
         if code is not None and code < 0:
             return f"decoder process killed by signal {-code}"
         return f"decoder process exited with status {code}"
+
+
+class _Run:
+    """The state of one imap: the task source, results not yet yielded, tasks to hand out again."""
+
+    def __init__(self, tasks: Iterator[tuple], window: int):
+        self.tasks, self.window = tasks, window
+        self.results: dict[int, tuple] = {}
+        self.requeue: collections.deque = collections.deque()
+        self.next_seq = self.yielded = 0
+        self.exhausted = False
+
+    def fill(self, workers: list[_Worker]) -> bool:
+        """Hand out tasks until each worker holds DEPTH; True when the source has nothing ready (PENDING)."""
+        for w in workers:
+            while len(w.inflight) < DEPTH:
+                if self.requeue:
+                    w.send(*self.requeue.popleft())
+                elif not self.exhausted and self.next_seq - self.yielded < self.window:
+                    try:
+                        task = next(self.tasks)
+                    except StopIteration:
+                        self.exhausted = True
+                        break
+                    if task is PENDING:
+                        return True
+                    w.send(self.next_seq, task)
+                    self.next_seq += 1
+                else:
+                    break
+        return False
 
 
 class DecodePool:
@@ -222,88 +269,84 @@ class DecodePool:
             for w in workers:
                 w.stop() if w.proc.is_alive() else w.kill()
 
-    def _replace(self, workers: list[_Worker], w: _Worker, requeue: collections.deque, poller) -> None:
+    def _replace(self, workers: list[_Worker], w: _Worker, run: _Run, poller) -> None:
         poller.unregister(w.fd)  # before its fd is closed (and its number reused)
         w.kill()
         # Its queued (not yet started) tasks go first to whoever is free next, in order.
-        requeue.extendleft(reversed(list(w.inflight)[1:]))
+        run.requeue.extendleft(reversed(list(w.inflight)[1:]))
         fresh = self._new_worker()
         workers[workers.index(w)] = fresh
-        poller.register(fresh.fd, select.POLLIN)
+        poller.register(fresh.fd, fresh.events)
         self.replaced += 1
 
     def _run(self, workers: list[_Worker], tasks: Iterator[tuple], wake_fd: int | None) -> Iterator[tuple]:
-        results: dict[int, tuple] = {}
-        requeue: collections.deque = collections.deque()
-        next_seq = yielded = 0
-        exhausted = False
-        window = WINDOW * len(workers)
+        run = _Run(tasks, WINDOW * len(workers))
         # One poll set for the whole run (multiprocessing.connection.wait builds a selector per call,
-        # which cost the main process more than reading the result itself).
+        # which cost the main process more than reading the result itself). It is the only place the
+        # main process waits on a worker: every send and read is non-blocking (shards/channel.py).
         poller = select.poll()
         for w in workers:
-            poller.register(w.fd, select.POLLIN)
+            poller.register(w.fd, w.events)
         watching = False  # wake_fd is polled only while the task source has nothing ready (else: a busy loop)
         while True:
-            waiting = False  # the task source has nothing ready: wait on wake_fd as well
-            for w in workers:
-                while len(w.inflight) < DEPTH and not waiting:
-                    if requeue:
-                        w.send(*requeue.popleft())
-                    elif not exhausted and next_seq - yielded < window:
-                        try:
-                            task = next(tasks)
-                        except StopIteration:
-                            exhausted = True
-                            break
-                        if task is PENDING:
-                            waiting = True
-                            break
-                        w.send(next_seq, task)
-                        next_seq += 1
-                    else:
-                        break
-            while yielded in results:
-                yield results.pop(yielded)
-                yielded += 1
+            waiting = run.fill(workers)  # the task source has nothing ready: wait on wake_fd as well
+            while run.yielded in run.results:
+                yield run.results.pop(run.yielded)
+                run.yielded += 1
             if wake_fd is not None and waiting != watching:
                 poller.register(wake_fd, select.POLLIN) if waiting else poller.unregister(wake_fd)
                 watching = waiting
             busy = [w for w in workers if w.inflight]
             if not busy:
-                if exhausted and not requeue:
+                if run.exhausted and not run.requeue:
                     return
                 if not waiting:
                     continue
-            deadline = min((w.started for w in busy), default=math.inf) + self.timeout
+            for w in workers:  # watch for room in a socket only while there is something left to write
+                want = select.POLLIN | (select.POLLOUT if w.chan.pending else 0)
+                if want != w.events:
+                    poller.modify(w.fd, want)
+                    w.events = want
+            deadline = min((w.started for w in busy if w.decoding), default=math.inf) + self.timeout
             wait_ms = None if math.isinf(deadline) else max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            events = poller.poll(wait_ms)
-            ready = {fd for fd, _ in events}
+            events = dict(poller.poll(wait_ms))
+            heard = self._collect(workers, run, events, poller)
+            now = time.monotonic()
             for w in list(workers):
-                if w.fd not in ready:
-                    continue
-                try:
+                if w.decoding and now - w.started > self.timeout and w not in heard:
+                    head_seq, _ = w.inflight[0]
+                    run.results[head_seq] = (Reject(TIMEOUT, f"decoding took longer than {self.timeout:g} s"), 0)
+                    self._replace(workers, w, run, poller)
+
+    def _collect(self, workers: list[_Worker], run: _Run, events: dict, poller) -> set:
+        """Write and read what the poll said each worker's socket allows; the workers that sent anything."""
+        heard = set()
+        for w in list(workers):
+            if w.fd not in events:
+                continue
+            if w.chan.pending:
+                w.flush()
+            try:
+                messages, progress = w.chan.read()
+                if progress:
+                    heard.add(w)
+                    w.started = time.monotonic()  # it is sending: its head task's decoding is over
+                for msg in messages:
                     if not w.ready:
-                        if w.conn.recv_bytes():
+                        if msg:
                             raise EOFError  # anything but the ready message first: treat as broken
                         w.ready, w.started = True, time.monotonic()
                         continue
                     if not w.inflight:
-                        raise EOFError  # an idle worker's pipe only becomes readable when it died
-                    seq, result, nbytes = pickle.loads(w.conn.recv_bytes())
-                except (EOFError, OSError):
-                    if w.inflight:
-                        head_seq, _ = w.inflight[0]
-                        results[head_seq] = (Reject(CRASHED, w.exit_detail()), 0)
-                    self._replace(workers, w, requeue, poller)
-                    continue
-                assert seq == w.inflight[0][0]
-                w.inflight.popleft()
-                w.started = time.monotonic()
-                results[seq] = (result, nbytes)
-            now = time.monotonic()
-            for w in list(workers):
-                if w.inflight and now - w.started > self.timeout and w.fd not in ready:
+                        raise EOFError  # a result for no task: treat as broken
+                    seq, result, nbytes = pickle.loads(msg)
+                    assert seq == w.inflight[0][0]
+                    w.inflight.popleft()
+                    w.started = time.monotonic()  # the next task begins (if it has reached the worker)
+                    run.results[seq] = (result, nbytes)
+            except (EOFError, OSError):
+                if w.inflight:
                     head_seq, _ = w.inflight[0]
-                    results[head_seq] = (Reject(TIMEOUT, f"decoding took longer than {self.timeout:g} s"), 0)
-                    self._replace(workers, w, requeue, poller)
+                    run.results[head_seq] = (Reject(CRASHED, w.exit_detail()), 0)
+                self._replace(workers, w, run, poller)
+        return heard

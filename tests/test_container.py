@@ -106,7 +106,7 @@ def test_image_copies_everything_the_package_build_needs():
             copied.update(shlex.split(args)[:-1])
     copied = {c.rstrip("/").removeprefix("./") for c in copied}
     assert {"pyproject.toml", PYPROJECT["project"]["readme"]} <= copied
-    packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
+    packages = set(PYPROJECT["tool"]["setuptools"]["package-dir"].values())  # the folders the wheel is built from
     assert packages <= copied, f"packages not copied into the image: {packages - copied}"
     assert "." not in copied, "COPY . would put the build context (venvs, data) into the image"
 

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mocostream.shards import create_shards
 from mocostream.pipeline.dali_check import checker, dali_problem
+from mocostream.pipeline.image_check import check_image, jpeg_segments_ok, trusted
+from mocostream.shards import create_shards
+from mocostream.shards.validate import Options, normalise
 from mocostream.shards.verify import tar_samples
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid APNG")  # PIL's note on apng_zero_frames.png
@@ -148,3 +150,75 @@ def test_never_rejects_what_only_pil_reads(folder, tmp_path):
     assert {reason for _, reason, _ in r.rejected} == {"needs_reencode"}
     assert all("DALI's decoder" in detail for _, _, detail in r.rejected)
     assert len(dali_read_all(tmp_path)) == 4
+
+
+def jpeg_rule_cases(photo: bytes, mpo: bytes) -> dict[str, bytes]:
+    """Where the shard tool's and the loader's two former copies of the JPEG marker walk differed."""
+    app0_end = 4 + int.from_bytes(photo[4:6], "big")
+    return {
+        "length0.jpg": photo[:2] + b"\xff\xfe\x00\x00" + photo[2:],  # a COM segment whose length is under 2
+        "length1.jpg": photo[:2] + b"\xff\xfe\x00\x01" + photo[2:],
+        "second_soi.jpg": photo[:2] + b"\xff\xd8" + photo[2:],  # the loader's walk skipped a second SOI
+        "soi_after_app0.jpg": photo[:app0_end] + b"\xff\xd8" + photo[app0_end:],
+        "soi_with_length.jpg": photo[:2] + b"\xff\xd8\x00\x04\x00\x00" + photo[2:],  # the shard tool's read a length
+        "length0.mpo": mpo[:2] + b"\xff\xfe\x00\x00" + mpo[2:],  # the shard tool did not walk MPO
+    }
+
+
+def test_jpeg_rules_give_the_same_verdict_in_the_shard_tool_and_the_loader(webphotos, messy_images, tmp_path):
+    """One rule set: bytes `shards create` keeps as they are pass the loader's pre-flight check, and bytes
+    that check refuses are never kept; a set created with these files carries a stamp the loader trusts."""
+    photo = sorted(webphotos.iterdir())[0].read_bytes()
+    assert photo[2:4] == b"\xff\xe0"  # APP0 right after SOI
+    mpo = (messy_images / "pillow" / "frozenpond.mpo").read_bytes()
+    cases = jpeg_rule_cases(photo, mpo)
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in {**cases, "photo.jpg": photo, "good.mpo": mpo}.items():
+        (src / name).write_bytes(data)
+    assert not any(jpeg_segments_ok(data) for data in cases.values())
+    assert jpeg_segments_ok(photo) and jpeg_segments_ok(mpo)
+    # the loader's path: every case refused, the intact files accepted
+    assert {n: check_image(d) for n, d in cases.items()} == dict.fromkeys(cases, "corrupt")
+    assert check_image(photo) is None and check_image(mpo) is None
+    # the shard tool, never re-encoding: keeps exactly what the loader accepts (MPO aside: always re-encoded)
+    r = create_shards([str(src)], str(tmp_path / "never"), reencode="never", dedup="none", workers=1, progress=False)
+    refused = {Path(s).name: detail for s, _, detail in r.rejected}
+    assert set(refused) == {*cases, "good.mpo"} and r.written == 1
+    assert "broken JPEG marker segments" in refused["length0.mpo"]
+    assert "broken JPEG marker segments" not in refused["good.mpo"]
+    # re-encoding: what it stores passes the loader's check, and the set is trusted to need no check
+    out = tmp_path / "auto"
+    r = create_shards([str(src)], str(out), dedup="none", workers=1, progress=False)
+    stored = {Path(json.loads(p["json"])["source"]).name: p["jpg"]
+              for _, p in tar_samples((out / r.shards[0]["name"]).read_bytes())}
+    assert stored["photo.jpg"] == photo and {"good.mpo", "length0.jpg", "length0.mpo"} <= set(stored)
+    assert all(check_image(data) is None for data in stored.values())
+    assert trusted(json.loads((out / "manifest.json").read_text())["options"]["validated_by"])
+
+
+def test_bytes_the_shard_tool_keeps_pass_the_loader_check(webphotos):
+    """Damaged JPEG headers (random bytes over a real photo's marker segments, half of them on the markers
+    and lengths): what the shard tool keeps byte-for-byte the loader accepts; what it writes at all too."""
+    photo = sorted(webphotos.iterdir())[1].read_bytes()
+    spots, i = [], 2
+    while photo[i + 1] != 0xDA:  # up to SOS
+        spots += range(i, i + 4)  # a marker and its length field
+        i += 2 + int.from_bytes(photo[i + 2:i + 4], "big")
+    rng = np.random.default_rng(25)
+    verdicts, kept = [], 0
+    for n in range(160):
+        data = bytearray(photo)
+        where = rng.choice(spots, size=2) if n % 2 else rng.integers(2, i + 4, size=3)
+        for at in where:
+            data[at] = int(rng.choice([0x00, 0x01, 0xD8, 0xFF, int(rng.integers(0, 256))]))
+        data = bytes(data)
+        verdicts.append(check_image(data))
+        for options in (Options(dedup="none"), Options(dedup="none", reencode="never")):
+            result = normalise(data, options=options)
+            if getattr(result, "data", None) == data:
+                assert verdicts[-1] is None, (verdicts[-1], data[:i + 4].hex())
+                kept += 1
+            elif hasattr(result, "data"):
+                assert check_image(result.data) is None
+    assert kept and {None, "corrupt"} <= set(verdicts)  # both verdicts were exercised
