@@ -145,7 +145,7 @@ def _columns(pf, url: str, allow_external: bool) -> ShardTable:
             row += len(chunk)
         names += pf.read_row_group(group, columns=["name"]).column(0).chunks
     names = pa.chunked_array(names, pa.string())  # chunked: indexing finds the chunk
-    check_shard_columns(names, counts, sizes, url)
+    check_shard_columns(names, counts, sizes, url, allow_external)
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return ShardTable(base, names, counts, sizes, digests)
 
