@@ -4,7 +4,7 @@
 #       -e AWS_ENDPOINT_URL -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY \
 #       mocostream train --data s3://bucket/shards --steps 100000 --checkpoint-dir s3://bucket/ckpt --resume
 #   several GPUs: docker run ... --entrypoint torchrun mocostream --nproc-per-node 8 -m mocostream.ops.cli train ...
-# /dev/shm: the torch backend's augmentation processes and NCCL pass tensors through shared memory, and
+# /dev/shm: the opencv backend's augmentation processes and NCCL pass tensors through shared memory, and
 # Docker's default is 64 MB: give the container at least 8 GB (--shm-size, compose `shm_size`, or a
 # memory-backed emptyDir mounted at /dev/shm on Kubernetes, see ops/k8s/).
 # DALI's hardware JPEG decoder (nvJPEG on A100/H100) needs the driver's `video` capability, which the

@@ -1,4 +1,4 @@
-"""Two-view augmentation throughput: reference recipe vs torch backend (OpenCV) vs DALI CPU pipeline.
+"""Two-view augmentation throughput: reference recipe vs the opencv backend vs DALI CPU pipeline.
 
     python bench/augment.py --images DIR [--seconds 20] [--recipe moco_v2] [--size 224]
 
@@ -7,17 +7,17 @@ normalised float views per image, from the encoded bytes in memory (no disk I/O 
 of cores (`--workers`, default all):
 
   (a) reference  PIL decode + the unmodified main_moco.py transform, twice; one process per core
-  (b) torch      augment_cv.augment_images (the torch backend's workers, uint8) + batched normalize; per core
+  (b) opencv     augment_cv.augment_images (the opencv backend's workers, uint8) + batched normalize; per core
   (c) dali_cpu   augment_dali pipeline, device="cpu", num_threads = cores, one process
 
 plus the cost of image_check.check_image (one core), which runs before (c) in the real stream.
 Prints a table and a final JSON line. images/s depends on what else runs on the machine; CPU ms per
 image (process CPU time, all threads, divided by images) is the steadier figure for comparisons.
 
-Measured on the 2-core dev machine while other jobs ran (load ~3), --seconds 20, 224 px, with the torch
-backend then PIL + torchvision (BENCHMARKS.md has today's figures, OpenCV workers):
+Measured on the 2-core dev machine while other jobs ran (load ~3), --seconds 20, 224 px, when (b) still ran
+PIL + torchvision (BENCHMARKS.md has today's figures, OpenCV workers):
 
-    moco_v2   reference 52.8 img/s (18.6 CPU-ms/img)   torch 51.7 (19.1)   dali_cpu 105.0 (9.5)  -> 2.0x
+    moco_v2   reference 52.8 img/s (18.6 CPU-ms/img)   (b) 51.7 (19.1)     dali_cpu 105.0 (9.5)  -> 2.0x
               (a busier minute: 44.7 (19.0)             40.1 (19.5)         74.5 (9.2)   -> 1.7x)
     moco_v1   reference 61.3 img/s (16.2)                                  dali_cpu 127.9 (7.7)  -> 2.1x
     check_image 0.78-1.2 ms/image on one core
@@ -34,6 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mocostream.pipeline.vocabulary import BACKEND_ALIASES, OPENCV, RECIPES  # noqa: E402
+
 
 def _load(folder: str, limit: int | None = None) -> list[bytes]:
     exts = (".jpg", ".jpeg", ".png", ".webp")
@@ -43,14 +45,14 @@ def _load(folder: str, limit: int | None = None) -> list[bytes]:
     return [p.read_bytes() for p in paths]
 
 
-def _torch_worker(kind: str, folder, recipe: str, size: int, seconds: float, batch: int, out) -> None:
+def _process_worker(kind: str, folder, recipe: str, size: int, seconds: float, batch: int, out) -> None:
     import io
 
     import torch
     from PIL import Image
 
     from mocostream.pipeline.augment_cv import augment_images
-    from mocostream.pipeline.augment_torch import normalize, reference_transform
+    from mocostream.pipeline.augment_reference import normalize, reference_transform
 
     torch.set_num_threads(1)
     data = _load(folder) if isinstance(folder, str) else folder  # a folder, or the encoded images themselves
@@ -76,11 +78,12 @@ def _torch_worker(kind: str, folder, recipe: str, size: int, seconds: float, bat
     out.put((n, time.perf_counter() - start, time.process_time() - cpu))
 
 
-def bench_torch(kind: str, args) -> tuple[float, float]:
-    """(images/s over all workers, CPU ms per image)."""
+def bench_processes(kind: str, args) -> tuple[float, float]:
+    """(images/s over all workers, CPU ms per image) of the reference recipe or the opencv backend's workers,
+    one process per worker."""
     ctx = mp.get_context("spawn")  # no fork after DALI/torch threads exist
     q = ctx.Queue()
-    procs = [ctx.Process(target=_torch_worker, args=(kind, args.images, args.recipe, args.size,
+    procs = [ctx.Process(target=_process_worker, args=(kind, args.images, args.recipe, args.size,
                                                      args.seconds, 16, q)) for _ in range(args.workers)]
     for p in procs:
         p.start()
@@ -135,23 +138,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", required=True, help="folder of JPEG files (webphotos jpg/)")
     ap.add_argument("--seconds", type=float, default=20.0, help="timed seconds per backend")
-    ap.add_argument("--recipe", default="moco_v2", choices=["moco_v1", "moco_v2"])
+    ap.add_argument("--recipe", default="moco_v2", choices=RECIPES)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=64, help="DALI batch size")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="processes for (a)/(b), DALI threads for (c); default: all cores")
-    ap.add_argument("--only", default="reference,torch,dali_cpu", help="comma-separated subset")
+    ap.add_argument("--only", default=f"reference,{OPENCV},dali_cpu", help="comma-separated subset")
     args = ap.parse_args(argv)
     if not Path(args.images).is_dir():
         print(f"error: --images {args.images} is not a folder", file=sys.stderr)
         return 2
 
-    only = set(args.only.split(","))
+    only = {BACKEND_ALIASES.get(name, name) for name in args.only.split(",")}
     res: dict[str, tuple[float, float]] = {}
     if "reference" in only:
-        res["reference"] = bench_torch("reference", args)
-    if "torch" in only:
-        res["torch"] = bench_torch("torch", args)
+        res["reference"] = bench_processes("reference", args)
+    if OPENCV in only:
+        res[OPENCV] = bench_processes(OPENCV, args)
     if "dali_cpu" in only:
         res["dali_cpu"] = bench_dali(args)
     check_ms = bench_check(args)

@@ -65,7 +65,7 @@ def one_round(raw: list[bytes], iterations: int) -> dict[str, dict[str, float]]:
     import torchvision.transforms.functional as TF
     from PIL import Image, ImageFilter
 
-    from mocostream.pipeline.augment_torch import MEAN, STD
+    from mocostream.pipeline.augment_reference import MEAN, STD
 
     cv2.setNumThreads(1)
     top, left, h, w = CROP

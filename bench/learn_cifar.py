@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mocostream.pipeline.vocabulary import AUTO, BACKEND_CHOICES, RECIPES
+
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = {"moco_v1": 0.1, "moco_v2": 0.2}
 CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15}
@@ -83,7 +85,7 @@ def train_run(args, recipe: str, shards: Path, work: Path) -> dict:
              "--budget-minutes", str(args.budget_minutes), "--checkpoint-dir", str(ckpt),
              "--checkpoint-every", str(10 ** 9),
              "--metrics-port", "0", "--no-progress", "--log-every", "20", "--workers", str(args.workers),
-             "--device", args.device, "--seed", "0"]
+             "--device", args.device, "--backend", args.backend, "--seed", "0"]
     if args.compile:
         flags += ["--compile"]
     if recipe == "moco_v1":
@@ -118,7 +120,7 @@ def knn(args, data: Path, checkpoint: str | None) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock per recipe")
-    p.add_argument("--recipes", default="moco_v1,moco_v2")
+    p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18_cifar_half on CPU")
     p.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 128 on CPU")
@@ -132,7 +134,9 @@ def main() -> int:
                    help="lr per 256 images (default: 0.06 on a GPU; on CPU v1 0.3, v2 0.15)")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--precision", help="default: bf16 on a GPU and on CPUs with native bf16 (AMX/AVX512-BF16)")
-    p.add_argument("--workers", type=int, default=2, help="DALI CPU threads")
+    p.add_argument("--backend", default=AUTO, choices=BACKEND_CHOICES,
+                   help="augmentation backend (auto: DALI on a GPU, OpenCV workers on CPU)")
+    p.add_argument("--workers", type=int, default=2, help="loader workers: DALI CPU threads or OpenCV processes")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.compile the encoders (CPU: 1.3x the step speed; its ~15-70 s are part of the budget)")
     p.add_argument("--knn-max-per-class", type=int, default=0,

@@ -8,7 +8,7 @@ Each measurement runs in a fresh process (so process CPU time is its own), after
 alternate the order of the backends, so load drift on a shared machine hits all of them; the summary gives
 each round and the median ratio to the reference of the same round.
 
-  dali, torch   the streaming loader (pipeline.loader) from tar shards: read, parse, check, feed, augment
+  dali, opencv  the streaming loader (pipeline.loader) from tar shards: read, parse, check, feed, augment
   --reference   the reference MoCo v2 recipe (PIL decode + torchvision aug+ with PIL's blur, twice), one
                 process per core on the same photos held in memory: it pays no I/O, the fairest baseline
   --feed-only   dali only: the DALI graph is replaced by one that takes the same external_source inputs and
@@ -16,7 +16,7 @@ each round and the median ratio to the reference of the same round.
   --profile     per stage CPU ms per image: read (shard bytes), parse (tar/parquet -> samples), check
                 (pre-flight image check), feed (building each batch's external_source inputs, crop
                 windows included), collate (outputs -> Batch on the training thread), graph (DALI's own
-                threads: decode + augment) or workers (torch: decode + augment in worker processes)
+                threads: decode + augment) or workers (opencv: decode + augment in worker processes)
 
 The last line is JSON: every round, the medians and (with --profile) the stage breakdown.
 """
@@ -37,6 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))  # bench/augment.py; after the repo (bench/shards.py)
+
+from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKENDS, DALI, OPENCV  # noqa: E402
 
 STAGES = ("read", "parse", "check", "feed", "collate")
 
@@ -152,14 +154,14 @@ def measure_loader(args, backend: str) -> dict:
     if args.profile:
         stages = {s: clock.cpu.get(s, 0.0) for s in STAGES[:-1]}
         stages["collate"] = collate
-        rest = "workers" if backend == "torch" else "graph"
-        stages[rest] = (kids if backend == "torch" else 0.0) + cpu - sum(stages.values())
+        rest = "workers" if backend == OPENCV else "graph"
+        stages[rest] = (kids if backend == OPENCV else 0.0) + cpu - sum(stages.values())
         out["profile_ms_per_image"] = {k: round(v / n * 1e3, 3) for k, v in stages.items()}
     return out
 
 
 def measure_reference(args) -> dict:
-    from augment import bench_torch
+    from augment import bench_processes
 
     from mocostream.pipeline.readers import read_samples
     from mocostream.pipeline.filesystems import Storage
@@ -168,8 +170,9 @@ def measure_reference(args) -> dict:
     storage = Storage()
     blobs = [s.data for sh in resolve_shards(args.data, storage=storage)
              for s in read_samples(sh, storage.read_bytes(sh.url)) if not s.error]
-    ips, cpu_ms = bench_torch("reference", argparse.Namespace(images=blobs, recipe="moco_v2", size=args.image_size,
-                                                              seconds=args.seconds, workers=args.workers))
+    ips, cpu_ms = bench_processes("reference", argparse.Namespace(images=blobs, recipe="moco_v2",
+                                                                 size=args.image_size, seconds=args.seconds,
+                                                                 workers=args.workers))
     return {"name": "reference", "images_per_s": round(ips, 1), "cpu_ms_per_image": round(cpu_ms, 3)}
 
 
@@ -195,7 +198,7 @@ def main() -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="shards (manifest, folder, pattern or s3:// prefix)")
     src.add_argument("--images", help="a folder of images, made into tar shards first (by `shards create`)")
-    p.add_argument("--backend", default="dali", choices=["dali", "torch", "reference", "all"])
+    p.add_argument("--backend", default=DALI, choices=[*BACKENDS, "reference", "all", *BACKEND_ALIASES])
     p.add_argument("--reference", action="store_true", help="also run the reference recipe (the ratio baseline)")
     p.add_argument("--feed-only", action="store_true", help="dali: the feed path alone, no decode/augment graph")
     p.add_argument("--profile", action="store_true", help="per stage CPU ms per image")
@@ -206,9 +209,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                   help="processes (torch, reference) or threads (dali)")
+                   help="processes (opencv, reference) or threads (dali)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.backend = BACKEND_ALIASES.get(args.backend, args.backend)
 
     if args.one:
         r = measure_reference(args) if args.one == "reference" else measure_loader(args, args.one.removesuffix("-feed"))
@@ -219,7 +223,7 @@ def main() -> None:
 
         args.data = tempfile.mkdtemp(prefix="bench-shards-")
         create_shards([args.images], args.data, fmt="tar", samples_per_shard=100, progress=False, dedup="none")
-    names = {"all": ["dali", "torch"], "reference": []}.get(args.backend, [args.backend])
+    names = {"all": list(BACKENDS), "reference": []}.get(args.backend, [args.backend])
     if args.feed_only:
         if names != ["dali"]:
             raise SystemExit("error: --feed-only measures the dali backend only")

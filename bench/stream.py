@@ -1,7 +1,7 @@
 """Streaming benchmark (issue 5): object storage vs local disk, and resume latency.
 
     python bench/stream.py --images /tmp/wp/jpg --seconds 20
-    python bench/stream.py --seconds 20 --backend torch          # generated images, torch backend
+    python bench/stream.py --seconds 20 --backend opencv         # generated images, opencv backend
 
 1. Loader throughput, S3 vs local. A real SeaweedFS server is started on 127.0.0.1 (tests/conftest.py's
    S3Server). The images are made into tar shards twice, with the same options: into a local temp folder and
@@ -37,6 +37,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+
+from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKENDS, DALI  # noqa: E402
 
 
 # ---- 1. throughput --------------------------------------------------------------------------------------
@@ -86,7 +88,7 @@ def measure_loader(data: str, backend: str, seconds: float, batch: int, size: in
             "read_mb": round(reads.bytes / 1e6, 1),
             "mean_shard_read_ms": round(1000 * reads.seconds / reads.reads, 1) if reads.reads else None,
             "process_cpu_s_per_wall_s": round(cpu / dt, 2),
-            # steadier than images/s on a shared machine; dali only (torch's worker processes are not counted)
+            # steadier than images/s on a shared machine; dali only (opencv's worker processes are not counted)
             "images_per_process_cpu_s": round(n / cpu, 1) if cpu > 0 else None,
             "median_batch_wait_s": round(sorted(waits)[len(waits) // 2], 3), "max_batch_wait_s": round(max(waits), 3)}
 
@@ -316,7 +318,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", help="a folder of images (default: generate 512 with ops.demo.write_images)")
     p.add_argument("--generated-size", type=int, default=384, help="side of generated images, px")
-    p.add_argument("--backend", default="dali", choices=["dali", "torch"])
+    p.add_argument("--backend", default=DALI, choices=[*BACKENDS, *BACKEND_ALIASES])
     p.add_argument("--seconds", type=float, default=20.0, help="measured seconds per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds of local then S3")
     p.add_argument("--warmup-seconds", type=float, default=5.0, help="an unmeasured local run first")
@@ -326,7 +328,7 @@ def main() -> None:
     p.add_argument("--read-ahead", type=int, default=2, help="shard blocks fetched ahead")
     p.add_argument("--resume-shards", type=int, default=1000)
     p.add_argument("--resume-repeats", type=int, default=2, help="resume child processes (best is reported)")
-    p.add_argument("--resume-backend", default="dali", choices=["dali", "torch"])
+    p.add_argument("--resume-backend", default=DALI, choices=[*BACKENDS, *BACKEND_ALIASES])
     p.add_argument("--resume-s3", action="store_true", help="resume from the shards on SeaweedFS, not local disk")
     p.add_argument("--skip-stream", action="store_true")
     p.add_argument("--skip-resume", action="store_true")

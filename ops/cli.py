@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from mocostream.pipeline.vocabulary import AUTO, BACKEND_ALIASES, BACKEND_CHOICES
+
 from .cpu_budget import short_openmp_spin
 from .config import CONFIG_ENV, TrainConfig, build_config, mask_logs, mask_text, printable_config, read_config_file
 from .options import ChoicesHelp, add_options, values_from
@@ -43,11 +45,13 @@ def run_train(args) -> int:
 
 def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="build shards from generated images and train a few MoCo steps on them",
-                       description="The whole pipeline on an embedded default: shards -> DALI two views -> MoCo "
+                       description="The whole pipeline on an embedded default: shards -> two augmented views -> MoCo "
                                    "-> Prometheus metrics. Needs no input; about a minute on 2 CPU cores.")
     p.add_argument("--workdir", default="demo-output", help="where shards, checkpoints and traces go")
     p.add_argument("--steps", type=int, default=40, help="training steps")
-    p.add_argument("--backend", default="dali", choices=["dali", "torch"], help="augmentation backend")
+    p.add_argument("--backend", default=AUTO, choices=(*BACKEND_CHOICES, *BACKEND_ALIASES),
+                   metavar="{" + ",".join(BACKEND_CHOICES) + "}",
+                   help="augmentation backend (auto: DALI on a GPU, OpenCV on CPU; as for train)")
     p.add_argument("--metrics-port", type=int, default=9400, help="Prometheus endpoint port (0 = any free port)")
     p.set_defaults(func=run_demo)
 
@@ -62,8 +66,8 @@ def run_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mocostream",
-        description="Streaming MoCo pretraining: shards on object storage -> DALI two-view augmentation -> "
-                    "DDP MoCo with queue and momentum encoder -> Prometheus.")
+        description="Streaming MoCo pretraining: shards on object storage -> two-view augmentation (DALI or "
+                    "OpenCV) -> DDP MoCo with queue and momentum encoder -> Prometheus.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_demo_parser(sub)

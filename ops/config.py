@@ -23,7 +23,11 @@ from pathlib import Path
 
 import yaml
 
+from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKEND_CHOICES, RECIPES, alias_notice
+
 from .options import choices_of, flag_of, option_fields, plain_type
+
+log = logging.getLogger("mocostream.config")
 
 
 class ConfigError(ValueError):
@@ -62,11 +66,6 @@ def _momentum_schedules():
     return MOMENTUM_SCHEDULES
 
 
-def _backends():
-    from mocostream.pipeline.loader import BACKENDS
-    return BACKENDS
-
-
 def _preflight_modes():
     from mocostream.pipeline.loader import PREFLIGHT
     return PREFLIGHT
@@ -89,10 +88,12 @@ class TrainConfig:
     batch_size: int = opt(32, "samples per rank per step (global batch = this x ranks)")
     arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images", choices=_archs)
     image_size: int = opt(224, "side of the square crops fed to the encoder")
-    backend: str = opt("dali", "augmentation backend: dali (GPU when present, else CPU) or torch "
-                               "(OpenCV worker processes: the faster one on CPU)", choices=_backends)
+    backend: str = opt("auto", "augmentation backend: dali (DALI's graph, on the GPU when training on one), "
+                               "opencv (OpenCV worker processes: the faster one on CPU), or auto: dali when "
+                               "training on a CUDA GPU, else opencv (torch: the old name of opencv)",
+                       choices=BACKEND_CHOICES)
     recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head) or moco_v2 (T 0.2, MLP head, aug+ with blur)",
-                      choices=tuple(RECIPE_DEFAULTS))
+                      choices=RECIPES)
     queue_size: int = opt(65536, "K, the number of negatives kept in the queue (any value; no multiple-of-batch "
                                  "rule)")
     dim: int = opt(128, "feature dimension of the keys/queries")
@@ -128,7 +129,7 @@ class TrainConfig:
     knn_image_size: int | None = opt(None, "side the kNN images are resized to (default: --image-size; training "
                                            "on small random crops, the images' own size measures better)")
     seed: int = opt(0, "seed of the data order, augmentation and weights")
-    workers: int | None = opt(None, "torch backend: augmentation processes; dali: CPU threads (and image-check "
+    workers: int | None = opt(None, "opencv backend: augmentation processes; dali: CPU threads (and image-check "
                                     "threads); default: from the CPU budget")
     cpus: float | None = opt(None, "CPUs this job may use on the node (default: the smallest of the affinity mask "
                                    "and the cgroup CPU quota); split among the node's ranks, then among the thread "
@@ -166,6 +167,9 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with recipe defaults filled in, after checking every value."""
         cfg = dataclasses.replace(self)
+        if alias_notice(cfg.backend):  # an old name (a config file from before) still works
+            log.warning(alias_notice(cfg.backend))
+            cfg.backend = BACKEND_ALIASES[cfg.backend]
         check_choices(cfg)  # the recipe first: its presets fill what is unset
         for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
             if getattr(cfg, key) is None:

@@ -143,7 +143,7 @@ def local_world_size() -> int:
 class ThreadSplit:
     intra_op: int  # torch intra-op threads (the training step's compute)
     interop: int  # torch inter-op threads
-    loader: int  # DALI CPU threads / torch-backend augmentation processes (also the image-check threads)
+    loader: int  # DALI CPU threads / opencv-backend augmentation processes (also the image-check threads)
 
 
 def split_threads(budget: CpuBudget, on_gpu: bool, intra_op: int | None = None,

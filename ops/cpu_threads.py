@@ -6,6 +6,8 @@ import os
 
 import torch
 
+from mocostream.pipeline.vocabulary import OPENCV
+
 from .config import TrainConfig
 from .cpu_budget import CpuBudget, ThreadSplit, detect_budget, split_threads
 from .thread_tuner import ThreadTuner
@@ -30,14 +32,11 @@ def apply_cpu_budget(cfg: TrainConfig, on_gpu: bool, local_ranks: int | None = N
     return budget, split, tuner
 
 
-def log_cpu_budget(budget: CpuBudget, split: ThreadSplit, backend: str, on_gpu: bool = False) -> None:
-    """One line at start: the budget, where each limit came from, and the split (and, for DALI without a
-    GPU, that the other backend is the faster loader there)."""
+def log_cpu_budget(budget: CpuBudget, split: ThreadSplit, backend: str) -> None:
+    """One line at start: the budget, where each limit came from, and the split (the loader's own line says
+    which backend it runs and why)."""
     log.info("%s -> %d intra-op threads, %d loader %s, OpenMP wait %s", budget.describe(),
-             split.intra_op, split.loader, "workers" if backend == "torch" else "threads", openmp_wait())
-    if backend == "dali" and not on_gpu:
-        log.info("DALI on CPU: its CPU operators augment at ~1.5x the reference recipe; --backend torch "
-                 "(OpenCV workers, the same views) at ~2.3-2.7x (BENCHMARKS.md)")
+             split.intra_op, split.loader, "workers" if backend == OPENCV else "threads", openmp_wait())
 
 
 def openmp_wait() -> str:

@@ -2,8 +2,8 @@
 
 No installed dependency ships a set of real photos, so the demo draws its own: 256 JPEGs in 8 classes
 of textured scenes (stripes, rings, blobs, checkers in random colours, with noise), written as class
-folders, turned into tar shards by the shard tool, then trained on with DALI two-view augmentation
-while a Prometheus endpoint serves the metrics.
+folders, turned into tar shards by the shard tool, then trained on with two-view augmentation (`--backend
+auto`: DALI on a GPU, OpenCV workers on CPU) while a Prometheus endpoint serves the metrics.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def write_images(folder: Path, per_class: int = 32, size: int = 96, seed: int = 
     return per_class * len(CLASSES)
 
 
-def demo(workdir: str, steps: int = 40, backend: str = "dali", metrics_port: int = 9400) -> dict:
+def demo(workdir: str, steps: int = 40, backend: str = "auto", metrics_port: int = 9400) -> dict:
     from .train import train
 
     t0 = time.perf_counter()

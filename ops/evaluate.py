@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mocostream.moco_core import add_mlp_head, backbone_of, build_encoder, extract_features, knn_top1
-from mocostream.pipeline.augment_torch import normalize
+from mocostream.pipeline.augment_reference import normalize
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import LabeledImages, knn_sets
 from mocostream.pipeline.labeled_stream import labeled_units, shard_class_names, split_specs

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from mocostream.moco_core import scaled_lr
 from mocostream.moco_core.schedule import step_decay
-from mocostream.pipeline.augment_torch import normalize
+from mocostream.pipeline.augment_reference import normalize
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled_stream import LabeledStream
 

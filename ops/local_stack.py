@@ -28,7 +28,7 @@ PROMETHEUS_DIR = Path(__file__).resolve().parent / "prometheus"
 BUCKET = "mocostream"
 KEY, SECRET = "mocostream-local", "mocostream-local-secret"
 # Small enough for a CPU; anything after `--` on the command line overrides these.
-TRAIN_DEFAULTS = ["--arch", "resnet18_cifar", "--image-size", "32", "--batch-size", "16", "--backend", "dali",
+TRAIN_DEFAULTS = ["--arch", "resnet18_cifar", "--image-size", "32", "--batch-size", "16", "--backend", "auto",
                   "--workers", "1", "--steps", "1000000", "--queue-size", "4096", "--moco-momentum", "0.99",
                   "--checkpoint-every", "200", "--log-every", "10", "--no-progress"]
 

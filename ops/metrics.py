@@ -9,11 +9,10 @@ from collections import Counter
 
 from prometheus_client import CollectorRegistry, Counter as PCounter, Gauge, Histogram, start_http_server
 
+from mocostream.pipeline.skip_log import SKIP_REASONS  # exported at 0 from the start: rates and alerts have a series
+
 from .cpu_metrics import CpuCollector
 
-# Reasons a sample can be skipped, exported at 0 from the start so rates and alerts have a series.
-SKIP_REASONS = ("not_an_image", "truncated", "corrupt", "decompression_bomb", "unsupported_format", "no_image", "too_large",
-                "missing_in_shard", "shard_unreadable", "unreadable_row_group", "decoder_error", "epoch_remainder")
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 

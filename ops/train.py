@@ -269,7 +269,7 @@ class Trainer:
         self.storage = Storage(storage_config(cfg))
         self.loader = self._build_loader()
         # once the data is found: bad input stays one line
-        log_cpu_budget(self.cpu, self.threads, cfg.backend, on_gpu=self.device.type == "cuda")
+        log_cpu_budget(self.cpu, self.threads, self.loader.backend)
         # the skip counters catch up with what the reader threads counted until they stopped
         self._resources.callback(lambda: self.metrics.sync_skipped(self.loader.skipped))
         self._build_model()

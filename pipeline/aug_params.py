@@ -14,7 +14,7 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from mocostream.pipeline.augment_torch import blur_sigma_range
+from mocostream.pipeline.augment_reference import blur_sigma_range
 
 # PIL's "L" / ITU-R 601 luma weights: grayscale, saturation and the contrast pivot use them.
 LUMA = np.array([0.299, 0.587, 0.114])

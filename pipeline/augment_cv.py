@@ -1,4 +1,4 @@
-"""MoCo two-view augmentation on the CPU with OpenCV: what the torch backend's workers run.
+"""MoCo two-view augmentation on the CPU with OpenCV: what the opencv backend's workers run.
 
 The views are the DALI graph's (augment_dali.py), parameter for parameter: the same generator draws the
 crop windows, colour maps, blur kernels and flips (aug_params.AugParams), seeded per chunk by the loader,
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from mocostream.pipeline.aug_params import LUMA, AugParams, image_size, jpeg_size
-from mocostream.pipeline.augment_torch import UndecodableImage, decode_rgb
+from mocostream.pipeline.augment_reference import UndecodableImage, decode_rgb
 from mocostream.pipeline.image_check import MAX_PIXELS
 
 _REDUCED = {1: 0, 2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,

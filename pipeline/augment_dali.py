@@ -13,7 +13,7 @@ Per view, for recipe moco_v2 (aug+) [moco_v1]:
     gaussian blur, p 0.5  sigma U[0.1, 2.0] x S / 224 (see blur_sigma_range)                [none]
     flip, p 0.5; normalise; HWC -> CHW           (crop_mirror_normalize)
 
-How it maps onto DALI, and where it differs from torchvision (augment_torch.py is the reference):
+How it maps onto DALI, and where it differs from torchvision (augment_reference.py is the reference recipe):
 
 * Random parameters. All per-sample decisions and factors, the crop window included (torchvision's
   get_params on the image size read from its header, vectorised over the batch, then fn.resize with that
@@ -51,7 +51,7 @@ How it maps onto DALI, and where it differs from torchvision (augment_torch.py i
 Speed on CPU: DALI's CPU operators, not the feed, bound this graph there (bench/cpu_ops.py, one thread,
 CPU ms per view of a ~500x375 photo): resize 2.2 (PIL's antialiased bilinear: 0.8), colour map 1.3 (OpenCV:
 0.03), blur 0.2, normalise 0.2; decode 0.9 per image. The whole graph runs at ~1.5x the reference recipe's
-images/s on 2 cores (bench/loader.py); the torch backend's OpenCV workers (augment_cv.py), same views,
+images/s on 2 cores (bench/loader.py); the opencv backend's workers (augment_cv.py), same views,
 ~2.3-2.7x. On a GPU the same graph runs on the GPU and the CPU pays only the feed.
 
 Decode only what the views need: both crop windows are drawn before decoding (in the feed, from the
@@ -77,7 +77,8 @@ from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorGPU
 
 from mocostream.pipeline.aug_params import LUMA, AugParams, image_size
-from mocostream.pipeline.augment_torch import MEAN, RECIPES, STD
+from mocostream.pipeline.augment_reference import MEAN, STD
+from mocostream.pipeline.vocabulary import RECIPES
 
 FEED_OUTPUTS = 4 + 2 * AugParams.OUTPUTS_PER_VIEW  # encoded, ids, region start, region end, q's, k's
 

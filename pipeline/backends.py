@@ -1,7 +1,7 @@
 """The loader's two backends: each turns chunks of samples into two augmented views, and nothing else (the
 batching, seeds, skip counts and resume state around them are pipeline.batching's).
 
-  - TorchViews: OpenCV (and PIL's resize) in worker processes, the DALI graph's views (augment_cv.py); a bad
+  - OpenCVViews: OpenCV (and PIL's resize) in worker processes, the DALI graph's views (augment_cv.py); a bad
     image is found by its worker and reported with its reason.
   - DaliViews: DALI decodes and augments (GPU when there is one, CPU otherwise), fed by external_source. DALI
     fails a whole batch on one bad image, so images are checked before they reach it (unless the shards are
@@ -31,7 +31,7 @@ def unchecked(items: Iterable[Item]) -> Iterator[tuple[Item, None]]:
     return ((item, None) for item in items)
 
 
-class TorchViews:
+class OpenCVViews:
     whole_batches = False  # a short last chunk is augmented too: its rows may complete a batch
 
     def __init__(self, recipe: str, image_size: int, workers: int):
@@ -42,7 +42,7 @@ class TorchViews:
 
     @staticmethod
     def collate(rows: np.ndarray) -> torch.Tensor:
-        from .augment_torch import normalize
+        from .augment_reference import normalize
 
         return normalize(rows)
 

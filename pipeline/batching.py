@@ -1,7 +1,7 @@
 """The loader's bookkeeping, one stage shared by both backends: which samples make a batch, with which
 augmentation seed, what was skipped and why, and what is left over at the end of a finite run.
 
-A backend (pipeline.backends: DALI, or torch worker processes) only turns chunks of samples into two augmented
+A backend (pipeline.backends: DALI, or OpenCV worker processes) only turns chunks of samples into two augmented
 views. Around it this stage
   - cuts the stream into chunks of `batch_size` samples, leaving out the ones already known to be bad (DALI's
     pre-flight check), each with a seed derived from where its first sample sits in the stream: a sample's

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torchvision.transforms import functional as TF
 
-from .augment_torch import UndecodableImage, decode_rgb
+from .augment_reference import UndecodableImage, decode_rgb
 from .readers import IMAGE_EXTS
 from .filesystems import Storage
 from .sources import DataSpecError, Shard, resolve_shards

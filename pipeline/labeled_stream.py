@@ -106,7 +106,7 @@ def transform_chunk(datas: list[bytes | None], size: int, train: bool, seed: int
     from torchvision import transforms as T
     from torchvision.transforms import functional as TF
 
-    from .augment_torch import UndecodableImage, decode_rgb
+    from .augment_reference import UndecodableImage, decode_rgb
 
     torch.set_num_threads(1)
     random.seed(seed)

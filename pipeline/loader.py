@@ -3,8 +3,9 @@
 The stream (SampleStream: the rank's share, resume state) -> one bookkeeping stage (batching.Batcher: chunks,
 their augmentation seeds, skip counts and logs, batches of exactly `batch_size`, the partial last batch) around
 one of two backends (backends.py), which only turn chunks of samples into two augmented views:
-  - `dali`:  DALI decodes and augments (GPU when there is one, CPU otherwise), fed by external_source.
-  - `torch`: OpenCV (and PIL's resize) in worker processes, the DALI graph's views (augment_cv.py).
+  - `dali`:   DALI decodes and augments (GPU when there is one, CPU otherwise), fed by external_source.
+  - `opencv`: OpenCV (and PIL's resize) in worker processes, the DALI graph's views (augment_cv.py).
+  - `auto` picks one: DALI for a GPU, OpenCV on CPU, where it is the faster (vocabulary.pick_backend).
 A sample that cannot be decoded is skipped and counted; batches always hold exactly `batch_size`
 samples, so every step on every rank has the same shape.
 
@@ -21,18 +22,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterator
 
-from .backends import DaliViews, TorchViews
+from .backends import DaliViews, OpenCVViews
 from .batching import Batch, Batcher
 from .shard_table import ShardTable, load_shard_table
 from .skip_log import SkipLog
 from .sources import Shard, with_counts
 from .storage import ShardReader, Storage, StorageConfig, StorageObserver
 from .stream import SampleStream
+from .vocabulary import BACKEND_CHOICES, BACKENDS, DALI, OPENCV, RECIPES, alias_notice, pick_backend
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("dali", "torch")
-RECIPES = ("moco_v1", "moco_v2")
 PREFLIGHT = ("auto", "always", "never")
 
 
@@ -48,11 +48,11 @@ class LoaderConfig:
     batch_size: int = 32
     image_size: int = 224
     recipe: str = "moco_v2"
-    backend: str = "dali"
+    backend: str = "auto"  # auto | dali | opencv
     seed: int = 0
     rank: int = 0
     world: int = 1
-    workers: int = 2  # torch: augmentation processes; dali: CPU threads
+    workers: int = 2  # opencv: augmentation processes; dali: CPU threads
     device: str = "cpu"  # "cpu" | "gpu"
     device_id: int | None = None
     shuffle_shards: int = 4
@@ -69,8 +69,9 @@ class TwoViewLoader:
                  observer: StorageObserver | None = None, share=None, storage: Storage | None = None):
         """`storage`: the caller's (the trainer's, for its start-up calls too), with `cfg.storage` as config;
         default: one built from `cfg.storage`."""
-        if cfg.backend not in BACKENDS:
-            raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKENDS)}")
+        self.backend, why = pick_backend(cfg.backend, on_gpu=cfg.device == "gpu")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
         if cfg.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {cfg.recipe!r}; choose from {', '.join(RECIPES)}")
         if cfg.batch_size < 1 or cfg.image_size < 8:
@@ -87,7 +88,10 @@ class TwoViewLoader:
                   if shards is not None else load_shard_table(cfg.data, share, missing, storage=self.storage))
         self.skip_log = SkipLog(log)
         self.preflight = needs_preflight(cfg.preflight, shards.validated_by)
-        if cfg.backend == "dali":
+        if alias_notice(cfg.backend):
+            log.warning(alias_notice(cfg.backend))
+        log.info("augmentation backend: %s (%s)", self.backend, why)  # once the data is found: bad input stays one line
+        if self.backend == DALI:
             log.info("pre-flight image check: %s",
                      "on" if self.preflight else "off (shards validated by shards create)")
         self.stream = SampleStream(shards, seed=cfg.seed, world=cfg.world, rank=cfg.rank,
@@ -135,10 +139,10 @@ class TwoViewLoader:
             backend.close()
             self.skip_log.flush()
 
-    def _backend(self, batcher: Batcher) -> TorchViews | DaliViews:
+    def _backend(self, batcher: Batcher) -> OpenCVViews | DaliViews:
         cfg = self.cfg
-        if cfg.backend == "torch":
-            return TorchViews(cfg.recipe, cfg.image_size, cfg.workers)
+        if self.backend == OPENCV:
+            return OpenCVViews(cfg.recipe, cfg.image_size, cfg.workers)
         return DaliViews(batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe, device=cfg.device,
                          device_id=cfg.device_id, threads=max(1, cfg.workers), seed=cfg.seed * 1000 + cfg.rank,
                          preflight=self.preflight, lost=batcher.lost)

@@ -9,6 +9,24 @@ import logging
 import time
 from collections import Counter
 
+from .image_check import REASONS as IMAGE_REASONS
+
+# Every reason the training loader counts a skipped sample under: the metrics export each one from the start
+# (at 0), so a rate or alert has a series before the first skip. tests/test_backends.py fails when the code
+# counts a reason that is not here.
+SKIP_REASONS = IMAGE_REASONS + (  # image_check: what no backend can decode (also found by the OpenCV workers)
+    "no_image",              # readers: a tar sample or parquet row without image bytes
+    "too_large",             # readers: a tar member too big to read into memory
+    "unreadable_row_group",  # readers: a parquet row group that fails to read, all its rows
+    "missing_in_shard",      # stream: the shard holds fewer samples than its manifest says (a truncated tar)
+    "shard_unreadable",      # stream: the shard could not be read after its retries
+    "epoch_remainder",       # stream: dropped so that every rank gets the same number of samples per epoch
+    "decoder_error",         # backends: inside a DALI run that failed on an image the pre-flight check let pass
+    "partial_last_batch",    # batching: with --epochs, the end of the run that cannot fill a whole batch
+)
+# Counted by the labelled streams of evaluation only (not training metrics)
+EVAL_SKIP_REASONS = ("no_label", "unknown_class")
+
 
 class SkipLog:
     def __init__(self, logger: logging.Logger, what: str = "undecodable images skipped", interval: float = 60.0,

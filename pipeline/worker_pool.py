@@ -1,10 +1,12 @@
-"""The torch backend's augmentation worker processes, tied to the trainer's life.
+"""The opencv backend's augmentation worker processes, tied to the trainer's life.
 
 - They ignore SIGINT and SIGTERM: Ctrl-C (or `timeout`, or a runtime signalling the whole process group)
   must reach the trainer only, which checkpoints and then shuts the pool down itself. Workers that died
   first would break the pool under the running step.
 - They exit when the trainer is gone, even after `kill -9`, which runs no clean-up: each worker watches the
   trainer through a pidfd (no polling, no pid reuse), so no worker, forkserver or resource tracker is left.
+- The forkserver they are forked from is shielded from SIGTERM too: torchrun stops a rank by signalling its
+  whole process group, and a dead forkserver breaks the pool (BrokenProcessPool) under the checkpoint.
 
 `run_ahead` keeps a pool busy a few jobs ahead of the consumer, results in submission order.
 """
@@ -14,6 +16,7 @@ import multiprocessing as mp
 import os
 import select
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -47,8 +50,9 @@ def _init_worker(trainer_pid: int) -> None:
 def augmentation_pool(workers: int) -> ProcessPoolExecutor:
     """A process pool whose workers live exactly as long as this process (see the module doc)."""
     # forkserver: the stream's reader threads must not be forked into the workers.
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("forkserver"),
-                               initializer=_init_worker, initargs=(os.getpid(),))
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["__main__", __name__])  # the forkserver imports this module: see the end
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(os.getpid(),))
 
 
 def run_ahead(pool: Executor | None, fn: Callable, jobs: Iterable[tuple[Tag, tuple]],
@@ -64,3 +68,17 @@ def run_ahead(pool: Executor | None, fn: Callable, jobs: Iterable[tuple[Tag, tup
     while in_flight:
         tag, result = in_flight.popleft()
         yield tag, (result.result() if pool else result)
+
+
+def _is_forkserver() -> bool:
+    """This process is a multiprocessing forkserver (not a process forked from one)."""
+    return any("multiprocessing.forkserver" in arg for arg in sys.orig_argv) and \
+        mp.current_process().name == "MainProcess"
+
+
+# The forkserver imports this module when it starts (augmentation_pool's preload list): there, and only there,
+# SIGTERM is ignored. torchrun stops a rank by signalling its whole process group; a forkserver killed by that
+# breaks the pool (BrokenProcessPool) while the trainer checkpoints. It still exits with the trainer (it
+# watches a pipe from it), and the workers it forks inherit the ignored signal.
+if _is_forkserver():
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -1,4 +1,4 @@
-"""pipeline.image_check, pipeline.augment_torch (the reference), augment_cv and augment_dali on real photos."""
+"""pipeline.image_check, pipeline.augment_reference, augment_cv and augment_dali on real photos."""
 from __future__ import annotations
 
 import io
@@ -17,7 +17,7 @@ import torchvision.transforms.functional as TF
 from mocostream.pipeline.image_check import check_image
 import mocostream.pipeline.aug_params as aug_params
 from mocostream.pipeline.augment_cv import augment_images
-from mocostream.pipeline.augment_torch import MEAN, STD, UndecodableImage, decode_rgb, normalize, reference_transform
+from mocostream.pipeline.augment_reference import MEAN, STD, UndecodableImage, decode_rgb, normalize, reference_transform
 
 RECIPES = ("moco_v1", "moco_v2")
 # PIL warns about the messy corpus's broken files (corrupt EXIF, bombs, bad APNG): expected there.
@@ -162,7 +162,7 @@ def test_every_image_check_accepts_decodes_in_dali(messy_images, photos, decoder
     assert all(len(s) == 3 and s[2] == 3 and s[0] > 0 and s[1] > 0 for s in shapes)
 
 
-# ---------------------------------------------------------------- torch backend (OpenCV workers)
+# ---------------------------------------------------------------- opencv backend (OpenCV workers)
 
 @pytest.mark.parametrize("recipe", RECIPES)
 @pytest.mark.parametrize("size", [32, 224])
@@ -539,7 +539,7 @@ def test_dali_gpu_pipeline_runs_and_matches_cpu_distribution(photos):
 
 def test_blur_is_the_reference_at_224_and_scaled_with_the_crop():
     from mocostream.pipeline import augment_dali as ad
-    from mocostream.pipeline.augment_torch import GaussianBlur, blur_sigma_range, reference_transform
+    from mocostream.pipeline.augment_reference import GaussianBlur, blur_sigma_range, reference_transform
 
     assert blur_sigma_range(224) == (0.1, 2.0)
     lo, hi = blur_sigma_range(32)

@@ -129,10 +129,11 @@ def test_arch_and_other_choices_come_from_the_registries():
     from mocostream.ops.config import TrainConfig
     from mocostream.ops.options import ChoicesHelp, choices_of
     from mocostream.ops.precision import PRECISIONS
-    from mocostream.pipeline.loader import BACKENDS, PREFLIGHT
+    from mocostream.pipeline.loader import PREFLIGHT
+    from mocostream.pipeline.vocabulary import BACKEND_CHOICES
 
     fields = TrainConfig.__dataclass_fields__
-    expected = {"arch": ARCHS, "backend": BACKENDS, "lr_schedule": tuple(LR_SCHEDULES), "precision": PRECISIONS,
+    expected = {"arch": ARCHS, "backend": BACKEND_CHOICES, "lr_schedule": tuple(LR_SCHEDULES), "precision": PRECISIONS,
                 "momentum_schedule": MOMENTUM_SCHEDULES, "preflight_check": PREFLIGHT}
     for name, registry in expected.items():
         assert choices_of(fields[name]) == tuple(registry), name

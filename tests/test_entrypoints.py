@@ -19,6 +19,7 @@ def test_demo_runs_end_to_end(tmp_path):
     r = run(["-m", "mocostream.ops.cli", "demo", "--workdir", str(tmp_path), "--steps", "4", "--metrics-port", "0"])
     assert r.returncode == 0, r.stderr[-3000:]
     assert "[demo] 4 MoCo steps" in r.stdout
+    assert f"augmentation backend: {'dali' if torch.cuda.is_available() else 'opencv'} (auto" in r.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["step"] == 4 and (tmp_path / "checkpoints" / "checkpoint-00000004.pt").exists()
     assert len((tmp_path / "trace-keys.rank0").read_text().split()) == 4 * 32
@@ -27,7 +28,7 @@ def test_demo_runs_end_to_end(tmp_path):
     assert r.returncode == 0 and "reusing the shards" in r.stdout, r.stderr[-3000:]
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch", "reference"])
+@pytest.mark.parametrize("backend", ["dali", "opencv", "reference"])
 def test_loader_benchmark_prints_images_per_second(imagenette_small, backend):
     r = run(["bench/loader.py", "--images", str(imagenette_small), "--backend", backend, "--seconds", "0.5",
              "--batch-size", "8", "--image-size", "64", "--workers", "1"])

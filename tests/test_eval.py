@@ -19,7 +19,7 @@ from mocostream.pipeline.labeled import knn_sets, load_labeled
 # workers=0 (augmentation in-process): a worker pool's start, which imports torch again, is most of a short
 # run's time; test_labelled_stream_augments_per_epoch_deterministically is the one about workers.
 TINY = dict(arch="resnet18", image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1,
-            progress=False, backend="torch")
+            progress=False, backend="opencv")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,12 @@ from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import load_query_encoder
 from mocostream.ops.train import train
-from mocostream.pipeline.augment_torch import normalize
+from mocostream.pipeline.augment_reference import normalize
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import load_labeled
 from test_eval import shards  # noqa: F401  (the labelled tar shards fixture)
 
-TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1, progress=False, backend="torch",
+TINY = dict(image_size=32, batch_size=8, queue_size=64, workers=0, log_every=1, progress=False, backend="opencv",
             metrics_port=0)
 
 
@@ -184,7 +184,7 @@ def test_init_from_a_torchvision_state_dict(shards, tmp_path, capsys):
 
     torch.save(torchvision.models.resnet50().state_dict(), tmp_path / "r50.pth")
     args = ["train", "--data", str(shards), "--arch", "resnet18", "--init-from", str(tmp_path / "r50.pth"),
-            "--checkpoint-dir", str(tmp_path / "c2"), "--metrics-port", "0", "--backend", "torch", "--no-progress"]
+            "--checkpoint-dir", str(tmp_path / "c2"), "--metrics-port", "0", "--backend", "opencv", "--no-progress"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"mocostream: error: --init-from {tmp_path / 'r50.pth'} does not fit --arch resnet18: ")

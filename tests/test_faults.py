@@ -36,7 +36,7 @@ def metric(metrics: TrainMetrics, name: str) -> float:
     return sum(s.value for fam in metrics.registry.collect() for s in fam.samples if s.name == name)
 
 
-@pytest.mark.parametrize("backend", ["torch", "dali"])
+@pytest.mark.parametrize("backend", ["opencv", "dali"])
 def test_every_sample_once_through_faulty_storage(s3_tar_shards, s3_server, monkeypatch, backend):
     upstream = urllib.parse.urlparse(s3_server.endpoint).port
     # Every 2nd read gets a fault, each kind in turn: every kind is injected, whatever the read order.
@@ -71,7 +71,7 @@ def test_a_shard_that_keeps_failing_is_skipped_and_counted(s3_tar_shards, s3_ser
     monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
     metrics = TrainMetrics(0)
     try:
-        loader = TwoViewLoader(LoaderConfig(data=s3_tar_shards, batch_size=4, image_size=32, backend="torch",
+        loader = TwoViewLoader(LoaderConfig(data=s3_tar_shards, batch_size=4, image_size=32, backend="opencv",
                                             workers=0, epochs=1,
                                             storage=StorageConfig(retries=2, backoff_seconds=0.01)),
                                observer=metrics)

@@ -40,7 +40,7 @@ def damaged_shards(imagenette_small, tmp_path_factory):
     return {"tar": tars, "parquet": [Shard(str(path), len(rows), "parquet")], "bad": {k for k, _ in bad}}
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend", ["dali", "opencv"])
 @pytest.mark.parametrize("fmt", ["tar", "parquet"])
 def test_batches_of_two_views_skip_and_count_bad_images(damaged_shards, backend, fmt):
     shards = damaged_shards[fmt]
@@ -66,24 +66,24 @@ def test_batches_of_two_views_skip_and_count_bad_images(damaged_shards, backend,
 @pytest.mark.parametrize("batch_size", [4, 8])
 def test_both_backends_count_skips_and_the_partial_batch_alike(damaged_shards, batch_size):
     """Skips, batch cuts and the partial last batch are one stage shared by both backends: on the same damaged
-    shards DALI (bad images filtered before the chunk is cut) and torch (bad images found by the workers, their
+    shards DALI (bad images filtered before the chunk is cut) and OpenCV (bad images found by the workers, their
     batch completed from the next chunk) hand out the same batches, resume points and counts."""
     shards = damaged_shards["tar"]
     runs = {}
-    for backend in ("dali", "torch"):
+    for backend in ("dali", "opencv"):
         loader = TwoViewLoader(LoaderConfig(data="", batch_size=batch_size, image_size=32, backend=backend,
                                             workers=1, epochs=1, seed=7), shards=shards)
         batches = [(b.keys, b.last.epoch, b.last.position) for b in loader]
         runs[backend] = batches, dict(loader.skipped)
-    assert runs["dali"] == runs["torch"]
-    batches, skipped = runs["torch"]
+    assert runs["dali"] == runs["opencv"]
+    batches, skipped = runs["opencv"]
     good = sum(s.samples for s in shards) - 2  # one truncated, one random-bytes image
     assert skipped == {"truncated": 1, "not_an_image": 1, "partial_last_batch": good % batch_size}
     assert len(batches) == good // batch_size and all(len(keys) == batch_size for keys, _, _ in batches)
 
 
 def test_loader_resume_state_skips_consumed_batches(damaged_shards):
-    cfg = LoaderConfig(data="", batch_size=4, image_size=32, backend="torch", workers=0, epochs=1)
+    cfg = LoaderConfig(data="", batch_size=4, image_size=32, backend="opencv", workers=0, epochs=1)
     full = [k for b in TwoViewLoader(cfg, shards=damaged_shards["tar"]) for k in b.keys]
     first = TwoViewLoader(cfg, shards=damaged_shards["tar"])
     it = iter(first)
@@ -105,7 +105,7 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend", ["dali", "opencv"])
 def test_memory_stays_flat_over_20_passes(damaged_shards, backend):
     loader = TwoViewLoader(LoaderConfig(data="", batch_size=4, image_size=64, backend=backend, workers=1,
                                         epochs=20), shards=damaged_shards["tar"])
@@ -121,7 +121,7 @@ def test_memory_stays_flat_over_20_passes(damaged_shards, backend):
 def test_key_order_does_not_depend_on_worker_count(damaged_shards):
     orders = []
     for workers in (0, 1, 2):
-        cfg = LoaderConfig(data="", batch_size=4, image_size=32, backend="torch", workers=workers, epochs=1, seed=4)
+        cfg = LoaderConfig(data="", batch_size=4, image_size=32, backend="opencv", workers=workers, epochs=1, seed=4)
         orders.append([k for b in TwoViewLoader(cfg, shards=damaged_shards["tar"]) for k in b.keys])
     dali = LoaderConfig(data="", batch_size=4, image_size=32, backend="dali", workers=2, epochs=1, seed=4)
     orders.append([k for b in TwoViewLoader(dali, shards=damaged_shards["tar"]) for k in b.keys])

@@ -55,7 +55,7 @@ def s3_shards(s3_server, tmp_path_factory):
 
 def test_killed_rank_restarts_the_group_which_resumes_without_repeating_samples(s3_server, s3_shards, tmp_path):
     trace = tmp_path / "keys"
-    args = ["--data", s3_shards, "--steps", str(STEPS), "--backend", "torch", "--resume",
+    args = ["--data", s3_shards, "--steps", str(STEPS), "--backend", "opencv", "--resume",
             "--checkpoint-dir", "s3://multinode/ckpt", "--checkpoint-every", "2", "--trace-keys", str(trace),
             *tiny_flags(batch_size=BATCH, workers=0)]
     port = free_port()

@@ -35,7 +35,7 @@ def shards(imagenette_small, tmp_path_factory) -> str:
 
 
 def train(shards: str, ckpt: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", str(ckpt), *SMALL, *extra,
+    return cli("train", "--data", shards, "--backend", "opencv", "--checkpoint-dir", str(ckpt), *SMALL, *extra,
                env=env)
 
 
@@ -82,8 +82,8 @@ def test_retention_never_removes_the_checkpoint_just_written(tmp_path):
 
 # ---- signals to the whole process group ---------------------------------------------------------------
 def start(shards: str, ckpt: Path, trace: Path, *extra: str) -> subprocess.Popen:
-    """A long torch-backend run in its own process group (as a terminal's foreground job is)."""
-    cmd = [sys.executable, "-m", "mocostream.ops.cli", "train", "--data", shards, "--backend", "torch",
+    """A long opencv-backend run in its own process group (as a terminal's foreground job is)."""
+    cmd = [sys.executable, "-m", "mocostream.ops.cli", "train", "--data", shards, "--backend", "opencv",
            "--checkpoint-dir", str(ckpt), "--trace-keys", str(trace), "--steps", "100000",
            "--checkpoint-every", "100000", *SMALL, "--workers", "2", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -217,7 +217,7 @@ def test_resume_with_another_architecture_is_a_one_line_error(shards, trained_fo
     ckpt = tmp_path / "ckpt"
     shutil.copytree(trained_folder, ckpt)
     args = [a if a != "resnet18_cifar_small" else "resnet18_cifar_half" for a in SMALL]
-    r = cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", str(ckpt), *args,
+    r = cli("train", "--data", shards, "--backend", "opencv", "--checkpoint-dir", str(ckpt), *args,
             "--steps", "7", "--resume")
     assert "trained with --arch resnet18_cifar_small" in one_line_error(r)
     r = train(shards, ckpt, "--steps", "7", "--resume", "--dim", "32")
@@ -273,7 +273,7 @@ def test_a_checkpoint_that_fills_the_disk_leaves_no_partial_file(tmpfs):
 def test_bad_s3_credentials_for_checkpoints_fail_at_start(shards, s3_server):
     s3_server.make_bucket("ckpt-creds")
     env = {**s3_server.env, "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
-    r = cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", "s3://ckpt-creds/run", *SMALL,
+    r = cli("train", "--data", shards, "--backend", "opencv", "--checkpoint-dir", "s3://ckpt-creds/run", *SMALL,
             "--steps", "3", env=env)
     error = one_line_error(r)
     assert "is not writable" in error and "signature" in error.lower() and "step 1" not in r.stderr
@@ -376,7 +376,7 @@ def hostile_shards(imagenette_small, tmp_path_factory) -> Path:
 
 def test_hostile_shards_cost_only_their_own_samples(hostile_shards, tmp_path):
     trace = tmp_path / "keys"
-    r = cli("train", "--data", str(hostile_shards), "--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"),
+    r = cli("train", "--data", str(hostile_shards), "--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"),
             "--trace-keys", str(trace), "--epochs", "1", "--steps", "100", *SMALL)
     summary = summary_of(r)
     assert summary["skipped"].get("too_large") == 1
@@ -410,7 +410,7 @@ def test_keys_rolled_back_by_kill_9_are_cut_from_the_trace_on_resume(shards, tmp
 
 def test_missing_shard_of_a_brace_pattern_is_skipped_and_counted(shards, tmp_path):
     pattern = f"{shards}/shard-{{000000..000008}}.tar"  # 8 shards exist: 000000 to 000007
-    r = cli("train", "--data", pattern, "--backend", "torch", "--checkpoint-dir", str(tmp_path), "--steps", "2", *SMALL)
+    r = cli("train", "--data", pattern, "--backend", "opencv", "--checkpoint-dir", str(tmp_path), "--steps", "2", *SMALL)
     assert summary_of(r)["step"] == 2
     assert "shard not found, skipped" in r.stderr and "shard-000008.tar" in r.stderr
 
@@ -421,7 +421,7 @@ def test_a_missing_shard_of_a_brace_pattern_counts_as_failed(shards):
 
     metrics = TrainMetrics(0)
     loader = TwoViewLoader(LoaderConfig(data=f"{shards}/shard-{{000000..000008}}.tar", batch_size=4,
-                                        image_size=16, backend="torch", workers=0), observer=metrics)
+                                        image_size=16, backend="opencv", workers=0), observer=metrics)
     assert len(loader.stream.shards) == 8
     assert sum(s.value for fam in metrics.registry.collect() for s in fam.samples
                if s.name == "mocostream_shards_failed_total") == 1
@@ -470,7 +470,7 @@ def test_metrics_port_in_use_is_a_one_line_error(shards, tmp_path):
         port = taken.getsockname()[1]
         args = [a for a in SMALL]
         args[args.index("--metrics-port") + 1] = str(port)
-        r = cli("train", "--data", shards, "--backend", "torch", "--checkpoint-dir", str(tmp_path), *args,
+        r = cli("train", "--data", shards, "--backend", "opencv", "--checkpoint-dir", str(tmp_path), *args,
                 "--metrics-addr", "127.0.0.1", "--steps", "1")
     assert f"cannot serve metrics on 127.0.0.1:{port}" in one_line_error(r)
 
@@ -498,7 +498,7 @@ def test_manifest_names_outside_its_folder_are_refused_unless_allowed(shards, tm
     manifest = manifest_with(folder, tmp_path, name="../outside/shard-000000.tar")
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "shard-000000.tar").symlink_to(folder / "shard-000000.tar")
-    flags = ["--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"), "--steps", "1", *SMALL]
+    flags = ["--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"), "--steps", "1", *SMALL]
     error = one_line_error(cli("train", "--data", str(manifest), *flags))
     assert "'../outside/shard-000000.tar' is outside the manifest's folder" in error
     assert "--allow-external-shards" in error
@@ -535,7 +535,7 @@ def test_manifest_entries_are_validated(shards, tmp_path, changes, words):
 
 def test_a_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp_path):
     manifest = manifest_with(Path(shards), tmp_path, samples=30_000_000)
-    r = cli("train", "--data", str(manifest), "--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"),
+    r = cli("train", "--data", str(manifest), "--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"),
             "--steps", "1", *SMALL)
     assert "30000000 samples cannot fit in" in one_line_error(r)
     (tmp_path / "m" / "manifest.json").write_text(json.dumps({"shards": ["shard-000000.tar"]}))
@@ -598,7 +598,7 @@ def test_columnar_manifest_entries_are_validated(shards, tmp_path, changes, word
 
 def test_a_columnar_manifest_claiming_millions_of_samples_is_a_one_line_error(shards, tmp_path):
     manifest = columnar_manifest_with(Path(shards), tmp_path, samples=30_000_000)
-    r = cli("train", "--data", str(manifest), "--backend", "torch", "--checkpoint-dir", str(tmp_path / "c"),
+    r = cli("train", "--data", str(manifest), "--backend", "opencv", "--checkpoint-dir", str(tmp_path / "c"),
             "--steps", "1", *SMALL)
     assert "manifest.parquet, shard entry 0" in one_line_error(r)
     assert "30000000 samples cannot fit in" in one_line_error(r)

@@ -36,7 +36,7 @@ def shards(imagenette_small, tmp_path_factory):
     return str(out)
 
 
-@pytest.mark.parametrize("backend", ["dali"])  # torch: test_train's SIGTERM test (cut, --resume, whole, 2 ranks)
+@pytest.mark.parametrize("backend", ["dali"])  # opencv: test_train's SIGTERM test (cut, --resume, whole, 2 ranks)
 def test_preempted_and_resumed_run_matches_an_uninterrupted_one(shards, tmp_path, backend):
     def flags(name):
         return ["--data", shards, "--backend", backend, "--steps", "6", "--checkpoint-dir", str(tmp_path / name),
@@ -93,7 +93,7 @@ def test_finite_epochs_on_uneven_damaged_shards_end_every_rank_together(imagenet
     good = [sum(p.stop - p.start for p in rank_pieces(sizes, 0, 0, 2, r) if p.shard != broken_shard) for r in (0, 1)]
     assert good[0] // 8 != good[1] // 8
     (tmp_path / "manifest.json").write_text(json.dumps({"shards": entries}))
-    run(2, "--data", str(tmp_path / "manifest.json"), "--backend", "torch", "--steps", "100", "--epochs", "1",
+    run(2, "--data", str(tmp_path / "manifest.json"), "--backend", "opencv", "--steps", "100", "--epochs", "1",
         "--checkpoint-dir", str(tmp_path / "ck"), "--trace-keys", str(tmp_path / "keys"), *tiny_flags())
     counts = [len(read(tmp_path / f"keys.rank{r}")) for r in (0, 1)]
     assert counts == [min(good) // 8 * 8] * 2
@@ -106,7 +106,7 @@ def test_resume_checks_seed_and_shard_list_and_accepts_appended_shards(shards, t
     import json
     import shutil
 
-    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--backend", "torch", *tiny_flags()]
+    ck = ["--checkpoint-dir", str(tmp_path / "ck"), "--backend", "opencv", *tiny_flags()]
     run(1, "--data", shards, "--steps", "2", *ck)
 
     def refused(*args: str, says: str) -> None:

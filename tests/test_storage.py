@@ -24,7 +24,7 @@ FLAGS = ["--storage-timeout", str(TIMEOUT), "--storage-retries", str(RETRIES)]
 GIVES_UP = f"(after {RETRIES} retries, --storage-timeout {TIMEOUT} s)"
 BOUND_S = 150  # a wall-clock bound for a whole command, imports included
 SMALL = ["--arch", "resnet18_cifar_small", "--image-size", "16", "--batch-size", "4", "--queue-size", "64",
-         "--backend", "torch", "--workers", "0", "--metrics-port", "0", "--no-progress", "--recipe", "moco_v1"]
+         "--backend", "opencv", "--workers", "0", "--metrics-port", "0", "--no-progress", "--recipe", "moco_v1"]
 
 
 class SilentEndpoint:

@@ -86,8 +86,8 @@ def s3_shards(imagenette_small, s3_server):
     return urls
 
 
-def test_single_process_training_with_torch_backend(local_shards, tmp_path):
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", recipe="moco_v1",
+def test_single_process_training_with_opencv_backend(local_shards, tmp_path):
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="opencv", recipe="moco_v1",
                                 checkpoint_dir=str(tmp_path / "ckpt"), trace_keys=str(tmp_path / "trace"), **TINY))
     summary = train(cfg)
     assert summary["step"] == 3 and math.isfinite(summary["loss"])
@@ -133,7 +133,7 @@ def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path
 
     handler = signal.getsignal(signal.SIGTERM)
     port = free_port()
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", checkpoint_dir=str(tmp_path / "a"),
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="opencv", checkpoint_dir=str(tmp_path / "a"),
                                 trace_keys=str(tmp_path / "no-such-folder" / "trace"), **{**TINY, "metrics_port": port}))
     with pytest.raises(FileNotFoundError):
         Trainer(cfg)
@@ -144,7 +144,7 @@ def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path
             assert self.metrics_port == port and signal.getsignal(signal.SIGTERM) is not handler
             raise RuntimeError("step failed")
 
-    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="torch", checkpoint_dir=str(tmp_path / "b"),
+    cfg = build_config({}, dict(data=str(local_shards), steps=3, backend="opencv", checkpoint_dir=str(tmp_path / "b"),
                                 trace_keys=str(tmp_path / "trace"), **{**TINY, "metrics_port": port}))
     with pytest.raises(RuntimeError, match="step failed"), FailingStep(cfg) as trainer:
         trainer.train()
@@ -154,7 +154,7 @@ def test_trainer_closes_what_it_opened_on_every_exit_path(local_shards, tmp_path
 
 def test_resume_continues_the_exact_key_sequence(local_shards, tmp_path):
     """A run cut after 3 steps and resumed consumes exactly the keys of an uninterrupted run."""
-    base = dict(data=str(local_shards), backend="torch", **TINY)
+    base = dict(data=str(local_shards), backend="opencv", **TINY)
 
     def run(steps, name, resume=False):
         return train(build_config({}, dict(base, steps=steps, resume=resume, checkpoint_dir=str(tmp_path / name),
@@ -180,7 +180,7 @@ def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tm
 
     def run(budget_minutes, resume=False):
         caplog.clear()
-        s = train(build_config({}, dict(data=str(local_shards), backend="torch", budget_minutes=budget_minutes,
+        s = train(build_config({}, dict(data=str(local_shards), backend="opencv", budget_minutes=budget_minutes,
                                         resume=resume, checkpoint_dir=str(tmp_path / "ckpt"), **TINY)))
         lrs = [float(m) for r in caplog.records for m in re.findall(r"\| lr ([\d.e-]+) \|", r.getMessage())]
         return s, lrs
@@ -210,10 +210,10 @@ def test_budget_run_ends_with_its_clock_and_resume_continues_it(local_shards, tm
 @pytest.mark.slow
 def test_two_rank_budget_run_from_s3_stops_every_rank_at_the_same_step(s3_shards, s3_server, tmp_path):
     """The ranks agree on the clock (the slowest one's), so they change lr and stop at the same step. Also the
-    torch-backend tar case of the two-rank S3 run below: disjoint ranks, the checkpoint written to S3."""
+    opencv-backend tar case of the two-rank S3 run below: disjoint ranks, the checkpoint written to S3."""
     s3_server.make_bucket("checkpoints")
     ckpt = "s3://checkpoints/budget-torch-tar"
-    proc = torchrun("train", "--data", s3_shards["tar"], "--backend", "torch", "--budget-minutes", "0.1",
+    proc = torchrun("train", "--data", s3_shards["tar"], "--backend", "opencv", "--budget-minutes", "0.1",
                     "--checkpoint-dir", ckpt, "--trace-keys", str(tmp_path / "keys"), *tiny_flags(),
                     env=s3_server.env)
     out, _ = proc.communicate(timeout=600)
@@ -230,7 +230,7 @@ def test_two_rank_budget_run_from_s3_stops_every_rank_at_the_same_step(s3_shards
     ["train", "--data", "/nonexistent/folder", "--steps", "1"],
     ["train", "--data", "x.tar", "--arch", "vgg11"],
     ["train", "--data", "x.tar", "--batch-size", "0"],
-    ["train", "--data", "x.tar", "--backend", "opencv"],
+    ["train", "--data", "x.tar", "--backend", "jax"],
     ["train", "--data", "x.tar", "--precision", "fp16"],
     ["train", "--data", "x.tar", "--budget-minutes", "0"],
     ["train"],
@@ -262,7 +262,7 @@ def test_config_file_and_flag_precedence(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,fmt", [("dali", "tar"), ("torch", "parquet"), ("dali", "parquet")])  # torch/tar: above
+@pytest.mark.parametrize("backend,fmt", [("dali", "tar"), ("opencv", "parquet"), ("dali", "parquet")])  # opencv/tar: above
 def test_two_rank_ddp_from_s3(s3_shards, s3_server, backend, fmt, tmp_path):
     s3_server.make_bucket("checkpoints")
     ckpt = f"s3://checkpoints/{backend}-{fmt}"
@@ -286,7 +286,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
     # machine); the others end by --stop-after at the step the cut run reached + 3. All three share
     # --steps, so their lr schedules are the same.
     def flags(name, *extra):
-        return ["--data", s3_shards["tar"], "--backend", "torch", "--steps", "100000",
+        return ["--data", s3_shards["tar"], "--backend", "opencv", "--steps", "100000",
                 "--checkpoint-dir", str(tmp_path / name), "--trace-keys", str(tmp_path / f"{name}.keys"),
                 "--checkpoint-every", "100000", *tiny_flags(workers=1), *extra]  # SIGTERM with a worker pool up
 
@@ -346,7 +346,7 @@ def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
     import re
 
     caplog.set_level(logging.INFO, logger="mocostream.train")
-    cfg = build_config({}, dict(data=str(local_shards), steps=4, backend="torch", checkpoint_dir=str(tmp_path),
+    cfg = build_config({}, dict(data=str(local_shards), steps=4, backend="opencv", checkpoint_dir=str(tmp_path),
                                 **{**TINY, "log_every": 2}))
     train(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ") and "ETA" in r.getMessage()]
@@ -355,7 +355,7 @@ def test_compact_log_line_every_n_steps(local_shards, tmp_path, caplog):
     assert [int(re.fullmatch(pattern, line).group(1)) for line in lines] == [2, 4], lines
     assert lines[-1].endswith("ETA 0:00:00")
     # a run cut between log steps (preemption, a spent --budget-minutes) still reports its last step's loss
-    cfg = build_config({}, dict(data=str(local_shards), steps=4, stop_after=3, backend="torch",
+    cfg = build_config({}, dict(data=str(local_shards), steps=4, stop_after=3, backend="opencv",
                                 checkpoint_dir=str(tmp_path / "cut"), **{**TINY, "log_every": 2}))
     summary = train(cfg)
     assert summary["stopped"] and summary["step"] == 3 and math.isfinite(summary["loss"])

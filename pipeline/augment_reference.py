@@ -24,6 +24,7 @@ from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
 from mocostream.pipeline.image_check import MAX_PIXELS
+from mocostream.pipeline.vocabulary import RECIPES
 
 
 def blur_sigma_range(size: int) -> tuple[float, float]:
@@ -34,7 +35,6 @@ def blur_sigma_range(size: int) -> tuple[float, float]:
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-RECIPES = ("moco_v1", "moco_v2")
 
 
 class UndecodableImage(Exception):
