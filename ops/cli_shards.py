@@ -42,10 +42,13 @@ SRC can be, mixed in one run:
   a parquet table       with an `image` bytes column
 Extra fields (caption, label, ...) travel into each sample's JSON (tar) or columns (parquet).
 
-http(s) URLs are downloaded by the main process, --io-concurrency at a time (at most
---per-host-connections per host), with timeouts, retries (backoff, Retry-After) and the User-Agent
-"{user_agent('TOKEN')}"; the decode workers get the bytes. Images whose
-response says X-Robots-Tag noai / noimageai / noindex / noimageindex are not written (opted_out).
+http(s) URLs are downloaded by the main process, --io-concurrency at a time; each host gets as many
+connections as it handles well (from 4, up to --per-host-connections; fewer after 429/503/timeouts, paused
+for its Retry-After), with timeouts, retries (backoff, Retry-After) and the User-Agent
+"{user_agent('TOKEN')}"; the decode workers get the bytes. Loopback, private, link-local and
+other non-public addresses are refused (blocked_address), after redirects too, unless
+--allow-private-addresses. Images whose response says X-Robots-Tag noai / noimageai / noindex /
+noimageindex are not written (opted_out).
 rejects.jsonl gives each failed URL's status and attempts; --retry-failed retries the retryable ones.
 
 Normalisation: EXIF orientation applied; CMYK, palette, 16-bit, greyscale -> RGB; alpha on white; first
@@ -110,8 +113,8 @@ def add_create_parser(sub) -> None:
                    help="on a finished DEST: retry only the retryable rejects (timeouts, connection and DNS "
                         "errors, 408/429/5xx) and append what they give as new shards")
     c.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
-                   help="serve Prometheus metrics (inputs by result, HTTP codes, bytes, latency, in flight) "
-                        "on this port while running")
+                   help="serve Prometheus metrics (inputs by result, HTTP codes, bytes, latency, in flight, "
+                        "connections and back-offs per host) on this port while running")
     c.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     c.add_argument("--json", action="store_true",
                    help="print the run report (as in DEST/report.json) as one JSON line instead of the summary")
@@ -176,6 +179,8 @@ def run_shards_create(args) -> int:
         memory_limit=args.worker_memory, retry_failed=args.retry_failed, metrics_port=args.metrics_port,
         storage=storage_from_args(args), http=HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)),
         **values_from(args, Plan))
+    for warning in report.warnings:
+        print(f"shards create: warning: {warning}", file=sys.stderr, flush=True)
     print(json.dumps(report.report) if args.json else summary(report), flush=True)
     return 0
 

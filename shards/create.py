@@ -16,13 +16,15 @@ from mocostream.pipeline import dali_check
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.image_check import validation_stamp
 
+from .addresses import parse_networks
 from .dedup import Deduper
 from .discover import Inputs
 from .download import HttpOptions
 from .errors import ShardError
 from .ingest import Ingest
 from .job import Job, write_set
-from .keys import json_safe
+from .keys import json_safe, without_credentials
+from .lock import DestLock
 from .merge import part_dir
 from .metrics import IngestMetrics
 from .output import Destination
@@ -46,7 +48,7 @@ def _existing_set(dest: Destination, fp: str, options: dict, start: float) -> Cr
         raise ShardError(f"destination already holds a shard set made with other options or inputs "
                          f"({differences(m.get('options', {}), options)}): {dest.location('manifest.json')}; "
                          "use another destination or remove it first")
-    rejected = [tuple(r[:3]) for r in parse_rejects(dest.read("rejects.jsonl"))]
+    rejected = [tuple(r[:3]) for r in parse_rejects(dest.read("rejects.jsonl"), dest.location("rejects.jsonl"))]
     by_format = {f: json.loads(dest.read(name) or b'{"shards": []}')["shards"]
                  for f, name in m.get("formats", {m.get("format"): "manifest.json"}).items()}
     return CreateReport(shards=m["shards"], written=m["total_samples"], rejected=rejected, inputs=m["inputs"],
@@ -91,11 +93,15 @@ def make_plan(options: dict, http: HttpOptions) -> Plan:
 
 def check_http(http: HttpOptions) -> None:
     for name, value, low in (("--io-concurrency", http.concurrency, 1), ("--per-host-connections", http.per_host, 1),
-                             ("--retries", http.retries, 0)):
+                             ("--retries", http.retries, 0), ("--max-redirects", http.max_redirects, 0)):
         if value < low:
             raise ShardError(f"{name} must be at least {low}, got {value}")
     if http.timeout <= 0:
         raise ShardError(f"--http-timeout must be positive, got {http.timeout}")
+    try:
+        parse_networks(http.allow_networks)
+    except ValueError as exc:
+        raise ShardError(f"--allow-networks: {exc}") from exc
 
 
 def create_shards(sources: list[str], out: str, *, progress: bool = True, workers: int = 1, timeout: float = 60.0,
@@ -122,13 +128,16 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     cols = Columns(plan.url_col or None, plan.caption_col or None,
                    tuple(c.strip() for c in plan.extra_cols.split(",") if c.strip()) if plan.extra_cols else None)
     inputs = Inputs(list(sources), plan.part, cols, plan.shuffle, plan.seed)
-    options = {**plan.as_dict(), "sources": [json_safe(s) for s in sources]}
+    options = {**plan.as_dict(), "sources": [json_safe(without_credentials(s)) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
+    options["source_ids"] = inputs.content_ids()  # what each source held: `shards merge` compares the parts'
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
     dest = Destination(out, storage=storage or Storage())
+    lock = DestLock(dest)
     try:
+        lock.acquire()  # before anything is read or written: one run per destination
         done = _existing_set(dest, fp, options, time.monotonic())
         if done is not None and not retry_failed:
             return done
@@ -142,4 +151,5 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
             return retry_rejects(job, inputs, done)
         return _fresh_or_resumed(job, inputs)
     finally:
+        lock.release()
         dest.close()

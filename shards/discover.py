@@ -25,8 +25,10 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from .errors import ShardError
-from .keys import assign_keys, natural_key
-from .tables import Columns, check_columns, head_types, identity, parquet_file, row_ranges, rows, table_kind
+from .keys import assign_keys, natural_key, without_credentials
+from .tables import (Columns, check_columns, content_id, head_types, identity, parquet_file, row_ranges, rows,
+                     table_kind)
+from .validate import UNREADABLE
 
 ARCHIVES = (".tar", ".tar.gz", ".tgz")
 IMAGE_COLUMN = "image"
@@ -91,8 +93,19 @@ def _archive(src: str) -> list[tuple]:
 
 def locator(url: str) -> tuple:
     if url.startswith(("http://", "https://")):
+        # bytes that were not UTF-8 in the list (kept as surrogate escapes) go on the wire as they were
+        url = "".join(f"%{ord(c) - 0xDC00:02X}" if "\udc80" <= c <= "\udcff" else c for c in url)
         return ("http", url)  # downloaded by the main process's download stage (shards.download)
     return ("url", url) if "://" in url else ("file", url)
+
+
+def _url_input(src: str, rid: int, url) -> tuple[str, tuple]:
+    """(path as stored, locator) of a table row's URL or path; a row without one is its own reject, named
+    by the table and row so it can be found."""
+    if not isinstance(url, str) or not url.strip():
+        return f"{src}#{rid}", ("failed", UNREADABLE, "no URL" if url is None or isinstance(url, str)
+                                else f"no URL (the URL column holds {type(url).__name__})")
+    return without_credentials(url), locator(url)
 
 
 def _is_image_table(src: str) -> bool:
@@ -159,7 +172,7 @@ class Inputs:
             found = ((row, f"{src}#{row}", loc, extra) for row, loc, extra in _image_rows(src, part))
             width = 9
         else:
-            found = ((rid, r.get("url") or "", locator(r.get("url") or ""), r) for rid, r in rows(src, part, self.columns))
+            found = ((rid, *_url_input(src, rid, r.get("url")), r) for rid, r in rows(src, part, self.columns))
             width = 9 if table_kind(src) == "parquet" else 12
         for rid, path, loc, row in found:
             extra = _clean_extra({k: v for k, v in row.items() if k != "url"})
@@ -197,6 +210,20 @@ class Inputs:
                 for it in self._source(i, (0, 1) if self.shuffle else self.part):
                     h.update(f"{it.path}\0{it.key}".encode("utf-8", "surrogateescape") + b"\0")
         return h.hexdigest()
+
+    def content_ids(self) -> list[str]:
+        """Per source, what it holds whatever host reads it: files (tables, archives) by size and the digest
+        of both ends, folders by their whole listing. Recorded in the manifest for `shards merge`."""
+        out = []
+        for i, src in enumerate(self.sources):
+            if self.kinds[i] == "folder":
+                h = hashlib.sha256()
+                for it in self._listed.get(i, []):
+                    h.update(it.relpath.encode("utf-8", "surrogateescape") + b"\0")
+                out.append(f"{len(self._listed.get(i, []))} files:{h.hexdigest()[:32]}")
+            else:
+                out.append(content_id(src))
+        return out
 
     def listed_extras(self) -> Iterator[dict]:
         for items in self._listed.values():

@@ -30,7 +30,7 @@ class Feed:
         self._items = iter(items)
         self.head = self._next = start          # oldest position not yet handed back; next to start
         self.downloader, self.window, self.max_bytes = downloader, window, max_bytes
-        self.concurrency = downloader.opts.concurrency if downloader else 0
+        self.concurrency = downloader.capacity if downloader else 0  # URLs handed to the download stage at once
         self._by_pos: dict[int, InputFile] = {}
         self._ready: collections.deque = collections.deque()   # (pos, locator)
         self._sent: collections.deque = collections.deque()    # positions in the order given to the decoders

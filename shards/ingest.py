@@ -80,7 +80,8 @@ class Ingest:
                     written += 1
                 if self.metrics:
                     self.metrics.done(result.reason if isinstance(result, Reject) else "written")
-                bar.set_postfix_str(_postfix(written, reasons), refresh=False)
+                bar.set_postfix_str(_postfix(written, reasons) + (f"; {downloader.summary}" if downloader else ""),
+                                    refresh=False)
                 bar.update()
         finally:
             results.close()

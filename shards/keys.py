@@ -54,3 +54,14 @@ def assign_keys(relpaths: list[str]) -> list[str]:
 def json_safe(s: str) -> str:
     """Undecodable file names (surrogate escapes) cannot go into JSON/parquet strings as they are."""
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+# `scheme://user:password@host...`: everything between `://` and the last `@` before the path
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#\s]*@")
+
+
+def without_credentials(text: str) -> str:
+    """`http://user:secret@host/x.jpg` -> `http://host/x.jpg`, for every URL in `text`: what is stored or
+    logged about an input (its source in shards, stats and rejects, error details) never holds a password.
+    The request itself still uses them (the locator keeps the URL as given)."""
+    return _USERINFO.sub(r"\1", text) if "@" in text else text

@@ -9,7 +9,8 @@
       "options": {"format", "samples_per_shard", "max_shard_bytes", "prefix", "min_size", "max_size",
                   "quality", "reencode", "max_pixels", "dedup", "dedup_threshold", "shuffle", "seed",
                   "part": "i/N", "sources": [...], "fingerprint": "<sha256>",
-                  "validated_by": {"check_version", "decoder", "max_pixels"}},  # pipeline.image_check
+                  "validated_by": {"check_version", "decoder", "max_pixels"},   # pipeline.image_check
+                  "source_ids": ["<size>:<sha256 of both ends>" | "<n> files:<sha256 of the listing>", ...]},
       "shards": [
         {"name": "shard-000000.tar", "samples": N, "bytes": B, "sha256": "<hex>",
          "index": "shard-000000.idx",             # tar only: the DALI index next to it

@@ -11,10 +11,13 @@ from __future__ import annotations
 import json
 
 from .download import retryable
+from .errors import ShardError
+from .keys import without_credentials
 
 
 def record(source: str, reason: str, detail: str, info: dict) -> list:
-    return [source, reason, detail, info]
+    """A reject as kept; a URL's user and password never in it (error messages may quote the URL)."""
+    return [without_credentials(source), reason, without_credentials(detail), info]
 
 
 def line(r) -> dict:
@@ -30,12 +33,17 @@ def jsonl_bytes(rejected) -> bytes:
     return "".join(json.dumps(line(r)) + "\n" for r in rejected).encode("utf-8")
 
 
-def parse(raw: bytes | None) -> list[list]:
+def parse(raw: bytes | None, where: str = "rejects.jsonl") -> list[list]:
+    """The records of a rejects.jsonl; ShardError naming the first line that is not one (cut short, edited)."""
     out = []
-    for text in (raw or b"").decode("utf-8").splitlines():
-        doc = json.loads(text)
-        info = {k: v for k, v in doc.items() if k not in ("source", "reason", "detail", "url")}
-        out.append(record(doc["source"], doc["reason"], doc["detail"], info))
+    for n, text in enumerate((raw or b"").decode("utf-8", "replace").splitlines(), 1):
+        try:
+            doc = json.loads(text)
+            info = {k: v for k, v in doc.items() if k not in ("source", "reason", "detail", "url")}
+            out.append(record(doc["source"], doc["reason"], doc["detail"], info))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ShardError(f"{where} line {n} is not a reject record (cut short or edited?): "
+                             f"{text[:80]!r}") from None
     return out
 
 

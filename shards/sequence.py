@@ -32,6 +32,7 @@ class CreateReport:
     resumed_from: int = 0                                         # inputs already done by an earlier run
     already_complete: bool = False                                # the destination was finished before
     by_format: dict[str, list[dict]] = field(default_factory=dict)  # every format's shards (shards = the first's)
+    warnings: list[str] = field(default_factory=list)             # one line each, for the user
 
     def rejected_by_reason(self) -> dict[str, int]:
         return by_reason(self.rejected)
@@ -44,8 +45,9 @@ class ShardSequence:
     formats reaches a limit."""
 
     def __init__(self, dest: Destination, plan: Plan, fp: str, options: dict, extra_fields,
-                 entries: dict[str, list[dict]], position: int, labels: set | None = None):
+                 entries: dict[str, list[dict]], position: int, labels: set | None = None, appended_to: str = ""):
         self.dest, self.plan, self.fp, self.options, self.extra_fields = dest, plan, fp, options, extra_fields
+        self.appended_to = appended_to  # --retry-failed: the manifest these shards are appended to
         self.formats = plan.formats
         self.entries = {f: list(entries.get(f, [])) for f in self.formats}  # published shards, in order
         self.count = len(self.entries[self.formats[0]])                      # shards started
@@ -112,7 +114,8 @@ class ShardSequence:
             entries.append(entry)
         # The stats file last: it is the checkpoint a rerun trusts.
         self.dest.write_bytes(entries[0]["stats"], stats_bytes(self.fp, self.options, entries, start, end,
-                                                               written, rejects, bytes_in, labels))
+                                                               written, rejects, bytes_in, labels,
+                                                               self.appended_to))
         for fmt, entry in zip(self.formats, entries):
             self.entries[fmt].append(entry)
 

@@ -10,7 +10,8 @@ is complete) and holds::
      "inputs": [start, end],          # positions in the processing order this shard accounts for
      "written": [[key, source, bytes_out, digest], ...],
      "rejects": [[source, reason, detail], ...],        # inputs in [start, end) left out, in order
-     "rejected_by_reason": {...}, "bytes_in": B, "bytes_out": B}
+     "rejected_by_reason": {...}, "bytes_in": B, "bytes_out": B,
+     "appended_to": "<sha256>"}       # only a --retry-failed shard: the manifest.json it was appended to
 
 written + rejects = end - start. A rerun reads them in order, checks the shard (in every format) is there
 with its size, and continues at `end` of the last good one with the dedup index rebuilt from `written`.
@@ -32,7 +33,7 @@ def stats_name(shard_name: str) -> str:
 
 
 def stats_bytes(fingerprint: str, options: dict, entries: list[dict], start: int, end: int, written: list,
-                rejects: list, bytes_in: int, labels: list[str] | None = None) -> bytes:
+                rejects: list, bytes_in: int, labels: list[str] | None = None, appended_to: str = "") -> bytes:
     """`entries`: the shard's manifest entry in each format, the primary format first."""
     doc = {"fingerprint": fingerprint, "options": options, "shard": entries[0]}
     if len(entries) > 1:
@@ -40,6 +41,8 @@ def stats_bytes(fingerprint: str, options: dict, entries: list[dict], start: int
     doc.update({"inputs": [start, end], "written": written, "rejects": rejects,
                 "rejected_by_reason": dict(sorted(Counter(r[1] for r in rejects).items())),
                 "bytes_in": bytes_in, "bytes_out": entries[0]["bytes"], "labels": labels or []})
+    if appended_to:
+        doc["appended_to"] = appended_to
     return (json.dumps(doc, separators=(",", ":")) + "\n").encode()
 
 

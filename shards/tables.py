@@ -1,23 +1,29 @@
 """Input tables streamed row by row, one `--part i/N` slice at a time, in memory that does not grow with
 the table: web-scale URL lists (LAION, DataComp, CC12M, YFCC) have 10^8-10^9 rows.
 
-Formats (each optionally compressed: .gz, .bz2, .xz, .zst where its codec is installed):
+Formats (each optionally compressed: .gz, .bz2, .xz, .zst where its codec is installed; a UTF-8 BOM is ignored):
   .txt / .lst / .urls   one path or URL per line (`#` comments and blank lines skipped)
-  .csv / .tsv           a header line, then one row per line (fields must not hold line breaks)
+  .csv / .tsv           a header record, then one row per record, parsed by the csv module: a quoted field
+                        may hold line breaks (a caption)
   .jsonl                one JSON object per line
   .parquet              any columns; read one record batch at a time
 
-Slicing: an uncompressed text file is cut into N byte ranges at line boundaries (part i seeks to its
-range and reads nothing before it); a parquet table into N row ranges (part i reads only the row groups
-that overlap its range). A compressed text file cannot be seeked: every part decompresses it and keeps
-every N-th line (memory stays flat; the reading is repeated).
+Slicing: an uncompressed text file is cut into N byte ranges; a line (CSV/TSV: a record) belongs to the part
+whose range holds its first byte. A line list or .jsonl part seeks to its range and reads nothing before
+it. A CSV/TSV part cannot tell from one line whether it starts inside a quoted field: it parses a little
+before its range both ways until the two readings meet at a record start (see _record_boundary), so it
+finds exactly the records a parse from the top would. A parquet table is cut into N row ranges (part i reads only
+the row groups that overlap its range). A compressed text file cannot be seeked: every part decompresses it
+and keeps every N-th line (CSV/TSV: record); memory stays flat, the reading is repeated.
 
 Each row comes with a stable id: its byte offset in the (uncompressed) text, or its row number in a
 parquet table. Keys are derived from it, so they do not depend on --part.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -36,6 +42,8 @@ COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
 URL_NAMES = ("url", "URL", "image_url", "path")
 CAPTION_NAMES = ("caption", "TEXT", "text", "Caption")
 HEAD_ROWS = 1000  # rows read from a table's start to type its extra fields (the same rows for every part)
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark some tools write first: not part of the first line's text
+SCAN_CHUNK = 1 << 16  # a CSV part starts parsing this far before its range (more if needed)
 
 
 def table_kind(src: str) -> str | None:
@@ -87,20 +95,26 @@ def _open_binary(src: str):
         raise ShardError(f"cannot read source {src}: {type(exc).__name__}: {exc}") from exc
 
 
+def _byte_range(f, part: tuple[int, int]) -> tuple[int, int]:
+    """[start, end): this part's byte range of a seekable file."""
+    i, n = part
+    f.seek(0, os.SEEK_END)
+    size = f.tell()
+    return i * size // n, (i + 1) * size // n
+
+
 def _lines(src: str, part: tuple[int, int]) -> Iterator[tuple[int, bytes]]:
-    """(offset, raw line) of the lines of this part's slice (see the module doc)."""
+    """(offset, raw line) of the lines of this part's slice (see the module doc); a UTF-8 BOM is dropped."""
     i, n = part
     with _open_binary(src) as f:
         if infer_compression(src):
             offset = 0
             for k, raw in enumerate(f):
                 if k % n == i:
-                    yield offset, raw
+                    yield offset, raw.removeprefix(BOM) if offset == 0 else raw
                 offset += len(raw)
             return
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        start, end = i * size // n, (i + 1) * size // n
+        start, end = _byte_range(f, part)
         f.seek(max(start - 1, 0))
         if start > 0:
             f.readline()  # the rest of a line that began before our range belongs to the previous part
@@ -109,7 +123,7 @@ def _lines(src: str, part: tuple[int, int]) -> Iterator[tuple[int, bytes]]:
             raw = f.readline()
             if not raw:
                 return
-            yield pos, raw
+            yield pos, raw.removeprefix(BOM) if pos == 0 else raw
             pos += len(raw)
 
 
@@ -117,10 +131,98 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "replace").rstrip("\r\n")
 
 
-def _header(src: str, sep: str) -> list[str]:
+class _Tracked:
+    """The lines of a binary file as text for csv.reader, counting the bytes it consumed (`pos`): csv.reader
+    reads exactly the lines of one record per row, so `pos` before a row is that row's offset. `lead` is put
+    before the first line (a quote: "this line starts inside a quoted field")."""
+
+    def __init__(self, f, pos: int, lead: str = ""):
+        self.f, self.pos, self.lead = f, pos, lead
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        raw = self.f.readline()
+        if not raw:
+            raise StopIteration
+        first, lead, self.lead = self.pos == 0, self.lead, ""
+        self.pos += len(raw)
+        return lead + (raw.removeprefix(BOM) if first else raw).decode("utf-8", "surrogateescape")
+
+
+def _starts(f, at: int, quoted: bool, start: int, sep: str) -> list[int] | None:
+    """Record starts after line start `at`, up to the first at or past `start`, parsing as if `at` began a
+    record (or, `quoted`, lay inside a quoted field); None when that reading is not CSV."""
+    f.seek(at)
+    lines = _Tracked(f, at, '"' if quoted else "")
+    reader, found = csv.reader(lines, delimiter=sep), [] if quoted else [at]
+    try:
+        while found[-1:] == [] or found[-1] < start:
+            next(reader)
+            found.append(lines.pos)
+    except StopIteration:
+        pass
+    except csv.Error:
+        return None
+    return found
+
+
+def _record_boundary(f, start: int, sep: str) -> int:
+    """A record start at or before `start`, as parsing from the top would find it, read from near `start`.
+
+    A line starts either a record or the rest of a quoted field (csv's only states after a line break). From a
+    line start L a little before `start`, both readings are parsed: once they share a record start, they
+    agree from there on, whichever was true, so that record start is a true one. Without one before `start`
+    (or when the record-start reading is not CSV), L moves back, down to the top of the file."""
+    window = SCAN_CHUNK
+    while start - window > 0:
+        f.seek(start - window - 1)
+        f.readline()  # to the next line start
+        at = f.tell()
+        if at <= start:
+            plain, quoted = _starts(f, at, False, start, sep), _starts(f, at, True, start, sep)
+            if plain is not None and quoted is None:
+                return at  # the quoted reading fails, so `at` starts a record (or the file is not CSV at all)
+            if plain is not None:
+                common = sorted(set(plain) & set(quoted))
+                if common:
+                    return common[0]
+        window *= 8
+    return 0
+def _records(src: str, part: tuple[int, int], sep: str) -> Iterator[tuple[int, list[str]]]:
+    """(offset, fields) of this part's CSV/TSV records, the header included when it is in the part. Quoted
+    fields may hold line breaks: a record belongs to the part whose byte range holds its first byte
+    (compressed: every N-th record)."""
+    i, n = part
     with _open_binary(src) as f:
-        first = _text(f.readline())
-    return next(csv.reader([first], delimiter=sep), [])
+        compressed = bool(infer_compression(src))
+        start, end = (0, None) if compressed else _byte_range(f, part)
+        lines = _Tracked(f, 0 if compressed else _record_boundary(f, start, sep))
+        if not compressed:
+            f.seek(lines.pos)
+        reader = csv.reader(lines, delimiter=sep)
+        k = -1
+        while True:
+            at = lines.pos
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                raise ShardError(f"{src}: bad {'CSV' if sep == ',' else 'TSV'} record at byte {at}: {exc} "
+                                 "(an unclosed quote?)") from None
+            k += 1
+            if end is not None and at >= end:
+                return
+            if (k % n == i if compressed else at >= start) and fields and (len(fields) > 1 or fields[0].strip()):
+                yield at, fields
+
+
+def _header(src: str, sep: str) -> list[str]:
+    with contextlib.closing(_records(src, (0, 1), sep)) as records:
+        at, fields = next(records, (None, []))
+    return fields if at == 0 else []
 
 
 def _value(v):
@@ -129,7 +231,7 @@ def _value(v):
 
 def _rows_plain(src, part, cols) -> Iterator[tuple[int, dict]]:
     for offset, raw in _lines(src, part):
-        line = _text(raw).strip()
+        line = raw.decode("utf-8", "surrogateescape").strip()  # a path keeps its bytes, UTF-8 or not
         if line and not line.startswith("#"):
             yield offset, {"url": line}
 
@@ -138,19 +240,22 @@ def _rows_delimited(src, part, cols, sep) -> Iterator[tuple[int, dict]]:
     names = _header(src, sep)
     url, caption, extra = cols.resolve(names, src)
     index = {c: names.index(c) for c in [url] + ([caption] if caption else []) + extra}
-    for offset, raw in _lines(src, part):
+    for offset, fields in _records(src, part, sep):
         if offset == 0:
             continue  # the header
-        line = _text(raw)
-        if not line.strip():
-            continue
-        fields = next(csv.reader([line], delimiter=sep), [])
-        get = (lambda c: _value(fields[index[c]]) if index[c] < len(fields) else None)
-        row = {"url": get(url) or ""}
+
+        def get(c):
+            return _value(fields[index[c]]) if index[c] < len(fields) else None
+
+        row = {"url": get(url) or ""}  # a path keeps its raw bytes (surrogate escapes); text is made valid
         if caption:
-            row["caption"] = get(caption)
-        row.update((c, get(c)) for c in extra)
+            row["caption"] = _valid(get(caption))
+        row.update((c, _valid(get(c))) for c in extra)
         yield offset, row
+
+
+def _valid(v):
+    return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
 
 
 def _rows_jsonl(src, part, cols) -> Iterator[tuple[int, dict]]:
@@ -166,7 +271,7 @@ def _rows_jsonl(src, part, cols) -> Iterator[tuple[int, dict]]:
             raise ShardError(f"{src} at byte {offset}: expected a JSON object with a URL field")
         url, caption, extra = cols.resolve(list(obj), src)
         row = {"url": obj.get(url)}
-        if not isinstance(row["url"], str):
+        if row["url"] is not None and not isinstance(row["url"], str):  # null: a row without URL, a reject
             raise ShardError(f"{src} at byte {offset}: the URL field {url!r} is not a string")
         if caption:
             row["caption"] = obj.get(caption)
@@ -286,3 +391,26 @@ def identity(src: str) -> str:
         raise ShardError(f"cannot read source {src}: {type(exc).__name__}: {exc}") from exc
     stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created") or ""
     return f"{src}\0{info.get('size')}\0{stamp}"
+
+
+CONTENT_SAMPLE = 1 << 20  # bytes read from each end of a file for its content id
+
+
+def content_id(src: str) -> str:
+    """What a file holds, the same on every host (no modification time): its size and a sha256 of its first
+    and last MiB. `shards merge` compares it across parts: a part made from another list of the same name
+    differs here."""
+    try:
+        with Storage().open(src, "rb") as f:  # the default storage settings
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(0)
+            h = hashlib.sha256(f.read(CONTENT_SAMPLE))
+            if size > CONTENT_SAMPLE:
+                f.seek(max(size - CONTENT_SAMPLE, CONTENT_SAMPLE))
+                h.update(f.read())
+    except FileNotFoundError:
+        raise ShardError(f"source not found: {src}") from None
+    except Exception as exc:
+        raise ShardError(f"cannot read source {src}: {type(exc).__name__}: {exc}") from exc
+    return f"{size}:{h.hexdigest()[:32]}"

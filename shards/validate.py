@@ -39,8 +39,10 @@ DNS = "dns"                          # the host name does not resolve
 CONNECTION = "connection"            # refused, reset, cut short, bad URL
 OPTED_OUT = "opted_out"              # X-Robots-Tag noai / noimageai / noindex / noimageindex
 TOO_LARGE = "too_large"              # body over --max-download-bytes
+BLOCKED_ADDRESS = "blocked_address"  # a loopback/private/link-local/... address (--allow-private-addresses)
 REASONS = (NOT_AN_IMAGE, TRUNCATED, DECOMPRESSION_BOMB, UNREADABLE, TOO_SMALL, UNSUPPORTED, NEEDS_REENCODE,
-           TIMEOUT, CRASHED, DOWNLOAD_FAILED, DUPLICATE, HTTP_ERROR, DNS, CONNECTION, OPTED_OUT, TOO_LARGE)
+           TIMEOUT, CRASHED, DOWNLOAD_FAILED, DUPLICATE, HTTP_ERROR, DNS, CONNECTION, OPTED_OUT, TOO_LARGE,
+           BLOCKED_ADDRESS)
 REENCODE_MODES = ("auto", "always", "never")
 RESIZE_MODES = ("longer", "shorter", "center_crop")  # which side --max-size caps; center_crop also squares
 DEDUP_MODES = ("exact", "perceptual", "none")

@@ -22,6 +22,7 @@ import pytest
 
 from conftest import assert_same_shard_sets
 from mocostream.shards import ShardError, create_shards, verify
+from mocostream.shards.download import HttpOptions
 from mocostream.shards.verify import tar_samples
 
 REPO = Path(__file__).resolve().parents[1]
@@ -91,7 +92,8 @@ def test_url_list_over_http_with_extras_into_tar_and_parquet(imagenette_small, h
             f.write(json.dumps({"url": u, "caption": f"photo {i}", "label": p.parent.name, "score": i / 10}) + "\n")
     local = tmp_path / "paths.lst"
     local.write_text("\n".join(str(p) for p in imgs[6:]) + "\n")
-    r = make([tmp_path / "urls.txt", tmp_path / "captioned.jsonl", local], tmp_path / "o", dedup="none", workers=2)
+    r = make([tmp_path / "urls.txt", tmp_path / "captioned.jsonl", local], tmp_path / "o", dedup="none", workers=2,
+             http=HttpOptions(allow_private=True))  # the server is on loopback
     assert r.inputs == 25 and r.written == 24
     assert r.rejected == [(f"{http_root}/nope.jpg", "http_error", "HTTP 404 File not found")]
     got = tar_set(tmp_path / "o")
@@ -100,7 +102,8 @@ def test_url_list_over_http_with_extras_into_tar_and_parquet(imagenette_small, h
     cap = got[12]
     assert (cap["caption"], cap["label"], cap["score"], cap["source"]) == ("photo 0", imgs[0].parent.name, 0.0, urls[0])
     # parquet: extra fields become typed columns
-    make([tmp_path / "captioned.jsonl"], tmp_path / "p", fmt="parquet", dedup="none", workers=1)
+    make([tmp_path / "captioned.jsonl"], tmp_path / "p", fmt="parquet", dedup="none", workers=1,
+         http=HttpOptions(allow_private=True))
     t = pq.read_table(tmp_path / "p" / "shard-000000.parquet")
     assert t.column_names[:7] == ["key", "image", "ext", "label", "source", "width", "height"]
     assert t.schema.field("caption").type == pa.string() and t.schema.field("score").type == pa.float64()

@@ -15,6 +15,12 @@ where kind is one of
   slow         the image after `slow` more seconds
   gate         the image once the server has seen `gate_after` requests in all (a head-of-line probe)
   down         503 while `down` is set, then the image
+  503always, 429always   that status with `Retry-After: <retry_after>` on every request
+  redirect     302 to `redirect_to` (formatted with n=n: a full URL, or a path on the same host)
+  loop         302 to itself, for ever
+  to_file, to_ftp, bigheader, longbody, drip: see ODD
+With `max_active` set, any request beyond that many at once is answered 429 at once (no Retry-After),
+as a host that limits each client's concurrent connections does; `refused` counts them.
 `mix(n, rates, seed)` spreads kinds over n URLs for benchmarks.
 """
 from __future__ import annotations
@@ -24,11 +30,15 @@ import socket
 import struct
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 KINDS = ("ok", "404", "reset", "hang", "503", "429", "optout", "optout_other", "big", "bigchunked", "slow", "gate",
-         "down")
+         "down", "503always", "429always", "redirect", "loop")
+# Odd answers (_Handler._odd): a redirect to file:// or ftp://, 100 KB of headers, a body longer than its
+# Content-Length (the extra bytes sit on the kept-alive connection), a body dripped a few bytes at a time.
+ODD = ("to_file", "to_ftp", "bigheader", "longbody", "drip")
+KINDS += ODD
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -39,8 +49,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         srv: WebServer = self.server.owner
-        srv.enter(self)
+        over = srv.enter(self)
         try:
+            if over:
+                return self._send(429, b"too many connections", {})
             self._answer(srv)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
@@ -53,6 +65,8 @@ class _Handler(BaseHTTPRequestHandler):
         n = int("".join(ch for ch in parts[-1].split(".")[0] if ch.isdigit()) or 0)
         if srv.latency:
             srv.stopping.wait(srv.latency)
+        if kind in ODD:
+            return self._odd(srv, kind, n)
         if kind == "404":
             return self._send(404, b"not found", {"Content-Type": "text/plain"})
         if kind == "reset":
@@ -65,6 +79,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if kind in ("503", "429") and srv.times[self.path][:-1] == []:  # the first request of this path
             return self._send(int(kind), b"busy", {"Retry-After": str(srv.retry_after)})
+        if kind in ("503always", "429always"):
+            return self._send(int(kind[:3]), b"busy", {"Retry-After": str(srv.retry_after)})
+        if kind in ("redirect", "loop"):
+            return self._send(302, b"", {"Location": self.path if kind == "loop" else srv.redirect_to.format(n=n)})
         if kind == "down" and srv.down:
             return self._send(503, b"down", {})
         if kind == "slow":
@@ -80,6 +98,32 @@ class _Handler(BaseHTTPRequestHandler):
         if kind in ("big", "bigchunked"):
             return self._big(srv, kind == "bigchunked")
         self._send(200, srv.images[n % len(srv.images)], headers)
+
+    def _odd(self, srv: "WebServer", kind: str, n: int) -> None:
+        image = srv.images[n % len(srv.images)]
+        if kind in ("to_file", "to_ftp"):
+            target = "file:///etc/passwd" if kind == "to_file" else f"ftp://127.0.0.1/{n}.jpg"
+            return self._send(302, b"", {"Location": target})
+        if kind == "bigheader":
+            return self._send(200, image, {"Content-Type": "image/jpeg", "X-Filler": "x" * 100_000})
+        if kind == "longbody":  # more bytes than its Content-Length, once `extra` is set (the client has
+            self.send_response(200)  # its reply and keeps the connection): they would read as the next reply
+            self.send_header("Content-Length", str(len(image)))
+            self.end_headers()
+            self.wfile.write(image)
+            if srv.extra.wait(srv.hang) and not srv.stopping.is_set():
+                self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nWRONG")
+                srv.extra_sent.set()
+            return
+        self.send_response(200)  # drip: a few bytes every drip_every seconds, never the end
+        self.send_header("Content-Length", str(len(image)))
+        self.end_headers()
+        for i in range(0, len(image), 16):
+            self.wfile.write(image[i:i + 16])
+            self.wfile.flush()
+            if srv.stopping.wait(srv.drip_every):
+                break
+        self.close_connection = True
 
     def _send(self, status: int, body: bytes, headers: dict) -> None:
         self.send_response(status)
@@ -120,9 +164,14 @@ class WebServer:
         self.lock = threading.Lock()
         self.seen = threading.Condition(self.lock)
         self.slow, self.gate_after, self.down = 0.3, 0, False
-        self.active = self.peak = self.requests = 0
+        self.drip_every = 0.1
+        self.extra, self.extra_sent = threading.Event(), threading.Event()  # longbody's extra bytes
+        self.redirect_to, self.max_active = "/ok/{n}.jpg", 0
+        self.active = self.peak = self.requests = self.refused = 0
         self.agents: set[str] = set()
+        self.auth: dict[str, str] = {}  # path -> its last Authorization header
         self.times: dict[str, list[float]] = defaultdict(list)
+        self.per_host: Counter = Counter()  # requests by listening address
         # hosts > 1: the same content on 127.0.0.1, 127.0.0.2, ... (one listener each), standing in for
         # the many hosts of a web-scale list (per-host limits apply per address).
         self.servers = []
@@ -142,14 +191,20 @@ class WebServer:
     def urls(self) -> list[str]:
         return [f"http://{s.server_address[0]}:{s.server_address[1]}" for s in self.servers]
 
-    def enter(self, handler) -> None:
+    def enter(self, handler) -> bool:
+        """Count a request; True when it is over `max_active` (to be refused)."""
         with self.lock:
             self.active += 1
             self.requests += 1
             self.peak = max(self.peak, self.active)
             self.agents.add(handler.headers.get("User-Agent", ""))
+            self.auth[handler.path] = handler.headers.get("Authorization", "")
             self.times[handler.path].append(time.monotonic())
+            self.per_host[handler.server.server_address[0]] += 1
             self.seen.notify_all()
+            over = bool(self.max_active) and self.active > self.max_active
+            self.refused += over
+            return over
 
     def leave(self) -> None:
         with self.lock:
@@ -157,8 +212,9 @@ class WebServer:
 
     def reset_counts(self) -> None:
         with self.lock:
-            self.peak = self.requests = 0
+            self.peak = self.requests = self.refused = 0
             self.times.clear()
+            self.per_host.clear()
 
     def __enter__(self) -> "WebServer":
         for t in self.threads:
@@ -167,6 +223,7 @@ class WebServer:
 
     def __exit__(self, *exc) -> None:
         self.stopping.set()
+        self.extra.set()
         with self.seen:
             self.seen.notify_all()
         for httpd in self.servers:
