@@ -19,7 +19,8 @@ SHARDS_MAY_USE = {"pipeline.dali_check", "pipeline.image_check", "pipeline.files
 # Module-level names of pipeline/ and shards/ that functions change: per-process state, not settings.
 PROCESS_STATE = {("shards/fetch.py", "_tars"): "the compressed archives a decode worker keeps open",
                  ("shards/fetch.py", "_row_group"): "the parquet row group a decode worker read last",
-                 ("shards/workers.py", "_PARENT_ENDS"): "the pipe ends a forked worker must close"}
+                 ("shards/workers.py", "_PARENT_ENDS"): "the pipe ends a forked worker must close",
+                 ("shards/lock.py", "_HELD"): "the destination lock fds a forked worker must close"}
 MUTATORS = {"update", "append", "extend", "add", "insert", "clear", "pop", "popitem", "setdefault", "remove",
             "discard", "__setitem__"}
 
