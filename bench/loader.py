@@ -164,9 +164,12 @@ def measure_reference(args) -> dict:
     from augment import bench_processes
 
     from mocostream.pipeline.readers import read_samples
-    from mocostream.pipeline.sources import read_bytes, resolve_shards
+    from mocostream.pipeline.filesystems import Storage
+    from mocostream.pipeline.sources import resolve_shards
 
-    blobs = [s.data for sh in resolve_shards(args.data) for s in read_samples(sh, read_bytes(sh.url)) if not s.error]
+    storage = Storage()
+    blobs = [s.data for sh in resolve_shards(args.data, storage=storage)
+             for s in read_samples(sh, storage.read_bytes(sh.url)) if not s.error]
     ips, cpu_ms = bench_processes("reference", argparse.Namespace(images=blobs, recipe="moco_v2",
                                                                  size=args.image_size, seconds=args.seconds,
                                                                  workers=args.workers))

@@ -111,16 +111,19 @@ def child_manifest(folder: str, json_too: bool) -> dict:
     import pyarrow.compute  # noqa: F401  (imports are not the manifest's cost)
     import pyarrow.parquet  # noqa: F401
 
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.shard_table import load_shard_table
     from mocostream.pipeline.sources import read_manifest
 
-    table, seconds, mb = measured(lambda _: load_shard_table(folder))
+    storage = Storage()
+    table, seconds, mb = measured(lambda _: load_shard_table(folder, storage=storage))
     _, fp_s, fp_mb = measured(lambda _: table.fingerprint(), table._fingerprints.clear)
     out = {"columnar_s": seconds, "columnar_mb": mb, "shards": len(table), "fingerprint_s": fp_s,
            "fingerprint_mb": fp_mb}
     if json_too:
         del table
-        _, out["json_s"], out["json_mb"] = measured(lambda _: read_manifest(folder + "/manifest.json"), repeats=1)
+        _, out["json_s"], out["json_mb"] = measured(lambda _: read_manifest(folder + "/manifest.json", storage=storage),
+                                                        repeats=1)
     return out
 
 
@@ -195,6 +198,7 @@ def write_manifest(folder: Path, shards: int) -> None:
     """A synthetic manifest of `shards` entries through the shard tool's own writer."""
     import numpy as np
 
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.shards.manifest import build_manifest, write_manifests
     from mocostream.shards.output import Destination
 
@@ -202,7 +206,7 @@ def write_manifest(folder: Path, shards: int) -> None:
     digests = rng.integers(0, 256, (shards, 32), dtype=np.uint8)
     entries = [{"name": f"shard-{i:07d}.tar", "samples": int(c), "bytes": int(c) * 110_000, "sha256": digests[i].tobytes().hex()}
                for i, c in enumerate(counts.tolist())]
-    dest = Destination(str(folder))
+    dest = Destination(str(folder), storage=Storage())
     write_manifests(dest, {"tar": "manifest.json"}, {"tar": build_manifest("tar", {}, entries, [], 0.0)})
     dest.close()
 

@@ -157,7 +157,7 @@ a = json.loads(sys.argv[1])
 sys.path.insert(0, a["repo"])
 import torch
 from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
-from mocostream.pipeline.storage import StorageConfig
+from mocostream.pipeline.storage import Storage, StorageConfig
 from mocostream.ops import checkpoint
 if a["backend"] == "dali":
     import mocostream.pipeline.augment_dali  # DALI's own import counts as imports, not as loader work
@@ -173,8 +173,9 @@ def make(world=1, rank=0):
 
 loader = make()
 t_loader = time.time()
-path = checkpoint.latest(a["ckpt"])
-state = checkpoint.load(path, a["ckpt"])
+storage = Storage(loader.cfg.storage)
+path = checkpoint.latest(a["ckpt"], storage=storage)
+state = checkpoint.load(path, a["ckpt"], storage=storage)
 t_ckpt = time.time()
 loader.load_states(state["loader"])
 t_states = time.time()

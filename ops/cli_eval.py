@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+from .storage_flags import add_storage_flags, storage_from_args
+
 
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="kNN or linear-probe accuracy of a checkpoint on labelled images",
@@ -19,6 +21,7 @@ def add_eval_parser(sub) -> None:
         q.add_argument("--image-size", type=int, help="input side (default: 32 for *_cifar archs, else 224)")
         q.add_argument("--device", default="cpu", help="cpu or cuda")
         q.add_argument("--max-per-class", type=int, help="at most this many images per class and split")
+        add_storage_flags(q, external=True)
         if kind == "knn":
             q.add_argument("--k", type=int, default=200, help="neighbours")
             q.add_argument("--t", type=float, default=0.1, help="temperature of the vote weights")
@@ -57,17 +60,18 @@ def budget_workers(device: str) -> int:
 def run_eval(args) -> int:
     from .evaluate import evaluate, evaluate_reference
 
+    storage = storage_from_args(args)
     if args.kind == "linear" and args.protocol == "reference":
         workers = args.workers if args.workers is not None else budget_workers(args.device)
         result = evaluate_reference(args.data, args.checkpoint, args.arch, args.image_size or 224, args.device,
                                     args.epochs, 30.0 if args.lr is None else args.lr, args.batch_size,
-                                    workers, args.num_classes, args.out, args.seed)
+                                    workers, args.num_classes, args.out, args.seed, storage=storage)
         if result is not None:  # rank 0
             print(json.dumps(result))
         return 0
     extra = {"k": args.k, "t": args.t} if args.kind == "knn" else \
         {"epochs": args.epochs, "lr": 0.1 if args.lr is None else args.lr}
     result = evaluate(args.kind, args.data, args.checkpoint, args.arch, args.image_size, args.device,
-                      max_per_class=args.max_per_class, **extra)
+                      max_per_class=args.max_per_class, storage=storage, **extra)
     print(json.dumps(result))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from .export_formats import FORMATS
+from .storage_flags import add_storage_flags, storage_from_args
 
 
 def add_export_parser(sub) -> None:
@@ -18,11 +19,12 @@ def add_export_parser(sub) -> None:
                         "metadata; detectron2: its R-18/R-50 names (stem, res2..res5), a .pkl pickle of numpy arrays")
     p.add_argument("--encoder", default="query", choices=("query", "key"),
                    help="the query encoder (trained by SGD, what eval uses) or the momentum key encoder")
+    add_storage_flags(p)
     p.set_defaults(func=run_export)
 
 
 def run_export(args) -> int:
     from .export import export
 
-    print(json.dumps(export(args.checkpoint, args.out, args.format, args.encoder)))
+    print(json.dumps(export(args.checkpoint, args.out, args.format, args.encoder, storage_from_args(args))))
     return 0

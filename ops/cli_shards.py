@@ -13,6 +13,7 @@ from mocostream.shards.plan import Plan
 
 from .cpu_budget import detect_budget, shard_tool_defaults
 from .options import add_options, values_from
+from .storage_flags import add_storage_flags, storage_from_args
 
 HTTP = "http_"  # argparse destinations of the download options: --timeout is the decode workers'
 
@@ -90,7 +91,7 @@ def add_create_parser(sub) -> None:
                 "  mocostream shards create urls.txt --out s3://b/web --part 3/8   # on host 3 of 8; then:\n"
                 "  mocostream shards merge s3://b/web\n\n"
                 "For s3:// the endpoint and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY."))
+                "AWS_SECRET_ACCESS_KEY; --storage-timeout and --storage-retries apply to DEST as in train."))
     c.add_argument("sources", nargs="+", metavar="SRC",
                    help="folder, tar archive, list of paths/URLs (.txt/.jsonl) or parquet table")
     c.add_argument("--out", required=True, metavar="DEST",
@@ -117,6 +118,7 @@ def add_create_parser(sub) -> None:
     c.add_argument("--quiet", action="store_true", help="no progress bar (the summary is still printed)")
     c.add_argument("--json", action="store_true",
                    help="print the run report (as in DEST/report.json) as one JSON line instead of the summary")
+    add_storage_flags(c)
     c.set_defaults(func=run_shards_create)
 
 
@@ -128,6 +130,7 @@ def add_verify_parser(sub) -> None:
     v.add_argument("dest", metavar="DEST", help="folder or s3:// prefix holding manifest.json")
     v.add_argument("--no-decode", action="store_true", help="skip decoding the samples (size/hash/count only)")
     v.add_argument("--quiet", action="store_true", help="print only problems and the final line")
+    add_storage_flags(v)
     v.set_defaults(func=run_shards_verify)
 
 
@@ -136,6 +139,7 @@ def add_inspect_parser(sub) -> None:
                        description="Print what the shard set at DEST holds.")
     i.add_argument("dest", metavar="DEST", help="folder or s3:// prefix holding manifest.json")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_storage_flags(i)
     i.set_defaults(func=run_shards_inspect)
 
 
@@ -146,6 +150,7 @@ def add_merge_parser(sub) -> None:
                                    "DEST/report.json. Shards are not copied.")
     m.add_argument("dest", metavar="DEST", help="the --out the parts were written to")
     m.add_argument("--json", action="store_true", help="print the merged report as JSON")
+    add_storage_flags(m)
     m.set_defaults(func=run_shards_merge)
 
 
@@ -172,7 +177,8 @@ def run_shards_create(args) -> int:
     report = create_shards(
         args.sources, args.out, progress=not (args.quiet or args.json), workers=args.workers, timeout=args.timeout,
         memory_limit=args.worker_memory, retry_failed=args.retry_failed, metrics_port=args.metrics_port,
-        http=HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)), **values_from(args, Plan))
+        storage=storage_from_args(args), http=HttpOptions(**values_from(args, HttpOptions, prefix=HTTP)),
+        **values_from(args, Plan))
     for warning in report.warnings:
         print(f"shards create: warning: {warning}", file=sys.stderr, flush=True)
     print(json.dumps(report.report) if args.json else summary(report), flush=True)
@@ -196,7 +202,7 @@ def run_shards_verify(args) -> int:
             bar.write(p, file=sys.stdout)
         bar.update()
 
-    problems = verify(args.dest, decode=not args.no_decode, on_shard=on_shard)
+    problems = verify(args.dest, decode=not args.no_decode, on_shard=on_shard, storage=storage_from_args(args))
     if bar is not None:
         bar.close()
     if problems:
@@ -211,7 +217,7 @@ def run_shards_inspect(args) -> int:
     from mocostream.shards import inspect
     from mocostream.shards.inspect import summary_text
 
-    info = inspect(args.dest)
+    info = inspect(args.dest, storage=storage_from_args(args))
     print(json.dumps(info) if args.json else summary_text(info), flush=True)
     return 0
 
@@ -219,7 +225,7 @@ def run_shards_inspect(args) -> int:
 def run_shards_merge(args) -> int:
     from mocostream.shards import merge
 
-    report = merge(args.dest)
+    report = merge(args.dest, storage=storage_from_args(args))
     print(json.dumps(report) if args.json else
           f"shards merge: {report['parts']} parts, {report['written']} samples in {report['shards']} shards, "
           f"rejected {report['rejected']}. Manifest: {report['manifest']}", flush=True)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from mocostream.moco_core import add_mlp_head, backbone_of, build_encoder, extract_features, knn_top1
 from mocostream.pipeline.augment_reference import normalize
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import LabeledImages, knn_sets
 from mocostream.pipeline.labeled_stream import labeled_units, shard_class_names, split_specs
 
@@ -41,7 +42,8 @@ def fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_query_encoder(path: str | None, arch: str | None = None) -> tuple[nn.Module, dict]:
+def load_query_encoder(path: str | None, arch: str | None = None, *,
+                       storage: Storage) -> tuple[nn.Module, dict]:
     """The query encoder of a training checkpoint (file, or the latest in a folder / s3 prefix), or a
     randomly initialised `arch` when `path` is None (the baseline every result is compared with)."""
     if path is None:
@@ -49,7 +51,7 @@ def load_query_encoder(path: str | None, arch: str | None = None) -> tuple[nn.Mo
             raise EvalError("give --checkpoint, or --arch for a randomly initialised encoder")
         torch.manual_seed(0)
         return build_encoder(arch)(num_classes=128), {"arch": arch, "step": 0}
-    state, file, _ = read_checkpoint(path)
+    state, file, _ = read_checkpoint(path, storage=storage)
     cfg = state.get("config", {})
     encoder = build_encoder(cfg.get("arch", arch or "resnet50"))(num_classes=cfg.get("dim", 128))
     if cfg.get("mlp"):
@@ -94,9 +96,10 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return float((head(test_x).argmax(1) == test_y).float().mean())
 
 
-def frozen_backbone(checkpoint_path: str | None, arch: str | None, dev: torch.device) -> tuple[nn.Module, dict, int]:
+def frozen_backbone(checkpoint_path: str | None, arch: str | None, dev: torch.device, *,
+                    storage: Storage) -> tuple[nn.Module, dict, int]:
     """(backbone without gradients, what it is, its feature dimension)."""
-    encoder, info = load_query_encoder(checkpoint_path, arch)
+    encoder, info = load_query_encoder(checkpoint_path, arch, storage=storage)
     fc = encoder.fc[0] if isinstance(encoder.fc, nn.Sequential) else encoder.fc
     backbone = backbone_of(encoder).to(dev)
     for p in backbone.parameters():
@@ -113,13 +116,15 @@ def _checked_unchanged(backbone: nn.Module, before: str) -> str:
 
 def evaluate(kind: str, data: str, checkpoint_path: str | None = None, arch: str | None = None,
              image_size: int | None = None, device: str = "cpu", k: int = 200, t: float = 0.1,
-             max_per_class: int | None = None, epochs: int = 100, lr: float = 0.1) -> dict:
-    """`kind` is knn or linear (on cached features). Returns the accuracy and what it was measured on."""
+             max_per_class: int | None = None, epochs: int = 100, lr: float = 0.1,
+             storage: Storage | None = None) -> dict:
+    """`kind` is knn or linear (on cached features). Returns the accuracy and what it was measured on.
+    `storage` reads the checkpoint and the data (default: the default storage settings)."""
     t0 = time.perf_counter()
-    dev = torch.device(device)
-    backbone, info, _ = frozen_backbone(checkpoint_path, arch, dev)
+    dev, storage = torch.device(device), storage or Storage()
+    backbone, info, _ = frozen_backbone(checkpoint_path, arch, dev, storage=storage)
     size = image_size or (32 if str(info.get("arch", "")).endswith("_cifar") else 224)
-    bank, queries = knn_sets(data, size, max_per_class)
+    bank, queries = knn_sets(data, size, max_per_class, storage=storage)
     before = fingerprint(backbone)
     if kind == "knn":
         top1 = knn_eval(backbone, bank, queries, dev, k, t)
@@ -138,25 +143,25 @@ def evaluate(kind: str, data: str, checkpoint_path: str | None = None, arch: str
 def evaluate_reference(data: str, checkpoint_path: str | None = None, arch: str | None = None,
                        image_size: int = 224, device: str = "auto", epochs: int = 100, lr: float = 30.0,
                        batch_size: int = 256, workers: int = 2, classes: int | None = None,
-                       out: str | None = None, seed: int = 0) -> dict | None:
+                       out: str | None = None, seed: int = 0, storage: Storage | None = None) -> dict | None:
     """The reference linear protocol (see linear_reference), on one device or under torchrun; rank 0 writes the
-    classifier to `out` and returns the results, the other ranks return None."""
+    classifier to `out` and returns the results, the other ranks return None. `storage` reads and writes."""
     from .linear_reference import reference_linear
 
     t0 = time.perf_counter()
-    dev = _eval_device(device)
+    dev, storage = _eval_device(device), storage or Storage()
     (train_spec, train_part), (val_spec, val_part) = split_specs(data)
-    train_units, names = labeled_units(train_spec, train_part, seed)
-    val_units, _ = labeled_units(val_spec, val_part, seed)  # indexed by the training set's class names
+    train_units, names = labeled_units(train_spec, train_part, seed, storage=storage)
+    val_units, _ = labeled_units(val_spec, val_part, seed, storage=storage)  # indexed by the training set's names
     if names is None:
-        names = on_one_rank(lambda: shard_class_names(train_units))
+        names = on_one_rank(lambda: shard_class_names(train_units, storage=storage))
     classes = classes or (len(names) if names else None)
     if not classes:
         raise EvalError("labelled shards with class indices do not name their classes: give --num-classes")
-    backbone, info, dim = frozen_backbone(checkpoint_path, arch, dev)
+    backbone, info, dim = frozen_backbone(checkpoint_path, arch, dev, storage=storage)
     before = fingerprint(backbone)
     result, head = reference_linear(backbone, dim, classes, train_units, val_units, image_size, dev, epochs, lr,
-                                    batch_size, workers, seed, names)
+                                    batch_size, workers, seed, names, storage=storage)
     after = _checked_unchanged(backbone, before)
     rank = dist.get_rank() if dist.is_initialized() else 0
     result = {"eval": "linear", "protocol": "reference", **result, **info, "image_size": image_size,
@@ -168,7 +173,7 @@ def evaluate_reference(data: str, checkpoint_path: str | None = None, arch: str 
     if rank != 0:
         return None
     if out:
-        write_classifier(out, head, result, names)
+        write_classifier(out, head, result, names, storage=storage)
         result["classifier"] = out
     return result
 
@@ -185,7 +190,8 @@ def _eval_device(device: str) -> torch.device:
     return dev
 
 
-def write_classifier(out: str, head: nn.Linear, result: dict, names: list[str] | None) -> None:
+def write_classifier(out: str, head: nn.Linear, result: dict, names: list[str] | None, *,
+                     storage: Storage) -> None:
     """The classifier (`weight`, `bias`, class names, what it was trained on); loads with weights_only=True."""
     from .export import write_file
 
@@ -194,4 +200,4 @@ def write_classifier(out: str, head: nn.Linear, result: dict, names: list[str] |
                 "classes": names or [str(i) for i in range(head.out_features)],
                 "arch": str(result.get("arch")), "backbone_sha256": result["backbone_sha256"],
                 "top1": result["top1"], "top5": result["top5"]}, buffer)
-    write_file(out, buffer.getvalue())
+    write_file(out, buffer.getvalue(), storage=storage)

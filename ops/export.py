@@ -16,7 +16,7 @@ import pickle
 
 import torch
 
-from mocostream.pipeline.sources import filesystem
+from mocostream.pipeline.filesystems import Storage, is_remote
 
 from .export_formats import FORMATS
 from .weights import WeightsError, backbone_state, read_checkpoint
@@ -71,12 +71,13 @@ def _detectron2_bytes(weights: dict, meta: dict) -> bytes:
 WRITERS = {"torchvision": _torchvision_bytes, "safetensors": _safetensors_bytes, "detectron2": _detectron2_bytes}
 
 
-def write_file(out: str, data: bytes) -> None:
-    """A local file appears complete under its name (temporary name, then rename); on object storage a PUT is."""
-    fs, path = filesystem(out)
-    if "://" in out and not out.startswith("file://"):
-        fs.pipe_file(path, data)
+def write_file(out: str, data: bytes, *, storage: Storage) -> None:
+    """A local file appears complete under its name (temporary name, then rename); on object storage a PUT is
+    (retried as `storage` says)."""
+    if is_remote(out):
+        storage.write_bytes(out, data)
         return
+    _, path = storage.filesystem(out)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
@@ -94,20 +95,22 @@ def how_to_load(fmt: str, arch: str, out: str) -> str:
     return f"m = {build}; m.fc = torch.nn.Identity(); m.load_state_dict({load})"
 
 
-def export(path: str, out: str, fmt: str, encoder: str = "query") -> dict:
-    """Write the backbone of the checkpoint at `path` (file, folder or s3:// prefix) to `out`; returns a report."""
+def export(path: str, out: str, fmt: str, encoder: str = "query", storage: Storage | None = None) -> dict:
+    """Write the backbone of the checkpoint at `path` (file, folder or s3:// prefix) to `out`; returns a report.
+    `storage`: reads and writes both (default: the default storage settings)."""
+    storage = storage or Storage()
     if fmt not in FORMATS:
         raise WeightsError(f"unknown --format {fmt!r}; choose from {', '.join(FORMATS)}")
     if fmt == "detectron2" and not out.endswith(".pkl"):
         raise WeightsError("detectron2 reads this format from a .pkl file: give --out NAME.pkl")
-    state, file, sha256 = read_checkpoint(path)
+    state, file, sha256 = read_checkpoint(path, storage=storage)
     cfg = state.get("config", {})
     step, world = int(state.get("step", 0)), int(state.get("world", 1))
     meta = {"format": "mocostream-backbone", "arch": cfg.get("arch", "unknown"), "recipe": cfg.get("recipe", ""),
             "encoder": encoder, "step": step, "images_seen": step * int(cfg.get("batch_size", 0)) * world,
             "source": file, "source_sha256": sha256}
     weights = backbone_state(state, encoder)
-    write_file(out, WRITERS[fmt](weights, meta))
+    write_file(out, WRITERS[fmt](weights, meta), storage=storage)
     return {"out": out, "format": fmt, **meta, "tensors": len(weights),
             "missing_by_design": [] if fmt == "detectron2" else MISSING_BY_DESIGN,
             "load_with": how_to_load(fmt, meta["arch"], out)}

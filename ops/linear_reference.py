@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from mocostream.moco_core import scaled_lr
 from mocostream.moco_core.schedule import step_decay
 from mocostream.pipeline.augment_reference import normalize
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled_stream import LabeledStream
 
 log = logging.getLogger("mocostream.eval")
@@ -78,9 +79,11 @@ def validate(backbone: nn.Module, head: nn.Module, stream: LabeledStream, device
 
 def reference_linear(backbone: nn.Module, feature_dim: int, classes: int, train_units, val_units, size: int,
                      device: torch.device, epochs: int = 100, lr: float = 30.0, batch_size: int = 256,
-                     workers: int = 2, seed: int = 0, names: list[str] | None = None) -> tuple[dict, nn.Linear]:
+                     workers: int = 2, seed: int = 0, names: list[str] | None = None, *,
+                     storage: Storage) -> tuple[dict, nn.Linear]:
     """Train the linear classifier on the frozen `backbone`; returns (results, classifier). `names`: the
-    sorted class names that index string labels (the training set's, for validation too)."""
+    sorted class names that index string labels (the training set's, for validation too); `storage` reads
+    the shards."""
     rank, world = _world()
     torch.manual_seed(seed)  # the same initial classifier on every rank
     head = nn.Linear(feature_dim, classes)
@@ -91,7 +94,7 @@ def reference_linear(backbone: nn.Module, feature_dim: int, classes: int, train_
     peak_lr = scaled_lr(lr, batch_size * world)
     optimizer = torch.optim.SGD(head.parameters(), lr=peak_lr, momentum=0.9, weight_decay=0.0)
     common = dict(batch_size=batch_size, size=size, seed=seed, world=world, rank=rank, workers=workers,
-                  classes=names)
+                  classes=names, storage=storage)
     train_stream = LabeledStream(train_units, train=True, **common)
     val_stream = LabeledStream(val_units, train=False, **common)
     backbone.eval()  # frozen: BN uses its running statistics, as in the reference

@@ -203,10 +203,10 @@ def start_seaweedfs(state: Path, s3_port: int) -> dict:
 
 
 def s3_filesystem(env: dict):
-    import s3fs
+    """The stack's S3 through the storage factory every reader and writer uses (endpoint and keys from `env`)."""
+    from mocostream.pipeline.filesystems import Storage
 
-    return s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                             client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]}, skip_instance_cache=True)
+    return Storage(environ=env).filesystem("s3://")[0]
 
 
 def make_bucket(env: dict) -> bool:

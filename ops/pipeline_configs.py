@@ -27,8 +27,9 @@ def derive(cls, cfg: TrainConfig, translated: dict, prefix: str = "", kept: froz
 
 
 def storage_config(cfg: TrainConfig) -> StorageConfig:
-    return derive(StorageConfig, cfg, {"read_timeout": cfg.storage_timeout}, prefix="storage_",
-                  kept=STORAGE_DEFAULTS_KEPT)
+    return derive(StorageConfig, cfg, {"read_timeout": cfg.storage_timeout,
+                                       "allow_external_shards": cfg.allow_external_shards},
+                  prefix="storage_", kept=STORAGE_DEFAULTS_KEPT)
 
 
 def loader_config(cfg: TrainConfig, storage: StorageConfig, rank: int, world: int,

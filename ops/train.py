@@ -28,7 +28,7 @@ from mocostream.moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_o
                        info_nce, instance_accuracy, momentum_at, scaled_lr)
 from mocostream.pipeline.labeled import knn_sets
 from mocostream.pipeline.loader import Batch, TwoViewLoader
-from mocostream.pipeline.storage import at_start, retrying
+from mocostream.pipeline.filesystems import Storage
 
 from . import checkpoint
 from .config import ConfigError, TrainConfig, mask_secrets, mask_text
@@ -122,8 +122,9 @@ class KnnMonitor:
     """The weighted kNN monitor of the reference CIFAR demo, on rank 0: labelled images are decoded once,
     features come from the query encoder's backbone in eval mode."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
-        self.bank, self.queries = knn_sets(cfg.knn_data, cfg.knn_image_size or cfg.image_size, cfg.knn_max_per_class)
+    def __init__(self, cfg: TrainConfig, device: torch.device, storage: Storage):
+        self.bank, self.queries = knn_sets(cfg.knn_data, cfg.knn_image_size or cfg.image_size, cfg.knn_max_per_class,
+                                           storage=storage)
         self.k, self.t, self.device = cfg.knn_k, cfg.knn_t, device
         log.info("kNN monitor: %d labelled images, %d queries, %d classes", len(self.bank), len(self.queries),
                  len(self.bank.classes))
@@ -156,14 +157,14 @@ def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
     return model
 
 
-def check_checkpoint_dir(cfg: TrainConfig, model: torch.nn.Module) -> None:
+def check_checkpoint_dir(cfg: TrainConfig, model: torch.nn.Module, storage: Storage) -> None:
     """At start, not at the first checkpoint: a fresh run never writes into a folder holding another run's
     checkpoints (its retention, or a later --resume, would mix the two runs), and the folder must take a
     write of about a checkpoint's size (model + optimizer momentum + slack)."""
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    checkpoint.check_writable(cfg.checkpoint_dir, 2 * state_bytes + (1 << 20))
+    checkpoint.check_writable(cfg.checkpoint_dir, 2 * state_bytes + (1 << 20), storage=storage)
     if not cfg.resume:
-        existing = checkpoint.list_checkpoints(cfg.checkpoint_dir)
+        existing = checkpoint.list_checkpoints(cfg.checkpoint_dir, storage=storage)
         if existing:
             raise checkpoint.CheckpointError(
                 f"{cfg.checkpoint_dir} already holds checkpoints of a run (latest: step "
@@ -264,6 +265,8 @@ class Trainer:
         self.cpu, self.threads, self.tuner = apply_cpu_budget(cfg, on_gpu=self.device.type == "cuda")
         self.metrics.record_cpu(self.cpu.cpus, {"intra_op": self.threads.intra_op, "interop": self.threads.interop,
                                                 "loader": self.threads.loader})
+        # every read and write of this run (data, kNN set, checkpoints, --init-from) goes through this one
+        self.storage = Storage(storage_config(cfg))
         self.loader = self._build_loader()
         # once the data is found: bad input stays one line
         log_cpu_budget(self.cpu, self.threads, self.loader.backend)
@@ -277,19 +280,19 @@ class Trainer:
 
     def _build_loader(self) -> TwoViewLoader:
         """This rank's (q, k) batches; start-up storage calls get timeouts and bounded retries."""
-        cfg = self.cfg
-        storage = storage_config(cfg)
-        at_start(storage, cfg.allow_external_shards)
-        loader_cfg = loader_config(cfg, storage, self.rank, self.world, self.device, self.local_rank,
+        cfg, storage = self.cfg, self.storage
+        loader_cfg = loader_config(cfg, storage.config, self.rank, self.world, self.device, self.local_rank,
                                    workers=self.threads.loader)
-        return retrying(storage, cfg.data, lambda: TwoViewLoader(loader_cfg, observer=self.metrics, share=on_one_rank))
+        return storage.retrying(f"read {cfg.data}", lambda: TwoViewLoader(
+            loader_cfg, observer=self.metrics, share=on_one_rank, storage=storage))
 
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
         self.model = model = build_model(cfg, self.world, device)
-        check_checkpoint_dir(cfg, model)
-        if cfg.init_from and not (cfg.resume and checkpoint.latest(cfg.checkpoint_dir)):  # a resumed run has its own
-            init_backbones(model, cfg.init_from, cfg.arch)
+        check_checkpoint_dir(cfg, model, self.storage)
+        # a resumed run has its own weights
+        if cfg.init_from and not (cfg.resume and checkpoint.latest(cfg.checkpoint_dir, storage=self.storage)):
+            init_backbones(model, cfg.init_from, cfg.arch, storage=self.storage)
         # Buffers are synced once at start; after that the queue stays identical on every rank (keys are
         # all-gathered), so the 32 MB queue is not re-broadcast every step.
         self.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -300,7 +303,7 @@ class Trainer:
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps)
         self.amp = StepPrecision(cfg.precision, device)  # fp32, bf16 autocast, or fp16 autocast + gradient scaler
-        self.knn = KnnMonitor(cfg, device) if cfg.knn_data and self.is_main else None
+        self.knn = KnnMonitor(cfg, device, self.storage) if cfg.knn_data and self.is_main else None
         # Stop/exhausted flags go over gloo on the CPU, so agreeing on them never waits for the GPU.
         self.control = dist.new_group(backend="gloo") if dist.is_initialized() and device.type == "cuda" else None
         # A time-boxed run (--budget-minutes) counts the seconds spent in the training loop over all resumes;
@@ -313,7 +316,7 @@ class Trainer:
 
     def _resume(self) -> None:
         cfg, s = self.cfg, self.state
-        path, saved = checkpoint.load_latest_intact(cfg.checkpoint_dir)
+        path, saved = checkpoint.load_latest_intact(cfg.checkpoint_dir, storage=self.storage)
         if path is None:
             log.warning("--resume: no checkpoint in %s, starting fresh", cfg.checkpoint_dir)
             return
@@ -509,7 +512,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(), "grad_scaler": self.amp.state_dict(),
                 "loader": self.loader.checkpoint_state([r["loader"] for r in states]),
                 "rng": [r["rng"] for r in states], "trace": [r["trace"] for r in states],
-                "config": mask_secrets(dataclasses.asdict(cfg))}, keep=cfg.keep_checkpoints)
+                "config": mask_secrets(dataclasses.asdict(cfg))}, keep=cfg.keep_checkpoints, storage=self.storage)
             self.metrics.checkpoint_seconds.labels(str(self.rank)).observe(time.perf_counter() - t0)
             log.info("checkpoint (%s) at step %d: %s", reason, s.step, path)
         if self.trace:

@@ -16,7 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from mocostream.pipeline.sources import read_bytes
+from mocostream.pipeline.filesystems import Storage
 
 from . import checkpoint
 
@@ -30,20 +30,20 @@ class WeightsError(ValueError):
     user_error = True
 
 
-def resolve_checkpoint(path: str) -> str:
+def resolve_checkpoint(path: str, *, storage: Storage) -> str:
     """A checkpoint file, or the latest checkpoint in a folder / s3:// prefix."""
     if path.endswith(".pt"):
         return path
-    file = checkpoint.latest(path)
+    file = checkpoint.latest(path, storage=storage)
     if file is None:
         raise WeightsError(f"no checkpoint in {path}")
     scheme = path.split("://", 1)[0] + "://" if "://" in path else ""
     return file if "://" in file or not scheme else scheme + file  # listings drop the s3:// scheme
 
 
-def _read(path: str) -> bytes:
+def _read(path: str, storage: Storage) -> bytes:
     try:
-        return read_bytes(path)
+        return storage.read_bytes(path)
     except (FileNotFoundError, IsADirectoryError):
         raise WeightsError(f"not found: {path}") from None
 
@@ -66,10 +66,10 @@ def is_training_checkpoint(obj) -> bool:
             and any(str(k).startswith(ENCODERS["query"]) for k in obj["model"]))
 
 
-def read_checkpoint(path: str) -> tuple[dict, str, str]:
+def read_checkpoint(path: str, *, storage: Storage) -> tuple[dict, str, str]:
     """(state, file, sha256 of the file's bytes) of a mocostream training checkpoint; anything else is refused."""
-    file = resolve_checkpoint(path)
-    data = _read(file)
+    file = resolve_checkpoint(path, storage=storage)
+    data = _read(file, storage)
     state = safe_torch_load(data, file)
     if not is_training_checkpoint(state):
         raise WeightsError(f"{file} is not a mocostream training checkpoint (no encoder_q weights in it)")
@@ -105,10 +105,10 @@ def _plain_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in obj.items() if not k.startswith(HEAD)}
 
 
-def read_backbone(path: str) -> dict[str, torch.Tensor]:
+def read_backbone(path: str, *, storage: Storage) -> dict[str, torch.Tensor]:
     """Backbone weights from a local or s3:// file: safetensors, or a torch state_dict (torchvision, timm,
     a file `mocostream export` wrote)."""
-    data = _read(path)
+    data = _read(path, storage)
     if _is_safetensors(data):
         from safetensors.torch import load
 
@@ -129,10 +129,10 @@ def _mismatch(target: dict, weights: dict) -> list[str]:
         ([f"{len(shapes)} shapes differ (file vs model: {some(shapes)})"] if shapes else [])
 
 
-def init_backbones(model: nn.Module, path: str, arch: str) -> None:
+def init_backbones(model: nn.Module, path: str, arch: str, *, storage: Storage) -> None:
     """Both encoders of a MoCo model start from the backbone in `path`; the projection head keeps its fresh
     initialisation, the key encoder becomes a copy of the query encoder (head and BN statistics included)."""
-    weights = read_backbone(path)
+    weights = read_backbone(path, storage=storage)
     target = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith(HEAD)}
     problems = _mismatch(target, weights)
     if problems:

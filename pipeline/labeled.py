@@ -21,7 +21,8 @@ from torchvision.transforms import functional as TF
 
 from .augment_reference import UndecodableImage, decode_rgb
 from .readers import IMAGE_EXTS
-from .sources import DataSpecError, Shard, read_bytes, resolve_shards
+from .filesystems import Storage
+from .sources import DataSpecError, Shard, resolve_shards
 
 log = logging.getLogger(__name__)
 
@@ -82,23 +83,23 @@ def class_index(label: int | str, index: dict[str, int] | None) -> int | None:
     return index.get(label) if index else None
 
 
-def manifest_classes(spec: str) -> list[str] | None:
+def manifest_classes(spec: str, *, storage: Storage) -> list[str] | None:
     """The sorted class names a shard set's manifest records (`shards create`), None when it has none."""
     spec = spec.strip()
     if "," in spec or "{" in spec or spec.endswith((".tar", ".parquet")):
         return None
     url = spec if spec.endswith(".json") else spec.rstrip("/") + "/manifest.json"
     try:
-        doc = json.loads(read_bytes(url))
+        doc = json.loads(storage.read_bytes(url))
     except (OSError, ValueError):
         return None
     classes = doc.get("classes") if isinstance(doc, dict) else None
     return sorted(classes) if isinstance(classes, list) and classes else None
 
 
-def count_classes(shards) -> list[str] | None:
+def count_classes(shards, *, storage: Storage) -> list[str] | None:
     """The sorted class names found in every sample of `shards` (one pass over the set); None when none."""
-    names = {label for shard in shards for _, label, _ in shard_items(shard, read_bytes(shard.url))
+    names = {label for shard in shards for _, label, _ in shard_items(shard, storage.read_bytes(shard.url))
              if isinstance(label, str)}
     return sorted(names) or None
 
@@ -120,9 +121,9 @@ def shard_items(shard: Shard, data: bytes):
         yield f"{shard.url}:{sample['__key__']}", _label_of(sample), image
 
 
-def _shard_items(spec: str):
-    for shard in resolve_shards(spec):
-        for name, label, image in shard_items(shard, read_bytes(shard.url)):
+def _shard_items(spec: str, storage: Storage):
+    for shard in storage.retrying(f"read {spec}", lambda: resolve_shards(spec, storage=storage)):
+        for name, label, image in shard_items(shard, storage.read_bytes(shard.url)):
             yield name, label, (lambda image=image: image)
 
 
@@ -133,9 +134,10 @@ def _prepare(data: bytes, size: int) -> torch.Tensor:
 
 
 def load_labeled(spec: str, size: int, max_per_class: int | None = None,
-                 classes: list[str] | None = None) -> LabeledImages:
-    """Decode a labelled set (a class-folder tree, or labelled shards) to uint8 tensors of side `size`.
-    `classes`: the class names that index string labels (a validation set takes its training set's)."""
+                 classes: list[str] | None = None, *, storage: Storage) -> LabeledImages:
+    """Decode a labelled set (a class-folder tree, or labelled shards read through `storage`) to uint8 tensors
+    of side `size`. `classes`: the class names that index string labels (a validation set takes its training
+    set's)."""
     path = Path(spec)
     if path.is_dir() and _class_folders(path) and not any(path.glob("*.tar")) and not (path / "manifest.json").exists():
         names = [c.name for c in _class_folders(path)]
@@ -143,8 +145,9 @@ def load_labeled(spec: str, size: int, max_per_class: int | None = None,
         return _stacked(spec, images, labels, names, skipped, named=True)
     if not (path.exists() or "://" in spec):
         raise DataSpecError(f"labelled eval data not found: {spec}")
-    images, labels, skipped = _decode_items(_shard_items(spec), size, max_per_class)
-    names = classes or manifest_classes(spec) or sorted({y for y in labels if isinstance(y, str)})
+    images, labels, skipped = _decode_items(_shard_items(spec, storage), size, max_per_class)
+    names = (classes or manifest_classes(spec, storage=storage)
+             or sorted({y for y in labels if isinstance(y, str)}))
     index = {name: i for i, name in enumerate(names)}
     keep = [class_index(y, index) is not None for y in labels]
     if not all(keep):
@@ -201,18 +204,20 @@ def _stacked(spec: str, images: list, labels: list, classes: list[str], skipped:
     return LabeledImages(torch.stack(images), torch.tensor(labels, dtype=torch.long), classes, skipped, named)
 
 
-def knn_sets(spec: str, size: int, max_per_class: int | None = None) -> tuple[LabeledImages, LabeledImages]:
+def knn_sets(spec: str, size: int, max_per_class: int | None = None, *,
+             storage: Storage) -> tuple[LabeledImages, LabeledImages]:
     """(bank, queries) for the kNN monitor: `train/` and `test/` (or `val/`) under `spec` when present,
     else one labelled set split deterministically, every 5th image of each class being a query."""
     path = Path(spec)
     test = next((path / n for n in ("test", "val") if (path / n).is_dir()), None)
     if (path / "train").is_dir() and test is not None:
-        bank = load_labeled(str(path / "train"), size, max_per_class)
+        bank = load_labeled(str(path / "train"), size, max_per_class, storage=storage)
         # shard queries' class names index as the bank's do (a class only in the queries: skipped, counted);
         # folders, or class indices densified per set, get one class list by name
-        queries = load_labeled(str(test), size, max_per_class, bank.classes if bank.named else None)
+        queries = load_labeled(str(test), size, max_per_class, bank.classes if bank.named else None,
+                               storage=storage)
         return (bank, queries) if queries.classes == bank.classes else tuple(aligned(bank, queries))
-    full = load_labeled(spec, size, max_per_class)
+    full = load_labeled(spec, size, max_per_class, storage=storage)
     seen: Counter = Counter()
     is_query = []
     for label in full.labels.tolist():

@@ -26,8 +26,9 @@ import torch
 
 from .batching import position_seed
 from .labeled import FILE_EXTS, _class_folders, class_index, count_classes, manifest_classes, shard_items
+from .filesystems import Storage
 from .plan import Block, Piece, rank_blocks
-from .sources import DataSpecError, Shard, read_bytes, resolve_shards, with_counts
+from .sources import DataSpecError, Shard, resolve_shards, with_counts
 from .worker_pool import run_ahead
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,10 @@ class Unit:
     shard: Shard | None = None  # a labelled shard ...
     files: tuple[tuple[str, int], ...] = ()  # ... or (path, label) of image files
 
-    def read(self) -> list[tuple[str, int | str | None, bytes | None]]:
-        """(name, label, image bytes) of every sample, in stored order."""
+    def read(self, storage: Storage) -> list[tuple[str, int | str | None, bytes | None]]:
+        """(name, label, image bytes) of every sample, in stored order (a shard read through `storage`)."""
         if self.shard is not None:
-            return list(shard_items(self.shard, read_bytes(self.shard.url)))
+            return list(shard_items(self.shard, storage.read_bytes(self.shard.url)))
         return [(path, label, Path(path).read_bytes()) for path, label in self.files]
 
 
@@ -61,9 +62,10 @@ def _folder_files(root: Path, part: str | None) -> tuple[list[tuple[str, int]], 
     return files, [c.name for c in classes]
 
 
-def labeled_units(spec: str, part: str | None = None, seed: int = 0) -> tuple[list[Unit], list[str] | None]:
-    """Units of a labelled set (class-folder tree or labelled shards) and its class names (for shards: the
-    manifest's `classes`, None when it has none)."""
+def labeled_units(spec: str, part: str | None = None, seed: int = 0, *,
+                  storage: Storage) -> tuple[list[Unit], list[str] | None]:
+    """Units of a labelled set (class-folder tree or labelled shards, found through `storage`) and its class
+    names (for shards: the manifest's `classes`, None when it has none)."""
     path = Path(spec)
     if path.is_dir() and _class_folders(path) and not any(path.glob("*.tar")) and not (path / "manifest.json").exists():
         files, classes = _folder_files(path, part)
@@ -76,13 +78,15 @@ def labeled_units(spec: str, part: str | None = None, seed: int = 0) -> tuple[li
                             f"and val/ (or test/) shards: {spec}")
     if not path.exists() and "://" not in spec:
         raise DataSpecError(f"labelled data not found: {spec}")
-    return [Unit(s.samples, shard=s) for s in with_counts(resolve_shards(spec))], manifest_classes(spec)
+    shards = storage.retrying(f"read {spec}", lambda: with_counts(resolve_shards(spec, storage=storage),
+                                                                  storage=storage))
+    return [Unit(s.samples, shard=s) for s in shards], manifest_classes(spec, storage=storage)
 
 
-def shard_class_names(units: list[Unit]) -> list[str] | None:
+def shard_class_names(units: list[Unit], *, storage: Storage) -> list[str] | None:
     """The sorted class names of labelled shards whose manifest does not record them: one pass reading every
     sample's label (None when the labels are class indices)."""
-    return count_classes(u.shard for u in units if u.shard is not None)
+    return count_classes((u.shard for u in units if u.shard is not None), storage=storage)
 
 
 def split_specs(spec: str) -> tuple[tuple[str, str | None], tuple[str, str | None]]:
@@ -126,10 +130,11 @@ def transform_chunk(datas: list[bytes | None], size: int, train: bool, seed: int
 class LabeledStream:
     def __init__(self, units: list[Unit], *, batch_size: int, size: int, train: bool, seed: int = 0,
                  world: int = 1, rank: int = 0, workers: int = 2, shuffle_units: int = 4,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, storage: Storage):
         self.index = {name: i for i, name in enumerate(classes or [])}  # class name -> index, for string labels
         self.units, self.batch_size, self.size, self.train = units, batch_size, size, train
         self.seed, self.world, self.rank, self.workers, self.shuffle_units = seed, world, rank, workers, shuffle_units
+        self.storage = storage  # reads the units' shards
         self.skipped: Counter = Counter()
 
     def _blocks(self, epoch: int) -> Iterator[Block]:
@@ -146,7 +151,8 @@ class LabeledStream:
             ahead: deque = deque()
             blocks = self._blocks(epoch)
             for block in blocks:
-                ahead.append((block, {p.shard: pool.submit(self.units[p.shard].read) for p in block.pieces}))
+                ahead.append((block, {p.shard: pool.submit(self.units[p.shard].read, self.storage)
+                                      for p in block.pieces}))
                 if len(ahead) < 2:  # one block read ahead
                     continue
                 yield from self._block_samples(*ahead.popleft())

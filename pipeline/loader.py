@@ -27,7 +27,7 @@ from .batching import Batch, Batcher
 from .shard_table import ShardTable, load_shard_table
 from .skip_log import SkipLog
 from .sources import Shard, with_counts
-from .storage import ShardReader, StorageConfig, StorageObserver
+from .storage import ShardReader, Storage, StorageConfig, StorageObserver
 from .stream import SampleStream
 from .vocabulary import BACKEND_CHOICES, BACKENDS, DALI, OPENCV, PREFLIGHT, RECIPES, alias_notice, pick_backend
 
@@ -64,7 +64,9 @@ class LoaderConfig:
 
 class TwoViewLoader:
     def __init__(self, cfg: LoaderConfig, shards: list[Shard] | None = None,
-                 observer: StorageObserver | None = None, share=None):
+                 observer: StorageObserver | None = None, share=None, storage: Storage | None = None):
+        """`storage`: the caller's (the trainer's, for its start-up calls too), with `cfg.storage` as config;
+        default: one built from `cfg.storage`."""
         self.backend, why = pick_backend(cfg.backend, on_gpu=cfg.device == "gpu")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {cfg.backend!r}; choose from {', '.join(BACKEND_CHOICES)}")
@@ -75,11 +77,13 @@ class TwoViewLoader:
         if cfg.preflight not in PREFLIGHT:
             raise LoaderConfigError(f"unknown pre-flight check mode {cfg.preflight!r}; "
                                     f"choose from {', '.join(PREFLIGHT)}")
-        self.cfg = cfg
+        if storage is not None and storage.config != cfg.storage:
+            raise ValueError("the loader's storage must have the loader's storage config")
+        self.cfg, self.storage = cfg, storage or Storage(cfg.storage)
         # share: run a function on one rank, give all its result (a shard list without manifest is counted once)
         missing = observer.failed if observer is not None else None  # a missing shard is a failed one
-        shards = (ShardTable.from_shards(with_counts(shards, missing)) if shards is not None
-                  else load_shard_table(cfg.data, share, missing))
+        shards = (ShardTable.from_shards(with_counts(shards, storage=self.storage, on_missing=missing))
+                  if shards is not None else load_shard_table(cfg.data, share, missing, storage=self.storage))
         self.skip_log = SkipLog(log)
         self.preflight = needs_preflight(cfg.preflight, shards.validated_by)
         if alias_notice(cfg.backend):
@@ -91,7 +95,7 @@ class TwoViewLoader:
         self.stream = SampleStream(shards, seed=cfg.seed, world=cfg.world, rank=cfg.rank,
                                    shuffle_shards=cfg.shuffle_shards, read_ahead=cfg.read_ahead,
                                    read_ahead_bytes=cfg.read_ahead_bytes, epochs=cfg.epochs,
-                                   reader=ShardReader(cfg.storage, observer))
+                                   reader=ShardReader(self.storage, observer))
 
     # Resume state: the stream position after the last batch handed out.
     def state_dict(self) -> dict:

@@ -13,7 +13,8 @@ import logging
 
 import numpy as np
 
-from .sources import DataSpecError, Shard, check_shard_columns, filesystem, shard_format
+from .filesystems import Storage
+from .sources import DataSpecError, Shard, check_shard_columns, shard_format
 
 log = logging.getLogger(__name__)
 
@@ -100,22 +101,22 @@ def columnar_name(json_name: str) -> str:
     return json_name[: -len(".json")] + ".parquet"
 
 
-def read_columnar(url: str, json_url: str | None = None) -> ShardTable | None:
+def read_columnar(url: str, json_url: str | None = None, *, storage: Storage) -> ShardTable | None:
     """The shard table from a columnar manifest; None when it is absent or older than `json_url` (the JSON
     manifest it mirrors: a JSON of another size than recorded was rewritten after it)."""
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(url)
+    fs, path = storage.filesystem(url)
     try:
         with fs.open(path, "rb") as f:
             pf = pq.ParquetFile(f)
             meta = json.loads((pf.schema_arrow.metadata or {}).get(META_KEY, b"{}"))
             if json_url is not None:
-                jfs, jpath = filesystem(json_url)
+                jfs, jpath = storage.filesystem(json_url)
                 if meta.get("json_bytes") != jfs.size(jpath):
                     log.warning("%s does not match %s (rewritten since?): reading the JSON manifest", url, json_url)
                     return None
-            table = _columns(pf, url)
+            table = _columns(pf, url, storage.allow_external_shards)
             table.validated_by = meta.get("validated_by")
             return table
     except FileNotFoundError:
@@ -129,7 +130,7 @@ def read_columnar(url: str, json_url: str | None = None) -> ShardTable | None:
         return None
 
 
-def _columns(pf, url: str) -> ShardTable:
+def _columns(pf, url: str, allow_external: bool) -> ShardTable:
     """Column by column, row group by row group, into the table's final form: little more than the table.
     Checked by the same rules as a JSON manifest's entries (sources.check_shard_columns)."""
     import pyarrow as pa
@@ -144,7 +145,7 @@ def _columns(pf, url: str) -> ShardTable:
             row += len(chunk)
         names += pf.read_row_group(group, columns=["name"]).column(0).chunks
     names = pa.chunked_array(names, pa.string())  # chunked: indexing finds the chunk
-    check_shard_columns(names, counts, sizes, url)
+    check_shard_columns(names, counts, sizes, url, allow_external)
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return ShardTable(base, names, counts, sizes, digests)
 
@@ -158,31 +159,31 @@ def _numbers(pf, column: str, url: str):
     return values.to_numpy()
 
 
-def _manifest_json(spec: str) -> str | None:
+def _manifest_json(spec: str, storage: Storage) -> str | None:
     """The JSON manifest a data spec names (a .json, or a folder / prefix holding manifest.json), if any."""
     if spec.endswith(".json"):
         return spec
     if "," in spec or "{" in spec or spec.endswith((".tar", ".parquet")):
         return None
     candidate = spec.rstrip("/") + "/manifest.json"
-    fs, path = filesystem(candidate)
+    fs, path = storage.filesystem(candidate)
     return candidate if fs.exists(path) else None
 
 
-def load_shard_table(spec: str, share=None, on_missing=None) -> ShardTable:
+def load_shard_table(spec: str, share=None, on_missing=None, *, storage: Storage) -> ShardTable:
     """The shards of a data spec as a table. With a columnar manifest each rank reads only its four columns;
     otherwise the list is resolved and counted by one rank: `share(compute)` runs `compute` on one rank and
     hands every rank its result (None: here). `on_missing`: see sources.with_counts (called on that rank)."""
     from .sources import resolve_shards, with_counts
 
     spec = spec.strip()
-    json_url = _manifest_json(spec) if spec else None
+    json_url = _manifest_json(spec, storage) if spec else None
     if json_url is not None:
-        table = read_columnar(columnar_name(json_url), json_url)
+        table = read_columnar(columnar_name(json_url), json_url, storage=storage)
         if table is not None:
             return table
 
     def compute() -> list[Shard]:
-        return with_counts(resolve_shards(spec), on_missing)
+        return with_counts(resolve_shards(spec, storage=storage), storage=storage, on_missing=on_missing)
 
     return ShardTable.from_shards(share(compute) if share else compute())

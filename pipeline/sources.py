@@ -4,18 +4,18 @@ A data spec is one of
   - a manifest: `.../manifest.json`, or a folder / `s3://` prefix that holds one;
   - a brace pattern: `s3://bucket/shard-{000000..000099}.tar`;
   - a comma-separated list of shard URLs.
-S3 uses the standard AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY variables.
+Every read goes through the caller's `Storage` (filesystems.py): its S3 endpoint, timeouts and
+external-shard policy. Each call here is one attempt; callers wrap whole operations in `Storage.retrying`.
 """
 from __future__ import annotations
 
 
 import json
 import logging
-import os
 
 import braceexpand
-import fsspec
 
+from .filesystems import Storage
 from .readers import read_samples
 from .shard import Shard
 
@@ -30,31 +30,6 @@ class DataSpecError(ValueError):
     user_error = True
 
 
-# botocore settings of the S3 metadata calls (manifests, listings, checkpoints); the trainer sets them from
-# --storage-timeout (storage.use_storage_timeouts), so nothing at start-up can wait forever.
-S3_CLIENT_CONFIG: dict = {}
-# Whether manifest names may point outside the manifest's folder (--allow-external-shards).
-ALLOW_EXTERNAL_SHARDS = False
-
-
-def storage_options(url: str) -> dict:
-    """fsspec options for `url`: the S3 endpoint from AWS_ENDPOINT_URL when set."""
-    options: dict = {}
-    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
-        options["client_kwargs"] = {"endpoint_url": os.environ["AWS_ENDPOINT_URL"]}
-    if url.startswith("s3://") and S3_CLIENT_CONFIG:
-        options["config_kwargs"] = dict(S3_CLIENT_CONFIG)
-    return options
-
-
-def filesystem(url: str):
-    """(fs, path) for a local path or URL."""
-    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
-    if S3_CLIENT_CONFIG and url.startswith("s3://"):
-        fs.retries = 1  # the caller's retry loop is the only one (see storage.py)
-    return fs, path
-
-
 def shard_format(url: str) -> str:
     for suffix, fmt in SHARD_FORMATS.items():
         if url.endswith(suffix):
@@ -66,9 +41,9 @@ def _join(base: str, name: str) -> str:
     return base.rstrip("/") + "/" + name
 
 
-def read_manifest(url: str) -> list[Shard]:
+def read_manifest(url: str, *, storage: Storage) -> list[Shard]:
     try:
-        fs, path = filesystem(url)
+        fs, path = storage.filesystem(url)
         manifest = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         raise DataSpecError(f"manifest not found: {url}") from None
@@ -82,7 +57,8 @@ def read_manifest(url: str) -> list[Shard]:
         _check_entry_types(entry, f"manifest {url}, shard entry {i}")
     names = [e["name"] for e in entries]
     sizes = [-1 if e.get("bytes") is None else e["bytes"] for e in entries]
-    external = check_shard_columns(names, [e["samples"] for e in entries], sizes, url)
+    external = check_shard_columns(names, [e["samples"] for e in entries], sizes, url,
+                                   storage.allow_external_shards)
     stamp = (manifest.get("options") or {}).get("validated_by")
     return [Shard(name if out else _join(base, name), e["samples"], shard_format(name), e.get("bytes"),
                   e.get("sha256"), stamp) for name, e, out in zip(names, entries, external.tolist())]
@@ -109,17 +85,17 @@ def _check_entry_types(entry, where: str) -> None:
         raise DataSpecError(f"{where} ({entry['name']}): 'bytes' must be a non-negative integer, got {size!r}")
 
 
-def check_shard_columns(names, samples, sizes, url: str):
+def check_shard_columns(names, samples, sizes, url: str, allow_external: bool):
     """The manifest rules, vectorised over a whole shard list (JSON or columnar): a manifest is input like
     any other and may be hostile. Names resolve under the manifest's own location (no `..`, absolute paths
     or URLs unless allowed) and name a shard format; sample counts are positive integers that fit in the
-    shard's bytes (a claim of millions would size the plan). `sizes`: -1 = unknown. Raises DataSpecError
-    naming the first bad entry; returns the mask of external names."""
+    shard's bytes (a claim of millions would size the plan). `sizes`: -1 = unknown. `allow_external`: the
+    storage's policy (--allow-external-shards). Raises DataSpecError naming the first bad entry; returns
+    the mask of external names."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    allow = ALLOW_EXTERNAL_SHARDS
     names = names if isinstance(names, (pa.Array, pa.ChunkedArray)) else pa.array(names, pa.string())
     samples, sizes = np.asarray(samples), np.asarray(sizes)
     if len(names) == 0:
@@ -132,7 +108,7 @@ def check_shard_columns(names, samples, sizes, url: str):
             raise DataSpecError(f"manifest {url}, shard entry {i} ({name}): " + message(i, name))
 
     external = pc.match_substring_regex(names, EXTERNAL_NAME).to_numpy(zero_copy_only=False)
-    if not allow:
+    if not allow_external:
         fail(external, lambda i, name: f"shard {name!r} is outside the manifest's folder (pass "
                                        "--allow-external-shards to read it)")
     is_tar = pc.ends_with(names, ".tar").to_numpy(zero_copy_only=False)
@@ -149,19 +125,19 @@ def check_shard_columns(names, samples, sizes, url: str):
     return external
 
 
-def resolve_shards(spec: str) -> list[Shard]:
+def resolve_shards(spec: str, *, storage: Storage) -> list[Shard]:
     """Turn a data spec into shards, in a stable order."""
     spec = spec.strip()
     if not spec:
         raise DataSpecError("no data given (--data)")
     if spec.endswith(".json"):
-        return read_manifest(spec)
+        return read_manifest(spec, storage=storage)
     if "," not in spec and "{" not in spec and not spec.endswith((".tar", ".parquet")):
         # A folder or prefix: prefer its manifest, else list its shards.
-        fs, path = filesystem(spec)
+        fs, path = storage.filesystem(spec)
         manifest = _join(spec, "manifest.json")
         if fs.exists(_join(path, "manifest.json")):
-            return read_manifest(manifest)
+            return read_manifest(manifest, storage=storage)
         if not fs.exists(path):
             raise DataSpecError(f"data not found: {spec}")
         names = sorted(p for p in fs.ls(path, detail=False)  # not a columnar manifest left by an unfinished set
@@ -175,29 +151,22 @@ def resolve_shards(spec: str) -> list[Shard]:
     return [Shard(u, None, shard_format(u)) for u in urls]
 
 
-def read_bytes(url: str) -> bytes:
-    """A whole file's bytes, one attempt (robust shard reads go through storage.ShardReader)."""
-    fs, path = filesystem(url)
-    return fs.cat_file(path)
-
-
-def count_samples(shard: Shard, data: bytes | None = None) -> int:
+def count_samples(shard: Shard, *, storage: Storage, data: bytes | None = None) -> int:
     """Samples in a shard without a manifest entry: parquet metadata, else the DALI index, else a scan."""
+    fs, path = storage.filesystem(shard.url)
     if shard.format == "parquet":
         import pyarrow.parquet as pq
 
-        fs, path = filesystem(shard.url)
         with fs.open(path, "rb") as f:
             return pq.ParquetFile(f).metadata.num_rows
-    fs, path = filesystem(shard.url)
     idx = path[: -len(".tar")] + ".idx"
     if fs.exists(idx):
         lines = fs.cat_file(idx).decode().splitlines()
         return int(lines[0].split()[1]) if lines and lines[0].startswith("v1") else len(lines)
-    return sum(1 for _ in read_samples(shard, data if data is not None else read_bytes(shard.url)))
+    return sum(1 for _ in read_samples(shard, data if data is not None else fs.cat_file(path)))
 
 
-def with_counts(shards: list[Shard], on_missing=None) -> list[Shard]:
+def with_counts(shards: list[Shard], *, storage: Storage, on_missing=None) -> list[Shard]:
     """Fill in unknown sample counts (one metadata read per shard; manifests avoid this). `on_missing()`
     is called for each shard that does not exist (a failed shard, for the metrics)."""
     if all(s.samples is not None for s in shards):
@@ -205,7 +174,8 @@ def with_counts(shards: list[Shard], on_missing=None) -> list[Shard]:
     out = []
     for s in shards:
         try:
-            out.append(s if s.samples is not None else Shard(s.url, count_samples(s), s.format, s.bytes, s.sha256))
+            out.append(s if s.samples is not None
+                       else Shard(s.url, count_samples(s, storage=storage), s.format, s.bytes, s.sha256))
         except FileNotFoundError:  # one missing shard of a pattern or list costs only itself
             log.error("shard not found, skipped: %s", s.url)
             if on_missing is not None:
@@ -215,5 +185,4 @@ def with_counts(shards: list[Shard], on_missing=None) -> list[Shard]:
     return out
 
 
-__all__ = ["Shard", "DataSpecError", "resolve_shards", "read_manifest", "read_bytes", "with_counts",
-           "filesystem", "storage_options"]
+__all__ = ["Shard", "DataSpecError", "resolve_shards", "read_manifest", "with_counts"]

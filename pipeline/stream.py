@@ -21,7 +21,7 @@ from .plan import Block, EpochPlan, lengths, remaining, slice_intervals
 from .readers import Sample, read_samples
 from .shard_table import ShardTable
 from .sources import DataSpecError, Shard
-from .storage import ShardReader, ShardReadError
+from .storage import ShardReader, ShardReadError, Storage
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class SampleStream:
         self.seed, self.world, self.rank = seed, world, rank
         self.shuffle_shards, self.epochs = max(1, shuffle_shards), epochs
         self.read_ahead, self.read_ahead_bytes = max(1, read_ahead), read_ahead_bytes
-        self.reader = reader or ShardReader()
+        self.reader = reader or ShardReader(Storage())  # default: the default storage settings
         self._totals: dict[int, int] = {}
         if self._total(len(self.shards)) // world == 0:
             raise DataSpecError(f"the data has {self._total(len(self.shards))} samples: fewer than the {world} ranks")

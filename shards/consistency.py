@@ -32,7 +32,7 @@ def listing(dest: Destination) -> dict[str, int]:
     """name -> size of the files directly in DEST, from one listing."""
     try:
         dest.fs.invalidate_cache(dest.root)
-        found = dest.fs.ls(dest.root, detail=True)
+        found = dest.call(f"list {dest.url}", lambda: dest.fs.ls(dest.root, detail=True))
     except FileNotFoundError:
         return {}
     return {d["name"].rstrip("/").rsplit("/", 1)[-1]: int(d.get("size") or 0) for d in found
@@ -78,6 +78,8 @@ def read_many(dest: Destination, names: list[str]):
         got = {strip(k): v for k, v in dest.fs.cat([dest.join(n) for n in chunk], on_error="return").items()}
         for n in chunk:
             data = got.get(strip(dest.join(n)))
+            if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
+                data = dest.read(n)  # not a missing file: read it alone, with the storage's retries
             yield n, data if isinstance(data, bytes) else None
 
 

@@ -13,6 +13,7 @@ import json
 import time
 
 from mocostream.pipeline import dali_check
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.image_check import validation_stamp
 
 from .addresses import parse_networks
@@ -105,14 +106,16 @@ def check_http(http: HttpOptions) -> None:
 
 def create_shards(sources: list[str], out: str, *, progress: bool = True, workers: int = 1, timeout: float = 60.0,
                   memory_limit: int | None = None, http: HttpOptions | None = None, retry_failed: bool = False,
-                  metrics_port: int | None = None, fmt: str | None = None, **plan_options) -> CreateReport:
+                  metrics_port: int | None = None, fmt: str | None = None, storage: Storage | None = None,
+                  **plan_options) -> CreateReport:
     """Turn image sources into validated, normalised shards plus manifest.json at `out`.
 
     `sources`: folders, tar archives, tables of paths/URLs, parquet tables (shards.discover). `out`: local
     folder or fsspec URL (s3://bucket/prefix; endpoint and keys from the AWS_* environment variables).
     `plan_options`: the fields of shards.plan.Plan, the options that shape the output (`fmt` is `format`:
     "tar", "parquet", or both, "tar,parquet": the same samples in each; see shards.manifest).
-    `http`: the download stage's options (shards.download.HttpOptions). A rerun with the same sources and
+    `http`: the download stage's options (shards.download.HttpOptions). `storage`: how `out` is written
+    (pipeline.filesystems: timeouts, retries; default: the default settings). A rerun with the same sources and
     options continues a killed run (or does nothing if it finished); other options into the same `out`
     raise; `retry_failed` on a finished `out` retries its retryable rejects. Raises ShardError for user
     errors; bad images never raise, they are recorded in rejects.jsonl with a reason code.
@@ -131,7 +134,7 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     options["source_ids"] = inputs.content_ids()  # what each source held: `shards merge` compares the parts'
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
-    dest = Destination(out)
+    dest = Destination(out, storage=storage or Storage())
     lock = DestLock(dest)
     try:
         lock.acquire()  # before anything is read or written: one run per destination

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import tarfile
 
-import fsspec
+from mocostream.pipeline.filesystems import Storage
 
-from .output import storage_options
 from .validate import DOWNLOAD_FAILED, UNREADABLE, Reject, _short
 
 _tars: dict[str, tarfile.TarFile] = {}
@@ -28,18 +27,14 @@ class FetchError(Exception):
         self.reject = Reject(reason, detail)
 
 
-_filesystems: dict[tuple, object] = {}
+# Input reads with the default storage settings; it keeps one client per worker process (a new S3 session
+# per file costs ~1 s).
+_inputs = Storage()
 
 
 def _url(url: str) -> bytes:
     try:
-        opts = storage_options(url)
-        protocol = url.split("://", 1)[0]
-        cache_key = (protocol, repr(sorted(opts.items())))
-        fs = _filesystems.get(cache_key)  # one client per worker: a new S3 session per file costs ~1 s
-        if fs is None:
-            fs = _filesystems[cache_key] = fsspec.filesystem(protocol, **opts)
-        return fs.cat_file(fsspec.core.strip_protocol(url) if protocol in ("s3", "s3a", "gs", "gcs") else url)
+        return _inputs.read_bytes(url)
     except Exception as exc:  # 404, refused connection, access denied, ...
         raise FetchError(DOWNLOAD_FAILED, _short(exc)) from exc
 
@@ -58,7 +53,7 @@ def _parquet(table: str, rg: int, row: int) -> bytes:
     import pyarrow.parquet as pq
 
     if _row_group["key"] != (table, rg):
-        with fsspec.open(table, "rb", **storage_options(table)) as f:
+        with _inputs.open(table, "rb") as f:
             _row_group["images"] = pq.ParquetFile(f).read_row_group(rg, columns=["image"]).column(0).to_pylist()
         _row_group["key"] = (table, rg)
     return _row_group["images"][row] or b""

@@ -8,6 +8,8 @@ import json
 import statistics
 from collections import Counter
 
+from mocostream.pipeline.filesystems import Storage
+
 from .output import Destination
 from .verify import read_manifest, tar_samples
 
@@ -31,8 +33,9 @@ def _metas(dest: Destination, entry: dict) -> list[dict]:
     return [json.loads(parts.get("json", b"{}")) for _, parts in tar_samples(data)]
 
 
-def inspect(url: str) -> dict:
-    dest = Destination(url, create=False)
+def inspect(url: str, storage: Storage | None = None) -> dict:
+    """What the set at `url` holds; `storage`: how it is read (default: the default settings)."""
+    dest = Destination(url, create=False, storage=storage or Storage())
     m = read_manifest(dest)
     widths, heights, formats, labels = [], [], Counter(), Counter()
     for entry in m["shards"]:

@@ -17,6 +17,8 @@ import hashlib
 import json
 import re
 
+from mocostream.pipeline.filesystems import Storage
+
 from .errors import ShardError
 from .manifest import build_manifest, json_bytes, manifest_names, write_manifests
 from .output import Destination
@@ -33,7 +35,8 @@ def part_dir(i: int, n: int) -> str:
 
 def _parts(dest: Destination) -> list[tuple[int, int, str]]:
     try:
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in dest.fs.ls(dest.root, detail=False)]
+        listed = dest.call(f"list {dest.url}", lambda: dest.fs.ls(dest.root, detail=False))
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in listed]
     except FileNotFoundError:
         names = []
     found = sorted((int(m.group(1)), int(m.group(2)), name) for name in names if (m := PART_DIR.match(name)))
@@ -84,8 +87,9 @@ def _check_keys(dest: Destination, manifests: list[tuple[str, dict]], reject_key
                          "overlap (a part folder copied over another?); rerun those parts into clean folders")
 
 
-def merge(url: str) -> dict:
-    dest = Destination(url)
+def merge(url: str, storage: Storage | None = None) -> dict:
+    """Join the parts' manifests at `url`; `storage`: how it is read and written (default: the default settings)."""
+    dest = Destination(url, storage=storage or Storage())
     parts = _parts(dest)
     counts = {n for _, n, _ in parts}
     if len(counts) != 1:

@@ -4,57 +4,31 @@ No file ever appears under its final name half-written:
 - local: build under a temp name in the destination folder, then `os.replace` (atomic on POSIX);
 - remote: build in a local temp dir, then upload the finished file (an S3 object only becomes
   visible once its PUT / multipart upload completes).
+Remote calls go through the run's `Storage` (pipeline.filesystems, the trainer's storage factory): the same
+endpoint variables, timeouts and bounded retries as every other reader and writer.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import tempfile
+from typing import Callable, TypeVar
 
-import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from mocostream.pipeline.filesystems import Storage, StorageUnavailable
 
 from .errors import ShardError
 
-
-def storage_options(url: str) -> dict:
-    """fsspec options for `url`. For s3, endpoint and keys come from the standard AWS_* variables.
-
-    botocore itself reads AWS_ENDPOINT_URL / AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY; we also
-    pass the endpoint explicitly and skip s3fs's instance cache, so a changed environment
-    (another endpoint in the same process) is never served by a stale cached filesystem.
-    """
-    if not url.startswith(("s3://", "s3a://")):
-        return {}
-    opts: dict = {"skip_instance_cache": True}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        opts["client_kwargs"] = {"endpoint_url": endpoint}
-    # An endpoint that accepts connections and never answers must not hang the run: every S3 call has a
-    # timeout (MOCOSTREAM_STORAGE_TIMEOUT seconds, as the trainer's --storage-timeout; default 60).
-    timeout = storage_timeout()
-    opts["config_kwargs"] = {"connect_timeout": min(10.0, timeout), "read_timeout": timeout,
-                             "retries": {"max_attempts": 3, "mode": "standard"}}
-    return opts
-
-
-def storage_timeout() -> float:
-    raw = os.environ.get("MOCOSTREAM_STORAGE_TIMEOUT", "60")
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if value <= 0:
-        raise ShardError(f"MOCOSTREAM_STORAGE_TIMEOUT must be a number of seconds > 0, got {raw!r}")
-    return value
+T = TypeVar("T")
 
 
 class Destination:
-    def __init__(self, url: str, create: bool = True):
+    def __init__(self, url: str, create: bool = True, *, storage: Storage):
         self.url = url.rstrip("/") or url
-        self.create = create
+        self.create, self.storage = create, storage
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.url, **storage_options(self.url))
+            self.fs, self.root = storage.filesystem(self.url)
         except (ImportError, ValueError) as exc:
             raise ShardError(f"unsupported destination {url}: {exc}") from exc
         self.local = isinstance(self.fs, LocalFileSystem)
@@ -78,6 +52,8 @@ class Destination:
                 self._check_bucket()
         except ShardError:
             raise
+        except StorageUnavailable as exc:  # an endpoint that does not answer, after the retries
+            raise ShardError(f"cannot use destination {self.url}: {exc}") from exc
         except Exception as exc:  # permissions, bad credentials, unreachable endpoint
             raise ShardError(f"cannot use destination {self.url}: {type(exc).__name__}: {exc}") from exc
 
@@ -85,16 +61,17 @@ class Destination:
         """A listing (not `exists`, which answers False to refused credentials too) tells a missing bucket
         from a wrong key or secret."""
         bucket = self.root.split("/", 1)[0]
-        retries, self.fs.retries = self.fs.retries, 1  # at start botocore's bounded retries are enough
         try:
-            self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1)
+            self.call(f"list {self.url}", lambda: self.fs.call_s3("list_objects_v2", Bucket=bucket, MaxKeys=1))
         except FileNotFoundError:
             raise ShardError(f"bucket not found: {bucket} (in {self.url})") from None
         except PermissionError as exc:
             raise ShardError(f"S3 refused access to {self.url}: {exc} (check AWS_ACCESS_KEY_ID and "
                              f"AWS_SECRET_ACCESS_KEY)") from None
-        finally:
-            self.fs.retries = retries
+
+    def call(self, what: str, call: Callable[[], T]) -> T:
+        """One call on the destination's file system: on remote storage with its timeouts and retries."""
+        return call() if self.local else self.storage.retrying(what, call)
 
     def remove_stale_temps(self) -> None:
         """Temp files of a killed earlier run (local only: remote temps live in a local temp dir)."""
@@ -109,13 +86,13 @@ class Destination:
     def read(self, name: str) -> bytes | None:
         """A published file's bytes, or None when it does not exist."""
         try:
-            return self.fs.cat_file(self.join(name))
+            return self.call(f"read {self.location(name)}", lambda: self.fs.cat_file(self.join(name)))
         except FileNotFoundError:
             return None
 
     def size(self, name: str) -> int | None:
         try:
-            return int(self.fs.size(self.join(name)))
+            return int(self.call(f"read {self.location(name)}", lambda: self.fs.size(self.join(name))))
         except FileNotFoundError:
             return None
 
@@ -140,7 +117,7 @@ class Destination:
                 os.fsync(f.fileno())
             os.replace(staged, self.join(name))
         else:
-            self.fs.put_file(staged, self.join(name))
+            self.call(f"write {self.location(name)}", lambda: self.fs.put_file(staged, self.join(name)))
             os.remove(staged)
         self._pending.discard(staged)
 

@@ -29,11 +29,11 @@ import os
 from dataclasses import dataclass
 from typing import Iterator
 
-import fsspec
 from fsspec.utils import infer_compression
 
+from mocostream.pipeline.filesystems import Storage
+
 from .errors import ShardError
-from .output import storage_options
 
 PLAIN = (".txt", ".lst", ".urls")
 TEXT = PLAIN + (".csv", ".tsv", ".jsonl")
@@ -88,7 +88,7 @@ class Columns:
 
 def _open_binary(src: str):
     try:
-        return fsspec.open(src, "rb", compression=infer_compression(src), **storage_options(src)).open()
+        return Storage().open(src, "rb", compression=infer_compression(src))  # the default storage settings
     except FileNotFoundError:
         raise ShardError(f"source not found: {src}") from None
     except Exception as exc:  # unknown codec, bad credentials, ...
@@ -382,8 +382,9 @@ def head_types(src: str, cols: Columns) -> dict[str, object]:
 def identity(src: str) -> str:
     """What changes when the table's content does: size and modification time (or ETag)."""
     try:
-        fs, path = fsspec.core.url_to_fs(src, **storage_options(src))
-        info = fs.info(path)
+        storage = Storage()  # the default storage settings
+        fs, path = storage.filesystem(src)
+        info = storage.retrying(f"read {src}", lambda: fs.info(path))
     except FileNotFoundError:
         raise ShardError(f"source not found: {src}") from None
     except Exception as exc:
@@ -400,7 +401,7 @@ def content_id(src: str) -> str:
     and last MiB. `shards merge` compares it across parts: a part made from another list of the same name
     differs here."""
     try:
-        with fsspec.open(src, "rb", **storage_options(src)) as f:
+        with Storage().open(src, "rb") as f:  # the default storage settings
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(0)

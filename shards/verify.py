@@ -17,6 +17,8 @@ from typing import Callable, Iterator
 
 from PIL import Image
 
+from mocostream.pipeline.filesystems import Storage
+
 from .errors import ShardError
 from .output import Destination
 from .wds_index import INDEX_VERSION, index_lines, split_name
@@ -139,9 +141,11 @@ def _verify_set(dest: Destination, name: str, m: dict, decode: bool, on_shard) -
     return problems, keys
 
 
-def verify(url: str, decode: bool = True, on_shard: Callable[[dict, list[str]], None] | None = None) -> list[str]:
-    """Every problem found in the shard set at `url`, in every format it was written in (empty list: all good)."""
-    dest = Destination(url, create=False)
+def verify(url: str, decode: bool = True, on_shard: Callable[[dict, list[str]], None] | None = None,
+           storage: Storage | None = None) -> list[str]:
+    """Every problem found in the shard set at `url`, in every format it was written in (empty list: all good).
+    `storage`: how it is read (default: the default settings)."""
+    dest = Destination(url, create=False, storage=storage or Storage())
     m = read_manifest(dest)
     problems, first_keys = _verify_set(dest, "manifest.json", m, decode, on_shard)
     for fmt, name in m.get("formats", {}).items():

@@ -263,9 +263,9 @@ class S3Server:
         }
 
     def filesystem(self):
-        import s3fs
-        return s3fs.S3FileSystem(key=self.key, secret=self.secret,
-                                 client_kwargs={"endpoint_url": self.endpoint}, skip_instance_cache=True)
+        """This server through the storage factory the product uses (pipeline.filesystems)."""
+        from mocostream.pipeline.filesystems import Storage
+        return Storage(environ=self.env).filesystem("s3://")[0]
 
     def _wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.time() + timeout

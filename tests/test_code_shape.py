@@ -13,7 +13,16 @@ MAX_FUNCTION_LINES = 80
 # package -> packages it must not import; shards may import only these pipeline modules
 FORBIDDEN = {"pipeline": {"ops", "moco_core", "shards"}, "moco_core": {"ops", "pipeline", "shards"},
              "shards": {"ops", "moco_core"}}
-SHARDS_MAY_USE = {"pipeline.dali_check", "pipeline.image_check"}
+# The image checks: a shard the tool validates passes exactly the rules the loader trusts. The storage factory
+# (fsspec and the standard library only): the shard tool writes with the trainer's timeouts and retries.
+SHARDS_MAY_USE = {"pipeline.dali_check", "pipeline.image_check", "pipeline.filesystems"}
+# Module-level names of pipeline/ and shards/ that functions change: per-process state, not settings.
+PROCESS_STATE = {("shards/fetch.py", "_tars"): "the compressed archives a decode worker keeps open",
+                 ("shards/fetch.py", "_row_group"): "the parquet row group a decode worker read last",
+                 ("shards/workers.py", "_PARENT_ENDS"): "the pipe ends a forked worker must close",
+                 ("shards/lock.py", "_HELD"): "the destination lock fds a forked worker must close"}
+MUTATORS = {"update", "append", "extend", "add", "insert", "clear", "pop", "popitem", "setdefault", "remove",
+            "discard", "__setitem__"}
 
 
 def sources(package: str):
@@ -143,6 +152,108 @@ def test_the_checks_find_a_long_function_and_a_wrong_import():
     assert imported_names(ast.parse("from . import loader"), "pipeline") == {"pipeline.loader"}
     assert imported_names(ast.parse("import mocostream.pipeline.sources as s"), "shards") == {"pipeline.sources"}
     assert wrong_imports("pipeline", [("pipeline/x.py", ast.parse("from mocostream.ops import train"))])
+
+
+def _assigned_names(nodes) -> set[str]:
+    return {n.id for node in nodes for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+
+
+def runtime_state(file: str, tree: ast.Module) -> set[tuple[str, str]]:
+    """(file, name) of the module-level names that a function rebinds (`global`) or changes in place (a
+    mutating method, an item assignment or deletion)."""
+    top = _assigned_names(n for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign)))
+    found = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        shared = top - _assigned_names(fn.body) - {a.arg for a in ast.walk(fn.args) if isinstance(a, ast.arg)}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Global):
+                found.update((file, name) for name in node.names)
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    isinstance(node.func.value, ast.Name) and node.func.attr in MUTATORS:
+                found.update({(file, node.func.value.id)} if node.func.value.id in shared else set())
+            elif isinstance(node, ast.Subscript) and isinstance(node.ctx, (ast.Store, ast.Del)) and \
+                    isinstance(node.value, ast.Name) and node.value.id in shared:
+                found.add((file, node.value.id))
+    return found
+
+
+def module_attribute_writes(file: str, tree: ast.Module, package: str, modules: set[str]) -> list[tuple[str, str]]:
+    """(file, target) of assignments to an attribute of a pipeline/ or shards/ module (`sources.X = ...`)."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            aliases.update({a.asname or a.name.split(".")[0]: a.name if a.asname else a.name.split(".")[0]
+                            for a in node.names})
+        elif isinstance(node, ast.ImportFrom):
+            module = ".".join(filter(None, [package if node.level else "", node.module or ""]))
+            aliases.update({a.asname or a.name: f"{module}.{a.name}" for a in node.names})
+    def of_a_module(attribute) -> bool:
+        head, _, rest = ast.unparse(attribute.value).partition(".")
+        return ".".join(filter(None, [aliases.get(head, head), rest])).removeprefix("mocostream.") in modules
+
+    found = []
+    for node in ast.walk(tree):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+            targets = [node.func.value]  # sources.CONFIG.update(...)
+        found += [(file, ast.unparse(t)) for t in targets if isinstance(t, ast.Attribute) and of_a_module(t)]
+    return found
+
+
+def product_modules() -> set[str]:
+    return {p.relative_to(REPO).with_suffix("").as_posix().replace("/", ".") for package in ("pipeline", "shards")
+            for p in (REPO / package).rglob("*.py")}
+
+
+@pytest.mark.parametrize("package", ("pipeline", "shards"))
+def test_no_module_level_settings_change_at_run_time(package):
+    """Settings travel as arguments (a Storage, a config), never through module globals that something
+    fills in at run time; what functions do change at module level is listed per-process state."""
+    found = set().union(*(runtime_state(f, tree) for f, tree in sources(package)))
+    changed = sorted(found - set(PROCESS_STATE))
+    assert not changed, f"module-level names changed at run time (pass them as arguments): {changed}"
+    stale = sorted(k for k in PROCESS_STATE if k[0].startswith(package + "/") and k not in found)
+    assert not stale, f"PROCESS_STATE lists what no longer changes (remove it): {stale}"
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_nothing_assigns_to_a_pipeline_or_shards_module(package):
+    modules = product_modules()
+    found = [w for f, tree in sources(package) for w in module_attribute_writes(f, tree, package, modules)]
+    assert not found, f"assignments to another module's globals: {found}"
+
+
+def test_storage_settings_are_no_module_globals():
+    """The storage settings that travelled through module globals and the trainer's environment are gone:
+    pipeline/ and shards/ take a Storage (pipeline/filesystems.py) from their caller."""
+    for package in ("pipeline", "shards"):
+        for file, tree in sources(package):
+            names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+            assert not names & {"S3_CLIENT_CONFIG", "ALLOW_EXTERNAL_SHARDS"}, file
+            texts = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            assert not [t for t in texts if t.startswith("MOCOSTREAM_")], f"{file} reads an option from the environment"
+
+
+def test_the_state_checks_find_runtime_settings():
+    """The checks above can fail: made-up modules that fill in, rebind or patch settings are caught."""
+    made_up = ast.parse("CONFIG = {}\nALLOW = False\nCACHE = {}\n"
+                        "def at_start(c):\n    CONFIG.update(c)\n"
+                        "def allow():\n    global ALLOW\n    ALLOW = True\n"
+                        "def put(k, v):\n    CACHE[k] = v\n"
+                        "def local():\n    CONFIG = {}\n    CONFIG.update(a=1)\n")
+    assert runtime_state("pipeline/x.py", made_up) == {("pipeline/x.py", n) for n in ("CONFIG", "ALLOW", "CACHE")}
+    modules = {"pipeline.sources"}
+    for source in ("from mocostream.pipeline import sources\nsources.ALLOW = True",
+                   "from . import sources\nsources.ALLOW = True",
+                   "import mocostream.pipeline.sources as s\ns.ALLOW = True",
+                   "import mocostream.pipeline.sources\nmocostream.pipeline.sources.ALLOW = True",
+                   "from . import sources\nsources.CONFIG.update(a=1)"):
+        assert module_attribute_writes("ops/x.py", ast.parse(source), "pipeline", modules), source
+    assert not module_attribute_writes("ops/x.py", ast.parse("from .sources import S\nS.x = 1\nself.y = 2"),
+                                       "pipeline", modules)
 
 
 def test_the_circle_check_finds_made_up_circles():

@@ -14,6 +14,7 @@ from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import fingerprint
 from mocostream.ops.ports import free_port
 from mocostream.ops.train import Trainer
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import knn_sets, load_labeled
 
 # workers=0 (augmentation in-process): a worker pool's start, which imports torch again, is most of a short
@@ -36,11 +37,11 @@ def trained(labelled_shards, imagenette_small, tmp_path_factory):
 
 
 def test_labelled_folder_split_is_deterministic_and_stratified(imagenette_small):
-    bank, queries = knn_sets(str(imagenette_small), 32)
+    bank, queries = knn_sets(str(imagenette_small), 32, storage=Storage())
     assert (len(bank), len(queries)) == (100, 20)  # 12 per class: images 5 and 10 of each are queries
     assert bank.images.dtype == torch.uint8 and bank.images.shape[1:] == (3, 32, 32)
     assert torch.bincount(queries.labels).tolist() == [2] * 10
-    again = load_labeled(str(imagenette_small), 32)
+    again = load_labeled(str(imagenette_small), 32, storage=Storage())
     assert torch.equal(torch.cat([bank.labels, queries.labels]).sort().values, again.labels.sort().values)
 
 
@@ -62,8 +63,9 @@ def test_knn_monitor_images_at_their_own_size(imagenette_small):
     from mocostream.ops.train import KnnMonitor
 
     cfg = dict(data="x", knn_data=str(imagenette_small), **TINY)
-    assert KnnMonitor(build_config({}, cfg), torch.device("cpu")).bank.images.shape[-1] == 32
-    monitor = KnnMonitor(build_config({}, dict(cfg, image_size=24, knn_image_size=40)), torch.device("cpu"))
+    assert KnnMonitor(build_config({}, cfg), torch.device("cpu"), Storage()).bank.images.shape[-1] == 32
+    monitor = KnnMonitor(build_config({}, dict(cfg, image_size=24, knn_image_size=40)), torch.device("cpu"),
+                         Storage())
     assert monitor.bank.images.shape[-2:] == monitor.queries.images.shape[-2:] == (40, 40)
 
 
@@ -129,7 +131,7 @@ def test_labelled_shards_tar_and_parquet(imagenette_small, tmp_path):
                 sample["json"] = json.dumps({"label": classes.index(f.parent.name)}).encode()
             # every third sample has no label: skipped and counted
             tw.write(sample)
-    got = load_labeled(str(tmp_path / "eval-000000.tar"), 32)
+    got = load_labeled(str(tmp_path / "eval-000000.tar"), 32, storage=Storage())
     assert len(got) == 20 and got.skipped["no_label"] == 10
     expected = [classes.index(f.parent.name) for i, f in enumerate(files) if i % 3 != 2]
     assert got.labels.tolist() == expected
@@ -140,7 +142,7 @@ def test_labelled_shards_tar_and_parquet(imagenette_small, tmp_path):
     pq.write_table(table, buf)
     (tmp_path / "pq").mkdir()
     (tmp_path / "pq" / "eval-000000.parquet").write_bytes(buf.getvalue())
-    got = load_labeled(str(tmp_path / "pq"), 32)
+    got = load_labeled(str(tmp_path / "pq"), 32, storage=Storage())
     assert len(got) == 30 and got.labels.tolist() == [classes.index(f.parent.name) for f in files]
 
 
@@ -172,11 +174,11 @@ def test_reference_linear_protocol_keeps_the_backbone_and_writes_the_classifier(
 def test_labelled_stream_augments_per_epoch_deterministically(imagenette_small):
     from mocostream.pipeline.labeled_stream import LabeledStream, labeled_units
 
-    units, classes = labeled_units(str(imagenette_small), "train")
+    units, classes = labeled_units(str(imagenette_small), "train", storage=Storage())
     assert sum(u.count for u in units) == 100 and len(classes) == 10
 
     def epoch(workers: int, e: int, train: bool = True):
-        stream = LabeledStream(units, batch_size=16, size=32, train=train, workers=workers)
+        stream = LabeledStream(units, batch_size=16, size=32, train=train, workers=workers, storage=Storage())
         batches = list(stream.epoch(e))
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
 
@@ -216,13 +218,13 @@ def test_labelled_stream_reads_labelled_shards(imagenette_small, tmp_path):
             label = classes.index(f.parent.name)
             meta = {"label": f.parent.name if i == 0 else label}  # a class name is no index: skipped, counted
             tw.write({"__key__": f"s{i:03d}", "jpg": f.read_bytes(), "json": json.dumps(meta).encode()})
-    units, names = labeled_units(str(tmp_path / "s"))
+    units, names = labeled_units(str(tmp_path / "s"), storage=Storage())
     assert names is None and [u.count for u in units] == [24]  # no manifest: no class names known
-    stream = LabeledStream(units, batch_size=8, size=32, train=True, workers=0)
+    stream = LabeledStream(units, batch_size=8, size=32, train=True, workers=0, storage=Storage())
     labels = torch.cat([y for _, y in stream.epoch(0)])
     assert sorted(labels.tolist()) == sorted(classes.index(f.parent.name) for f in files[1:])
     assert stream.skipped == {"unknown_class": 1}  # a class name with no names to index it by
-    assert shard_class_names(units) == [files[0].parent.name]  # the counting pass finds it
+    assert shard_class_names(units, storage=Storage()) == [files[0].parent.name]  # the counting pass finds it
 
 
 def _class_tree(imagenette_small, dest, classes: list[str], per_class: int):
@@ -267,15 +269,15 @@ def test_shards_of_class_folders_label_as_the_folders(named_shards, manifest, tm
     root, names = named_shards
     m = json.loads((root / "shards" / "train" / manifest).read_text())
     assert m["classes"] == names[:3]
-    folder = load_labeled(str(root / "folders" / "train"), 32)
+    folder = load_labeled(str(root / "folders" / "train"), 32, storage=Storage())
     for spec in (root / "shards" / "train" / manifest, _without_classes(root / "shards" / "train", tmp_path / "old")):
-        got = load_labeled(str(spec), 32)
+        got = load_labeled(str(spec), 32, storage=Storage())
         assert got.classes == folder.classes == names[:3] and got.skipped == {}
         # the same image has the same label (the shards hold them shuffled)
         assert (sorted(zip(got.images.sum((1, 2, 3)).tolist(), got.labels.tolist()))
                 == sorted(zip(folder.images.sum((1, 2, 3)).tolist(), folder.labels.tolist())))
     # train/ and val/ index the names alike; a class only in val is skipped and counted
-    bank, queries = knn_sets(str(root / "shards"), 32)
+    bank, queries = knn_sets(str(root / "shards"), 32, storage=Storage())
     assert bank.classes == queries.classes == names[:3]
     assert sorted(queries.labels.tolist()) == [0, 0, 2, 2] and queries.skipped == {"unknown_class": 2}
 

@@ -18,6 +18,7 @@ from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import load_query_encoder
 from mocostream.ops.train import train
 from mocostream.pipeline.augment_reference import normalize
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import load_labeled
 
 TINY = {k: v for k, v in tiny(queue_size=64, backend="opencv").items() if k != "arch"}  # each test names its arch
@@ -39,7 +40,7 @@ def export(capsys, *args) -> dict:
 
 @pytest.fixture(scope="module")
 def images(imagenette_small):
-    return normalize(load_labeled(str(imagenette_small), 64, max_per_class=1).images)
+    return normalize(load_labeled(str(imagenette_small), 64, max_per_class=1, storage=Storage()).images)
 
 
 @pytest.mark.slow
@@ -57,7 +58,7 @@ def test_torchvision_export_loads_strictly_and_gives_the_same_features(r50_check
 
     from mocostream.moco_core import backbone_of
 
-    encoder, _ = load_query_encoder(str(r50_checkpoint))
+    encoder, _ = load_query_encoder(str(r50_checkpoint), storage=Storage())
     ours = backbone_of(encoder).eval()
     with torch.no_grad():
         torch.testing.assert_close(net.eval()(images), ours(images), rtol=1e-5, atol=1e-5)
@@ -80,7 +81,7 @@ def test_safetensors_round_trip_with_metadata(r50_checkpoint, tmp_path, capsys):
 
     from mocostream.ops.weights import read_backbone  # what --init-from reads: the same tensors
 
-    again = read_backbone(str(tmp_path / "r50.safetensors"))
+    again = read_backbone(str(tmp_path / "r50.safetensors"), storage=Storage())
     assert all(torch.equal(again[k], expected[k]) for k in expected)
 
 
@@ -255,5 +256,6 @@ def test_export_from_and_to_s3_and_init_from_s3(s3_env, r50_checkpoint, tmp_path
                     "--format", "safetensors")
     assert report["source"].endswith(f"{bucket}/ckpt/{r50_checkpoint.name}") and report["step"] == 2
     export(capsys, r50_checkpoint, "--out", tmp_path / "r50.safetensors", "--format", "safetensors")
-    remote, local = read_backbone(f"s3://{bucket}/out/r50.safetensors"), read_backbone(str(tmp_path / "r50.safetensors"))
+    remote = read_backbone(f"s3://{bucket}/out/r50.safetensors", storage=Storage())
+    local = read_backbone(str(tmp_path / "r50.safetensors"), storage=Storage())
     assert set(remote) == set(local) and all(torch.equal(remote[k], local[k]) for k in local)

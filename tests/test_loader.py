@@ -9,6 +9,7 @@ import pytest
 import torch
 import webdataset as wds
 
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader
 from mocostream.pipeline.sources import Shard
 
@@ -208,7 +209,7 @@ def created_shards(imagenette_small, tmp_path_factory):
 def test_validated_shards_skip_the_pre_flight_check(created_shards, monkeypatch, mode, checked):
     from mocostream.pipeline.shard_table import load_shard_table
 
-    table = load_shard_table(str(created_shards))  # the columnar manifest carries the stamp too
+    table = load_shard_table(str(created_shards), storage=Storage())  # the columnar manifest carries the stamp too
     assert table.validated_by["check_version"] >= 1
     calls = _recording_check(monkeypatch)
     loader = TwoViewLoader(LoaderConfig(data=str(created_shards), batch_size=8, image_size=32, backend="dali",
@@ -229,7 +230,7 @@ def test_foreign_or_stale_shards_keep_the_check(created_shards, monkeypatch):
     from mocostream.pipeline.shard_table import ShardTable
     from mocostream.pipeline.sources import resolve_shards
 
-    shards = resolve_shards(str(created_shards / "manifest.json"))  # the JSON manifest
+    shards = resolve_shards(str(created_shards / "manifest.json"), storage=Storage())  # the JSON manifest
     stamp = ShardTable.from_shards(shards).validated_by
     assert stamp == shards[0].validated_by and needs_preflight("auto", stamp) is False
     for bad in ({**stamp, "check_version": CHECK_VERSION + 1}, {**stamp, "max_pixels": MAX_PIXELS + 1},

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.plan import rank_blocks, rank_pieces, samples_per_rank
 from mocostream.pipeline.sources import DataSpecError, Shard, resolve_shards, with_counts
 from mocostream.pipeline.stream import SampleStream
@@ -119,21 +120,22 @@ def test_missing_shard_is_skipped_and_counted(tmp_path, uneven_tars):
 def test_parquet_shards_and_counts_without_manifest(tmp_path):
     for i in range(2):
         write_parquet(tmp_path / f"p-{i:06d}.parquet", [f"p{i}_{j}" for j in range(7)])
-    shards = with_counts(resolve_shards(str(tmp_path / "p-{000000..000001}.parquet")))
+    storage = Storage()
+    shards = with_counts(resolve_shards(str(tmp_path / "p-{000000..000001}.parquet"), storage=storage), storage=storage)
     assert [s.samples for s in shards] == [7, 7]
     keys = [it.sample.key for it in SampleStream(shards, seed=0, world=1, rank=0, epochs=1)]
     assert sorted(keys) == sorted(f"p{i}_{j}" for i in range(2) for j in range(7))
 
 
 def test_folder_without_manifest_lists_shards(tmp_path, uneven_tars):
-    shards = with_counts(resolve_shards(str(tmp_path)))
+    shards = with_counts(resolve_shards(str(tmp_path), storage=Storage()), storage=Storage())
     assert len(shards) == 7 and sum(s.samples for s in shards) == 31
 
 
 @pytest.mark.parametrize("spec", ["", "/nonexistent/folder", "/nonexistent/manifest.json", "x.zip"])
 def test_bad_data_specs_are_user_errors(spec):
     with pytest.raises(DataSpecError):
-        resolve_shards(spec)
+        resolve_shards(spec, storage=Storage())
 
 
 def test_fewer_samples_than_ranks_is_an_error(uneven_tars):

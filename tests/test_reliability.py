@@ -70,12 +70,13 @@ def test_fresh_run_into_a_used_checkpoint_folder_is_refused_and_resume_continues
 
 def test_retention_never_removes_the_checkpoint_just_written(tmp_path):
     from mocostream.ops import checkpoint
+    from mocostream.pipeline.filesystems import Storage
 
     for step in (30, 40):
-        checkpoint.save(str(tmp_path), step, {"step": step}, keep=2)
-    path = checkpoint.save(str(tmp_path), 5, {"step": 5}, keep=2)
+        checkpoint.save(str(tmp_path), step, {"step": step}, keep=2, storage=Storage())
+    path = checkpoint.save(str(tmp_path), 5, {"step": 5}, keep=2, storage=Storage())
     assert Path(path).exists() and steps_in(tmp_path) == [5, 30, 40]
-    checkpoint.save(str(tmp_path), 50, {"step": 50}, keep=2)
+    checkpoint.save(str(tmp_path), 50, {"step": 50}, keep=2, storage=Storage())
     assert steps_in(tmp_path) == [40, 50]
 
 
@@ -268,10 +269,11 @@ def test_full_checkpoint_disk_fails_at_start(shards, tmpfs):
 
 def test_a_checkpoint_that_fills_the_disk_leaves_no_partial_file(tmpfs):
     from mocostream.ops import checkpoint
+    from mocostream.pipeline.filesystems import Storage
 
     ckpt = tmpfs("4m")
     with pytest.raises(checkpoint.CheckpointError, match="No space left on device"):
-        checkpoint.save(str(ckpt), 1, {"step": 1, "weights": torch.zeros(2 << 20)})  # 8 MB
+        checkpoint.save(str(ckpt), 1, {"step": 1, "weights": torch.zeros(2 << 20)}, storage=Storage())  # 8 MB
     assert list(ckpt.iterdir()) == []
 
 
@@ -522,10 +524,11 @@ def test_manifest_names_outside_its_folder_are_refused_unless_allowed(shards, tm
 
 @pytest.mark.parametrize("name", ["/etc/shard.tar", "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
 def test_external_manifest_names_are_refused(shards, tmp_path, name):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.sources import DataSpecError, resolve_shards
 
     with pytest.raises(DataSpecError, match="outside the manifest's folder"):
-        resolve_shards(str(manifest_with(Path(shards), tmp_path, name=name)))
+        resolve_shards(str(manifest_with(Path(shards), tmp_path, name=name)), storage=Storage())
 
 
 @pytest.mark.parametrize("changes,words", [
@@ -539,10 +542,11 @@ def test_external_manifest_names_are_refused(shards, tmp_path, name):
     ({"name": None}, "needs a 'name' string"),
 ])
 def test_manifest_entries_are_validated(shards, tmp_path, changes, words):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.sources import DataSpecError, resolve_shards
 
     with pytest.raises(DataSpecError, match="shard entry 0") as e:
-        resolve_shards(str(manifest_with(Path(shards), tmp_path, **changes)))
+        resolve_shards(str(manifest_with(Path(shards), tmp_path, **changes)), storage=Storage())
     assert words in str(e.value)
 
 
@@ -578,15 +582,16 @@ def columnar_manifest_with(folder: Path, tmp_path: Path, **changes) -> Path:
 
 @pytest.mark.parametrize("name", ["../outside/shard-000000.tar", "/etc/shard.tar",
                                   "http://169.254.169.254/latest/x.tar", "a/../../x.tar"])
-def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp_path, name, monkeypatch):
+def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp_path, name):
     from mocostream.pipeline import sources
+    from mocostream.pipeline.filesystems import Storage, StorageConfig
     from mocostream.pipeline.shard_table import load_shard_table
 
     manifest = columnar_manifest_with(Path(shards), tmp_path, name=name)
     with pytest.raises(sources.DataSpecError, match="shard entry 0.*outside the manifest's folder"):
-        load_shard_table(str(manifest))
-    monkeypatch.setattr(sources, "ALLOW_EXTERNAL_SHARDS", True)
-    assert load_shard_table(str(manifest))[0].url.endswith(name.rsplit("/", 1)[-1])
+        load_shard_table(str(manifest), storage=Storage())
+    allowed = Storage(StorageConfig(allow_external_shards=True))  # --allow-external-shards
+    assert load_shard_table(str(manifest), storage=allowed)[0].url.endswith(name.rsplit("/", 1)[-1])
 
 
 @pytest.mark.parametrize("changes,words", [
@@ -600,11 +605,12 @@ def test_external_columnar_manifest_names_are_refused_unless_allowed(shards, tmp
     ({"name": "shard-000000.txt"}, "not a shard"),
 ])
 def test_columnar_manifest_entries_are_validated(shards, tmp_path, changes, words):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.shard_table import load_shard_table
     from mocostream.pipeline.sources import DataSpecError
 
     with pytest.raises(DataSpecError, match="shard entry 0") as e:
-        load_shard_table(str(columnar_manifest_with(Path(shards), tmp_path, **changes)))
+        load_shard_table(str(columnar_manifest_with(Path(shards), tmp_path, **changes)), storage=Storage())
     assert words in str(e.value)
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.plan import EpochPlan
 from mocostream.pipeline.readers import Sample
 from mocostream.pipeline.shard_table import ShardTable, load_shard_table
@@ -168,7 +169,7 @@ def write_set(tmp_path, sizes):
                 w.write({"__key__": f"k{i}_{j}", "jpg": b"x"})
         size, sha = file_digest(str(path))
         entries.append({"name": path.name, "samples": n, "bytes": size, "sha256": sha})
-    dest = Destination(str(tmp_path))
+    dest = Destination(str(tmp_path), storage=Storage())
     write_manifests(dest, {"tar": "manifest.json"}, {"tar": build_manifest("tar", {}, entries, [], 0.0)})
     dest.close()
     return entries
@@ -177,8 +178,8 @@ def write_set(tmp_path, sizes):
 def test_columnar_manifest_matches_the_json_one(tmp_path):
     write_set(tmp_path, [3, 5, 2])
     assert (tmp_path / "manifest.parquet").exists()
-    columnar = load_shard_table(str(tmp_path))
-    from_json = ShardTable.from_shards(resolve_shards(str(tmp_path / "manifest.json")))
+    columnar = load_shard_table(str(tmp_path), storage=Storage())
+    from_json = ShardTable.from_shards(resolve_shards(str(tmp_path / "manifest.json"), storage=Storage()))
     assert isinstance(columnar.names, type(columnar.names)) and not isinstance(columnar.names, list)
     assert [columnar[i] for i in range(3)] == [from_json[i] for i in range(3)]
     assert columnar.fingerprint() == from_json.fingerprint()
@@ -191,7 +192,7 @@ def test_a_rewritten_json_manifest_wins_over_its_stale_columnar_twin(tmp_path, c
     m = json.loads((tmp_path / "manifest.json").read_text())
     m["shards"] = m["shards"][:2]
     (tmp_path / "manifest.json").write_text(json.dumps(m))
-    assert len(load_shard_table(str(tmp_path))) == 2
+    assert len(load_shard_table(str(tmp_path), storage=Storage())) == 2
     assert "does not match" in caplog.text
 
 
@@ -200,7 +201,7 @@ def test_a_shard_list_without_manifest_is_counted_by_one_rank(tmp_path):
     for name in ("manifest.json", "manifest.parquet"):
         (tmp_path / name).unlink()
     calls = []
-    shared = load_shard_table(str(tmp_path), share=lambda compute: (calls.append(1), compute())[1])
+    shared = load_shard_table(str(tmp_path), storage=Storage(), share=lambda compute: (calls.append(1), compute())[1])
     assert calls == [1] and list(shared.counts) == [3, 5, 2]
 
 

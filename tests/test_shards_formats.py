@@ -171,16 +171,18 @@ def test_trainer_data_spec_reads_one_format(dual):
     """`mocostream train --data DEST` (or DEST/manifest.json) reads the primary format only, never both;
     DEST/manifest-parquet.json reads the other one. Same samples either way."""
     from mocostream.pipeline.readers import read_samples
-    from mocostream.pipeline.sources import read_bytes, resolve_shards
+    from mocostream.pipeline.filesystems import Storage
+    from mocostream.pipeline.sources import resolve_shards
     out, _ = dual
-    tar_shards = resolve_shards(str(out))
-    assert resolve_shards(str(out / "manifest.json")) == tar_shards
+    storage = Storage()
+    tar_shards = resolve_shards(str(out), storage=storage)
+    assert resolve_shards(str(out / "manifest.json"), storage=storage) == tar_shards
     assert [(s.format, s.samples) for s in tar_shards] == [("tar", 50), ("tar", 50), ("tar", 20)]
-    parquet_shards = resolve_shards(str(out / "manifest-parquet.json"))
+    parquet_shards = resolve_shards(str(out / "manifest-parquet.json"), storage=storage)
     assert [(s.format, s.samples) for s in parquet_shards] == [("parquet", 50), ("parquet", 50), ("parquet", 20)]
 
     def samples(shards):
-        return [(s.key, s.data) for sh in shards for s in read_samples(sh, read_bytes(sh.url))]
+        return [(s.key, s.data) for sh in shards for s in read_samples(sh, storage.read_bytes(sh.url))]
     assert samples(tar_shards) == samples(parquet_shards)
     # the trainer's loader on DEST: one epoch delivers every sample once (not once per format)
     from mocostream.pipeline.loader import LoaderConfig, TwoViewLoader

@@ -379,8 +379,9 @@ def test_parts_cover_inputs_and_merge(imagenette_small, tmp_path):
     keys = [k for k, _ in samples(out)]
     assert sorted(keys) == sorted(k for k, _ in samples(tmp_path / "whole"))  # disjoint, complete
     assert verify(str(out)) == []
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.sources import read_manifest  # the trainer reads the merged manifest as it is
-    shards = read_manifest(str(out / "manifest.json"))
+    shards = read_manifest(str(out / "manifest.json"), storage=Storage())
     assert [s.samples for s in shards] == [e["samples"] for e in m["shards"]] and all(os.path.exists(s.url) for s in shards)
     with pytest.raises(ShardError, match="--part"):
         make([imagenette_small], tmp_path / "x", part="3/3")
