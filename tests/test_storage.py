@@ -17,7 +17,7 @@ import urllib.parse
 import pytest
 import torch
 
-from conftest import REPO
+from helpers import REPO
 
 TIMEOUT, RETRIES = 1, 1
 FLAGS = ["--storage-timeout", str(TIMEOUT), "--storage-retries", str(RETRIES)]
@@ -99,6 +99,7 @@ def external_manifest(tmp_path) -> str:
     return str(path)
 
 
+@pytest.mark.slow
 def test_trainer_stream_read_gives_up_after_the_retries(silent, external_manifest, tmp_path):
     code, err = cli("train", "--data", external_manifest, "--allow-external-shards", "--epochs", "1", *SMALL,
                     "--checkpoint-dir", str(tmp_path / "ckpt"), *FLAGS, endpoint=silent.url)
@@ -107,6 +108,7 @@ def test_trainer_stream_read_gives_up_after_the_retries(silent, external_manifes
     assert err.count(f"retry 1/{RETRIES}") == RETRIES and silent.connections == RETRIES + 1
 
 
+@pytest.mark.slow
 def test_trainer_init_from_weights_gives_up_after_the_retries(silent, external_manifest, tmp_path):
     code, err = cli("train", "--data", external_manifest, "--allow-external-shards", *SMALL, "--init-from",
                     "s3://bucket/weights.pt", "--checkpoint-dir", str(tmp_path / "ckpt"), *FLAGS, endpoint=silent.url)
@@ -115,6 +117,7 @@ def test_trainer_init_from_weights_gives_up_after_the_retries(silent, external_m
     assert err.count(f"retry 1/{RETRIES}") == RETRIES and silent.connections == RETRIES + 1
 
 
+@pytest.mark.slow
 def test_trainer_checkpoint_folder_gives_up_after_the_retries(silent, external_manifest):
     code, err = cli("train", "--data", external_manifest, "--allow-external-shards", *SMALL, "--checkpoint-dir",
                     "s3://bucket/run", *FLAGS, endpoint=silent.url)
@@ -123,6 +126,7 @@ def test_trainer_checkpoint_folder_gives_up_after_the_retries(silent, external_m
     assert GIVES_UP in error and silent.connections == RETRIES + 1
 
 
+@pytest.mark.slow
 def test_eval_data_read_gives_up_after_the_retries(silent):
     code, err = cli("eval", "knn", "--data", "s3://bucket/labelled", "--arch", "resnet18_cifar_small", *FLAGS,
                     endpoint=silent.url)
@@ -131,6 +135,7 @@ def test_eval_data_read_gives_up_after_the_retries(silent):
     assert err.count(f"retry 1/{RETRIES}") == RETRIES and silent.connections == RETRIES + 1
 
 
+@pytest.mark.slow
 def test_export_write_gives_up_after_the_retries(silent, tmp_path):
     ckpt = tmp_path / "checkpoint-00000001.pt"  # the least a training checkpoint holds for export
     torch.save({"step": 1, "config": {"arch": "resnet18_cifar_small"},
@@ -156,6 +161,7 @@ except (checkpoint.CheckpointError, OSError) as e:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("call,words", [
     ('checkpoint.save("s3://bucket/run", 1, {"step": 1}, storage=storage)',
      "CheckpointError: cannot write checkpoint s3://bucket/run/checkpoint-00000001.pt: ReadTimeoutError"),
@@ -176,6 +182,7 @@ def test_checkpoints_and_uploads_give_up_after_the_retries(silent, call, words):
     assert silent.connections == RETRIES + 1 if "big" not in call else silent.connections >= RETRIES + 1
 
 
+@pytest.mark.slow
 def test_shards_create_destination_gives_up_after_the_retries(silent, tmp_path):
     from PIL import Image
 
@@ -189,6 +196,7 @@ def test_shards_create_destination_gives_up_after_the_retries(silent, tmp_path):
     assert GIVES_UP in error and silent.connections == RETRIES + 1
 
 
+@pytest.mark.slow
 def test_shards_create_shard_upload_gives_up_after_the_retries(s3_server, imagenette_small):
     """The shard writes themselves (not only the start-up listing): a proxy holds every PUT of a shard far
     longer than the timeout; the other requests pass through to the real S3 server. One shard of 120 images:
