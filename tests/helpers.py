@@ -83,6 +83,13 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def url_list(tmp_path: Path, srv, kinds, name: str = "urls.txt") -> Path:
+    """A URL list for tests/webserver.py's server: one URL per kind of answer, in order."""
+    path = tmp_path / name
+    path.write_text("".join(f"{srv.url}/{k}/{i}.jpg\n" for i, k in enumerate(kinds)))
+    return path
+
+
 def wait_for_trace(proc: subprocess.Popen, paths: list[Path], keys: int) -> None:
     """Until every trace file holds `keys` keys (an event the ranks write, not a clock); the job must still
     be running, or the test fails at once with its output (stdout and stderr, whichever were piped)."""

@@ -19,6 +19,7 @@ from mocostream.shards import ShardError, create_shards, verify
 from mocostream.shards.discover import Inputs
 from mocostream.shards.download import HttpOptions, opted_out, retry_after, user_agent
 from mocostream.shards.verify import tar_samples
+from helpers import url_list
 from webserver import WebServer
 
 # The HTTP timeout is what a hanging URL costs per attempt, and also the longest silence an answered URL may
@@ -52,12 +53,6 @@ def photos(webphotos) -> list[bytes]:
 def server(photos):
     with WebServer(photos, hang=30.0) as srv:
         yield srv
-
-
-def url_list(tmp_path, srv, kinds, name="urls.txt") -> Path:
-    path = tmp_path / name
-    path.write_text("".join(f"{srv.url}/{k}/{i}.jpg\n" for i, k in enumerate(kinds)))
-    return path
 
 
 # ---------------------------------------------------------------- HTTP behaviour and reasons

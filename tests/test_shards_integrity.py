@@ -13,6 +13,7 @@ import pytest
 from mocostream.shards import ShardError, create_shards, merge, verify
 from mocostream.shards.download import HttpOptions
 from mocostream.shards.verify import tar_samples
+from helpers import url_list
 from webserver import WebServer
 
 FAST = dict(timeout=5.0, retries=0, backoff=0.05, max_bytes=1 << 20, allow_private=True)
@@ -43,12 +44,6 @@ def photos(imagenette_small) -> list[bytes]:
 def server(photos):
     with WebServer(photos, hang=30.0) as srv:
         yield srv
-
-
-def url_list(tmp_path, srv, kinds, name="urls.txt") -> Path:
-    path = tmp_path / name
-    path.write_text("".join(f"{srv.url}/{k}/{i}.jpg\n" for i, k in enumerate(kinds)))
-    return path
 
 
 # ---------------------------------------------------------------- --retry-failed on an edited set

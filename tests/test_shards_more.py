@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from deadlock import descendants
 from helpers import REPO, shards_cli as cli
 from mocostream.shards import REASONS, ShardError, create_shards, inspect, merge, verify
 from mocostream.shards.verify import tar_samples
@@ -89,22 +90,6 @@ def test_timeout_kills_and_replaces_the_worker(small, hanging_input, tmp_path):
     assert got == [(k, s["jpg"]) for k, s in samples(tmp_path / "ref")]
 
 
-def _descendants(pid: int) -> list[int]:
-    parents = {}
-    for d in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            parents[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            pass
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [c for c, p in parents.items() if p == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
 def _holders(path: Path, pids) -> list[int]:
     """The processes among `pids` with `path` open."""
     out = []
@@ -147,7 +132,7 @@ def test_a_worker_killed_mid_decode_costs_one_input(small, hanging_input, tmp_pa
         victim = []
         while not victim:
             assert t.is_alive(), f"the run ended while its worker held the FIFO: {box}"
-            victim = _holders(fifo, _descendants(os.getpid()))
+            victim = _holders(fifo, descendants(os.getpid()))
             t.join(0.02)
         assert len(victim) == 1, victim
         os.kill(victim[0], signal.SIGKILL)
