@@ -91,7 +91,8 @@ def add_create_parser(sub) -> None:
                 "  mocostream shards create urls.txt --out s3://b/web --part 3/8   # on host 3 of 8; then:\n"
                 "  mocostream shards merge s3://b/web\n\n"
                 "For s3:// the endpoint and keys come from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY; --storage-timeout and --storage-retries apply to DEST as in train."))
+                "AWS_SECRET_ACCESS_KEY; --storage-timeout and --storage-retries apply to remote sources (tables and "
+                "the s3:// entries they list) and to DEST, as in train."))
     c.add_argument("sources", nargs="+", metavar="SRC",
                    help="folder, tar archive, list of paths/URLs (.txt/.jsonl) or parquet table")
     c.add_argument("--out", required=True, metavar="DEST",

@@ -114,8 +114,8 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     folder or fsspec URL (s3://bucket/prefix; endpoint and keys from the AWS_* environment variables).
     `plan_options`: the fields of shards.plan.Plan, the options that shape the output (`fmt` is `format`:
     "tar", "parquet", or both, "tar,parquet": the same samples in each; see shards.manifest).
-    `http`: the download stage's options (shards.download.HttpOptions). `storage`: how `out` is written
-    (pipeline.filesystems: timeouts, retries; default: the default settings). A rerun with the same sources and
+    `http`: the download stage's options (shards.download.HttpOptions). `storage`: how remote sources are read and
+    `out` is written (pipeline.filesystems: timeouts, retries; default: the default settings). A rerun with the same sources and
     options continues a killed run (or does nothing if it finished); other options into the same `out`
     raise; `retry_failed` on a finished `out` retries its retryable rejects. Raises ShardError for user
     errors; bad images never raise, they are recorded in rejects.jsonl with a reason code.
@@ -127,14 +127,15 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
     check_http(http)
     cols = Columns(plan.url_col or None, plan.caption_col or None,
                    tuple(c.strip() for c in plan.extra_cols.split(",") if c.strip()) if plan.extra_cols else None)
-    inputs = Inputs(list(sources), plan.part, cols, plan.shuffle, plan.seed)
+    storage = storage or Storage()
+    inputs = Inputs(list(sources), plan.part, cols, plan.shuffle, plan.seed, storage=storage)
     options = {**plan.as_dict(), "sources": [json_safe(without_credentials(s)) for s in sources]}
     options["fingerprint"] = fp = fingerprint(plan, options["sources"], inputs.identity())
     options["validated_by"] = validation_stamp(plan.max_pixels)  # lets the loader skip its pre-flight check
     options["source_ids"] = inputs.content_ids()  # what each source held: `shards merge` compares the parts'
     if plan.part[1] > 1:  # each part in its own folder: hosts never touch each other's files
         out = f"{out.rstrip('/')}/{part_dir(*plan.part)}"
-    dest = Destination(out, storage=storage or Storage())
+    dest = Destination(out, storage=storage)
     lock = DestLock(dest)
     try:
         lock.acquire()  # before anything is read or written: one run per destination
@@ -142,7 +143,8 @@ def create_shards(sources: list[str], out: str, *, progress: bool = True, worker
         if done is not None and not retry_failed:
             return done
         dali_check.checker()  # loads DALI's decoder library once, before the workers fork
-        pool = DecodePool(workers, plan.normalise_options(), timeout, memory_limit, tar="tar" in plan.formats)
+        pool = DecodePool(workers, plan.normalise_options(), timeout, memory_limit, tar="tar" in plan.formats,
+                          storage=storage)
         ingest = Ingest(pool, http if inputs.table_sources() else None,
                         IngestMetrics(plan.part[0], REASONS), metrics_port, progress, f"shards {plan.format}")
         job = Job(plan, options, fp, dest, ingest, inputs.extra_types() if "parquet" in plan.formats else None)

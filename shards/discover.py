@@ -24,6 +24,8 @@ import tarfile
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from mocostream.pipeline.filesystems import Storage
+
 from .errors import ShardError
 from .keys import assign_keys, natural_key, without_credentials
 from .tables import (Columns, check_columns, content_id, head_types, identity, parquet_file, row_ranges, rows,
@@ -108,15 +110,15 @@ def _url_input(src: str, rid: int, url) -> tuple[str, tuple]:
     return without_credentials(url), locator(url)
 
 
-def _is_image_table(src: str) -> bool:
-    return table_kind(src) == "parquet" and IMAGE_COLUMN in parquet_file(src).schema_arrow.names
+def _is_image_table(src: str, storage: Storage) -> bool:
+    return table_kind(src) == "parquet" and IMAGE_COLUMN in parquet_file(src, storage).schema_arrow.names
 
 
-def _kind(src: str) -> str:
+def _kind(src: str, storage: Storage) -> str:
     if src.endswith(ARCHIVES):
         return "archive"
     if table_kind(src):
-        return "images" if _is_image_table(src) else "table"
+        return "images" if _is_image_table(src, storage) else "table"
     if "://" in src:
         raise ShardError(f"remote sources must be a table (.txt/.csv/.tsv/.jsonl/.parquet): {src}")
     if not os.path.exists(src):
@@ -126,9 +128,9 @@ def _kind(src: str) -> str:
     return "folder"
 
 
-def _image_rows(src: str, part: tuple[int, int]) -> Iterator[tuple[int, tuple, dict]]:
+def _image_rows(src: str, part: tuple[int, int], storage: Storage) -> Iterator[tuple[int, tuple, dict]]:
     """(row, locator, extra fields) of a parquet table holding the image bytes."""
-    pf = parquet_file(src)
+    pf = parquet_file(src, storage)
     extra_cols = [c for c in pf.schema_arrow.names if c not in _RESERVED]
     for first, rg, lo, hi in row_ranges(pf, part):
         t = pf.read_row_group(rg, columns=extra_cols) if extra_cols else None
@@ -144,14 +146,16 @@ def _slice(n: int, part: tuple[int, int]) -> range:
 
 
 class Inputs:
-    """This part's inputs, in processing order; iterate as often as needed (tables are re-read)."""
+    """This part's inputs, in processing order; iterate as often as needed (tables are re-read). Remote
+    tables are read through `storage` (the run's timeouts and retries)."""
 
     def __init__(self, sources: list[str], part: tuple[int, int] = (0, 1), columns: Columns = Columns(),
-                 shuffle: bool = False, seed: int = 0):
+                 shuffle: bool = False, seed: int = 0, *, storage: Storage):
         if not sources:
             raise ShardError("no sources given")
         self.sources, self.part, self.columns, self.shuffle, self.seed = sources, part, columns, shuffle, seed
-        self.kinds = [_kind(s) for s in sources]
+        self.storage = storage
+        self.kinds = [_kind(s, storage) for s in sources]
         listed = [(i, t) for i, s in enumerate(sources) if self.kinds[i] in ("folder", "archive")
                   for t in (_folder(s) if self.kinds[i] == "folder" else _archive(s))]
         keys = assign_keys([t[1] for _, t in listed])
@@ -161,7 +165,7 @@ class Inputs:
         self._taken = set(keys)
         for i, kind in enumerate(self.kinds):
             if kind == "table":
-                check_columns(sources[i], columns, (0, 1) if shuffle else part)
+                check_columns(sources[i], columns, (0, 1) if shuffle else part, storage)
         streamed = [i for i, k in enumerate(self.kinds) if k in ("table", "images")]
         stems = assign_keys([_stem(sources[i]) for i in streamed])
         self._stems = dict(zip(streamed, stems))
@@ -169,10 +173,10 @@ class Inputs:
     def _table(self, i: int, part: tuple[int, int]) -> Iterator[InputFile]:
         src, stem = self.sources[i], self._stems[i]
         if self.kinds[i] == "images":
-            found = ((row, f"{src}#{row}", loc, extra) for row, loc, extra in _image_rows(src, part))
+            found = ((row, f"{src}#{row}", loc, extra) for row, loc, extra in _image_rows(src, part, self.storage))
             width = 9
         else:
-            found = ((rid, *_url_input(src, rid, r.get("url")), r) for rid, r in rows(src, part, self.columns))
+            found = ((rid, *_url_input(src, rid, r.get("url")), r) for rid, r in rows(src, part, self.columns, self.storage))
             width = 9 if table_kind(src) == "parquet" else 12
         for rid, path, loc, row in found:
             extra = _clean_extra({k: v for k, v in row.items() if k != "url"})
@@ -205,7 +209,7 @@ class Inputs:
         h = hashlib.sha256()
         for i, src in enumerate(self.sources):
             if self.kinds[i] in ("table", "images"):
-                h.update(identity(src).encode("utf-8", "surrogateescape") + b"\0")
+                h.update(identity(src, self.storage).encode("utf-8", "surrogateescape") + b"\0")
             else:
                 for it in self._source(i, (0, 1) if self.shuffle else self.part):
                     h.update(f"{it.path}\0{it.key}".encode("utf-8", "surrogateescape") + b"\0")
@@ -222,7 +226,7 @@ class Inputs:
                     h.update(it.relpath.encode("utf-8", "surrogateescape") + b"\0")
                 out.append(f"{len(self._listed.get(i, []))} files:{h.hexdigest()[:32]}")
             else:
-                out.append(content_id(src))
+                out.append(content_id(src, self.storage))
         return out
 
     def listed_extras(self) -> Iterator[dict]:
@@ -243,10 +247,10 @@ class Inputs:
         types = dict(extra_schema(values))
         for i, src in enumerate(self.sources):
             if self.kinds[i] == "images":
-                schema = parquet_file(src).schema_arrow
+                schema = parquet_file(src, self.storage).schema_arrow
                 found = {c: schema.field(c).type for c in schema.names if c not in _RESERVED}
             elif self.kinds[i] == "table":
-                found = head_types(src, self.columns)
+                found = head_types(src, self.columns, self.storage)
             else:
                 continue
             for k, t in found.items():

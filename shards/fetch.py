@@ -27,14 +27,9 @@ class FetchError(Exception):
         self.reject = Reject(reason, detail)
 
 
-# Input reads with the default storage settings; it keeps one client per worker process (a new S3 session
-# per file costs ~1 s).
-_inputs = Storage()
-
-
-def _url(url: str) -> bytes:
+def _url(url: str, storage: Storage) -> bytes:
     try:
-        return _inputs.read_bytes(url)
+        return storage.read_bytes(url)
     except Exception as exc:  # 404, refused connection, access denied, ...
         raise FetchError(DOWNLOAD_FAILED, _short(exc)) from exc
 
@@ -49,18 +44,20 @@ def _tarz(archive: str, member: str) -> bytes:
     return f.read() if f is not None else b""
 
 
-def _parquet(table: str, rg: int, row: int) -> bytes:
+def _parquet(storage: Storage, table: str, rg: int, row: int) -> bytes:
     import pyarrow.parquet as pq
 
     if _row_group["key"] != (table, rg):
-        with _inputs.open(table, "rb") as f:
+        with storage.open(table, "rb") as f:
             _row_group["images"] = pq.ParquetFile(f).read_row_group(rg, columns=["image"]).column(0).to_pylist()
         _row_group["key"] = (table, rg)
     return _row_group["images"][row] or b""
 
 
-def fetch(locator: tuple) -> bytes:
-    """The input's bytes; raises FetchError (carrying a Reject) when they cannot be read."""
+def fetch(locator: tuple, storage: Storage) -> bytes:
+    """The input's bytes; raises FetchError (carrying a Reject) when they cannot be read. `storage`: the run's
+    (its timeouts and retries); a worker keeps the one it was given, so one client per process (a new S3
+    session per file costs ~1 s)."""
     kind = locator[0]
     if kind == "bytes":
         return locator[1]
@@ -71,7 +68,7 @@ def fetch(locator: tuple) -> bytes:
             with open(locator[1], "rb") as f:
                 return f.read()
         if kind in ("url", "http"):
-            return _url(locator[1])
+            return _url(locator[1], storage)
         if kind == "tar":
             with open(locator[1], "rb") as f:
                 f.seek(locator[2])
@@ -79,7 +76,7 @@ def fetch(locator: tuple) -> bytes:
         if kind == "tarz":
             return _tarz(locator[1], locator[2])
         if kind == "parquet":
-            return _parquet(*locator[1:])
+            return _parquet(storage, *locator[1:])
     except FetchError:
         raise
     except Exception as exc:

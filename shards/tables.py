@@ -86,9 +86,9 @@ class Columns:
         return url, caption, extra
 
 
-def _open_binary(src: str):
+def _open_binary(src: str, storage: Storage):
     try:
-        return Storage().open(src, "rb", compression=infer_compression(src))  # the default storage settings
+        return storage.open(src, "rb", compression=infer_compression(src))
     except FileNotFoundError:
         raise ShardError(f"source not found: {src}") from None
     except Exception as exc:  # unknown codec, bad credentials, ...
@@ -103,10 +103,10 @@ def _byte_range(f, part: tuple[int, int]) -> tuple[int, int]:
     return i * size // n, (i + 1) * size // n
 
 
-def _lines(src: str, part: tuple[int, int]) -> Iterator[tuple[int, bytes]]:
+def _lines(src: str, part: tuple[int, int], storage: Storage) -> Iterator[tuple[int, bytes]]:
     """(offset, raw line) of the lines of this part's slice (see the module doc); a UTF-8 BOM is dropped."""
     i, n = part
-    with _open_binary(src) as f:
+    with _open_binary(src, storage) as f:
         if infer_compression(src):
             offset = 0
             for k, raw in enumerate(f):
@@ -190,12 +190,12 @@ def _record_boundary(f, start: int, sep: str) -> int:
                     return common[0]
         window *= 8
     return 0
-def _records(src: str, part: tuple[int, int], sep: str) -> Iterator[tuple[int, list[str]]]:
+def _records(src: str, part: tuple[int, int], sep: str, storage: Storage) -> Iterator[tuple[int, list[str]]]:
     """(offset, fields) of this part's CSV/TSV records, the header included when it is in the part. Quoted
     fields may hold line breaks: a record belongs to the part whose byte range holds its first byte
     (compressed: every N-th record)."""
     i, n = part
-    with _open_binary(src) as f:
+    with _open_binary(src, storage) as f:
         compressed = bool(infer_compression(src))
         start, end = (0, None) if compressed else _byte_range(f, part)
         lines = _Tracked(f, 0 if compressed else _record_boundary(f, start, sep))
@@ -219,8 +219,8 @@ def _records(src: str, part: tuple[int, int], sep: str) -> Iterator[tuple[int, l
                 yield at, fields
 
 
-def _header(src: str, sep: str) -> list[str]:
-    with contextlib.closing(_records(src, (0, 1), sep)) as records:
+def _header(src: str, sep: str, storage: Storage) -> list[str]:
+    with contextlib.closing(_records(src, (0, 1), sep, storage)) as records:
         at, fields = next(records, (None, []))
     return fields if at == 0 else []
 
@@ -229,18 +229,18 @@ def _value(v):
     return None if v == "" else v
 
 
-def _rows_plain(src, part, cols) -> Iterator[tuple[int, dict]]:
-    for offset, raw in _lines(src, part):
+def _rows_plain(src, part, cols, storage) -> Iterator[tuple[int, dict]]:
+    for offset, raw in _lines(src, part, storage):
         line = raw.decode("utf-8", "surrogateescape").strip()  # a path keeps its bytes, UTF-8 or not
         if line and not line.startswith("#"):
             yield offset, {"url": line}
 
 
-def _rows_delimited(src, part, cols, sep) -> Iterator[tuple[int, dict]]:
-    names = _header(src, sep)
+def _rows_delimited(src, part, cols, sep, storage) -> Iterator[tuple[int, dict]]:
+    names = _header(src, sep, storage)
     url, caption, extra = cols.resolve(names, src)
     index = {c: names.index(c) for c in [url] + ([caption] if caption else []) + extra}
-    for offset, fields in _records(src, part, sep):
+    for offset, fields in _records(src, part, sep, storage):
         if offset == 0:
             continue  # the header
 
@@ -258,8 +258,8 @@ def _valid(v):
     return v.encode("utf-8", "surrogateescape").decode("utf-8", "replace") if isinstance(v, str) else v
 
 
-def _rows_jsonl(src, part, cols) -> Iterator[tuple[int, dict]]:
-    for offset, raw in _lines(src, part):
+def _rows_jsonl(src, part, cols, storage) -> Iterator[tuple[int, dict]]:
+    for offset, raw in _lines(src, part, storage):
         line = _text(raw).strip()
         if not line:
             continue
@@ -279,10 +279,10 @@ def _rows_jsonl(src, part, cols) -> Iterator[tuple[int, dict]]:
         yield offset, row
 
 
-def parquet_file(src: str):
+def parquet_file(src: str, storage: Storage):
     import pyarrow.parquet as pq
 
-    f = _open_binary(src)
+    f = _open_binary(src, storage)
     try:
         return pq.ParquetFile(f)
     except Exception as exc:
@@ -290,9 +290,9 @@ def parquet_file(src: str):
         raise ShardError(f"cannot read parquet table {src}: {exc}") from exc
 
 
-def _rows_parquet(src, part, cols) -> Iterator[tuple[int, dict]]:
+def _rows_parquet(src, part, cols, storage) -> Iterator[tuple[int, dict]]:
     """Rows of a URL/path table. (Tables of image bytes are read by shards.discover.)"""
-    pf = parquet_file(src)
+    pf = parquet_file(src, storage)
     url, caption, extra = cols.resolve(pf.schema_arrow.names, src)
     wanted = [url] + ([caption] if caption else []) + extra
     renamed = ["url"] + (["caption"] if caption else []) + extra
@@ -325,45 +325,45 @@ def row_ranges(pf, part: tuple[int, int]) -> Iterator[tuple[int, int, int, int]]
         row += count
 
 
-def rows(src: str, part: tuple[int, int], cols: Columns = Columns()) -> Iterator[tuple[int, dict]]:
-    """(row id, {"url", ["caption"], extra columns...}) of this part's slice of a table."""
+def rows(src: str, part: tuple[int, int], cols: Columns, storage: Storage) -> Iterator[tuple[int, dict]]:
+    """(row id, {"url", ["caption"], extra columns...}) of this part's slice of a table, read through `storage`."""
     kind = table_kind(src)
     if kind == "plain":
-        return _rows_plain(src, part, cols)
+        return _rows_plain(src, part, cols, storage)
     if kind in ("csv", "tsv"):
-        return _rows_delimited(src, part, cols, "," if kind == "csv" else "\t")
+        return _rows_delimited(src, part, cols, "," if kind == "csv" else "\t", storage)
     if kind == "jsonl":
-        return _rows_jsonl(src, part, cols)
-    return _rows_parquet(src, part, cols)
+        return _rows_jsonl(src, part, cols, storage)
+    return _rows_parquet(src, part, cols, storage)
 
 
-def check_columns(src: str, cols: Columns, part: tuple[int, int] = (0, 1)) -> None:
+def check_columns(src: str, cols: Columns, part: tuple[int, int], storage: Storage) -> None:
     """Raise ShardError now (not mid-run) when the table lacks the columns asked for."""
     kind = table_kind(src)
     if kind in ("csv", "tsv"):
-        cols.resolve(_header(src, "," if kind == "csv" else "\t"), src)
+        cols.resolve(_header(src, "," if kind == "csv" else "\t", storage), src)
     elif kind == "parquet":
-        cols.resolve(parquet_file(src).schema_arrow.names, src)
+        cols.resolve(parquet_file(src, storage).schema_arrow.names, src)
     elif kind == "jsonl":
-        head = rows(src, part, cols)  # this part's first row: a part reads nothing before its slice
+        head = rows(src, part, cols, storage)  # this part's first row: a part reads nothing before its slice
         next(head, None)
         head.close()
 
 
-def head_types(src: str, cols: Columns) -> dict[str, object]:
+def head_types(src: str, cols: Columns, storage: Storage) -> dict[str, object]:
     """Arrow types of the extra fields, from the table's schema (parquet) or its first HEAD_ROWS rows
     (jsonl; csv fields are strings). The same for every part: read from the start of the table."""
     import pyarrow as pa
 
     kind = table_kind(src)
     if kind == "parquet":
-        schema = parquet_file(src).schema_arrow
+        schema = parquet_file(src, storage).schema_arrow
         _, caption, extra = cols.resolve(schema.names, src)
         out = {"caption": schema.field(caption).type} if caption else {}
         out.update((c, schema.field(c).type) for c in extra)
         return out
     values: dict[str, list] = {}
-    head = rows(src, (0, 1), cols)
+    head = rows(src, (0, 1), cols, storage)
     for _, (_, row) in zip(range(HEAD_ROWS), head):
         for k, v in row.items():
             if k != "url":
@@ -379,10 +379,9 @@ def head_types(src: str, cols: Columns) -> dict[str, object]:
     return out
 
 
-def identity(src: str) -> str:
+def identity(src: str, storage: Storage) -> str:
     """What changes when the table's content does: size and modification time (or ETag)."""
     try:
-        storage = Storage()  # the default storage settings
         fs, path = storage.filesystem(src)
         info = storage.retrying(f"read {src}", lambda: fs.info(path))
     except FileNotFoundError:
@@ -396,12 +395,12 @@ def identity(src: str) -> str:
 CONTENT_SAMPLE = 1 << 20  # bytes read from each end of a file for its content id
 
 
-def content_id(src: str) -> str:
+def content_id(src: str, storage: Storage) -> str:
     """What a file holds, the same on every host (no modification time): its size and a sha256 of its first
     and last MiB. `shards merge` compares it across parts: a part made from another list of the same name
     differs here."""
     try:
-        with Storage().open(src, "rb") as f:  # the default storage settings
+        with storage.open(src, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(0)

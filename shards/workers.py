@@ -30,6 +30,7 @@ import time
 from typing import Iterable, Iterator
 
 from mocostream.pipeline import dali_check
+from mocostream.pipeline.filesystems import Storage
 
 from .channel import Channel, recv_frame, send_frame
 from .feed import PENDING
@@ -41,12 +42,12 @@ DEPTH = 4     # tasks queued per worker: slack for when the main process is not 
 WINDOW = 8    # tasks in flight or waiting to be yielded, per worker
 
 
-def process(task: tuple, options: Options, tar: bool) -> tuple[Sample | Record | Reject, int]:
-    """One input: fetch its bytes, decode and normalise them, render them for the shard (when `meta`
-    names the sample). Never raises for bad data."""
+def process(task: tuple, options: Options, tar: bool, storage: Storage) -> tuple[Sample | Record | Reject, int]:
+    """One input: fetch its bytes (remote ones through `storage`), decode and normalise them, render them for
+    the shard (when `meta` names the sample). Never raises for bad data."""
     locator, meta = task
     try:
-        data = fetch(locator)
+        data = fetch(locator, storage)
     except FetchError as exc:
         return exc.reject, 0
     result = normalise(data, options=options)
@@ -84,7 +85,7 @@ def _dumps(obj) -> bytes:
 _PARENT_ENDS: set = set()  # our ends of the workers' pipes: a forked worker must close its copies
 
 
-def _worker_main(conn, options: Options, tar: bool, memory_limit: int, environ: dict, inherited: list[int],
+def _worker_main(conn, options: Options, tar: bool, storage: Storage, memory_limit: int, environ: dict, inherited: list[int],
                  parent: int) -> None:
     # A forked worker holds copies of the main process's pipe ends (its own and its siblings'); closed,
     # the main process's death reaches every worker as EOF on its pipe.
@@ -122,7 +123,7 @@ def _worker_main(conn, options: Options, tar: bool, memory_limit: int, environ: 
             return
         seq, task = pickle.loads(msg)
         del msg  # a downloaded image: not kept twice while decoding
-        result = process(task, options, tar)
+        result = process(task, options, tar, storage)
         try:  # blocks until the main process has read it all: it reads every worker whenever it waits
             send_frame(fd, _dumps((seq, *result)))
         except OSError:
@@ -130,12 +131,12 @@ def _worker_main(conn, options: Options, tar: bool, memory_limit: int, environ: 
 
 
 class _Worker:
-    def __init__(self, ctx, options: Options, tar: bool, memory_limit: int):
+    def __init__(self, ctx, options: Options, tar: bool, storage: Storage, memory_limit: int):
         self.conn, child = ctx.Pipe()
         inherited = [c.fileno() for c in _PARENT_ENDS | {self.conn}] if ctx.get_start_method() == "fork" else []
         parent = os.getpid() if ctx.get_start_method() == "fork" else -1
         self.proc = ctx.Process(target=_worker_main, daemon=True,
-                                args=(child, options, tar, memory_limit, dict(os.environ), inherited, parent))
+                                args=(child, options, tar, storage, memory_limit, dict(os.environ), inherited, parent))
         self.proc.start()
         child.close()
         _PARENT_ENDS.add(self.conn)
@@ -221,11 +222,12 @@ class _Run:
 
 class DecodePool:
     def __init__(self, workers: int, options: Options, timeout: float = 60.0, memory_limit: int | None = None,
-                 tar: bool = True):
+                 tar: bool = True, storage: Storage | None = None):
         if memory_limit is None:
             memory_limit = default_memory_limit(options.max_pixels)
         self.n, self.options, self.timeout, self.memory_limit = workers, options, timeout, memory_limit
         self.tar = tar  # render tar members in the workers (Records for a tar output)
+        self.storage = storage or Storage()  # how remote inputs are read: the run's timeouts and retries
         self.replaced = 0  # workers killed (timeout) or lost (crash) and started again
         self._started: list[_Worker] = []
 
@@ -240,7 +242,7 @@ class DecodePool:
         return ctx
 
     def _new_worker(self) -> _Worker:
-        return _Worker(self.ctx, self.options, self.tar, self.memory_limit)
+        return _Worker(self.ctx, self.options, self.tar, self.storage, self.memory_limit)
 
     def start(self) -> None:
         """Start the workers now (before threads exist, so they can be forked); imap uses them."""
@@ -259,7 +261,7 @@ class DecodePool:
                 if task is PENDING:
                     select.select([wake_fd], [], [])
                     continue
-                yield process(task, self.options, self.tar)
+                yield process(task, self.options, self.tar, self.storage)
             return
         self.start()
         workers, self._started = self._started, []

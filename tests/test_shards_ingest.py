@@ -16,6 +16,7 @@ from PIL import Image
 
 from mocostream.ops.ports import free_port
 from mocostream.shards import ShardError, create_shards, verify
+from mocostream.pipeline.filesystems import Storage
 from mocostream.shards.discover import Inputs
 from mocostream.shards.download import HttpOptions, opted_out, retry_after, user_agent
 from mocostream.shards.verify import tar_samples
@@ -160,7 +161,7 @@ def test_laion_style_parquet_and_csv(server, tmp_path):
 
 
 def _keys(src, part, **kw) -> list[str]:
-    return [it.key for it in Inputs([str(src)], part, **kw)]
+    return [it.key for it in Inputs([str(src)], part, **kw, storage=Storage())]
 
 
 @pytest.mark.parametrize("name", ["list.txt", "list.csv", "list.jsonl", "list.txt.gz", "list.parquet"])

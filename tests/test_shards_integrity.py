@@ -225,6 +225,7 @@ def test_parts_split_csv_records_not_lines(tmp_path, name, monkeypatch):
     import random
 
     from mocostream.shards import tables
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.shards.discover import Inputs
 
     # a part looks back only 64 bytes at first: every case of the lookback is met
@@ -235,10 +236,10 @@ def test_parts_split_csv_records_not_lines(tmp_path, name, monkeypatch):
     text = f"url{sep}caption\n" + "".join(f"http://h/{i}.jpg{sep}{rng.choice(captions)}\n" for i in range(200))
     path = tmp_path / name
     path.write_bytes(gzip.compress(text.encode()) if name.endswith(".gz") else text.encode())
-    whole = [(it.key, it.path) for it in Inputs([str(path)])]
+    whole = [(it.key, it.path) for it in Inputs([str(path)], storage=Storage())]
     assert [p for _, p in whole] == [f"http://h/{i}.jpg" for i in range(200)]  # no phantom rows
     for n in (2, 3, 7, 40, 300):
-        parts = [[(it.key, it.path) for it in Inputs([str(path)], (i, n))] for i in range(n)]
+        parts = [[(it.key, it.path) for it in Inputs([str(path)], (i, n), storage=Storage())] for i in range(n)]
         joined = [x for p in parts for x in p]
         assert sorted(joined) == sorted(whole)  # each record in exactly one part
         assert joined == whole or name.endswith(".gz")  # byte ranges (compressed: every n-th record)
@@ -246,12 +247,13 @@ def test_parts_split_csv_records_not_lines(tmp_path, name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["list.txt", "list.jsonl", "list.tsv"])
 def test_a_bom_is_not_part_of_the_first_row(tmp_path, name):
+    from mocostream.pipeline.filesystems import Storage
     from mocostream.shards.discover import Inputs
 
     rows = {"txt": "http://h/0.jpg\nhttp://h/1.jpg\n", "tsv": "url\tx\nhttp://h/0.jpg\t1\nhttp://h/1.jpg\t2\n",
             "jsonl": '{"url": "http://h/0.jpg"}\n{"url": "http://h/1.jpg"}\n'}[name.split(".")[1]]
     (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + rows.encode())
-    assert [it.path for it in Inputs([str(tmp_path / name)])] == ["http://h/0.jpg", "http://h/1.jpg"]
+    assert [it.path for it in Inputs([str(tmp_path / name)], storage=Storage())] == ["http://h/0.jpg", "http://h/1.jpg"]
 
 
 # ---------------------------------------------------------------- rejects.jsonl cut short or emptied

@@ -197,6 +197,31 @@ def test_shards_create_destination_gives_up_after_the_retries(silent, tmp_path):
 
 
 @pytest.mark.slow
+def test_shards_create_remote_table_gives_up_after_the_retries(silent, tmp_path):
+    """The shard tool's inputs too: a URL list on the silent endpoint is read with the run's settings."""
+    code, err = cli("shards", "create", "s3://bucket/list.txt", "--out", str(tmp_path / "set"), "--quiet", *FLAGS,
+                    endpoint=silent.url)
+    error = one_line_error(code, err)
+    assert "cannot read source s3://bucket/list.txt" in error and "ReadTimeoutError" in error and GIVES_UP in error
+    assert err.count(f"retry 1/{RETRIES}") == RETRIES and silent.connections == RETRIES + 1
+
+
+@pytest.mark.slow
+def test_shards_create_remote_input_in_a_decode_worker_gives_up_after_the_retries(silent, tmp_path):
+    """An s3:// entry of a local list is read by a decode worker, with the run's settings: it becomes one
+    reject (download_failed) after the retries, not a hang and not the defaults' six minutes."""
+    listing = tmp_path / "list.txt"
+    listing.write_text("s3://bucket/a.jpg\n")
+    out = tmp_path / "set"
+    code, err = cli("shards", "create", str(listing), "--out", str(out), "--workers", "1", "--quiet", *FLAGS,
+                    endpoint=silent.url)
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in rejects] == ["download_failed"], (code, err[-3000:])
+    assert "ReadTimeoutError" in rejects[0]["detail"] and GIVES_UP in rejects[0]["detail"]
+    assert silent.connections == RETRIES + 1
+
+
+@pytest.mark.slow
 def test_shards_create_shard_upload_gives_up_after_the_retries(s3_server, imagenette_small):
     """The shard writes themselves (not only the start-up listing): a proxy holds every PUT of a shard far
     longer than the timeout; the other requests pass through to the real S3 server. One shard of 120 images:
