@@ -1,11 +1,14 @@
 """MoCo v3 against an independent, plain re-implementation of the paper's Algorithm 1 (arXiv 2104.02057), on
-one process and on two (torchrun, gloo): gathered keys and rank-offset labels give the whole batch's loss."""
+one process and on two (torchrun, gloo): gathered keys and rank-offset labels give the whole batch's loss.
+The ViTs: sizes, fixed position embedding, initialisation, frozen patch projection."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import REPO, free_port
-from mocostream.moco_core import MoCoV3, build_mlp
+from mocostream.moco_core import (MoCoV3, backbone_of, build_encoder, build_mlp, is_vit, sincos_position_embedding,
+                                  vit_base, vit_small, vit_tiny)
 from test_moco_core import TinyNet
 
 
@@ -171,6 +175,98 @@ def test_loss_at_a_perfect_match_is_the_scaled_cross_entropy():
     q = torch.eye(4, 8)
     expected = 2 * 0.5 * -torch.log(torch.exp(torch.tensor(2.0)) / (torch.exp(torch.tensor(2.0)) + 3))
     torch.testing.assert_close(model.contrastive_loss(q, q.clone()), expected)
+
+
+# ---------------------------------------------------------------------------------------------- ViTs
+
+def backbone_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for name, p in net.named_parameters() if not name.startswith("head."))
+
+
+def test_vit_sizes_are_the_papers():
+    """ViT-S/16 (384 wide, depth 12, 12 heads) and ViT-B/16 (768, 12, 12): the backbones' parameter counts."""
+    small, base = vit_small(), vit_base()
+    assert (small.embed_dim, len(small.blocks), small.blocks[0].attn.num_heads) == (384, 12, 12)
+    assert (base.embed_dim, len(base.blocks), base.blocks[0].attn.num_heads) == (768, 12, 12)
+    assert small.patch_embed.patch_size == base.patch_embed.patch_size == (16, 16)
+    assert backbone_parameters(small) == pytest.approx(21.7e6, rel=2e-3)
+    assert backbone_parameters(base) == pytest.approx(85.8e6, rel=2e-3)
+    assert small.norm.eps == 1e-6 and small.blocks[0].attn.qkv.bias is not None
+
+
+def test_vit_position_embedding_is_fixed_2d_sincos():
+    torch.manual_seed(0)
+    net = vit_tiny(img_size=32)  # 8 x 8 patches of 4 px, 192 wide
+    pos = net.pos_embed
+    assert pos.shape == (1, 1 + 64, 192) and not pos.requires_grad
+    assert torch.equal(pos[0, 0], torch.zeros(192))  # the class token's entry
+    omega = 10000.0 ** (-torch.arange(48) / 48)
+    for row, col in ((0, 0), (2, 5), (7, 1)):
+        a, b = row * omega, col * omega
+        expected = torch.cat([a.sin(), a.cos(), b.sin(), b.cos()])
+        torch.testing.assert_close(pos[0, 1 + 8 * row + col], expected)
+    torch.testing.assert_close(sincos_position_embedding((14, 14), 384), vit_small().pos_embed.detach())
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_position_embedding((2, 2), 6)
+
+
+def test_vit_initialisation_is_the_references():
+    """xavier-uniform Linear layers (q, k, v each its own D x D matrix), zero biases, the patch projection
+    xavier-uniform as a (3 p p) -> D map, class token N(0, 1e-6)."""
+    torch.manual_seed(0)
+    net = vit_small()
+    d = 384
+    qkv = net.blocks[3].attn.qkv.weight
+    bound = math.sqrt(6 / (d + d))
+    assert qkv.abs().max() <= bound and qkv.abs().max() > 0.99 * bound  # one third's bound, not (3D + D)'s
+    fc1 = net.blocks[3].mlp.fc1.weight
+    assert fc1.abs().max() <= math.sqrt(6 / (d + 4 * d)) and fc1.std() > 0.95 * math.sqrt(2 / (d + 4 * d))
+    assert all(not m.bias.any() for m in net.modules() if isinstance(m, nn.Linear))
+    proj = net.patch_embed.proj
+    bound = math.sqrt(6 / (3 * 16 * 16 + d))
+    assert proj.weight.abs().max() <= bound and proj.weight.abs().max() > 0.99 * bound and not proj.bias.any()
+    assert 0 < net.cls_token.std() < 2e-6
+
+
+@pytest.mark.parametrize("stop_grad_conv1", [True, False])
+def test_vit_frozen_parts_do_not_move_in_training(stop_grad_conv1):
+    """The position embedding never trains; the patch projection only without stop_grad_conv1. The momentum
+    encoder's copies move only by the rounding of m x + (1 - m) x (the reference's update, also over them)."""
+    torch.manual_seed(0)
+    model = MoCoV3(partial(vit_tiny, img_size=32, stop_grad_conv1=stop_grad_conv1), dim=16, mlp_dim=32, T=0.2)
+    enc = model.base_encoder
+    assert [type(m).__name__ for m in enc.head] == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
+    assert enc.patch_embed.proj.weight.requires_grad is not stop_grad_conv1
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=0.1)
+    for _ in range(2):
+        loss = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), 0.9)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = model.state_dict()
+
+    def moved(name: str) -> bool:
+        return not torch.allclose(after[name], before[name], rtol=0, atol=1e-6)
+
+    assert torch.equal(after["base_encoder.pos_embed"], before["base_encoder.pos_embed"])
+    for prefix in ("base_encoder.", "momentum_encoder."):
+        assert not moved(prefix + "pos_embed")
+        assert moved(prefix + "patch_embed.proj.weight") is not stop_grad_conv1
+        assert moved(prefix + "blocks.0.attn.qkv.weight")
+
+
+def test_vit_backbone_is_the_class_token_after_the_final_norm():
+    torch.manual_seed(0)
+    net = vit_tiny(img_size=32, num_classes=8)
+    backbone = backbone_of(net).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = backbone(x)
+        torch.testing.assert_close(feats, net.eval().forward_features(x)[:, 0])
+    assert feats.shape == (2, 192) and backbone.vit is net
+    assert build_encoder("vit_small", image_size=96)().patch_embed.grid_size == (6, 6)
+    assert is_vit("vit_base") and not is_vit("resnet50")
 
 
 # ---------------------------------------------------------------------------------------------- two ranks
