@@ -32,7 +32,7 @@ from .stream import SampleStream
 log = logging.getLogger(__name__)
 
 BACKENDS = ("dali", "torch")
-RECIPES = ("moco_v1", "moco_v2")
+RECIPES = ("moco_v1", "moco_v2", "moco_v3")
 PREFLIGHT = ("auto", "always", "never")
 
 

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import REPO, free_port
-from mocostream.moco_core import (MoCoV3, backbone_of, build_encoder, build_mlp, is_vit, sincos_position_embedding,
-                                  vit_base, vit_small, vit_tiny)
+from mocostream.moco_core import (LARS, MoCoV3, NonFiniteGuard, backbone_of, build_encoder, build_mlp, build_optimizer,
+                                  is_vit, sincos_position_embedding, vit_base, vit_small, vit_tiny)
 from test_moco_core import TinyNet
 
 
@@ -267,6 +267,87 @@ def test_vit_backbone_is_the_class_token_after_the_final_norm():
     assert feats.shape == (2, 192) and backbone.vit is net
     assert build_encoder("vit_small", image_size=96)().patch_embed.grid_size == (6, 6)
     assert is_vit("vit_base") and not is_vit("resnet50")
+
+
+# ---------------------------------------------------------------------------------------------- optimizers
+
+def lars_by_the_formula(p: torch.Tensor, g: torch.Tensor, mu: torch.Tensor, lr: float, wd: float, momentum: float,
+                        eta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One LARS step written out in float64: for p.ndim > 1, u = g + wd p scaled by eta ||p|| / ||u||."""
+    p, g, mu = p.double(), g.double(), mu.double()
+    u = g
+    if p.ndim > 1:
+        u = g + wd * p
+        pn, un = math.sqrt(float((p * p).sum())), math.sqrt(float((u * u).sum()))
+        u = u * (eta * pn / un if pn > 0 and un > 0 else 1.0)
+    mu = momentum * mu + u
+    return p - lr * mu, mu
+
+
+def test_lars_is_its_formula():
+    """Weight decay and the trust ratio on matrices and kernels only; biases and norm gains plain momentum SGD;
+    a zero-norm parameter or update keeps ratio 1."""
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(6, 4)), nn.Parameter(torch.randn(3, 2, 3, 3)), nn.Parameter(torch.randn(6)),
+              nn.Parameter(torch.zeros(5, 5))]
+    opt = LARS(params, lr=0.7, weight_decay=0.01, momentum=0.9, trust_coefficient=0.002)
+    mus = [torch.zeros_like(p) for p in params]
+    expected = [p.detach().clone() for p in params]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, g in enumerate(grads):
+            expected[i], mus[i] = lars_by_the_formula(expected[i], g, mus[i], 0.7, 0.01, 0.9, 0.002)
+            torch.testing.assert_close(params[i].detach().double(), expected[i], rtol=1e-5, atol=1e-6)
+            expected[i], mus[i] = params[i].detach().clone(), mus[i].float()
+    # the 1-D parameter took plain momentum SGD steps: its moves are lr * g sized, not eta-scaled
+    assert not torch.allclose(params[2], torch.zeros(6))
+
+
+@pytest.mark.parametrize("name", ["lars", "adamw", "sgd"])
+def test_a_non_finite_step_is_skipped_by_every_optimizer_on_the_device(name):
+    """The guard's found_inf flag: neither the weights nor the optimizer state move; the next step trains."""
+    torch.manual_seed(0)
+    model = MoCoV3(TinyNet, dim=8, mlp_dim=16)
+    opt = build_optimizer(model, 0.1, weight_decay=0.01, name=name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard = NonFiniteGuard(torch.device("cpu"), max_in_a_row=3)
+
+    def step(x):
+        loss = model(x, torch.randn(4, 3, 8, 8), 0.99)
+        opt.zero_grad()
+        loss.backward()
+        guard.before_step(opt, params)
+        opt.step()
+
+    step(torch.randn(4, 3, 8, 8))
+    weights = [p.detach().clone() for p in params]
+    state = copy.deepcopy(opt.state_dict()["state"])
+    bad = torch.randn(4, 3, 8, 8)
+    bad[0, 0, 0, 0] = float("nan")
+    step(bad)
+    assert all(torch.equal(a, b) for a, b in zip(weights, params))
+    for i, s in opt.state_dict()["state"].items():
+        for key, value in s.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(state[i][key])), (name, key)
+    step(torch.randn(4, 3, 8, 8))
+    assert not all(torch.equal(a, b) for a, b in zip(weights, params))
+    assert guard.check() == 1
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build_optimizer(model, 0.1, name="adam")
+
+
+def test_optimizers_leave_frozen_parameters_out():
+    model = MoCoV3(partial(vit_tiny, img_size=32, stop_grad_conv1=True), dim=8, mlp_dim=16)
+    for name in ("lars", "adamw"):
+        opt = build_optimizer(model, 0.1, name=name)
+        ids = {id(p) for group in opt.param_groups for p in group["params"]}
+        frozen = [model.base_encoder.pos_embed, model.base_encoder.patch_embed.proj.weight,
+                  *model.momentum_encoder.parameters()]
+        assert not ids & {id(p) for p in frozen}
+        assert id(model.predictor[0].weight) in ids and id(model.base_encoder.blocks[0].attn.qkv.weight) in ids
 
 
 # ---------------------------------------------------------------------------------------------- two ranks
