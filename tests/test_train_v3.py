@@ -158,3 +158,18 @@ def test_init_from_a_timm_vit_file_starts_both_encoders(vit_run, tmp_path, capsy
     other = build_config({}, {**V3, "data": "/d", "arch": "vit_small", "image_size": 32})
     with pytest.raises(WeightsError, match="does not fit --arch vit_small"):
         init_backbones(build_model(other, 1, torch.device("cpu")), str(tmp_path / "timm.pth"), "vit_small")
+
+
+def test_v3_resnets_start_with_zero_residual_branches_and_vits_frozen():
+    """The reference builds v3 ResNets with zero_init_residual=True (every block the identity at the start)
+    and ViTs with stop_grad_conv1 (unless --no-stop-grad-conv1)."""
+    import torchvision
+
+    for arch in ("resnet18", "resnet18_cifar_half"):
+        model = build_model(build_config({}, {**V3, "data": "/d", "arch": arch}), 1, torch.device("cpu"))
+        blocks = [m for m in model.base_encoder.modules() if isinstance(m, torchvision.models.resnet.BasicBlock)]
+        assert len(blocks) == 8 and all(not b.bn2.weight.any() for b in blocks)
+    v2 = build_model(build_config({}, {"data": "/d", "arch": "resnet18"}), 1, torch.device("cpu"))
+    assert v2.encoder_q.layer1[0].bn2.weight.all()  # v1/v2: torchvision's default initialisation
+    vit = build_model(build_config({}, {**V3, "data": "/d", "stop_grad_conv1": False}), 1, torch.device("cpu"))
+    assert vit.base_encoder.patch_embed.proj.weight.requires_grad and not vit.base_encoder.pos_embed.requires_grad
