@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from mocostream.moco_core.vocabulary import is_vit
 from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKEND_CHOICES, RECIPES, alias_notice
 
 from .options import choices_of, flag_of, option_fields, plain_type
@@ -34,13 +35,33 @@ class ConfigError(ValueError):
     user_error = True
 
 
-# Paper defaults per recipe (MoCo v1: arXiv 1911.05722; v2: arXiv 2003.04297). Flags override them.
+# Paper defaults per recipe (MoCo v1: arXiv 1911.05722; v2: arXiv 2003.04297; v3: arXiv 2104.02057 and the
+# recipes of its repository's README). Flags override them.
 # v1: T 0.07, linear head, lr x0.1 at 60% and 80% of the run; v2: T 0.2, MLP 2048->128 head, cosine lr.
-# Both: base lr 0.03 per 256 images, SGD momentum 0.9, weight decay 1e-4, m 0.999 (the dataclass defaults).
-RECIPE_DEFAULTS = {
-    "moco_v1": {"temperature": 0.07, "mlp": False, "lr_schedule": "step"},
-    "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine"},
+# Both: base lr 0.03 per 256 images, SGD momentum 0.9, weight decay 1e-4, m 0.999 constant, dim 128.
+# v3: projector + predictor (dim 256), no queue, m 0.99 rising to 1 on a cosine, warmup (10% of --steps) then
+# cosine lr; by backbone (V3_BY_BACKBONE): ViT AdamW lr 1.5e-4 wd 0.1 T 0.2; ResNet LARS lr 0.6 wd 1e-6 T 1.0.
+_V1_V2 = {"dim": 128, "moco_momentum": 0.999, "momentum_schedule": "constant", "optimizer": "sgd", "base_lr": 0.03,
+          "weight_decay": 1e-4, "warmup_steps": 0}
+RECIPE_DEFAULTS = {  # one entry per recipe in pipeline/vocabulary.py RECIPES
+    "moco_v1": {"temperature": 0.07, "mlp": False, "lr_schedule": "step", **_V1_V2},
+    "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine", **_V1_V2},
+    "moco_v3": {"dim": 256, "mlp": True, "moco_momentum": 0.99, "momentum_schedule": "cosine", "lr_schedule": "cosine"},
 }
+V3_BY_BACKBONE = {
+    "vit": {"optimizer": "adamw", "base_lr": 1.5e-4, "weight_decay": 0.1, "temperature": 0.2},
+    "resnet": {"optimizer": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "temperature": 1.0},
+}
+V3_WARMUP_SHARE = 0.1  # the R-50 recipe's 10 of 100 epochs (ViT: 40 of 300)
+
+
+def recipe_defaults(recipe: str, arch: str) -> dict:
+    """The presets of `recipe` for this backbone."""
+    if recipe != "moco_v3":
+        return RECIPE_DEFAULTS[recipe]
+    return {**RECIPE_DEFAULTS[recipe], **V3_BY_BACKBONE["vit" if is_vit(arch) else "resnet"]}
+
+
 ENV_PREFIX = "MOCOSTREAM_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"  # names the config file; not an option
 
@@ -66,6 +87,11 @@ def _momentum_schedules():
     return MOMENTUM_SCHEDULES
 
 
+def _optimizers():
+    from mocostream.moco_core import OPTIMIZERS
+    return OPTIMIZERS
+
+
 def _preflight_modes():
     from mocostream.pipeline.vocabulary import PREFLIGHT
     return PREFLIGHT
@@ -86,30 +112,40 @@ class TrainConfig:
                                              "lr and momentum schedules then span the budget, not --steps (which "
                                              "only caps the run)")
     batch_size: int = opt(32, "samples per rank per step (global batch = this x ranks)")
-    arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images", choices=_archs)
+    arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images; the vit_ ones are MoCo "
+                                "v3's ViTs (vit_tiny: 4-px patches, for 32-px images)", choices=_archs)
     image_size: int = opt(224, "side of the square crops fed to the encoder")
     backend: str = opt("auto", "augmentation backend: dali (DALI's graph, on the GPU when training on one), "
                                "opencv (OpenCV worker processes: the faster one on CPU), or auto: dali when "
                                "training on a CUDA GPU, else opencv (torch: the old name of opencv)",
                        choices=BACKEND_CHOICES)
-    recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head) or moco_v2 (T 0.2, MLP head, aug+ with blur)",
-                      choices=RECIPES)
+    recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head), moco_v2 (T 0.2, MLP head, aug+ with blur) or "
+                                 "moco_v3 (no queue, projector + predictor, symmetric loss; AdamW for ViTs, LARS for "
+                                 "ResNets; BYOL's asymmetric augmentation)", choices=RECIPES)
     queue_size: int = opt(65536, "K, the number of negatives kept in the queue (any value; no multiple-of-batch "
                                  "rule)")
-    dim: int = opt(128, "feature dimension of the keys/queries")
-    moco_momentum: float = opt(0.999, "m, the key encoder's momentum")
+    dim: int | None = opt(None, "feature dimension of the keys/queries (default: the recipe's, 128; v3 256)")
+    mlp_dim: int = opt(4096, "moco_v3: hidden width of the projector and predictor MLPs")
+    stop_grad_conv1: bool = opt(True, "ViTs: keep the patch projection at its random initialisation (MoCo v3's "
+                                      "fix for unstable training)")
+    moco_momentum: float | None = opt(None, "m, the key encoder's momentum (default: the recipe's, 0.999; v3 0.99)")
     temperature: float | None = opt(None, "T of the InfoNCE loss (default: the recipe's)")
     mlp: bool | None = opt(None, "MLP projection head (default: the recipe's)")
     bn_splits: int = opt(0, "single-device shuffle BN sub-batches (0: auto, 2..8 on one rank, 1 under DDP)")
-    base_lr: float = opt(0.03, "learning rate for a global batch of 256 (scaled linearly)")
-    weight_decay: float = opt(1e-4, "SGD weight decay")
-    sgd_momentum: float = opt(0.9, "SGD momentum")
-    warmup_steps: int = opt(0, "linear warmup steps from 0 to the peak lr")
+    optimizer: str | None = opt(None, "sgd (v1/v2), lars (v3 ResNets) or adamw (v3 ViTs); default: the recipe's",
+                                choices=_optimizers)
+    base_lr: float | None = opt(None, "learning rate for a global batch of 256 (scaled linearly); default: the "
+                                      "recipe's (0.03; v3 ViT 1.5e-4, ResNet 0.6)")
+    weight_decay: float | None = opt(None, "weight decay (default: the recipe's, 1e-4; v3 ViT 0.1, ResNet 1e-6)")
+    sgd_momentum: float = opt(0.9, "SGD and LARS momentum")
+    warmup_steps: int | None = opt(None, "linear warmup steps from 0 to the peak lr (default: 0; v3 10%% of --steps, "
+                                         "0 under --budget-minutes without --steps)")
     lr_schedule: str | None = opt(None, "cosine, or step (x0.1 at 60%% and 80%% of the run); default: the "
                                         "recipe's", choices=_lr_schedules)
-    momentum_schedule: str = opt("constant", "constant m, or cosine: m rises to 1 over the run",
-                                 choices=_momentum_schedules)
-    symmetric: bool = opt(False, "symmetric loss: each view is also the query of the other (2N keys enqueued)")
+    momentum_schedule: str | None = opt(None, "constant m, or cosine: m rises to 1 over the run (default: the "
+                                              "recipe's; v3 cosine)", choices=_momentum_schedules)
+    symmetric: bool = opt(False, "v1/v2 symmetric loss: each view is also the query of the other (2N keys "
+                                 "enqueued); v3's loss is always symmetric")
     sync_bn: bool = opt(False, "SyncBatchNorm in the query encoder (GPU, several ranks)")
     compile: bool = opt(False, "torch.compile the encoders")
     precision: str = opt("auto", "auto (on CUDA bf16 autocast, or fp16 with a gradient scaler on GPUs without "
@@ -171,11 +207,13 @@ class TrainConfig:
             log.warning(alias_notice(cfg.backend))
             cfg.backend = BACKEND_ALIASES[cfg.backend]
         check_choices(cfg)  # the recipe first: its presets fill what is unset
-        for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
+        for key, value in recipe_defaults(cfg.recipe, cfg.arch).items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         if cfg.steps is None and cfg.budget_minutes is None:
             cfg.steps = 1000
+        if cfg.warmup_steps is None:  # v3: a share of a run planned in steps
+            cfg.warmup_steps = round(V3_WARMUP_SHARE * cfg.steps) if cfg.steps and not cfg.budget_minutes else 0
         cfg.validate()
         return cfg
 
@@ -188,7 +226,9 @@ class TrainConfig:
             (self.batch_size >= 2, "--batch-size must be >= 2"),
             (self.image_size >= 8, "--image-size must be >= 8"),
             (self.queue_size >= 1, "--queue-size must be >= 1"),
-            (self.dim >= 1, "--dim must be >= 1"),
+            (self.dim >= 1 and self.mlp_dim >= 1, "--dim and --mlp-dim must be >= 1"),
+            (self.recipe == "moco_v3" or not is_vit(self.arch),
+             f"--arch {self.arch} trains with --recipe moco_v3 (a ViT has no `fc` for the v1/v2 heads)"),
             (self.bn_splits >= 0 and (self.bn_splits == 0 or self.batch_size % self.bn_splits == 0),
              f"--bn-splits must divide --batch-size {self.batch_size} (or be 0 for auto)"),
             (0.0 <= self.moco_momentum <= 1.0, "--moco-momentum must be in [0, 1]"),
