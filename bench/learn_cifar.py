@@ -46,12 +46,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from mocostream.moco_core.vocabulary import is_vit
 from mocostream.pipeline.vocabulary import AUTO, BACKEND_CHOICES, RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPERATURE = {"moco_v1": 0.1, "moco_v2": 0.2, "moco_v3": 0.2}
-CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15}
-V3_SETTINGS = {"vit": {"base_lr": 5e-4, "weight_decay": 0.1}, "resnet": {"base_lr": 0.3, "weight_decay": 1e-5}}
+# v1/v2: on CPU (0.06 on a GPU); v3: per backbone, on any device, with its own weight decay
+CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15, "moco_v3": {"vit": 5e-4, "resnet": 0.3}}
+V3_WEIGHT_DECAY = {"vit": 0.1, "resnet": 1e-5}
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
@@ -80,14 +82,14 @@ def extract(dest: Path) -> Path:
 def recipe_settings(args, recipe: str, arch: str) -> tuple[float, float, float]:
     """(temperature, base lr, weight decay) of one run: the flags if given, else the per-recipe defaults above."""
     if recipe == "moco_v3":
-        v3 = V3_SETTINGS["vit" if arch.startswith("vit") else "resnet"]
-        return args.temperature or TEMPERATURE[recipe], args.base_lr or v3["base_lr"], v3["weight_decay"]
-    default_lr = 0.06 if args.device == "cuda" else CPU_BASE_LR.get(recipe, 0.3)
-    return args.temperature or TEMPERATURE.get(recipe, 0.1), args.base_lr or default_lr, args.weight_decay
+        kind = "vit" if is_vit(arch) else "resnet"
+        return args.temperature or TEMPERATURE[recipe], args.base_lr or CPU_BASE_LR[recipe][kind], V3_WEIGHT_DECAY[kind]
+    default_lr = 0.06 if args.device == "cuda" else CPU_BASE_LR[recipe]
+    return args.temperature or TEMPERATURE[recipe], args.base_lr or default_lr, args.weight_decay
 
 
 def train_size(args, arch: str) -> int:
-    return 32 if arch.startswith("vit") else args.train_size  # a ViT's patch grid is fixed: train at the kNN size
+    return 32 if is_vit(arch) else args.train_size  # a ViT's patch grid is fixed: train at the kNN size
 
 
 def train_run(args, recipe: str, arch: str, shards: Path, work: Path) -> dict:
