@@ -25,11 +25,14 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import VisionTransformer
 
+from .vocabulary import VITS
+
 VIT_SIZES = {  # embed_dim, depth, num_heads, patch_size
     "vit_tiny": (192, 12, 3, 4),  # timm's ViT-Ti widths with 4-px patches: an 8x8 grid on 32-px images, for CPUs
     "vit_small": (384, 12, 12, 16),
     "vit_base": (768, 12, 12, 16),
 }
+assert tuple(VIT_SIZES) == VITS  # the names the command line offers (vocabulary.py)
 
 
 def sincos_position_embedding(grid: tuple[int, int], dim: int, temperature: float = 10000.0) -> torch.Tensor:
