@@ -83,6 +83,15 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def create_from_loopback(sources, out, http: dict, **kw):
+    """`create_shards` quietly, one worker, no dedup, with `http` as the HttpOptions (servers on loopback)."""
+    from mocostream.shards import create_shards
+    from mocostream.shards.download import HttpOptions
+
+    kw = {"progress": False, "workers": 1, "dedup": "none", **kw}
+    return create_shards([str(s) for s in sources], str(out), http=HttpOptions(**http), **kw)
+
+
 def url_list(tmp_path: Path, srv, kinds, name: str = "urls.txt") -> Path:
     """A URL list for tests/webserver.py's server: one URL per kind of answer, in order."""
     path = tmp_path / name

@@ -16,21 +16,18 @@ import pytest
 from aiohttp.abc import AbstractResolver
 
 from mocostream.ops.ports import free_port
-from mocostream.shards import create_shards
 from mocostream.shards import rejects as rejects_file
 from mocostream.shards.addresses import BlockedAddress, address_problem, parse_networks
 from mocostream.shards.download import HttpOptions, open_session
 from mocostream.shards.hosts import Hosts
+from helpers import create_from_loopback
 from webserver import WebServer
 
 FAST = dict(timeout=5.0, retries=2, backoff=0.05, max_bytes=1 << 20, allow_private=True)
 
 
 def make(sources, out, http=None, **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("workers", 1)
-    kw.setdefault("dedup", "none")
-    return create_shards([str(s) for s in sources], str(out), http=HttpOptions(**{**FAST, **(http or {})}), **kw)
+    return create_from_loopback(sources, out, {**FAST, **(http or {})}, **kw)
 
 
 def rejects(out) -> dict[str, dict]:

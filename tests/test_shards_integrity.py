@@ -10,20 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from mocostream.shards import ShardError, create_shards, merge, verify
+from mocostream.shards import ShardError, merge, verify
 from mocostream.shards.download import HttpOptions
 from mocostream.shards.verify import tar_samples
-from helpers import url_list
+from helpers import create_from_loopback, url_list
 from webserver import WebServer
 
 FAST = dict(timeout=5.0, retries=0, backoff=0.05, max_bytes=1 << 20, allow_private=True)
 
 
 def make(sources, out, http=None, **kw):
-    kw.setdefault("progress", False)
-    kw.setdefault("workers", 1)
-    kw.setdefault("dedup", "none")
-    return create_shards([str(s) for s in sources], str(out), http=HttpOptions(**{**FAST, **(http or {})}), **kw)
+    return create_from_loopback(sources, out, {**FAST, **(http or {})}, **kw)
 
 
 def manifest(out) -> dict:
