@@ -26,7 +26,7 @@ import yaml
 from mocostream.moco_core.vocabulary import is_vit
 from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKEND_CHOICES, RECIPES, alias_notice
 
-from .options import choices_of, flag_of, option_fields, plain_type
+from .options import choices_of, flag_of, old_names_of, option_fields, plain_type
 
 log = logging.getLogger("mocostream.config")
 
@@ -41,12 +41,13 @@ class ConfigError(ValueError):
 # Both: base lr 0.03 per 256 images, SGD momentum 0.9, weight decay 1e-4, m 0.999 constant, dim 128.
 # v3: projector + predictor (dim 256), no queue, m 0.99 rising to 1 on a cosine, warmup (10% of --steps) then
 # cosine lr; by backbone (V3_BY_BACKBONE): ViT AdamW lr 1.5e-4 wd 0.1 T 0.2; ResNet LARS lr 0.6 wd 1e-6 T 1.0.
-_V1_V2 = {"dim": 128, "moco_momentum": 0.999, "momentum_schedule": "constant", "optimizer": "sgd", "base_lr": 0.03,
-          "weight_decay": 1e-4, "warmup_steps": 0}
+_V1_V2 = {"dim": 128, "moco_momentum": 0.999, "moco_momentum_schedule": "constant", "optimizer": "sgd",
+          "base_lr": 0.03, "weight_decay": 1e-4, "warmup_steps": 0}
 RECIPE_DEFAULTS = {  # one entry per recipe in pipeline/vocabulary.py RECIPES
     "moco_v1": {"temperature": 0.07, "mlp": False, "lr_schedule": "step", **_V1_V2},
     "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine", **_V1_V2},
-    "moco_v3": {"dim": 256, "mlp": True, "moco_momentum": 0.99, "momentum_schedule": "cosine", "lr_schedule": "cosine"},
+    "moco_v3": {"dim": 256, "mlp": True, "moco_momentum": 0.99, "moco_momentum_schedule": "cosine",
+                "lr_schedule": "cosine"},
 }
 V3_BY_BACKBONE = {
     "vit": {"optimizer": "adamw", "base_lr": 1.5e-4, "weight_decay": 0.1, "temperature": 0.2},
@@ -142,8 +143,9 @@ class TrainConfig:
                                          "0 under --budget-minutes without --steps)")
     lr_schedule: str | None = opt(None, "cosine, or step (x0.1 at 60%% and 80%% of the run); default: the "
                                         "recipe's", choices=_lr_schedules)
-    momentum_schedule: str | None = opt(None, "constant m, or cosine: m rises to 1 over the run (default: the "
-                                              "recipe's; v3 cosine)", choices=_momentum_schedules)
+    moco_momentum_schedule: str | None = opt(None, "constant m, or cosine: m rises from --moco-momentum to 1 over "
+                                                   "the run (default: the recipe's; v3 cosine)",
+                                             choices=_momentum_schedules, old_names=("momentum_schedule",))
     symmetric: bool = opt(False, "v1/v2 symmetric loss: each view is also the query of the other (2N keys "
                                  "enqueued); v3's loss is always symmetric")
     sync_bn: bool = opt(False, "SyncBatchNorm in the query encoder (GPU, several ranks)")
@@ -285,6 +287,7 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 OPTIONS = tuple(f.name for f in option_fields(TrainConfig))
 FLAGS = {f.name: flag_of(f) for f in option_fields(TrainConfig)}
+OLD_NAMES = {old: f.name for f in option_fields(TrainConfig) for old in old_names_of(f)}  # old -> current
 OPTIONAL = {name for name in OPTIONS if type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])}
 
 
@@ -323,9 +326,26 @@ def env_values(environ: typing.Mapping[str, str] | None = None) -> dict:
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
             continue
         name = var[len(ENV_PREFIX):].lower()
-        if name not in OPTIONS:
+        if name not in OPTIONS and name not in OLD_NAMES:
             raise ConfigError(f"unknown option in environment variable {var}")
-        values[name] = _typed(name, raw, env_var(name))
+        values[name] = _typed(OLD_NAMES.get(name, name), raw, var)
+    return current_names(values, "in the environment", env_var)
+
+
+def renamed_notice(old: str, new: str) -> str:
+    return f"{old} is the old name of {new} (the same option; the old name still works)"
+
+
+def current_names(values: dict, where: str, spell=lambda name: name) -> dict:
+    """`values` with each option under an old name moved to its current name (with a notice). `spell` writes a
+    name as the source does (a flag for the command line)."""
+    values = dict(values)
+    for old in sorted(set(values) & set(OLD_NAMES)):
+        new, value = OLD_NAMES[old], values.pop(old)
+        if values.get(new) is not None and values[new] != value:
+            raise ConfigError(f"{spell(old)} and {spell(new)} {where} name the same option: give one")
+        log.warning(renamed_notice(f"{spell(old)} {where}", spell(new)))
+        values[new] = value
     return values
 
 
@@ -391,6 +411,9 @@ def printable_config(cfg: TrainConfig, environ: typing.Mapping[str, str] | None 
 def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str, str] | None = None) -> TrainConfig:
     """Defaults < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set'). Values are
     parsed and checked alike from every source: text (the environment, flags) or typed (files, callers)."""
+    file_values = current_names(file_values, "in the config file")
+    overrides = current_names({k: v for k, v in overrides.items() if v is not None}, "on the command line",
+                              lambda name: "--" + name.replace("_", "-"))
     for where, names in (("config file", file_values), ("flags", overrides)):
         unknown = sorted(set(names) - set(OPTIONS))
         if unknown:

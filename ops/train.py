@@ -440,10 +440,10 @@ class Trainer:
         if self.budget_s:
             spent = min(s.trained, self.budget_s)  # the one step a slow start may take past the budget
             s.lr = budget_lr(self.peak_lr, cfg.lr_schedule, s.step, cfg.warmup_steps, spent / self.budget_s)
-            self.moco_m = momentum_at(cfg.moco_momentum, spent, self.budget_s, cfg.momentum_schedule)
+            self.moco_m = momentum_at(cfg.moco_momentum, spent, self.budget_s, cfg.moco_momentum_schedule)
         else:
             s.lr = LR_SCHEDULES[cfg.lr_schedule](self.peak_lr, s.step, cfg.steps, cfg.warmup_steps)
-            self.moco_m = momentum_at(cfg.moco_momentum, s.step, cfg.steps, cfg.momentum_schedule)
+            self.moco_m = momentum_at(cfg.moco_momentum, s.step, cfg.steps, cfg.moco_momentum_schedule)
         if not self.v3:  # v1/v2 keep m on the model; v3 takes it as an argument of each step, as the reference
             self.model.m = self.moco_m
         for group in self.optimizer.param_groups:

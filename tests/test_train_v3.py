@@ -45,7 +45,8 @@ def vit_run(labelled_shards, tmp_path_factory):
 
 def test_vit_trains_with_adamw_and_reports_its_metrics(vit_run):
     cfg, summary, text = vit_run
-    assert (cfg.optimizer, cfg.temperature, cfg.moco_momentum, cfg.momentum_schedule) == ("adamw", 0.2, 0.99, "cosine")
+    assert (cfg.optimizer, cfg.temperature, cfg.moco_momentum, cfg.moco_momentum_schedule) == \
+        ("adamw", 0.2, 0.99, "cosine")
     assert summary["step"] == 2 and math.isfinite(summary["loss"]) and 0 <= summary["instance_accuracy"] <= 1
     state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
     assert any(k.startswith("base_encoder.blocks.") for k in state["model"]) and "predictor.0.weight" in state["model"]
