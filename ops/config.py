@@ -156,6 +156,9 @@ class TrainConfig:
     init_from: str | None = opt(None, "start both encoders from these backbone weights (a torchvision/timm ResNet "
                                       "state_dict, safetensors, or a file `mocostream export` wrote; local or "
                                       "s3://); head and queue fresh")
+    clip_grad: float = opt(0.0, "clip the gradients' global L2 norm to this before each optimizer step (0: off, as "
+                                "the MoCo references train); mocostream_grad_norm still reports the norm before "
+                                "clipping", metavar="NORM")
     max_nonfinite_steps: int = opt(10, "stop with an error after this many non-finite steps in a row (0: never)")
     knn_data: str | None = opt(None, "labelled eval set for the kNN monitor: train/ + test/ (or val/) class "
                                      "folders, one class-folder tree (every 5th image a query), or labelled shards")
@@ -246,6 +249,7 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
             (0 <= self.warmup_steps <= (self.steps or self.warmup_steps), "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
+            (0 <= self.clip_grad < math.inf, "--clip-grad must be a norm >= 0 (0: no clipping)"),
             (self.knn_image_size is None or self.knn_image_size >= 8, "--knn-image-size must be >= 8"),
             (self.knn_every >= 0 and self.knn_k >= 1 and self.knn_t > 0,
              "--knn-every >= 0, --knn-k >= 1 and --knn-t > 0"),

@@ -211,6 +211,8 @@ def test_moco_momentum_schedule_keeps_its_old_name_in_every_source(tmp_path, cap
     (["--steps", "ten"], "--steps must be an integer, got 'ten'"),
     (["--base-lr", "fast"], "--base-lr must be a number, got 'fast'"),
     (["--precision", "fp8"], "unknown --precision 'fp8'; choose from auto, fp32, bf16, fp16"),
+    (["--clip-grad", "-1"], "--clip-grad must be a norm >= 0 (0: no clipping)"),
+    (["--clip-grad", "inf"], "--clip-grad must be a norm >= 0 (0: no clipping)"),
 ])
 def test_a_bad_flag_value_is_one_line_and_exit_2(argv, message, capsys):
     assert cli_main(["train", "--data", "/d", *argv, "--print-config"]) == 2
