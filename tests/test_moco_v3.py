@@ -4,6 +4,7 @@ The ViTs: sizes, fixed position embedding, initialisation, frozen patch projecti
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import subprocess
@@ -133,6 +134,12 @@ def test_projector_and_predictor_are_the_references():
             assert torch.equal(pb, pm) and pb is not pm and not pm.requires_grad and pb.requires_grad
         assert not hasattr(model.momentum_encoder, "predictor")
     assert [type(m).__name__ for m in build_mlp(1, 4, 16, 2, last_bn=False)] == ["Linear"]
+    # the reference's signature and defaults; base_encoder(num_classes=mlp_dim) builds each backbone
+    defaults = {n: p.default for n, p in inspect.signature(MoCoV3).parameters.items()}
+    assert defaults == {"base_encoder": inspect.Parameter.empty, "dim": 256, "mlp_dim": 4096, "T": 1.0}
+    built = []
+    MoCoV3(lambda num_classes: built.append(num_classes) or TinyNet(num_classes), dim=8, mlp_dim=16)
+    assert built == [16, 16]
     with pytest.raises(ValueError, match="fc.*head"):
         MoCoV3(lambda num_classes: nn.Conv2d(3, num_classes, 1))
 

@@ -16,7 +16,7 @@ from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import load_query_encoder
 from mocostream.ops.ports import free_port
-from mocostream.ops.train import Trainer, build_model, train
+from mocostream.ops.train import Trainer, build_model, build_v3, train
 from mocostream.ops.weights import WeightsError, init_backbones
 from mocostream.pipeline.filesystems import Storage
 
@@ -90,6 +90,43 @@ def test_resnet_with_lars_on_a_time_budget(labelled_shards, tmp_path):
     assert set(state["optimizer"]["state"][0]) == {"mu"}
     assert "base_encoder.fc.0.weight" in state["model"] and "predictor.3.weight" in state["model"]
     assert "predictor.4.running_mean" not in state["model"]  # the ResNet predictor ends without BN
+
+
+def test_vit_on_a_time_budget_from_init_from(vit_run, labelled_shards, tmp_path, capsys):
+    """A ViT run with --budget-minutes, started by --init-from from a timm file: both encoders hold the file's
+    backbone before the first step (head fresh), and the run ends with its clock and checkpoints its seconds."""
+    _, first, _ = vit_run
+    export(capsys, first["checkpoint"], "--out", tmp_path / "timm.pth", "--format", "timm")
+    weights = torch.load(tmp_path / "timm.pth", weights_only=True)
+    cfg = config(labelled_shards, tmp_path, "vit-budget", budget_minutes=0.1, steps=None,
+                 init_from=str(tmp_path / "timm.pth"))
+    with Trainer(cfg) as trainer:
+        fresh = build_model(cfg, 1, torch.device("cpu")).base_encoder.state_dict()
+        for encoder in (trainer.model.base_encoder, trainer.model.momentum_encoder):
+            state = encoder.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in weights.items())
+            assert torch.equal(state["head.0.weight"], fresh["head.0.weight"])  # the projector starts fresh
+        assert not torch.equal(weights["blocks.0.attn.qkv.weight"], fresh["blocks.0.attn.qkv.weight"])
+        summary = trainer.train()
+    assert summary["train_seconds"] >= 6 and summary["step"] >= 1 and math.isfinite(summary["loss"])
+    state = torch.load(summary["checkpoint"], map_location="cpu", weights_only=False)
+    assert state["train_seconds"] == summary["train_seconds"] and state["config"]["arch"] == "vit_tiny"
+
+
+def test_v3_batch_norms_become_sync_batch_norm_under_ddp_on_gpus():
+    """As the reference: every BN of the model (encoders, projectors, predictor) is a SyncBatchNorm on several
+    CUDA ranks; on one rank, or on CPU ranks (no SyncBatchNorm kernel), plain BN. (The conversion itself needs no
+    GPU; build_model moves the model afterwards.)"""
+    def norms(model):
+        return [type(m) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for arch in ("vit_tiny", "resnet18_cifar_half"):
+        cfg = build_config({}, {**V3, "data": "/d", "arch": arch})
+        synced = norms(build_v3(cfg, 2, cuda))
+        assert len(synced) >= 5 and set(synced) == {nn.SyncBatchNorm}, arch  # ViT: only the MLPs' BNs
+        for world, device in ((1, cuda), (2, cpu)):
+            assert nn.SyncBatchNorm not in norms(build_v3(cfg, world, device)), (arch, world, device)
 
 
 @pytest.mark.slow
