@@ -320,7 +320,8 @@ class Trainer:
         self.v3 = isinstance(model, MoCoV3)
         self.moco_m = cfg.moco_momentum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps, clip_norm=cfg.clip_grad)  # and --clip-grad
+        # skips non-finite steps and clips the rest to --clip-grad (0: not at all)
+        self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps, clip_norm=cfg.clip_grad)
         self.amp = StepPrecision(cfg.precision, device)  # fp32, bf16 autocast, or fp16 autocast + gradient scaler
         self.knn = KnnMonitor(cfg, device, self.storage) if cfg.knn_data and self.is_main else None
         # Stop/exhausted flags go over gloo on the CPU, so agreeing on them never waits for the GPU.
