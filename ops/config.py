@@ -154,8 +154,8 @@ class TrainConfig:
                                  "bf16; fp32 on CPU), fp32, bf16 (also on CPUs with AMX/AVX512-BF16, about 2x "
                                  "faster there), or fp16", choices=_precisions)
     init_from: str | None = opt(None, "start both encoders from these backbone weights (a torchvision/timm ResNet "
-                                      "state_dict, safetensors, or a file `mocostream export` wrote; local or "
-                                      "s3://); head and queue fresh")
+                                      "or a timm ViT state_dict, safetensors, or a file `mocostream export` wrote; "
+                                      "local or s3://); head and queue fresh")
     clip_grad: float = opt(0.0, "clip the gradients' global L2 norm to this before each optimizer step (0: off, as "
                                 "the MoCo references train); mocostream_grad_norm still reports the norm before "
                                 "clipping", metavar="NORM")
