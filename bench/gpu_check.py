@@ -9,7 +9,10 @@
   4. fp16 (the path of GPUs without bf16: V100, T4): `--precision auto` picks bf16 exactly when
      `torch.cuda.is_bf16_supported()`; a short `--precision fp16` training run (images/s, loss finite,
      non-finite steps = scaler overflows, skipped and counted once); an injected overflow is skipped once,
-     counted once and halves the scale.
+     counted once and halves the scale;
+  5. MoCo v3 with ViT-S/16 (stop_grad_conv1, AdamW, bf16, 224 px): the step (forward of both views through both
+     encoders, gathered-keys loss, backward, guard, fused AdamW) without a host sync and its images/s, then a
+     short `--recipe moco_v3 --arch vit_small` training run under torchrun (DALI, asymmetric augmentation).
 
     python bench/gpu_check.py [--seconds 30] [--steps 60] [--batch-size 128]
 
@@ -69,6 +72,53 @@ def check_step_has_no_host_sync(batch_size: int, precision: str = "bf16") -> str
     return "none"
 
 
+def check_vit_step(batch_size: int, steps: int = 10) -> dict:
+    """MoCo v3 steps of ViT-S/16 at 224 px (the reference's model, MLP width 4096), bf16: no host sync in the
+    step (sync debug mode "error"), and the step's images/s."""
+    import torch
+
+    from mocostream.moco_core import MoCoV3, NonFiniteGuard, build_encoder, build_optimizer
+    from mocostream.ops.precision import StepPrecision
+
+    device = torch.device("cuda", 0)
+    model = MoCoV3(build_encoder("vit_small", 224, stop_grad_conv1=True), dim=256, mlp_dim=4096, T=0.2).to(device)
+    opt = build_optimizer(model, 1.5e-4 * batch_size / 256, weight_decay=0.1, name="adamw")
+    params = [p for p in model.parameters() if p.requires_grad]
+    guard, amp = NonFiniteGuard(device, 10), StepPrecision("bf16", device)
+    x1 = torch.randn(batch_size, 3, 224, 224, device=device)
+    x2 = torch.randn_like(x1)
+
+    def step():
+        with amp.autocast():
+            loss = model(x1, x2, 0.99)
+        opt.zero_grad(set_to_none=True)
+        amp.backward_and_step(loss, opt, guard, params)  # the trainer's own step
+        return loss
+
+    step()  # warm-up: allocations and kernel choices may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        sync = "none"
+    except RuntimeError as e:
+        sync = f"host sync in the step: {e}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    rate = steps * batch_size / (time.perf_counter() - t0)
+    enc = model.base_encoder
+    frozen = not enc.patch_embed.proj.weight.requires_grad and not enc.pos_embed.requires_grad
+    return {"vit_s16_host_syncs_in_step": sync, "vit_s16_step_images_per_s": round(rate, 1),
+            "vit_s16_loss": float(loss), "vit_s16_frozen_parts": frozen,
+            "vit_s16_backbone_params": sum(p.numel() for n, p in model.base_encoder.named_parameters()
+                                           if not n.startswith("head."))}
+
+
 def check_fp16_overflow(device_name: str = "cuda") -> dict:
     """An fp16 overflow on the GPU: skipped once, counted once, the scale halved; the next step trains."""
     import torch
@@ -93,14 +143,16 @@ def check_fp16_overflow(device_name: str = "cuda") -> dict:
             "bf16_supported": device.type == "cuda" and torch.cuda.is_bf16_supported()}
 
 
-def train_run(work: Path, args, precision: str, steps: int) -> dict:
+def train_run(work: Path, args, precision: str, steps: int, recipe: str = "moco_v2",
+              arch: str = "resnet50") -> dict:
     """A short `mocostream train` under torchrun (1 process, NCCL); its summary JSON, or {"error": rc}."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", "--master-port=29533",
            "-m", "mocostream.ops.cli", "train", "--data", str(work / "shards"), "--steps", str(steps),
-           "--batch-size", str(args.batch_size), "--arch", "resnet50", "--image-size", "224",
-           "--backend", "dali", "--recipe", "moco_v2", "--device", "cuda", "--metrics-port", "0",
-           "--checkpoint-dir", str(work / f"ckpt-{precision}"), "--checkpoint-every", str(steps), "--no-progress",
-           "--log-every", "10", "--workers", str(min(8, os.cpu_count() or 1)), "--precision", precision]
+           "--batch-size", str(args.batch_size), "--arch", arch, "--image-size", "224",
+           "--backend", "dali", "--recipe", recipe, "--device", "cuda", "--metrics-port", "0",
+           "--checkpoint-dir", str(work / f"ckpt-{recipe}-{arch}-{precision}"), "--checkpoint-every", str(steps),
+           "--no-progress", "--log-every", "10", "--workers", str(min(8, os.cpu_count() or 1)),
+           "--precision", precision]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         print(out.stdout[-4000:], out.stderr[-4000:])
@@ -173,11 +225,29 @@ def main() -> int:
           f"{report.get('fp16_nonfinite_steps')} overflow steps skipped, host syncs: "
           f"{report['host_syncs_in_fp16_step']}, injected overflow: {report['fp16_overflow_check']}, "
           f"auto picks {report['auto_precision']}")
+    vit_ok = check_vit(work, args, report)
     print(json.dumps(report))
     fp16_ok = ("fp16_train_error" not in report and report["host_syncs_in_fp16_step"] == "none"
                and report["fp16_overflow_check"] == "ok" and math.isfinite(report["fp16_final_loss"])
                and report["auto_precision"] == ("bf16" if report["bf16_supported"] else "fp16"))
-    return 0 if report["host_syncs_in_step"] == "none" and fp16_ok else 1
+    return 0 if report["host_syncs_in_step"] == "none" and fp16_ok and vit_ok else 1
+
+
+def check_vit(work: Path, args, report: dict) -> bool:
+    """Step 5: the ViT-S/16 MoCo v3 step and a short training run; whether both passed."""
+    report.update(check_vit_step(min(args.batch_size, 128)))
+    v3 = train_run(work, args, "bf16", max(20, args.steps // 2), recipe="moco_v3", arch="vit_small")
+    if "error" in v3:
+        report["vit_s16_train_error"] = v3["error"]
+    else:
+        report.update(vit_s16_train_images_per_s=round(v3["images_per_second"], 1), vit_s16_final_loss=v3["loss"],
+                      vit_s16_data_wait_share=round(v3["data_wait_share"], 3))
+    print(f"MoCo v3 ViT-S/16 (bf16, AdamW): step {report['vit_s16_step_images_per_s']} images/s, host syncs: "
+          f"{report['vit_s16_host_syncs_in_step']}; training {report.get('vit_s16_train_images_per_s')} images/s, "
+          f"loss {report.get('vit_s16_final_loss')}", flush=True)
+    return (report["vit_s16_host_syncs_in_step"] == "none" and report["vit_s16_frozen_parts"]
+            and "vit_s16_train_error" not in report and math.isfinite(report["vit_s16_final_loss"])
+            and abs(report["vit_s16_backbone_params"] - 21.7e6) < 0.1e6)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Does the whole system learn? MoCo on CIFAR-10 through the real path, judged by kNN accuracy.
 
     python bench/learn_cifar.py --budget-minutes 30              # v1 and v2, on whatever device there is
+    python bench/learn_cifar.py --budget-minutes 30 --recipes moco_v3   # v3: vit_tiny and the ResNet, one run each
 
 Steps: extract `../shared/data/cifar10-jpg.tar.gz`; `mocostream shards create` on `train/` (tar shards);
 kNN top-1 on `test/` of the randomly initialised encoder (the starting point of training: same seed);
@@ -21,6 +22,14 @@ object size it trained on (the FixRes effect); kNN is always measured on the 32-
 and augmentation. T per recipe: v1 0.1 (the demo's; 0.07 learned alike), v2 0.2 (its own). On CPU v2, with its MLP
 head, wants half v1's lr: 0.15 (cosine ending at 1,400 steps, kNN with 500 images per class: lr 0.6 35.5 %, 0.3
 41.1 %, 0.15 42.3 %, 0.075 42.6 %; T 0.1 at lr 0.3 40.0 %). Shards: `--shuffle`.
+
+moco_v3 runs once per backbone of `--v3-archs` (default: `vit_tiny` and the ResNet above), with its recipe's
+optimizer, momentum schedule (m 0.99 rising to 1 with the clock) and asymmetric augmentation, and the settings the
+CIFAR literature uses at these batch sizes rather than the ImageNet ones: T 0.2 for both (solo-learn's CIFAR
+MoCo v3), LARS base lr 0.3 and weight decay 1e-5 for the ResNet (solo-learn), AdamW base lr 5e-4 and weight
+decay 0.1 for the ViT (1.5e-4 per 256 images is ImageNet's at batch 4096; at batch 128 it would barely move in
+a CPU budget), MLP width 1024 on CPU (4096 on a GPU). `vit_tiny` trains on 32-px crops: its fixed patch grid is
+the kNN images' size.
 """
 from __future__ import annotations
 
@@ -37,11 +46,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from mocostream.moco_core.vocabulary import is_vit
 from mocostream.pipeline.vocabulary import AUTO, BACKEND_CHOICES, RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPERATURE = {"moco_v1": 0.1, "moco_v2": 0.2}
-CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15}
+TEMPERATURE = {"moco_v1": 0.1, "moco_v2": 0.2, "moco_v3": 0.2}
+# v1/v2: on CPU (0.06 on a GPU); v3: per backbone, on any device, with its own weight decay
+CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15, "moco_v3": {"vit": 5e-4, "resnet": 0.3}}
+V3_WEIGHT_DECAY = {"vit": 0.1, "resnet": 1e-5}
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 
 
@@ -67,20 +79,27 @@ def extract(dest: Path) -> Path:
     return root
 
 
-def recipe_settings(args, recipe: str) -> tuple[float, float]:
-    """(temperature, base lr) of one recipe's run: the flags if given, else the per-recipe defaults above."""
-    default_lr = 0.06 if args.device == "cuda" else CPU_BASE_LR.get(recipe, 0.3)
-    return args.temperature or TEMPERATURE.get(recipe, 0.1), args.base_lr or default_lr
+def recipe_settings(args, recipe: str, arch: str) -> tuple[float, float, float]:
+    """(temperature, base lr, weight decay) of one run: the flags if given, else the per-recipe defaults above."""
+    if recipe == "moco_v3":
+        kind = "vit" if is_vit(arch) else "resnet"
+        return args.temperature or TEMPERATURE[recipe], args.base_lr or CPU_BASE_LR[recipe][kind], V3_WEIGHT_DECAY[kind]
+    default_lr = 0.06 if args.device == "cuda" else CPU_BASE_LR[recipe]
+    return args.temperature or TEMPERATURE[recipe], args.base_lr or default_lr, args.weight_decay
 
 
-def train_run(args, recipe: str, shards: Path, work: Path) -> dict:
-    ckpt = work / f"ckpt-{recipe}"
-    temperature, base_lr = recipe_settings(args, recipe)
+def train_size(args, arch: str) -> int:
+    return 32 if is_vit(arch) else args.train_size  # a ViT's patch grid is fixed: train at the kNN size
+
+
+def train_run(args, recipe: str, arch: str, shards: Path, work: Path) -> dict:
+    ckpt = work / f"ckpt-{recipe}-{arch}"
+    temperature, base_lr, weight_decay = recipe_settings(args, recipe, arch)
     shutil.rmtree(ckpt, ignore_errors=True)  # an earlier bench's run: never resume it
-    flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", args.arch, "--image-size",
-             str(args.train_size), "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size),
+    flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", arch, "--image-size",
+             str(train_size(args, arch)), "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size),
              "--moco-momentum", str(args.moco_momentum), "--temperature", str(temperature),
-             "--weight-decay", str(args.weight_decay), "--base-lr", str(base_lr),
+             "--weight-decay", str(weight_decay), "--base-lr", str(base_lr),
              "--warmup-steps", str(args.warmup_steps), "--precision", args.precision,
              "--budget-minutes", str(args.budget_minutes), "--checkpoint-dir", str(ckpt),
              "--checkpoint-every", str(10 ** 9),
@@ -90,6 +109,8 @@ def train_run(args, recipe: str, shards: Path, work: Path) -> dict:
         flags += ["--compile"]
     if recipe == "moco_v1":
         flags += ["--lr-schedule", "cosine"]  # the budget is too short for v1's step milestones to matter
+    if recipe == "moco_v3":
+        flags += ["--mlp-dim", str(1024 if args.device == "cpu" else 4096)]
     proc = subprocess.Popen([sys.executable, "-m", "mocostream.ops.cli", *flags], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     t0 = time.monotonic()
@@ -109,8 +130,8 @@ def train_run(args, recipe: str, shards: Path, work: Path) -> dict:
     return summary
 
 
-def knn(args, data: Path, checkpoint: str | None) -> dict:
-    what = ["--checkpoint", checkpoint] if checkpoint else ["--arch", args.arch]
+def knn(args, data: Path, checkpoint: str | None, arch: str) -> dict:
+    what = ["--checkpoint", checkpoint] if checkpoint else ["--arch", arch]
     flags = ["eval", "knn", *what, "--data", str(data), "--image-size", "32", "--device", args.device]
     if args.knn_max_per_class:
         flags += ["--max-per-class", str(args.knn_max_per_class)]
@@ -120,7 +141,9 @@ def knn(args, data: Path, checkpoint: str | None) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock per recipe")
-    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "moco_v3"),
+                   help=f"any of {', '.join(RECIPES)}; moco_v3 (two backbones per run) only when named")
+    p.add_argument("--v3-archs", help="backbones of the moco_v3 runs (default: vit_tiny and --arch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18_cifar_half on CPU")
     p.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 128 on CPU")
@@ -170,36 +193,45 @@ def main() -> int:
             "--quiet", "--workers", str(os.cpu_count() or 1))
     print(f"data ready in {time.monotonic() - t0:.0f} s: {work}", flush=True)
 
+    runs = [(recipe, arch) for recipe in args.recipes.split(",")
+            for arch in ((args.v3_archs or f"vit_tiny,{args.arch}").split(",") if recipe == "moco_v3" else [args.arch])]
+    baselines = {arch: random_init(args, data, work, arch) for arch in dict.fromkeys(arch for _, arch in runs)}
     rows = []
-    cached = work / f"knn-random-init-{args.arch}-{args.knn_max_per_class}.json"  # same seed: same weights
-    random_init = json.loads(cached.read_text()) if cached.exists() else knn(args, data, None)
-    cached.write_text(json.dumps(random_init))
-    print(f"random init: kNN top-1 {100 * random_init['top1']:.2f}% "
-          f"({random_init['train_images']} bank / {random_init['test_images']} test images)", flush=True)
-    for recipe in args.recipes.split(","):
-        run = train_run(args, recipe, shards, work)
-        result = knn(args, data, run["checkpoint_dir"])
+    for recipe, arch in runs:
+        run = train_run(args, recipe, arch, shards, work)
+        result = knn(args, data, run["checkpoint_dir"], arch)
         images = run["step"] * args.batch_size
-        rows.append((recipe, run, result, images))
-        print(f"{recipe}: {run['step']} steps, {images} images ({images / 50000:.1f} epochs) in "
+        rows.append((recipe, arch, run, result, images))
+        print(f"{recipe} ({arch}): {run['step']} steps, {images} images ({images / 50000:.1f} epochs) in "
               f"{run['train_seconds'] / 60:.1f} min ({run['wall_seconds'] / 60:.1f} min with start-up and checkpoint), "
               f"{run['images_per_second']:.1f} img/s (steady {run['steady_images_per_second']:.1f}), "
               f"loss {run['loss']:.3f}; "
               f"kNN top-1 {100 * result['top1']:.2f}%", flush=True)
 
-    print(f"\n{args.arch}, {args.train_size}-px crops, batch {args.batch_size}, K {args.queue_size}, "
+    print(f"\n{args.train_size}-px crops (ViTs 32 px), batch {args.batch_size}, K {args.queue_size}, "
           f"m {args.moco_momentum}, warmup {args.warmup_steps}, {args.precision}"
           f"{', compiled' if args.compile else ''}, {args.device}, "
-          f"budget {args.budget_minutes:g} min per recipe")
+          f"budget {args.budget_minutes:g} min per run")
     print("| encoder | T | base lr | images seen | training time | kNN top-1 | vs random init |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    print(f"| random init ({args.arch}) | – | – | 0 | – | {100 * random_init['top1']:.2f}% | – |")
-    for recipe, run, result, images in rows:
-        temperature, base_lr = recipe_settings(args, recipe)
-        print(f"| {recipe} | {temperature:g} | {base_lr:g} | {images:,} ({images / 50000:.1f} epochs) | "
+    for arch, base in baselines.items():
+        print(f"| random init ({arch}) | – | – | 0 | – | {100 * base['top1']:.2f}% | – |")
+    for recipe, arch, run, result, images in rows:
+        temperature, base_lr, _ = recipe_settings(args, recipe, arch)
+        print(f"| {recipe} ({arch}) | {temperature:g} | {base_lr:g} | {images:,} ({images / 50000:.1f} epochs) | "
               f"{run['train_seconds'] / 60:.1f} min | "
-              f"{100 * result['top1']:.2f}% | {100 * (result['top1'] - random_init['top1']):+.2f} pts |")
+              f"{100 * result['top1']:.2f}% | {100 * (result['top1'] - baselines[arch]['top1']):+.2f} pts |")
     return 0
+
+
+def random_init(args, data: Path, work: Path, arch: str) -> dict:
+    """kNN top-1 of the randomly initialised encoder (the runs' starting weights: same seed), cached per arch."""
+    cached = work / f"knn-random-init-{arch}-{args.knn_max_per_class}.json"
+    result = json.loads(cached.read_text()) if cached.exists() else knn(args, data, None, arch)
+    cached.write_text(json.dumps(result))
+    print(f"random init ({arch}): kNN top-1 {100 * result['top1']:.2f}% "
+          f"({result['train_images']} bank / {result['test_images']} test images)", flush=True)
+    return result
 
 
 if __name__ == "__main__":

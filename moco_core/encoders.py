@@ -1,4 +1,5 @@
-"""Backbones for the query and key encoders: torchvision ResNets, with the small-image stem for 32-px data."""
+"""Backbones for the query and key encoders: torchvision ResNets, with the small-image stem for 32-px data, and
+MoCo v3's Vision Transformers (vits.py)."""
 from __future__ import annotations
 
 from functools import partial
@@ -7,7 +8,8 @@ from typing import Callable
 import torch.nn as nn
 import torchvision.models as tvm
 
-from .vocabulary import ARCHS
+from . import vits
+from .vocabulary import ARCHS, is_vit
 
 
 def _resnet_cifar(resnet: Callable[..., nn.Module], **kwargs) -> nn.Module:
@@ -25,7 +27,8 @@ class _NarrowResNet(tvm.ResNet):
     `pool` adds a 2x2 max-pool after the stem, so the stages see 16/8/4/2 px instead of 32/16/8/4: another 4x less
     compute, yet a finer grid than the ImageNet stem, which leaves a 32-px image at 1x1 before the pool."""
 
-    def __init__(self, layers: list[int], width: int, pool: bool = False, num_classes: int = 1000):
+    def __init__(self, layers: list[int], width: int, pool: bool = False, num_classes: int = 1000,
+                 zero_init_residual: bool = False):
         nn.Module.__init__(self)  # ResNet.__init__ hard-codes the widths; its helpers are reused below
         self._norm_layer, self.dilation, self.groups, self.base_width = nn.BatchNorm2d, 1, 1, 64
         self.inplanes = width
@@ -45,6 +48,10 @@ class _NarrowResNet(tvm.ResNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
+        if zero_init_residual:  # each residual branch starts as zero: every block the identity (as torchvision)
+            for m in self.modules():
+                if isinstance(m, tvm.resnet.BasicBlock):
+                    nn.init.constant_(m.bn2.weight, 0)
 
 
 _BUILDERS: dict[str, Callable[..., nn.Module]] = {
@@ -54,12 +61,19 @@ _BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "resnet50_cifar": partial(_resnet_cifar, tvm.resnet50),
     "resnet18_cifar_half": partial(_NarrowResNet, [2, 2, 2, 2], 32),
     "resnet18_cifar_small": partial(_NarrowResNet, [2, 2, 2, 2], 32, True),
+    "vit_tiny": vits.vit_tiny,
+    "vit_small": vits.vit_small,
+    "vit_base": vits.vit_base,
 }
 assert tuple(_BUILDERS) == ARCHS
 
 
-def build_encoder(arch: str) -> Callable[..., nn.Module]:
-    """A constructor called like torchvision's, `build_encoder("resnet50")(num_classes=128)`, randomly initialised."""
+def build_encoder(arch: str, image_size: int | None = None, **kwargs) -> Callable[..., nn.Module]:
+    """A constructor called like torchvision's, `build_encoder("resnet50")(num_classes=128)`, randomly initialised.
+    ViTs are built for `image_size` (default 224: their position embedding has one entry per patch); `kwargs`
+    go to the builder (`stop_grad_conv1=True` for a ViT, `zero_init_residual=True` for a ResNet)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown encoder arch {arch!r}; choose one of: {', '.join(ARCHS)}")
-    return _BUILDERS[arch]
+    if is_vit(arch):
+        kwargs["img_size"] = image_size or 224
+    return partial(_BUILDERS[arch], **kwargs) if kwargs else _BUILDERS[arch]

@@ -7,12 +7,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+class ViTFeatures(nn.Module):
+    """A timm ViT without its head: the class token after the final norm, what the head would see."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        self.vit = vit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit.forward_head(self.vit.forward_features(x), pre_logits=True)
+
+
 def backbone_of(encoder: nn.Module) -> nn.Module:
-    """The encoder without its projection head (`fc`, or the v2 MLP): pooled features, what a user keeps.
-    Shares the encoder's modules (no copy); torchvision ResNets list `fc` last among their children."""
+    """The encoder without its projection head (`fc`, or the v2 MLP; a ViT's `head`, or the v3 projector): pooled
+    features, what a user keeps. Shares the encoder's modules (no copy); torchvision ResNets list `fc` last among
+    their children, timm ViTs `head`."""
     children = list(encoder.named_children())
+    if children and children[-1][0] == "head" and hasattr(encoder, "forward_features"):
+        return ViTFeatures(encoder)
     if not children or children[-1][0] != "fc":
-        raise ValueError("backbone_of expects a torchvision-style ResNet whose last child is `fc`")
+        raise ValueError("backbone_of expects a torchvision-style ResNet whose last child is `fc`, or a timm ViT")
     return nn.Sequential(*(m for _, m in children[:-1]), nn.Flatten(1))
 
 

@@ -1,5 +1,6 @@
 """Learning rate, key-encoder momentum and optimizer, as in the reference recipes: SGD, lr 0.03 per 256
-images, step decay (MoCo v1) or cosine decay (v2), optional warmup; momentum constant or cosine to 1.
+images, step decay (MoCo v1) or cosine decay (v2), optional warmup; momentum constant or cosine to 1;
+MoCo v3: LARS (ResNets) or AdamW (ViTs), warmup then cosine, momentum cosine to 1.
 
 A run is planned in steps (`cosine_lr`, `step_lr`: progress = step / total_steps) or in wall-clock time
 (`budget_lr`: progress = seconds trained / budget), so a time-boxed run ends its schedule with its budget
@@ -80,17 +81,31 @@ def momentum_at(m: float, step: float, total_steps: float, schedule: str = "cons
     raise ValueError(f"unknown momentum schedule {schedule!r}; choose constant or cosine")
 
 
-def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9,
-                    weight_decay: float = 1e-4) -> torch.optim.SGD:
-    """SGD over the trainable parameters only: the key encoder moves by momentum, not by gradient.
+OPTIMIZERS = ("sgd", "lars", "adamw")
 
-    Fused, so a step can be skipped on the device (`optimizer.found_inf`, see `numerics.NonFiniteGuard`)
-    without a host sync. The momentum buffers start at zero, which is what SGD's first step computes
-    anyway, so a skipped first step leaves nothing uninitialised behind.
+
+def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 1e-4,
+                    name: str = "sgd") -> torch.optim.Optimizer:
+    """The optimizer over the trainable parameters only: the key encoder moves by momentum, not by gradient
+    (and so do a ViT's frozen patch projection and position embedding).
+
+    sgd: the MoCo v1/v2 recipes. lars: MoCo v3's for ResNets (optimizer.LARS). adamw: MoCo v3's for ViTs (betas
+    0.9, 0.999, weight decay on every parameter, as the reference's torch.optim.AdamW). All three can skip a step
+    on the device (`optimizer.found_inf`, see `numerics.NonFiniteGuard`) without a host sync: SGD and AdamW fused,
+    LARS by its own where(). Their state starts at zero (what the first step computes anyway), so a skipped
+    first step leaves nothing uninitialised behind; fused AdamW also takes its step count back on a skipped step.
     """
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
+    if name == "lars":
+        from .optimizer import LARS
+
+        return LARS(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    if name != "sgd":
+        raise ValueError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True)
     if momentum:
         for p in params:

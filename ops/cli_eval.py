@@ -18,7 +18,8 @@ def add_eval_parser(sub) -> None:
         q.add_argument("--data", required=True, help="labelled images (see `mocostream eval --help`)")
         q.add_argument("--checkpoint", help="checkpoint file, or a folder / s3:// prefix (its latest)")
         q.add_argument("--arch", help="without --checkpoint: evaluate a randomly initialised encoder of this arch")
-        q.add_argument("--image-size", type=int, help="input side (default: 32 for *_cifar archs, else 224)")
+        q.add_argument("--image-size", type=int, help="input side (default: 32 for *_cifar archs, a ViT checkpoint's "
+                                                      "training size, else 224)")
         q.add_argument("--device", default="cpu", help="cpu or cuda")
         q.add_argument("--max-per-class", type=int, help="at most this many images per class and split")
         add_storage_flags(q, external=True)

@@ -23,9 +23,10 @@ from pathlib import Path
 
 import yaml
 
+from mocostream.moco_core.vocabulary import is_vit
 from mocostream.pipeline.vocabulary import BACKEND_ALIASES, BACKEND_CHOICES, RECIPES, alias_notice
 
-from .options import choices_of, flag_of, option_fields, plain_type
+from .options import choices_of, flag_of, old_names_of, option_fields, plain_type
 
 log = logging.getLogger("mocostream.config")
 
@@ -34,13 +35,34 @@ class ConfigError(ValueError):
     user_error = True
 
 
-# Paper defaults per recipe (MoCo v1: arXiv 1911.05722; v2: arXiv 2003.04297). Flags override them.
+# Paper defaults per recipe (MoCo v1: arXiv 1911.05722; v2: arXiv 2003.04297; v3: arXiv 2104.02057 and the
+# recipes of its repository's README). Flags override them.
 # v1: T 0.07, linear head, lr x0.1 at 60% and 80% of the run; v2: T 0.2, MLP 2048->128 head, cosine lr.
-# Both: base lr 0.03 per 256 images, SGD momentum 0.9, weight decay 1e-4, m 0.999 (the dataclass defaults).
-RECIPE_DEFAULTS = {
-    "moco_v1": {"temperature": 0.07, "mlp": False, "lr_schedule": "step"},
-    "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine"},
+# Both: base lr 0.03 per 256 images, SGD momentum 0.9, weight decay 1e-4, m 0.999 constant, dim 128.
+# v3: projector + predictor (dim 256), no queue, m 0.99 rising to 1 on a cosine, warmup (10% of --steps) then
+# cosine lr; by backbone (V3_BY_BACKBONE): ViT AdamW lr 1.5e-4 wd 0.1 T 0.2; ResNet LARS lr 0.6 wd 1e-6 T 1.0.
+_V1_V2 = {"dim": 128, "moco_momentum": 0.999, "moco_momentum_schedule": "constant", "optimizer": "sgd",
+          "base_lr": 0.03, "weight_decay": 1e-4, "warmup_steps": 0}
+RECIPE_DEFAULTS = {  # one entry per recipe in pipeline/vocabulary.py RECIPES
+    "moco_v1": {"temperature": 0.07, "mlp": False, "lr_schedule": "step", **_V1_V2},
+    "moco_v2": {"temperature": 0.2, "mlp": True, "lr_schedule": "cosine", **_V1_V2},
+    "moco_v3": {"dim": 256, "mlp": True, "moco_momentum": 0.99, "moco_momentum_schedule": "cosine",
+                "lr_schedule": "cosine"},
 }
+V3_BY_BACKBONE = {
+    "vit": {"optimizer": "adamw", "base_lr": 1.5e-4, "weight_decay": 0.1, "temperature": 0.2},
+    "resnet": {"optimizer": "lars", "base_lr": 0.6, "weight_decay": 1e-6, "temperature": 1.0},
+}
+V3_WARMUP_SHARE = 0.1  # the R-50 recipe's 10 of 100 epochs (ViT: 40 of 300)
+
+
+def recipe_defaults(recipe: str, arch: str) -> dict:
+    """The presets of `recipe` for this backbone."""
+    if recipe != "moco_v3":
+        return RECIPE_DEFAULTS[recipe]
+    return {**RECIPE_DEFAULTS[recipe], **V3_BY_BACKBONE["vit" if is_vit(arch) else "resnet"]}
+
+
 ENV_PREFIX = "MOCOSTREAM_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"  # names the config file; not an option
 
@@ -66,6 +88,11 @@ def _momentum_schedules():
     return MOMENTUM_SCHEDULES
 
 
+def _optimizers():
+    from mocostream.moco_core import OPTIMIZERS
+    return OPTIMIZERS
+
+
 def _preflight_modes():
     from mocostream.pipeline.vocabulary import PREFLIGHT
     return PREFLIGHT
@@ -86,38 +113,52 @@ class TrainConfig:
                                              "lr and momentum schedules then span the budget, not --steps (which "
                                              "only caps the run)")
     batch_size: int = opt(32, "samples per rank per step (global batch = this x ranks)")
-    arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images", choices=_archs)
+    arch: str = opt("resnet18", "encoder; the _cifar ones have a 3x3 stem for small images; the vit_ ones are MoCo "
+                                "v3's ViTs (vit_tiny: 4-px patches, for 32-px images)", choices=_archs)
     image_size: int = opt(224, "side of the square crops fed to the encoder")
     backend: str = opt("auto", "augmentation backend: dali (DALI's graph, on the GPU when training on one), "
                                "opencv (OpenCV worker processes: the faster one on CPU), or auto: dali when "
                                "training on a CUDA GPU, else opencv (torch: the old name of opencv)",
                        choices=BACKEND_CHOICES)
-    recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head) or moco_v2 (T 0.2, MLP head, aug+ with blur)",
-                      choices=RECIPES)
+    recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head), moco_v2 (T 0.2, MLP head, aug+ with blur) or "
+                                 "moco_v3 (no queue, projector + predictor, symmetric loss; AdamW for ViTs, LARS for "
+                                 "ResNets; BYOL's asymmetric augmentation)", choices=RECIPES)
     queue_size: int = opt(65536, "K, the number of negatives kept in the queue (any value; no multiple-of-batch "
                                  "rule)")
-    dim: int = opt(128, "feature dimension of the keys/queries")
-    moco_momentum: float = opt(0.999, "m, the key encoder's momentum")
+    dim: int | None = opt(None, "feature dimension of the keys/queries (default: the recipe's, 128; v3 256)")
+    mlp_dim: int = opt(4096, "moco_v3: hidden width of the projector and predictor MLPs")
+    stop_grad_conv1: bool = opt(True, "ViTs: keep the patch projection at its random initialisation (MoCo v3's "
+                                      "fix for unstable training)")
+    moco_momentum: float | None = opt(None, "m, the key encoder's momentum (default: the recipe's, 0.999; v3 0.99)")
     temperature: float | None = opt(None, "T of the InfoNCE loss (default: the recipe's)")
     mlp: bool | None = opt(None, "MLP projection head (default: the recipe's)")
     bn_splits: int = opt(0, "single-device shuffle BN sub-batches (0: auto, 2..8 on one rank, 1 under DDP)")
-    base_lr: float = opt(0.03, "learning rate for a global batch of 256 (scaled linearly)")
-    weight_decay: float = opt(1e-4, "SGD weight decay")
-    sgd_momentum: float = opt(0.9, "SGD momentum")
-    warmup_steps: int = opt(0, "linear warmup steps from 0 to the peak lr")
+    optimizer: str | None = opt(None, "sgd (v1/v2), lars (v3 ResNets) or adamw (v3 ViTs); default: the recipe's",
+                                choices=_optimizers)
+    base_lr: float | None = opt(None, "learning rate for a global batch of 256 (scaled linearly); default: the "
+                                      "recipe's (0.03; v3 ViT 1.5e-4, ResNet 0.6)")
+    weight_decay: float | None = opt(None, "weight decay (default: the recipe's, 1e-4; v3 ViT 0.1, ResNet 1e-6)")
+    sgd_momentum: float = opt(0.9, "SGD and LARS momentum")
+    warmup_steps: int | None = opt(None, "linear warmup steps from 0 to the peak lr (default: 0; v3 10%% of --steps, "
+                                         "0 under --budget-minutes without --steps)")
     lr_schedule: str | None = opt(None, "cosine, or step (x0.1 at 60%% and 80%% of the run); default: the "
                                         "recipe's", choices=_lr_schedules)
-    momentum_schedule: str = opt("constant", "constant m, or cosine: m rises to 1 over the run",
-                                 choices=_momentum_schedules)
-    symmetric: bool = opt(False, "symmetric loss: each view is also the query of the other (2N keys enqueued)")
+    moco_momentum_schedule: str | None = opt(None, "constant m, or cosine: m rises from --moco-momentum to 1 over "
+                                                   "the run (default: the recipe's; v3 cosine)",
+                                             choices=_momentum_schedules, old_names=("momentum_schedule",))
+    symmetric: bool = opt(False, "v1/v2 symmetric loss: each view is also the query of the other (2N keys "
+                                 "enqueued); v3's loss is always symmetric")
     sync_bn: bool = opt(False, "SyncBatchNorm in the query encoder (GPU, several ranks)")
     compile: bool = opt(False, "torch.compile the encoders")
     precision: str = opt("auto", "auto (on CUDA bf16 autocast, or fp16 with a gradient scaler on GPUs without "
                                  "bf16; fp32 on CPU), fp32, bf16 (also on CPUs with AMX/AVX512-BF16, about 2x "
                                  "faster there), or fp16", choices=_precisions)
     init_from: str | None = opt(None, "start both encoders from these backbone weights (a torchvision/timm ResNet "
-                                      "state_dict, safetensors, or a file `mocostream export` wrote; local or "
-                                      "s3://); head and queue fresh")
+                                      "or a timm ViT state_dict, safetensors, or a file `mocostream export` wrote; "
+                                      "local or s3://); head and queue fresh")
+    clip_grad: float = opt(0.0, "clip the gradients' global L2 norm to this before each optimizer step (0: off, as "
+                                "the MoCo references train); mocostream_grad_norm still reports the norm before "
+                                "clipping", metavar="NORM")
     max_nonfinite_steps: int = opt(10, "stop with an error after this many non-finite steps in a row (0: never)")
     knn_data: str | None = opt(None, "labelled eval set for the kNN monitor: train/ + test/ (or val/) class "
                                      "folders, one class-folder tree (every 5th image a query), or labelled shards")
@@ -171,11 +212,13 @@ class TrainConfig:
             log.warning(alias_notice(cfg.backend))
             cfg.backend = BACKEND_ALIASES[cfg.backend]
         check_choices(cfg)  # the recipe first: its presets fill what is unset
-        for key, value in RECIPE_DEFAULTS[cfg.recipe].items():
+        for key, value in recipe_defaults(cfg.recipe, cfg.arch).items():
             if getattr(cfg, key) is None:
                 setattr(cfg, key, value)
         if cfg.steps is None and cfg.budget_minutes is None:
             cfg.steps = 1000
+        if cfg.warmup_steps is None:  # v3: a share of a run planned in steps
+            cfg.warmup_steps = round(V3_WARMUP_SHARE * cfg.steps) if cfg.steps and not cfg.budget_minutes else 0
         cfg.validate()
         return cfg
 
@@ -189,6 +232,9 @@ class TrainConfig:
             (self.image_size >= 8, "--image-size must be >= 8"),
             (self.queue_size >= 1, "--queue-size must be >= 1"),
             (self.dim >= 1, "--dim must be >= 1"),
+            (self.mlp_dim >= 1, "--mlp-dim must be >= 1"),
+            (self.recipe == "moco_v3" or not is_vit(self.arch),
+             f"--arch {self.arch} trains with --recipe moco_v3 (a ViT has no `fc` for the v1/v2 heads)"),
             (self.bn_splits >= 0 and (self.bn_splits == 0 or self.batch_size % self.bn_splits == 0),
              f"--bn-splits must divide --batch-size {self.batch_size} (or be 0 for auto)"),
             (0.0 <= self.moco_momentum <= 1.0, "--moco-momentum must be in [0, 1]"),
@@ -204,6 +250,7 @@ class TrainConfig:
             (self.epochs is None or self.epochs >= 1, "--epochs must be >= 1"),
             (0 <= self.warmup_steps <= (self.steps or self.warmup_steps), "--warmup-steps must be in [0, --steps]"),
             (self.max_nonfinite_steps >= 0, "--max-nonfinite-steps must be >= 0"),
+            (0 <= self.clip_grad < math.inf, "--clip-grad must be a norm >= 0 (0: no clipping)"),
             (self.knn_image_size is None or self.knn_image_size >= 8, "--knn-image-size must be >= 8"),
             (self.knn_every >= 0 and self.knn_k >= 1 and self.knn_t > 0,
              "--knn-every >= 0, --knn-k >= 1 and --knn-t > 0"),
@@ -245,6 +292,7 @@ TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("0", "false", "no", "off"
 TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
 OPTIONS = tuple(f.name for f in option_fields(TrainConfig))
 FLAGS = {f.name: flag_of(f) for f in option_fields(TrainConfig)}
+OLD_NAMES = {old: f.name for f in option_fields(TrainConfig) for old in old_names_of(f)}  # old -> current
 OPTIONAL = {name for name in OPTIONS if type(None) in typing.get_args(typing.get_type_hints(TrainConfig)[name])}
 
 
@@ -283,9 +331,26 @@ def env_values(environ: typing.Mapping[str, str] | None = None) -> dict:
         if not var.startswith(ENV_PREFIX) or var == CONFIG_ENV:
             continue
         name = var[len(ENV_PREFIX):].lower()
-        if name not in OPTIONS:
+        if name not in OPTIONS and name not in OLD_NAMES:
             raise ConfigError(f"unknown option in environment variable {var}")
-        values[name] = _typed(name, raw, env_var(name))
+        values[name] = _typed(OLD_NAMES.get(name, name), raw, var)
+    return current_names(values, "in the environment", env_var)
+
+
+def renamed_notice(old: str, new: str) -> str:
+    return f"{old} is the old name of {new} (the same option; the old name still works)"
+
+
+def current_names(values: dict, where: str, spell=lambda name: name) -> dict:
+    """`values` with each option under an old name moved to its current name (with a notice). `spell` writes a
+    name as the source does (a flag for the command line)."""
+    values = dict(values)
+    for old in sorted(set(values) & set(OLD_NAMES)):
+        new, value = OLD_NAMES[old], values.pop(old)
+        if values.get(new) is not None and values[new] != value:
+            raise ConfigError(f"{spell(old)} and {spell(new)} {where} name the same option: give one")
+        log.warning(renamed_notice(f"{spell(old)} {where}", spell(new)))
+        values[new] = value
     return values
 
 
@@ -351,6 +416,9 @@ def printable_config(cfg: TrainConfig, environ: typing.Mapping[str, str] | None 
 def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str, str] | None = None) -> TrainConfig:
     """Defaults < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set'). Values are
     parsed and checked alike from every source: text (the environment, flags) or typed (files, callers)."""
+    file_values = current_names(file_values, "in the config file")
+    overrides = current_names({k: v for k, v in overrides.items() if v is not None}, "on the command line",
+                              lambda name: "--" + name.replace("_", "-"))
     for where, names in (("config file", file_values), ("flags", overrides)):
         unknown = sorted(set(names) - set(OPTIONS))
         if unknown:

@@ -17,14 +17,14 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mocostream.moco_core import add_mlp_head, backbone_of, build_encoder, extract_features, knn_top1
+from mocostream.moco_core import MoCoV3, add_mlp_head, backbone_of, build_encoder, extract_features, is_vit, knn_top1
 from mocostream.pipeline.augment_reference import normalize
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import LabeledImages, knn_sets
 from mocostream.pipeline.labeled_stream import labeled_units, shard_class_names, split_specs
 
 from .ranks import on_one_rank
-from .weights import read_checkpoint
+from .weights import encoder_prefix, read_checkpoint
 
 log = logging.getLogger("mocostream.eval")
 
@@ -42,24 +42,39 @@ def fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_query_encoder(path: str | None, arch: str | None = None, *,
+def load_query_encoder(path: str | None, arch: str | None = None, image_size: int | None = None, *,
                        storage: Storage) -> tuple[nn.Module, dict]:
-    """The query encoder of a training checkpoint (file, or the latest in a folder / s3 prefix), or a
-    randomly initialised `arch` when `path` is None (the baseline every result is compared with)."""
+    """The query encoder (MoCo v3: the base encoder) of a training checkpoint (file, or the latest in a folder /
+    s3 prefix), or a randomly initialised `arch` when `path` is None (the baseline every result is compared
+    with). A ViT is built for the image size it trained on (or `image_size`)."""
     if path is None:
         if not arch:
             raise EvalError("give --checkpoint, or --arch for a randomly initialised encoder")
         torch.manual_seed(0)
-        return build_encoder(arch)(num_classes=128), {"arch": arch, "step": 0}
+        return build_encoder(arch, image_size)(num_classes=128), {"arch": arch, "step": 0, "image_size": image_size}
     state, file, _ = read_checkpoint(path, storage=storage)
     cfg = state.get("config", {})
-    encoder = build_encoder(cfg.get("arch", arch or "resnet50"))(num_classes=cfg.get("dim", 128))
+    arch = cfg.get("arch", arch or "resnet50")
+    info = {"arch": arch, "step": int(state.get("step", 0)), "checkpoint": file, "image_size": cfg.get("image_size")}
+    if encoder_prefix(state) == "base_encoder.":  # MoCo v3: the encoder with its projector, as trained
+        model = MoCoV3(build_encoder(arch, cfg.get("image_size")), dim=cfg.get("dim", 256),
+                       mlp_dim=cfg.get("mlp_dim", 4096))
+        model.load_state_dict(state["model"])
+        return model.base_encoder, info
+    encoder = build_encoder(arch, cfg.get("image_size"))(num_classes=cfg.get("dim", 128))
     if cfg.get("mlp"):
         add_mlp_head(encoder)
     prefix = "encoder_q."
     weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     encoder.load_state_dict(weights)
-    return encoder, {"arch": cfg.get("arch"), "step": int(state.get("step", 0)), "checkpoint": file}
+    return encoder, info
+
+
+def feature_dim(encoder: nn.Module) -> int:
+    """Width of the backbone's features: the input of a ResNet's `fc` (or v2 MLP), a ViT's embedding."""
+    if hasattr(encoder, "embed_dim"):
+        return encoder.embed_dim
+    return next(m for m in encoder.fc.modules() if isinstance(m, nn.Linear)).in_features
 
 
 def features(backbone: nn.Module, images: LabeledImages, device: torch.device, batch_size: int = 256) -> torch.Tensor:
@@ -96,15 +111,14 @@ def linear_probe(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Ten
         return float((head(test_x).argmax(1) == test_y).float().mean())
 
 
-def frozen_backbone(checkpoint_path: str | None, arch: str | None, dev: torch.device, *,
-                    storage: Storage) -> tuple[nn.Module, dict, int]:
+def frozen_backbone(checkpoint_path: str | None, arch: str | None, dev: torch.device,
+                    image_size: int | None = None, *, storage: Storage) -> tuple[nn.Module, dict, int]:
     """(backbone without gradients, what it is, its feature dimension)."""
-    encoder, info = load_query_encoder(checkpoint_path, arch, storage=storage)
-    fc = encoder.fc[0] if isinstance(encoder.fc, nn.Sequential) else encoder.fc
+    encoder, info = load_query_encoder(checkpoint_path, arch, image_size, storage=storage)
     backbone = backbone_of(encoder).to(dev)
     for p in backbone.parameters():
         p.requires_grad_(False)
-    return backbone, info, fc.in_features
+    return backbone, info, feature_dim(encoder)
 
 
 def _checked_unchanged(backbone: nn.Module, before: str) -> str:
@@ -122,8 +136,9 @@ def evaluate(kind: str, data: str, checkpoint_path: str | None = None, arch: str
     `storage` reads the checkpoint and the data (default: the default storage settings)."""
     t0 = time.perf_counter()
     dev, storage = torch.device(device), storage or Storage()
-    backbone, info, _ = frozen_backbone(checkpoint_path, arch, dev, storage=storage)
-    size = image_size or (32 if str(info.get("arch", "")).endswith("_cifar") else 224)
+    backbone, info, _ = frozen_backbone(checkpoint_path, arch, dev, image_size, storage=storage)
+    vit_size = info.get("image_size") if is_vit(str(info.get("arch"))) else None  # its patch grid is fixed
+    size = image_size or vit_size or (32 if str(info.get("arch", "")).endswith("_cifar") else 224)
     bank, queries = knn_sets(data, size, max_per_class, storage=storage)
     before = fingerprint(backbone)
     if kind == "knn":
@@ -158,7 +173,7 @@ def evaluate_reference(data: str, checkpoint_path: str | None = None, arch: str 
     classes = classes or (len(names) if names else None)
     if not classes:
         raise EvalError("labelled shards with class indices do not name their classes: give --num-classes")
-    backbone, info, dim = frozen_backbone(checkpoint_path, arch, dev, storage=storage)
+    backbone, info, dim = frozen_backbone(checkpoint_path, arch, dev, image_size, storage=storage)
     before = fingerprint(backbone)
     result, head = reference_linear(backbone, dim, classes, train_units, val_units, image_size, dev, epochs, lr,
                                     batch_size, workers, seed, names, storage=storage)

@@ -1,3 +1,3 @@
 """The formats `mocostream export` writes. Their own module: export.py imports torch, which the command line
 (`shards create` above all) must not pay for at start-up."""
-FORMATS = ("torchvision", "safetensors", "detectron2")
+FORMATS = ("torchvision", "timm", "safetensors", "detectron2")

@@ -43,7 +43,8 @@ class TrainMetrics:
         self.nonfinite_steps = PCounter("mocostream_nonfinite_steps", "Steps skipped for a non-finite loss or gradient.",
                                         label, registry=r)
         self.nonfinite_steps.labels(self.rank)
-        self.grad_norm = Gauge("mocostream_grad_norm", "Global L2 norm of the query encoder's gradient, latest logged step.",
+        self.grad_norm = Gauge("mocostream_grad_norm", "Global L2 norm of the query encoder's gradient (before any "
+                               "--clip-grad), latest logged step.",
                                label, registry=r)
         self.moco_momentum = Gauge("mocostream_moco_momentum", "Momentum m of the key encoder update.", label, registry=r)
         self.knn_top1 = Gauge("mocostream_knn_top1", "Weighted kNN top-1 accuracy on the labelled eval set "

@@ -3,7 +3,8 @@
 A field is an option when its `metadata` holds `help`; the field gives the name (`--batch-size` for
 `batch_size`), the type and the default. Optional metadata: `flag` (another flag name), `metavar`,
 `choices` (a tuple, or a function returning one, looked up only when needed: registries such as the
-encoder table import torch), `parse` (a function turning the text into the value) and `action`.
+encoder table import torch), `parse` (a function turning the text into the value), `action`, and
+`old_names` (earlier names of the option, whose flags still work).
 """
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ def option_fields(cls) -> list[dataclasses.Field]:
 
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def old_names_of(f: dataclasses.Field) -> tuple[str, ...]:
+    return tuple(f.metadata.get("old_names", ()))
 
 
 def choices_of(f: dataclasses.Field) -> tuple | None:
@@ -64,11 +69,20 @@ def add_options(parser, cls, *, checked_later: bool = False, prefix: str = "") -
                 kw["type"] = meta.get("parse", typ)
                 kw["choices"] = choices_of(f)
         kw["default"] = None if checked_later else default_of(f)
-        action = parser.add_argument(flag_of(f), **kw)
+        old_flags = ["--" + old.replace("_", "-") for old in old_names_of(f)]
+        if old_flags:
+            kw["help"] += f" (old name: {', '.join(old_flags)})"
+        # checked later: an old flag keeps its own dest, so the later stage can notice the old name
+        action = parser.add_argument(flag_of(f), *([] if checked_later else old_flags), **kw)
+        for old, old_flag in zip(old_names_of(f), old_flags if checked_later else []):
+            parser.add_argument(old_flag, **{**kw, "dest": prefix + old, "help": argparse.SUPPRESS})
         if checked_later and meta.get("choices") is not None:
             action.lazy_choices = lambda f=f: [str(c) for c in choices_of(f)]
 
 
 def values_from(args: argparse.Namespace, cls, prefix: str = "") -> dict:
-    """The option fields of `cls` as argparse parsed them, by field name."""
-    return {f.name: getattr(args, prefix + f.name) for f in option_fields(cls)}
+    """The option fields of `cls` as argparse parsed them, by field name; with checked_later options, also an
+    old name that was given, by that name."""
+    values = {f.name: getattr(args, prefix + f.name) for f in option_fields(cls)}
+    given_old = {old: getattr(args, prefix + old, None) for f in option_fields(cls) for old in old_names_of(f)}
+    return values | {old: value for old, value in given_old.items() if value is not None}

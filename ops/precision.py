@@ -4,7 +4,8 @@
 With fp16 there is one decision per step about skipping it: the gradients are unscaled first, the
 non-finite guard looks at them (an fp16 overflow shows up as inf/NaN there), the fused SGD skips on the guard's
 flag, and the scaler, having checked the same unscaled gradients, halves its scale on that same step. So an
-overflow step is skipped once and counted once (`mocostream_nonfinite_steps_total`).
+overflow step is skipped once and counted once (`mocostream_nonfinite_steps_total`). The guard also clips
+the gradients (--clip-grad), so clipping always sees true, unscaled gradients.
 """
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ class StepPrecision:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
     def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, guard, params) -> None:
-        """Backward, the non-finite guard, the optimizer step (skipped on the device if not finite)."""
+        """Backward, the non-finite guard (and gradient clipping), the optimizer step (skipped on the device if
+        not finite)."""
         if self.scaler is None:
             loss.backward()
             guard.before_step(optimizer, params)
@@ -56,7 +58,7 @@ class StepPrecision:
             return
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(optimizer)  # true gradients: inf/NaN where the scaled fp16 backward overflowed
-        guard.before_step(optimizer, params)  # the one skip decision, counted once
+        guard.before_step(optimizer, params)  # the one skip decision, counted once; clipping the true gradients
         optimizer.step()  # fused SGD: skipped on the device when the guard flagged the step
         self.scaler.update()  # its own check saw the same gradients: the scale halves on that same step
 

@@ -24,8 +24,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from mocostream.moco_core import (LR_SCHEDULES, MoCo, NonFiniteGuard, backbone_of, budget_lr, build_encoder, build_optimizer,
-                       info_nce, instance_accuracy, momentum_at, scaled_lr)
+from mocostream.moco_core import (LR_SCHEDULES, MoCo, MoCoV3, NonFiniteGuard, backbone_of, budget_lr, build_encoder,
+                                  build_optimizer, info_nce, instance_accuracy, is_vit, momentum_at, scaled_lr)
 from mocostream.pipeline.labeled import knn_sets
 from mocostream.pipeline.loader import Batch, TwoViewLoader
 from mocostream.pipeline.filesystems import Storage
@@ -38,7 +38,7 @@ from .metrics import TrainMetrics
 from .pipeline_configs import loader_config, storage_config
 from .precision import StepPrecision, precision_mode
 from .ranks import on_one_rank
-from .weights import init_backbones
+from .weights import encoder_of, init_backbones
 
 log = logging.getLogger("mocostream.train")
 
@@ -129,8 +129,8 @@ class KnnMonitor:
         log.info("kNN monitor: %d labelled images, %d queries, %d classes", len(self.bank), len(self.queries),
                  len(self.bank.classes))
 
-    def __call__(self, model: MoCo) -> float:
-        return knn_eval(backbone_of(model.encoder_q), self.bank, self.queries, self.device, self.k, self.t)
+    def __call__(self, model: MoCo | MoCoV3) -> float:
+        return knn_eval(backbone_of(encoder_of(model)), self.bank, self.queries, self.device, self.k, self.t)
 
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -139,11 +139,27 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     return precision_mode(cfg.precision, device) == "bf16"
 
 
-def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
+def build_v3(cfg: TrainConfig, world: int, device: torch.device) -> MoCoV3:
+    """MoCo v3 as the reference builds it: ViTs with stop_grad_conv1, ResNets with zero-initialised residual
+    branches; under DDP on GPUs every BN becomes SyncBatchNorm (statistics over the global batch of a view)."""
+    options = {"stop_grad_conv1": cfg.stop_grad_conv1} if is_vit(cfg.arch) else {"zero_init_residual": True}
+    model = MoCoV3(build_encoder(cfg.arch, cfg.image_size, **options), dim=cfg.dim, mlp_dim=cfg.mlp_dim,
+                   T=cfg.temperature)
+    if world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif world > 1:  # SyncBatchNorm has no CPU kernel
+        log.info("moco_v3 on CPU ranks: BN statistics per rank's share of each view (no SyncBatchNorm on CPU)")
+    return model
+
+
+def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo | MoCoV3:
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = MoCo(build_encoder(cfg.arch), dim=cfg.dim, K=cfg.queue_size, m=cfg.moco_momentum,
-                 T=cfg.temperature, mlp=cfg.mlp, bn_splits=auto_bn_splits(cfg, world), symmetric=cfg.symmetric)
-    if cfg.sync_bn:
+    if cfg.recipe == "moco_v3":
+        model = build_v3(cfg, world, device)
+    else:
+        model = MoCo(build_encoder(cfg.arch, cfg.image_size), dim=cfg.dim, K=cfg.queue_size, m=cfg.moco_momentum,
+                     T=cfg.temperature, mlp=cfg.mlp, bn_splits=auto_bn_splits(cfg, world), symmetric=cfg.symmetric)
+    if cfg.sync_bn and cfg.recipe != "moco_v3":
         if device.type != "cuda" or world < 2:
             raise ConfigError("--sync-bn needs CUDA and several ranks (one device uses split-batch Shuffle BN)")
         # the query encoder only: the key encoder keeps Shuffle BN, which is what stops BN leakage
@@ -152,8 +168,8 @@ def build_model(cfg: TrainConfig, world: int, device: torch.device) -> MoCo:
     if StepPrecision(cfg.precision, device).channels_last:  # bf16/fp16: oneDNN and cuDNN are fastest in NHWC
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
-        model.encoder_q.compile()  # in place: parameter names and checkpoints stay the same
-        model.encoder_k.compile()
+        encoder_of(model, "query").compile()  # in place: parameter names and checkpoints stay the same
+        encoder_of(model, "key").compile()
     return model
 
 
@@ -299,9 +315,13 @@ class Trainer:
             model, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False) \
             if dist.is_initialized() else model
         self.peak_lr = scaled_lr(cfg.base_lr, cfg.batch_size * self.world)
-        self.optimizer = build_optimizer(model, self.peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(model, self.peak_lr, momentum=cfg.sgd_momentum, weight_decay=cfg.weight_decay,
+                                         name=cfg.optimizer)
+        self.v3 = isinstance(model, MoCoV3)
+        self.moco_m = cfg.moco_momentum
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps)
+        # skips non-finite steps and clips the rest to --clip-grad (0: not at all)
+        self.guard = NonFiniteGuard(device, cfg.max_nonfinite_steps, clip_norm=cfg.clip_grad)
         self.amp = StepPrecision(cfg.precision, device)  # fp32, bf16 autocast, or fp16 autocast + gradient scaler
         self.knn = KnnMonitor(cfg, device, self.storage) if cfg.knn_data and self.is_main else None
         # Stop/exhausted flags go over gloo on the CPU, so agreeing on them never waits for the GPU.
@@ -421,10 +441,12 @@ class Trainer:
         if self.budget_s:
             spent = min(s.trained, self.budget_s)  # the one step a slow start may take past the budget
             s.lr = budget_lr(self.peak_lr, cfg.lr_schedule, s.step, cfg.warmup_steps, spent / self.budget_s)
-            self.model.m = momentum_at(cfg.moco_momentum, spent, self.budget_s, cfg.momentum_schedule)
+            self.moco_m = momentum_at(cfg.moco_momentum, spent, self.budget_s, cfg.moco_momentum_schedule)
         else:
             s.lr = LR_SCHEDULES[cfg.lr_schedule](self.peak_lr, s.step, cfg.steps, cfg.warmup_steps)
-            self.model.m = momentum_at(cfg.moco_momentum, s.step, cfg.steps, cfg.momentum_schedule)
+            self.moco_m = momentum_at(cfg.moco_momentum, s.step, cfg.steps, cfg.moco_momentum_schedule)
+        if not self.v3:  # v1/v2 keep m on the model; v3 takes it as an argument of each step, as the reference
+            self.model.m = self.moco_m
         for group in self.optimizer.param_groups:
             group["lr"] = s.lr
 
@@ -438,13 +460,11 @@ class Trainer:
             im_k = im_k.contiguous(memory_format=torch.channels_last)
         self._set_schedules()
         with self.amp.autocast():
-            logits, labels = self.ddp(im_q, im_k)
-            # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
-            loss = info_nce(logits.float(), labels) * (2 if cfg.symmetric else 1)
+            loss, accuracy = self._loss(im_q, im_k)
         self.optimizer.zero_grad(set_to_none=True)
         self.amp.backward_and_step(loss, self.optimizer, self.guard, self.trainable)  # non-finite: skipped on device
         self.loader.consumed(batch)  # only now: a batch fetched but not trained on is not lost on resume
-        self._last = loss, logits
+        self._last = loss, accuracy
         s.step += 1
         if self.trace:
             self.trace.write(trace_lines(batch.keys))
@@ -458,10 +478,20 @@ class Trainer:
         s.t_end = t_step_end
         self.bar.update(1)
 
+    def _loss(self, im_q: torch.Tensor, im_k: torch.Tensor):
+        """The step's loss and a function giving its instance accuracy (computed at log steps only)."""
+        if self.v3:  # the symmetrised, gathered-keys loss; m as the schedule says
+            loss = self.ddp(im_q, im_k, self.moco_m)
+            accuracy = self.model.accuracy
+            return loss, lambda: accuracy
+        logits, labels = self.ddp(im_q, im_k)
+        # symmetric: the two directions' losses are summed, as in the reference CIFAR demo
+        return info_nce(logits.float(), labels) * (2 if self.cfg.symmetric else 1), lambda: instance_accuracy(logits)
+
     def _read_loss(self) -> None:
-        loss, logits = self._last
+        loss, accuracy = self._last
         self.state.loss = loss.item()  # the host syncs: at log steps only
-        self.state.accuracy = instance_accuracy(logits).item()
+        self.state.accuracy = accuracy().item()
 
     # ---- reporting and checkpoints -------------------------------------------------------------------------
     def log(self) -> None:
@@ -476,7 +506,7 @@ class Trainer:
         s.last_log_time, s.last_log_step = now, s.step
         epoch, progress = self.loader.epoch_progress
         self.metrics.record_log(step=s.step, loss=s.loss, lr=s.lr, accuracy=s.accuracy, images_per_second=ips,
-                                epoch=epoch, epoch_progress=progress, grad_norm=grad_norm, momentum=self.model.m,
+                                epoch=epoch, epoch_progress=progress, grad_norm=grad_norm, momentum=self.moco_m,
                                 nonfinite=nonfinite)
         self.metrics.sync_skipped(self.loader.skipped)
         if self.loss_trace:

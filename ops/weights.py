@@ -2,7 +2,8 @@
 
 Reading never executes anything: torch files load with `weights_only=True` (plain tensors and containers; a
 pickle naming any other object is refused), safetensors files hold tensors only. The backbone is an encoder
-without its projection head (`fc.*`, the v2 MLP included): what a user fine-tunes, and what `--init-from` fills.
+without its projection head (`fc.*`, the v2 MLP included; a ViT's `head.*`, MoCo v3's projector): what a user
+fine-tunes, and what `--init-from` fills.
 """
 from __future__ import annotations
 
@@ -22,8 +23,15 @@ from . import checkpoint
 
 log = logging.getLogger("mocostream.weights")
 
-HEAD = "fc."  # torchvision ResNets (and timm's) name their classifier `fc`; MoCo puts its head there
-ENCODERS = {"query": "encoder_q.", "key": "encoder_k."}
+HEADS = ("fc.", "head.")  # torchvision and timm ResNets name their classifier `fc`, timm ViTs `head`; MoCo puts its
+# projection head there
+ENCODERS = {"query": ("encoder_q.", "base_encoder."), "key": ("encoder_k.", "momentum_encoder.")}  # MoCo, MoCoV3
+
+
+def encoder_of(model: nn.Module, which: str = "query") -> nn.Module:
+    """The query (MoCo v3: base) or key (momentum) encoder of a MoCo or MoCoV3 model."""
+    v1_v2, v3 = (prefix[:-1] for prefix in ENCODERS[which])
+    return getattr(model, v1_v2) if hasattr(model, v1_v2) else getattr(model, v3)
 
 
 class WeightsError(ValueError):
@@ -66,6 +74,12 @@ def is_training_checkpoint(obj) -> bool:
             and any(str(k).startswith(ENCODERS["query"]) for k in obj["model"]))
 
 
+def encoder_prefix(state: dict, encoder: str = "query") -> str:
+    """`encoder_q.` / `encoder_k.` (MoCo v1/v2) or `base_encoder.` / `momentum_encoder.` (v3) in this checkpoint."""
+    v1_v2, v3 = ENCODERS[encoder]
+    return v1_v2 if any(str(k).startswith(v1_v2) for k in state["model"]) else v3
+
+
 def read_checkpoint(path: str, *, storage: Storage) -> tuple[dict, str, str]:
     """(state, file, sha256 of the file's bytes) of a mocostream training checkpoint; anything else is refused."""
     file = resolve_checkpoint(path, storage=storage)
@@ -78,9 +92,9 @@ def read_checkpoint(path: str, *, storage: Storage) -> tuple[dict, str, str]:
 
 def backbone_state(state: dict, encoder: str = "query") -> dict[str, torch.Tensor]:
     """One encoder's backbone from a training checkpoint, with torchvision's parameter names."""
-    prefix = ENCODERS[encoder]
+    prefix = encoder_prefix(state, encoder)
     return {k[len(prefix):]: v.detach().contiguous().clone() for k, v in state["model"].items()
-            if k.startswith(prefix) and not k[len(prefix):].startswith(HEAD)}
+            if k.startswith(prefix) and not k[len(prefix):].startswith(HEADS)}
 
 
 def _is_safetensors(data: bytes) -> bool:
@@ -102,7 +116,7 @@ def _plain_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise WeightsError(f"{path} holds no state_dict of tensors")
     obj = {k.removeprefix("module."): v for k, v in obj.items()}
-    return {k: v for k, v in obj.items() if not k.startswith(HEAD)}
+    return {k: v for k, v in obj.items() if not k.startswith(HEADS)}
 
 
 def read_backbone(path: str, *, storage: Storage) -> dict[str, torch.Tensor]:
@@ -133,10 +147,11 @@ def init_backbones(model: nn.Module, path: str, arch: str, *, storage: Storage) 
     """Both encoders of a MoCo model start from the backbone in `path`; the projection head keeps its fresh
     initialisation, the key encoder becomes a copy of the query encoder (head and BN statistics included)."""
     weights = read_backbone(path, storage=storage)
-    target = {k: v for k, v in model.encoder_q.state_dict().items() if not k.startswith(HEAD)}
+    query, key = encoder_of(model, "query"), encoder_of(model, "key")
+    target = {k: v for k, v in query.state_dict().items() if not k.startswith(HEADS)}
     problems = _mismatch(target, weights)
     if problems:
         raise WeightsError(f"--init-from {path} does not fit --arch {arch}: {'; '.join(problems)}")
-    model.encoder_q.load_state_dict(weights, strict=False)  # strict on the backbone: checked just above
-    model.encoder_k.load_state_dict(model.encoder_q.state_dict())
+    query.load_state_dict(weights, strict=False)  # strict on the backbone: checked just above
+    key.load_state_dict(query.state_dict())
     log.info("both encoders start from the backbone in %s (%d tensors; head and queue fresh)", path, len(weights))

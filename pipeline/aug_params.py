@@ -28,16 +28,25 @@ class _Recipe(NamedTuple):
     jitter_p: float
     hue: float          # max |hue factor|, in turns (torchvision's units)
     gray_p: float
-    blur_p: float
+    blur_p: tuple[float, float]        # per view: q (x1), k (x2)
+    saturation: float = 0.4            # ColorJitter's saturation: factors U[1 - s, 1 + s]
+    area_min: float = 0.2              # RandomResizedCrop scale (area_min, 1)
+    solarize_p: tuple[float, float] = (0.0, 0.0)
 
 
 _RECIPES = {
     # moco_v1: RandomGrayscale(0.2) then ColorJitter(0.4, 0.4, 0.4, 0.4) always; no blur.
-    "moco_v1": _Recipe(jitter_p=1.0, hue=0.4, gray_p=0.2, blur_p=0.0),
+    "moco_v1": _Recipe(jitter_p=1.0, hue=0.4, gray_p=0.2, blur_p=(0.0, 0.0)),
     # moco_v2: RandomApply(ColorJitter(0.4, 0.4, 0.4, 0.1), 0.8), RandomGrayscale(0.2), blur p 0.5.
-    "moco_v2": _Recipe(jitter_p=0.8, hue=0.1, gray_p=0.2, blur_p=0.5),
+    "moco_v2": _Recipe(jitter_p=0.8, hue=0.1, gray_p=0.2, blur_p=(0.5, 0.5)),
+    # moco_v3 (BYOL's, asymmetric): crop scale 0.08-1, RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), 0.8),
+    # RandomGrayscale(0.2), blur p 1.0 / 0.1, solarize p 0 / 0.2.
+    "moco_v3": _Recipe(jitter_p=0.8, hue=0.1, gray_p=0.2, blur_p=(1.0, 0.1), saturation=0.2, area_min=0.08,
+                       solarize_p=(0.0, 0.2)),
 }
-_JITTER = 0.4            # brightness = contrast = saturation = 0.4: factors U[0.6, 1.4]
+_JITTER = 0.4            # brightness = contrast = 0.4 (and saturation but in v3): factors U[0.6, 1.4]
+# PIL's ImageOps.solarize (threshold 128): levels from 128 up are inverted
+SOLARIZE_LUT = np.array([v if v < 128 else 255 - v for v in range(256)], dtype=np.uint8)
 # GaussianBlur sigma: blur_sigma_range(S), the reference's U[0.1, 2.0] at 224 px scaled to S
 _AREA = (0.2, 1.0)       # RandomResizedCrop scale
 _RATIO = (3.0 / 4.0, 4.0 / 3.0)
@@ -94,16 +103,17 @@ def gaussian_kernel(sigma: float, passes: int = 3) -> np.ndarray:
     return (w / w.sum()).astype(np.float32)
 
 
-def crop_windows(rng: np.random.Generator, width: np.ndarray, height: np.ndarray) -> tuple[np.ndarray, ...]:
-    """torchvision's RandomResizedCrop.get_params (scale 0.2-1, ratio 3/4-4/3) for a whole batch at once (a
+def crop_windows(rng: np.random.Generator, width: np.ndarray, height: np.ndarray,
+                 area: tuple[float, float] = _AREA) -> tuple[np.ndarray, ...]:
+    """torchvision's RandomResizedCrop.get_params (scale `area`, ratio 3/4-4/3) for a whole batch at once (a
     per-image Python loop cost ~40 us/image): (top, left, h, w) arrays.
 
-    The same algorithm: up to 10 tries of area U[0.2, 1] x image area and aspect log-U[3/4, 4/3], the first
+    The same algorithm: up to 10 tries of area U[area] x image area and aspect log-U[3/4, 4/3], the first
     that fits wins, its position uniform; else the central crop of the nearest allowed aspect ratio.
     """
     n = len(width)
     width, height = width.astype(np.float64), height.astype(np.float64)
-    target = (width * height)[:, None] * rng.uniform(*_AREA, (n, 10))
+    target = (width * height)[:, None] * rng.uniform(*area, (n, 10))
     aspect = np.exp(rng.uniform(np.log(_RATIO[0]), np.log(_RATIO[1]), (n, 10)))
     w = np.round(np.sqrt(target * aspect))  # round half to even, like Python's round()
     h = np.round(np.sqrt(target / aspect))
@@ -196,10 +206,11 @@ class AugParams:
     augmentation of a sample does not depend on threads, prefetching or restarts. Returns the decode
     region (the union of both views' crop windows: start and end (y, x)), then per view: crop window
     start and end (y, x) inside that region, colour_on (bool), M (3x3), k, blur_on (bool), horizontal
-    kernel (1, n), vertical kernel (n, 1), mirror (int32). Fixed-shape ones are whole-batch arrays.
+    kernel (1, n), vertical kernel (n, 1), solarize (bool), mirror (int32). Fixed-shape ones are whole-batch
+    arrays. The views may differ in their probabilities (moco_v3): view 0 is q (x1), view 1 is k (x2).
     """
 
-    OUTPUTS_PER_VIEW = 9
+    OUTPUTS_PER_VIEW = 10
 
     def __init__(self, recipe: str, batch_size: int, seed: int, size: int = 224):
         if recipe not in _RECIPES:
@@ -212,7 +223,7 @@ class AugParams:
     def reseed(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def draw(self) -> dict[str, np.ndarray]:
+    def draw(self, view: int = 0) -> dict[str, np.ndarray]:
         """One view's per-sample decisions and factors, as the recipe specifies them."""
         r, n, rng = self.r, self.n, self.rng
         jitter = rng.random(n) < r.jitter_p
@@ -221,30 +232,33 @@ class AugParams:
             "jitter": jitter,
             "brightness": np.where(jitter, rng.uniform(lo, hi, n), 1.0),
             "contrast": np.where(jitter, rng.uniform(lo, hi, n), 1.0),
-            "saturation": np.where(jitter, rng.uniform(lo, hi, n), 1.0),
+            "saturation": np.where(jitter, rng.uniform(1.0 - r.saturation, 1.0 + r.saturation, n), 1.0),
             "hue": np.where(jitter, rng.uniform(-r.hue, r.hue, n), 0.0),
             "gray": rng.random(n) < r.gray_p,
-            "blur": rng.random(n) < r.blur_p,
+            "blur": rng.random(n) < r.blur_p[view],
             "sigma": rng.uniform(*self.sigma, n),
             "mirror": rng.random(n) < 0.5,
         }
+        # drawn last and only by views that solarize, so the other recipes' streams are what they were
+        f["solarize"] = rng.random(n) < r.solarize_p[view] if r.solarize_p[view] else np.zeros(n, bool)
         return f
 
-    def _view(self) -> list:
-        f = self.draw()
+    def _view(self, view: int = 0) -> list:
+        f = self.draw(view)
         saturation = np.where(f["gray"], 0.0, f["saturation"])  # grayscale: chroma scaled to 0
         m, k = colour_matrix(f["brightness"], f["contrast"], saturation, f["hue"])
         kernels = [_kernel_pair(int(round(sg * 1000))) if on else _NO_BLUR for sg, on in zip(f["sigma"], f["blur"])]
         colour_on = f["jitter"] | f["gray"]
-        return [colour_on, m, k, f["blur"], [h for h, _ in kernels], [v for _, v in kernels],
+        return [colour_on, m, k, f["blur"], [h for h, _ in kernels], [v for _, v in kernels], f["solarize"],
                 f["mirror"].astype(np.int32)]
 
     def draw_views(self, sizes: Sequence[tuple[int, int]]) -> list[tuple]:
         """Both views' parameters for images of these (width, height): per view, the crop window as
-        (top, left, h, w) arrays, then colour_on, M, k, blur_on, horizontal and vertical kernels, mirror."""
+        (top, left, h, w) arrays, then colour_on, M, k, blur_on, horizontal and vertical kernels, solarize, mirror."""
         wh = np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+        area = (self.r.area_min, 1.0)
         # q's crop and colour, then k's: each view drawn as a whole
-        return [(*crop_windows(self.rng, wh[:, 0], wh[:, 1]), *self._view()) for _ in range(2)]
+        return [(*crop_windows(self.rng, wh[:, 0], wh[:, 1], area), *self._view(view)) for view in range(2)]
 
     def __call__(self, sizes: Sequence[tuple[int, int]]) -> tuple:
         """The DALI graph's feed: the decode region, then each view's window inside it and its parameters."""

@@ -9,6 +9,7 @@ and each operation is the same maths:
     crop + resize PIL's bilinear resize with antialiasing, over the window: the reference's own resampling
     colour        cv2.transform with colour_matrix's (M | k * mean luma), rounded and saturated to uint8
     blur          cv2.sepFilter2D with gaussian_kernel (PIL's GaussianBlur as one kernel), edges repeated
+    solarize      cv2.LUT with PIL's solarize table (moco_v3's second view)
     flip          cv2.flip
 
 OpenCV's kernels are SIMD loops: on ~500x375 web photos a view's colour map costs ~0.03 ms and its blur
@@ -22,7 +23,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from mocostream.pipeline.aug_params import LUMA, AugParams, image_size, jpeg_size
+from mocostream.pipeline.aug_params import LUMA, SOLARIZE_LUT, AugParams, image_size, jpeg_size
 from mocostream.pipeline.augment_reference import UndecodableImage, decode_rgb
 from mocostream.pipeline.image_check import MAX_PIXELS
 
@@ -82,17 +83,19 @@ def sizes_of(datas: list[bytes]) -> tuple[list[tuple[int, int]], list[str | None
 
 def view(img: Image.Image, window: tuple, scale: tuple[float, float], params: tuple, size: int) -> np.ndarray:
     """One view, uint8 (3, S, S): the window (top, left, h, w) in full-size pixels, `scale` = decoded / full
-    size (x, y); params = colour_on, M, k, blur_on, horizontal kernel, vertical kernel, mirror."""
+    size (x, y); params = colour_on, M, k, blur_on, horizontal kernel, vertical kernel, solarize, mirror."""
     top, left, h, w = window
     sx, sy = scale
     box = (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
     out = np.asarray(img.resize((size, size), Image.BILINEAR, box=box))
-    colour_on, m, k, blur_on, kernel_h, kernel_v, mirror = params
+    colour_on, m, k, blur_on, kernel_h, kernel_v, solarize, mirror = params
     if colour_on:
         mean_luma = float(np.dot(cv2.mean(out)[:3], LUMA))
         out = cv2.transform(out, np.hstack([m, np.full((3, 1), k * mean_luma, np.float32)]))
     if blur_on:
         out = cv2.sepFilter2D(out, -1, kernel_h, kernel_v, borderType=cv2.BORDER_REPLICATE)
+    if solarize:
+        out = cv2.LUT(out, SOLARIZE_LUT)
     if mirror:
         out = cv2.flip(out, 1)
     return out.transpose(2, 0, 1)

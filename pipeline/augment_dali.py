@@ -13,6 +13,9 @@ Per view, for recipe moco_v2 (aug+) [moco_v1]:
     gaussian blur, p 0.5  sigma U[0.1, 2.0] x S / 224 (see blur_sigma_range)                [none]
     flip, p 0.5; normalise; HWC -> CHW           (crop_mirror_normalize)
 
+moco_v3 (BYOL's asymmetric recipe): area U[0.08, 1], saturation U[0.8, 1.2], blur p 1.0 in q and 0.1 in k,
+and in k solarize p 0.2 (PIL's ImageOps.solarize, a 256-entry fn.lookup_table), after the blur.
+
 How it maps onto DALI, and where it differs from torchvision (augment_reference.py is the reference recipe):
 
 * Random parameters. All per-sample decisions and factors, the crop window included (torchvision's
@@ -76,7 +79,7 @@ import nvidia.dali.types as types
 from nvidia.dali import pipeline_def
 from nvidia.dali.backend import TensorGPU
 
-from mocostream.pipeline.aug_params import LUMA, AugParams, image_size
+from mocostream.pipeline.aug_params import LUMA, SOLARIZE_LUT, AugParams, image_size
 from mocostream.pipeline.augment_reference import MEAN, STD
 from mocostream.pipeline.vocabulary import RECIPES
 
@@ -103,14 +106,21 @@ def _blur(img, kernel_h, kernel_v):
     return fn.filter(img, kernel_v, border="clamp")
 
 
+def _solarize(img):
+    """PIL's ImageOps.solarize: levels from 128 up inverted, one table lookup per pixel."""
+    return fn.lookup_table(img, keys=list(range(256)), values=SOLARIZE_LUT.tolist(), dtype=types.UINT8)
+
+
 def _view(images, params: Sequence, size: int):
-    roi_start, roi_end, colour_on, m, k, blur_on, kh, kv, mirror = params
+    roi_start, roi_end, colour_on, m, k, blur_on, kh, kv, solarize, mirror = params
     # The crop window comes from crop_windows (torchvision's algorithm), so it is reproducible too.
     img = fn.resize(images, size=[size, size], roi_start=roi_start, roi_end=roi_end, antialias=True)
     if colour_on:  # conditional: samples that neither jitter nor go gray skip the op entirely
         img = _colour(img, m, k)
     if blur_on:
         img = _blur(img, kh, kv)
+    if solarize:
+        img = _solarize(img)
     return fn.crop_mirror_normalize(
         img, mirror=mirror, dtype=types.FLOAT, output_layout="CHW",
         mean=[255.0 * v for v in MEAN], std=[255.0 * v for v in STD],

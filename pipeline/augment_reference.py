@@ -8,6 +8,12 @@ The recipes are those of facebookresearch/moco main_moco.py (commit 7397dfe):
              RandomGrayscale(p=0.2), RandomApply([GaussianBlur([.1, 2.])], p=0.5),
              RandomHorizontalFlip, ToTensor, Normalize
 
+and of facebookresearch/moco-v3 main_moco.py (BYOL's asymmetric recipe; view 0 is x1, view 1 is x2):
+
+    moco_v3: RandomResizedCrop(S, scale=(0.08, 1.)), RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+             RandomGrayscale(p=0.2), RandomApply([GaussianBlur([.1, 2.])], p=1.0 / 0.1),
+             RandomApply([Solarize()], p=0.0 / 0.2), RandomHorizontalFlip, ToTensor, Normalize
+
 `reference_transform` is that pipeline unchanged (float output): the tests and benchmarks hold both backends
 (DALI, augment_dali.py, and OpenCV, augment_cv.py) against it. Both backends ship uint8 views and
 normalise whole batches: `normalize(PILToTensor(x)[None]) == Normalize(ToTensor(x))[None]` exactly (same
@@ -88,8 +94,16 @@ class GaussianBlur:
         return f"{type(self).__name__}(sigma={list(self.sigma)})"
 
 
-def _augmentations(recipe: str, size: int) -> list:
-    """The recipe's steps before ToTensor/Normalize."""
+class Solarize:
+    """Solarize augmentation from BYOL https://arxiv.org/abs/2006.07733 (moco-v3 moco/loader.py):
+    PIL's ImageOps.solarize, threshold 128."""
+
+    def __call__(self, x: Image.Image) -> Image.Image:
+        return ImageOps.solarize(x)
+
+
+def _augmentations(recipe: str, size: int, view: int = 0) -> list:
+    """The recipe's steps before ToTensor/Normalize (moco_v3: view 0 or 1)."""
     if recipe == "moco_v1":
         return [
             transforms.RandomResizedCrop(size, scale=(0.2, 1.0)),
@@ -105,13 +119,23 @@ def _augmentations(recipe: str, size: int) -> list:
             transforms.RandomApply([GaussianBlur(blur_sigma_range(size))], p=0.5),
             transforms.RandomHorizontalFlip(),
         ]
+    if recipe == "moco_v3":
+        return [
+            transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
+            transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            transforms.RandomGrayscale(p=0.2),
+            transforms.RandomApply([GaussianBlur(blur_sigma_range(size))], p=(1.0, 0.1)[view]),
+            transforms.RandomApply([Solarize()], p=(0.0, 0.2)[view]),
+            transforms.RandomHorizontalFlip(),
+        ]
     raise ValueError(f"unknown augmentation recipe {recipe!r}; expected one of {RECIPES}")
 
 
-def reference_transform(recipe: str, size: int = 224) -> transforms.Compose:
-    """The unmodified reference pipeline: PIL image -> normalised float (3, S, S) tensor."""
+def reference_transform(recipe: str, size: int = 224, view: int = 0) -> transforms.Compose:
+    """The unmodified reference pipeline: PIL image -> normalised float (3, S, S) tensor. `view` picks
+    moco_v3's first (0) or second (1) augmentation; v1 and v2 use one for both views."""
     return transforms.Compose(
-        _augmentations(recipe, size) + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+        _augmentations(recipe, size, view) + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
     )
 
 

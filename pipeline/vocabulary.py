@@ -4,7 +4,7 @@ offer the choices without loading torch. (The reasons a sample is skipped are li
 from __future__ import annotations
 
 # facebookresearch/moco's augmentation recipes (augment_reference.py holds them as PIL + torchvision)
-RECIPES = ("moco_v1", "moco_v2")
+RECIPES = ("moco_v1", "moco_v2", "moco_v3")
 
 # What turns samples into two augmented views (backends.py)
 DALI = "dali"  # DALI's graph: on the GPU when there is one, else its CPU operators

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torchvision import transforms
 import torchvision.transforms.functional as TF
 
@@ -19,7 +19,7 @@ import mocostream.pipeline.aug_params as aug_params
 from mocostream.pipeline.augment_cv import augment_images
 from mocostream.pipeline.augment_reference import MEAN, STD, UndecodableImage, decode_rgb, normalize, reference_transform
 
-RECIPES = ("moco_v1", "moco_v2")
+RECIPES = ("moco_v1", "moco_v2", "moco_v3")
 # PIL warns about the messy corpus's broken files (corrupt EXIF, bombs, bad APNG): expected there.
 quiet_pil = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::PIL.Image.DecompressionBombWarning")
 
@@ -282,7 +282,7 @@ def test_unknown_recipe():
     with pytest.raises(ValueError):
         augment_images([b""], "simclr", 224, seed=0)
     with pytest.raises(ValueError):
-        reference_transform("moco_v3", 224)
+        reference_transform("simclr", 224)
 
 
 # ---------------------------------------------------------------- DALI backend (CPU)
@@ -337,31 +337,55 @@ def test_dali_seed_reproducible(photos):
 
 @pytest.mark.slow
 def test_both_backends_distribution_close_to_the_reference_recipe(photos):
-    """Per-channel mean / std over many views against torchvision's recipe: a distribution check, loose
-    tolerance (DALI and the OpenCV workers clamp once, and rotate hue about the gray axis)."""
+    """Per-channel mean / std over many views against torchvision's recipe, view by view (moco_v3's two views
+    differ: blur 1.0 / 0.1, solarize 0 / 0.2): a distribution check, loose tolerance (DALI and the OpenCV
+    workers clamp once, and rotate hue about the gray axis)."""
     ad = _dali()
+    data = photos * 2  # two views of each photo: one solarized bright photo moves a mean of 96 views by ~0.1
     for recipe in RECIPES:
         b, size = 32, 64
-        pipe = _cpu_pipe(CyclingSource(photos[:96], b), b, size, recipe, seed=1)
-        dali_views = []
-        for _ in range(3):
+        pipe = _cpu_pipe(CyclingSource(data, b), b, size, recipe, seed=1)
+        dali_q, dali_k = [], []
+        for _ in range(len(data) // b):
             q, k, _ = ad.dali_outputs_to_torch(pipe.run(), "cpu")
-            dali_views += [q, k]
-        cv_views = [normalize(v) for v in augment_images(photos[:96], recipe, size, seed=1)[:2]]
+            dali_q.append(q)
+            dali_k.append(k)
+        cv_q, cv_k = (normalize(v) for v in augment_images(data, recipe, size, seed=1)[:2])
         torch.manual_seed(1)
         random.seed(1)
-        t = reference_transform(recipe, size)
-        r = torch.stack([t(decode_rgb(raw)) for raw in photos[:96] for _ in range(2)])
-        rm, rs = r.mean(dim=(0, 2, 3)), r.std(dim=(0, 2, 3))
-        for name, views in (("dali", dali_views), ("cv", cv_views)):
-            d = torch.cat(views)
-            assert d.shape == r.shape
-            dm, ds = d.mean(dim=(0, 2, 3)), d.std(dim=(0, 2, 3))
-            assert (dm - rm).abs().max() < 0.3, (name, recipe, dm, rm)
-            assert (ds - rs).abs().max() < 0.2, (name, recipe, ds, rs)
-            # and the augmentation really happens: views of one image differ in colour statistics
-            spread = d.mean(dim=(2, 3)).std(dim=0)
-            assert (spread > 0.5).all(), (name, spread)
+        for view, dali_views, cv_views in ((0, torch.cat(dali_q), cv_q), (1, torch.cat(dali_k), cv_k)):
+            t = reference_transform(recipe, size, view)
+            r = torch.stack([t(decode_rgb(raw)) for raw in data])
+            rm, rs = r.mean(dim=(0, 2, 3)), r.std(dim=(0, 2, 3))
+            for name, d in (("dali", dali_views), ("cv", cv_views)):
+                assert d.shape == r.shape
+                dm, ds = d.mean(dim=(0, 2, 3)), d.std(dim=(0, 2, 3))
+                assert (dm - rm).abs().max() < 0.3, (name, recipe, view, dm, rm)
+                assert (ds - rs).abs().max() < 0.2, (name, recipe, view, ds, rs)
+                # and the augmentation really happens: views of one image differ in colour statistics
+                spread = d.mean(dim=(2, 3)).std(dim=0)
+                assert (spread > 0.5).all(), (name, view, spread)
+
+
+def test_solarize_is_pils_in_both_backends(photos):
+    """moco_v3's solarize: DALI's lookup table and OpenCV's LUT give PIL's ImageOps.solarize exactly."""
+    import cv2
+
+    ad = _dali()
+    from nvidia.dali import fn, pipeline_def
+
+    img = np.asarray(decode_rgb(photos[2]).resize((64, 48)))
+    ref = np.asarray(ImageOps.solarize(Image.fromarray(img)))
+    assert (img >= 128).any() and not np.array_equal(ref, img)
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+    def p():
+        return ad._solarize(fn.external_source(source=lambda: [img], batch=True, layout="HWC"))
+
+    pipe = p()
+    pipe.build()
+    assert np.array_equal(np.asarray(pipe.run()[0][0]), ref)
+    assert np.array_equal(cv2.LUT(img, aug_params.SOLARIZE_LUT), ref)
 
 
 def test_dali_colour_ops_match_torchvision(photos):
@@ -446,22 +470,25 @@ def test_dali_blur_matches_pil_gaussian_blur(photos):
 def test_dali_recipe_probabilities():
     ad = _dali()
     n = 20000
-    for recipe, jitter_p, hue, blur_p in [("moco_v2", 0.8, 0.1, 0.5), ("moco_v1", 1.0, 0.4, 0.0)]:
+    for recipe, view, jitter_p, hue, sat, blur_p, solarize_p in [
+            ("moco_v2", 0, 0.8, 0.1, 0.4, 0.5, 0.0), ("moco_v1", 0, 1.0, 0.4, 0.4, 0.0, 0.0),
+            ("moco_v3", 0, 0.8, 0.1, 0.2, 1.0, 0.0), ("moco_v3", 1, 0.8, 0.1, 0.2, 0.1, 0.2)]:
         params = aug_params.AugParams(recipe, n, seed=0)
-        f = params.draw()
+        f = params.draw(view)
         assert abs(f["jitter"].mean() - jitter_p) < 0.02
         assert abs(f["gray"].mean() - 0.2) < 0.02
         assert abs(f["blur"].mean() - blur_p) < 0.02
+        assert abs(f["solarize"].mean() - solarize_p) < 0.02
         assert abs(f["mirror"].mean() - 0.5) < 0.02
         j = f["jitter"]
-        for name in ("brightness", "contrast", "saturation"):  # ColorJitter(0.4, ...): U[0.6, 1.4]
+        for name, s in (("brightness", 0.4), ("contrast", 0.4), ("saturation", sat)):  # ColorJitter: U[1-s, 1+s]
             v = f[name][j]
-            assert 0.6 <= v.min() < 0.61 and 1.39 < v.max() <= 1.4 and abs(v.mean() - 1) < 0.02
+            assert 1 - s <= v.min() < 1 - 0.97 * s and 1 + 0.97 * s < v.max() <= 1 + s and abs(v.mean() - 1) < 0.02
             assert (f[name][~j] == 1).all()
         assert -hue <= f["hue"].min() < -0.98 * hue and 0.98 * hue < f["hue"].max() <= hue
         assert 0.1 <= f["sigma"].min() and f["sigma"].max() <= 2.0
 
-        colour_on, m, k, blur_on, kh, kv, mirror = params._view()
+        colour_on, m, k, blur_on, kh, kv, solarize, mirror = params._view(view)
         m = np.stack(m)
         assert abs(np.mean(colour_on) - (1 - (1 - jitter_p) * 0.8)) < 0.02  # jitter or gray
         # grayscale rows: every output channel is the same luma combination
@@ -473,12 +500,29 @@ def test_dali_recipe_probabilities():
         # every row of M sums to b * c (the gain along the gray axis)
         gain = m.sum(axis=2)[:, 0]
         assert gain.min() >= 0.36 - 1e-5 and gain.max() <= 1.96 + 1e-5
+    # crop areas: U[0.2, 1] of the image (v1, v2), U[0.08, 1] (v3), on images large enough never to fall back
+    for recipe, area_min in (("moco_v2", 0.2), ("moco_v3", 0.08)):
+        sizes = [(1000, 1000)] * 4000
+        top, left, h, w, *_ = aug_params.AugParams(recipe, 4000, seed=0).draw_views(sizes)[1]
+        area = h * w / 1e6
+        assert area_min <= area.min() + 0.005 and area.min() < area_min + 0.01 and area.max() <= 1.0
     with pytest.raises(ValueError):
         ad.build_two_view_pipeline(lambda: None, batch_size=2, size=32, recipe="byol", device="cpu",
                                    num_threads=1, seed=0)
     with pytest.raises(ValueError):
         ad.build_two_view_pipeline(lambda: None, batch_size=2, size=32, recipe="moco_v2", device="tpu",
                                    num_threads=1, seed=0)
+
+
+def test_v1_v2_draws_are_unchanged_by_the_v3_options():
+    """The v1/v2 parameter streams are the ones drawn before v3 existed (a seed keeps giving the same views):
+    the first brightness factors of seed 0's first v2 view."""
+    f = aug_params.AugParams("moco_v2", 4, seed=0).draw()
+    rng = np.random.default_rng(0)
+    jitter = rng.random(4) < 0.8
+    assert np.array_equal(f["jitter"], jitter)
+    assert np.allclose(f["brightness"], np.where(jitter, rng.uniform(0.6, 1.4, 4), 1.0))
+    assert not f["solarize"].any()
 
 
 def test_dali_outputs_survive_later_runs(photos):
@@ -510,10 +554,12 @@ def test_gpu_graph_places_every_image_op_on_gpu():
         assert placement["ImageSlice"] == {"gpu"}  # the mixed region decoder: CPU bytes in, GPU image out
         for kind in ("Resize", "CoordTransform", "Cast", "CropMirrorNormalize", "Mean"):
             assert placement[kind] == {"gpu"}, (kind, placement[kind])
-        if recipe == "moco_v2":
+        if recipe != "moco_v1":
             assert placement["Filter"] == {"gpu"}
         else:
             assert "Filter" not in placement or placement["Filter"] == {"gpu"}
+        if recipe == "moco_v3":
+            assert placement["LookupTable"] == {"gpu"}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")

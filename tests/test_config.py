@@ -18,10 +18,10 @@ def test_recipes_fill_the_paper_defaults_and_every_value_can_be_overridden():
     for cfg in (v1, v2):  # shared by both papers
         assert (cfg.base_lr, cfg.sgd_momentum, cfg.weight_decay, cfg.moco_momentum) == (0.03, 0.9, 1e-4, 0.999)
     custom = build_config({}, {"data": "/d", "recipe": "moco_v2", "temperature": 0.5, "mlp": False,
-                               "lr_schedule": "step", "momentum_schedule": "cosine", "symmetric": True},
+                               "lr_schedule": "step", "moco_momentum_schedule": "cosine", "symmetric": True},
                           environ={})
-    assert (custom.temperature, custom.mlp, custom.lr_schedule, custom.momentum_schedule, custom.symmetric) == \
-        (0.5, False, "step", "cosine", True)
+    assert (custom.temperature, custom.mlp, custom.lr_schedule, custom.moco_momentum_schedule,
+            custom.symmetric) == (0.5, False, "step", "cosine", True)
 
 
 def test_precedence_defaults_file_environment_flags():
@@ -125,23 +125,85 @@ def test_every_option_has_a_flag_an_env_var_a_file_key_and_a_print_config_entry(
 
 
 def test_arch_and_other_choices_come_from_the_registries():
-    from mocostream.moco_core import ARCHS, LR_SCHEDULES, MOMENTUM_SCHEDULES
+    from mocostream.moco_core import ARCHS, LR_SCHEDULES, MOMENTUM_SCHEDULES, OPTIMIZERS
     from mocostream.ops.config import TrainConfig
     from mocostream.ops.options import ChoicesHelp, choices_of
     from mocostream.ops.precision import PRECISIONS
     from mocostream.pipeline.loader import PREFLIGHT
-    from mocostream.pipeline.vocabulary import BACKEND_CHOICES
+    from mocostream.pipeline.vocabulary import BACKEND_CHOICES, RECIPES
 
     fields = TrainConfig.__dataclass_fields__
     expected = {"arch": ARCHS, "backend": BACKEND_CHOICES, "lr_schedule": tuple(LR_SCHEDULES), "precision": PRECISIONS,
-                "momentum_schedule": MOMENTUM_SCHEDULES, "preflight_check": PREFLIGHT}
+                "moco_momentum_schedule": MOMENTUM_SCHEDULES, "preflight_check": PREFLIGHT, "optimizer": OPTIMIZERS,
+                "recipe": RECIPES}
     for name, registry in expected.items():
         assert choices_of(fields[name]) == tuple(registry), name
-    assert len(ARCHS) == 6  # the help lists every one of them
+    assert len(ARCHS) == 9  # the help lists every one of them
     shown = ChoicesHelp("mocostream train")._get_help_string(_train_actions()["arch"])
     assert all(arch in shown for arch in ARCHS)
     for arch in ARCHS:
-        assert build_config({}, {"data": "/d", "arch": arch}, environ={}).arch == arch
+        assert build_config({}, {"data": "/d", "arch": arch, "recipe": "moco_v3"}, environ={}).arch == arch
+
+
+def test_moco_v3_presets_follow_the_backbone_and_give_way_to_flags():
+    """The reference's recipes: ViTs AdamW lr 1.5e-4 wd 0.1 T 0.2, ResNets LARS lr 0.6 wd 1e-6 T 1.0; both dim 256,
+    m 0.99 rising on a cosine, warmup 10% of the steps then cosine. v1/v2 keep theirs."""
+    vit = build_config({}, {"data": "/d", "recipe": "moco_v3", "arch": "vit_small", "steps": 300}, environ={})
+    assert (vit.optimizer, vit.base_lr, vit.weight_decay, vit.temperature) == ("adamw", 1.5e-4, 0.1, 0.2)
+    assert (vit.dim, vit.moco_momentum, vit.moco_momentum_schedule, vit.lr_schedule) == \
+        (256, 0.99, "cosine", "cosine")
+    assert vit.warmup_steps == 30 and vit.mlp_dim == 4096 and vit.stop_grad_conv1
+    r50 = build_config({}, {"data": "/d", "recipe": "moco_v3", "arch": "resnet50"}, environ={})
+    assert (r50.optimizer, r50.base_lr, r50.weight_decay, r50.temperature) == ("lars", 0.6, 1e-6, 1.0)
+    assert r50.warmup_steps == 100  # of the default 1000 steps
+    budget = build_config({}, {"data": "/d", "recipe": "moco_v3", "arch": "resnet50", "budget_minutes": 5},
+                          environ={})
+    assert budget.warmup_steps == 0  # no step count to take a share of: --warmup-steps sets it
+    mine = build_config({}, {"data": "/d", "recipe": "moco_v3", "arch": "vit_tiny", "optimizer": "lars",
+                             "temperature": 0.5, "moco_momentum_schedule": "constant", "warmup_steps": 3}, environ={})
+    assert (mine.optimizer, mine.temperature, mine.moco_momentum_schedule, mine.warmup_steps) == \
+        ("lars", 0.5, "constant", 3)
+    with pytest.raises(ConfigError, match="--arch vit_small trains with --recipe moco_v3"):
+        build_config({}, {"data": "/d", "arch": "vit_small"}, environ={})
+    v2 = build_config({}, {"data": "/d"}, environ={})
+    assert (v2.optimizer, v2.base_lr, v2.weight_decay, v2.dim, v2.moco_momentum, v2.moco_momentum_schedule,
+            v2.warmup_steps) == ("sgd", 0.03, 1e-4, 128, 0.999, "constant", 0)
+
+
+def test_moco_momentum_schedule_keeps_its_old_name_in_every_source(tmp_path, capsys, caplog):
+    """--moco-momentum-schedule is the option; --momentum-schedule (its name before) still works as a flag, a
+    config key and a variable, with a notice naming the new name; both names at once with two values is an error."""
+    from mocostream.ops.options import ChoicesHelp
+
+    def options(argv):
+        assert cli_main(["train", "--data", "/d", *argv, "--print-config"]) == 0
+        return json.loads(capsys.readouterr().out)["options"]
+
+    assert options([])["moco_momentum_schedule"] == "constant"  # v2's
+    assert "momentum_schedule" not in options([])  # one option, printed under its current name
+    caplog.clear()
+    assert options(["--moco-momentum-schedule", "cosine"])["moco_momentum_schedule"] == "cosine"
+    assert "old name" not in caplog.text
+    assert options(["--momentum-schedule", "cosine"])["moco_momentum_schedule"] == "cosine"
+    assert "--momentum-schedule on the command line is the old name of --moco-momentum-schedule" in caplog.text
+    conf = tmp_path / "job.yaml"
+    conf.write_text("momentum-schedule: cosine\n")
+    assert options(["--config", str(conf)])["moco_momentum_schedule"] == "cosine"
+    assert "momentum_schedule in the config file is the old name of moco_momentum_schedule" in caplog.text
+    caplog.clear()
+    env = build_config({}, {"data": "/d"}, environ={"MOCOSTREAM_MOMENTUM_SCHEDULE": "cosine"})
+    assert env.moco_momentum_schedule == "cosine" and "MOCOSTREAM_MOCO_MOMENTUM_SCHEDULE" in caplog.text
+    flag_over_env = build_config({}, {"data": "/d", "moco_momentum_schedule": "constant"},
+                                 environ={"MOCOSTREAM_MOMENTUM_SCHEDULE": "cosine"})
+    assert flag_over_env.moco_momentum_schedule == "constant"  # precedence as for any option
+    with pytest.raises(ConfigError, match="unknown --moco-momentum-schedule 'linear'"):
+        build_config({"momentum_schedule": "linear"}, {"data": "/d"}, environ={})
+    assert cli_main(["train", "--data", "/d", "--momentum-schedule", "cosine", "--moco-momentum-schedule", "constant",
+                     "--print-config"]) == 2
+    assert "--momentum-schedule and --moco-momentum-schedule on the command line name the same option" in \
+        capsys.readouterr().err
+    shown = ChoicesHelp("mocostream train")._get_help_string(_train_actions()["moco_momentum_schedule"])
+    assert "old name: --momentum-schedule" in shown
 
 
 @pytest.mark.parametrize("argv,message", [
@@ -149,6 +211,8 @@ def test_arch_and_other_choices_come_from_the_registries():
     (["--steps", "ten"], "--steps must be an integer, got 'ten'"),
     (["--base-lr", "fast"], "--base-lr must be a number, got 'fast'"),
     (["--precision", "fp8"], "unknown --precision 'fp8'; choose from auto, fp32, bf16, fp16"),
+    (["--clip-grad", "-1"], "--clip-grad must be a norm >= 0 (0: no clipping)"),
+    (["--clip-grad", "inf"], "--clip-grad must be a norm >= 0 (0: no clipping)"),
 ])
 def test_a_bad_flag_value_is_one_line_and_exit_2(argv, message, capsys):
     assert cli_main(["train", "--data", "/d", *argv, "--print-config"]) == 2
@@ -159,8 +223,8 @@ def test_a_bad_flag_value_is_one_line_and_exit_2(argv, message, capsys):
 def test_bad_choice_from_the_environment_or_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="unknown --backend 'jax'"):
         build_config({}, {"data": "/d"}, environ={"MOCOSTREAM_BACKEND": "jax"})
-    with pytest.raises(ConfigError, match="unknown --recipe 'moco_v3'"):
-        build_config({"recipe": "moco_v3"}, {"data": "/d"}, environ={})
+    with pytest.raises(ConfigError, match="unknown --recipe 'simclr'"):
+        build_config({"recipe": "simclr"}, {"data": "/d"}, environ={})
 
 
 def test_boolean_flags_and_their_negations(capsys):

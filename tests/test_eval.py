@@ -28,8 +28,8 @@ def trained(labelled_shards, imagenette_small, tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("eval-ckpt")
     port = free_port()
     cfg = build_config({}, dict(data=str(labelled_shards), steps=4, checkpoint_dir=str(ckpt),
-                                knn_data=str(imagenette_small), knn_every=2, momentum_schedule="cosine", symmetric=True,
-                                **{**TINY, "metrics_port": port}))
+                                knn_data=str(imagenette_small), knn_every=2, moco_momentum_schedule="cosine",
+                                symmetric=True, **{**TINY, "metrics_port": port}))
     with Trainer(cfg) as trainer:  # the endpoint lives as long as the trainer: read it after the last step
         summary = trainer.train()
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()

@@ -208,6 +208,51 @@ def test_skipped_first_step_leaves_clean_optimizer_state():
 
 # ---------------------------------------------------------------------------------------------- schedules
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clip_grad_bounds_the_true_gradient_and_reports_its_norm_before(precision):
+    """--clip-grad: the step is lr x g x min(1, clip / ||g||), with g the true (for fp16: unscaled) gradient, and
+    the guard reports ||g|| before clipping. A non-finite step is still skipped once and counted once."""
+    from mocostream.ops.precision import StepPrecision
+
+    cpu, lr = torch.device("cpu"), 0.5
+
+    def one_step(clip: float, x: torch.Tensor):
+        torch.manual_seed(0)
+        net = nn.Linear(4, 3)
+        w0 = net.weight.detach().clone()
+        # the gradient without any of the code under test: plain autograd of the same loss
+        twin = copy.deepcopy(net)
+        with StepPrecision(precision, cpu).autocast():
+            twin_loss = twin(x).float().pow(2).mean()
+        g = torch.autograd.grad(twin_loss, [twin.weight, twin.bias])
+        # the trainer's step: plain SGD (no momentum, no decay), so the update is lr x the gradient it used
+        opt = build_optimizer(net, lr, momentum=0.0, weight_decay=0.0)
+        amp, guard = StepPrecision(precision, cpu), NonFiniteGuard(cpu, 10, clip_norm=clip)
+        with amp.autocast():
+            loss = net(x).float().pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        amp.backward_and_step(loss, opt, guard, list(net.parameters()))
+        return (w0 - net.weight.detach()) / lr, g[0], torch.linalg.vector_norm(torch.cat([t.flatten() for t in g])), \
+            guard
+
+    x = torch.linspace(-2, 2, 32).reshape(8, 4)
+    tol = dict(rtol=1e-5, atol=1e-7) if precision == "fp32" else dict(rtol=2e-3, atol=1e-5)
+    used, g, norm, guard = one_step(0.0, x)  # off: the plain gradient step
+    torch.testing.assert_close(used, g, **tol)
+    assert norm > 1.0
+    used, g, norm, guard = one_step(0.1, x)  # clipped to a tenth of a unit
+    torch.testing.assert_close(guard.grad_norm, norm, **tol)  # the norm before clipping
+    torch.testing.assert_close(used, g * 0.1 / norm, **tol)
+    used, g, norm, guard = one_step(1e3, x)  # a bound above the norm changes nothing
+    torch.testing.assert_close(used, g, **tol)
+    # non-finite (NaN input; for fp16 also an overflow of the scaled gradient): skipped and counted once
+    for bad in (torch.full((8, 4), float("nan")), torch.full((8, 4), 1e3)):
+        used, _, _, guard = one_step(0.1, bad)
+        if precision == "fp32" and torch.isfinite(bad).all():
+            continue  # fp32 does not overflow here
+        assert torch.count_nonzero(used) == 0 and guard.check() == 1
+
+
 def test_step_lr_is_the_v1_schedule():
     assert step_lr(1.0, 0, 200) == 1.0 and step_lr(1.0, 119, 200) == 1.0
     assert step_lr(1.0, 120, 200) == pytest.approx(0.1) and step_lr(1.0, 160, 200) == pytest.approx(0.01)

@@ -470,6 +470,7 @@ def test_secrets_are_masked_in_print_config_and_error_lines(tmp_path):
 
 @pytest.mark.parametrize("args,words", [
     (["--dim", "0"], "--dim must be >= 1"),
+    (["--recipe", "moco_v3", "--mlp-dim", "0"], "--mlp-dim must be >= 1"),
     (["--bn-splits", "3"], "--bn-splits must divide --batch-size 4"),
 ])
 def test_bad_model_options_give_one_line_errors(args, words, capsys):

@@ -46,6 +46,32 @@ def test_single_process_training_with_opencv_backend(labelled_shards, tmp_path):
     assert len(keys) == 24 and len(set(keys)) == 24
 
 
+@pytest.mark.parametrize("recipe,over", [
+    ("moco_v1", {"symmetric": True}),
+    ("moco_v2", {}),  # fp16 (clipping after unscaling): test_moco_fidelity.py
+    ("moco_v3", {"arch": "vit_tiny", "dim": 32, "mlp_dim": 64}),
+])
+def test_clip_grad_bounds_every_step_and_reports_the_norm_before(labelled_shards, tmp_path, recipe, over):
+    """--clip-grad on each recipe: what the optimizer steps with has at most that norm, while the metric and the
+    log keep the norm the step had before clipping (above the bound here)."""
+    clip = 1e-3
+    cfg = build_config({}, dict(data=str(labelled_shards), steps=2, backend="opencv", recipe=recipe, clip_grad=clip,
+                                checkpoint_dir=str(tmp_path / "ckpt"), **{**TINY, **over}))
+    seen = []  # (norm the optimizer steps with, norm reported) per step
+    with Trainer(cfg) as trainer:
+        def record(optimizer, args, kwargs):
+            grads = [p.grad for p in trainer.trainable if p.grad is not None]
+            seen.append((torch.nn.utils.get_total_norm(grads).item(), trainer.guard.grad_norm.item()))
+
+        trainer.optimizer.register_step_pre_hook(record)
+        summary = trainer.train()
+        reported = trainer.metrics.registry.get_sample_value("mocostream_grad_norm", {"rank": "0"})
+    assert summary["step"] == 2 and len(seen) == 2 and summary["nonfinite_steps"] == 0
+    for used, before in seen:
+        assert used <= clip * (1 + 1e-4) and before > 10 * clip
+    assert reported == pytest.approx(seen[-1][1])
+
+
 @pytest.mark.slow
 def test_metrics_endpoint_passes_promtool(labelled_shards, tmp_path):
     port = free_port()
