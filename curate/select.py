@@ -39,35 +39,13 @@ from .dedup import greedy_dedup
 from .kept import refs, split_refs, write_kept, write_manifest
 from .kmeans import normalised
 from .layout import REPORT, SELECTION, TREE, CurateError, Dest, assign_name
+from .settings import SelectConfig
 from .tables import read_embeddings, read_index, vectors_of
 
 log = logging.getLogger("mocostream.curate")
 
 FLUSH_BYTES = 256 << 20
 REASONS = ("kept", "duplicate", "balanced_out")
-
-
-@dataclass
-class SelectConfig:
-    out: str
-    keep_fraction: float | None = None
-    target_size: int | None = None
-    dedup_eps: float = 0.05
-    seed: int = 0
-    select_memory: int = 2 << 30  # bytes of embeddings per bucket
-    work_dir: str | None = None  # default: DEST/.select-work (local DEST) or a temporary folder
-
-    def check(self) -> None:
-        if self.keep_fraction is not None and self.target_size is not None:
-            raise CurateError("give --keep-fraction or --target-size, not both")
-        if self.keep_fraction is not None and not 0 < self.keep_fraction <= 1:
-            raise CurateError(f"--keep-fraction must be in (0, 1], got {self.keep_fraction}")
-        if self.target_size is not None and self.target_size < 1:
-            raise CurateError(f"--target-size must be >= 1, got {self.target_size}")
-        if not 0 <= self.dedup_eps < 1:
-            raise CurateError(f"--dedup-eps must be in [0, 1), got {self.dedup_eps}")
-        if self.select_memory < 1 << 20:
-            raise CurateError("--select-memory must be at least 1 MiB")
 
 
 @dataclass
