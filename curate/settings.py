@@ -26,5 +26,5 @@ class SelectConfig:
             raise CurateError(f"--target-size must be >= 1, got {self.target_size}")
         if not 0 <= self.dedup_eps < 1:
             raise CurateError(f"--dedup-eps must be in [0, 1), got {self.dedup_eps}")
-        if self.select_memory < 1 << 20:
-            raise CurateError("--select-memory must be at least 1 MiB")
+        if self.select_memory < 1 << 16:
+            raise CurateError(f"--select-memory must be at least 65536 (bytes), got {self.select_memory}")
