@@ -83,7 +83,8 @@ def embed(cfg: EmbedConfig, backbone: torch.nn.Module, info: dict, device: torch
     table = load_shard_table(cfg.data, on_rank0, storage=storage)
     dest, stems = Dest(cfg.out, storage), Stems(table.names)
     meta = {"data": absolute_spec(cfg.data), "data_shards": len(table), "data_fingerprint": table.fingerprint(),
-            "backbone": info, "image_size": cfg.image_size, "transform": TRANSFORM}
+            "backbone": {k: v for k, v in info.items() if k != "file"}, "backbone_file": info.get("file"),
+            "image_size": cfg.image_size, "transform": TRANSFORM}
     on_rank0(lambda: _claim(dest, meta))
     done = on_rank0(lambda: listing(dest, EMBEDDINGS, ".parquet"))
     todo = [i for i in mine(len(table)) if embedding_name(stems[i]) not in done]
@@ -95,16 +96,19 @@ def embed(cfg: EmbedConfig, backbone: torch.nn.Module, info: dict, device: torch
     return {"rank": rank, "world": world, "shards": len(todo), **counts}
 
 
+MOVABLE = ("data", "backbone_file")  # where the data and the weights are may change between runs; not what
+
+
 def _claim(dest: Dest, meta: dict) -> None:
-    """DEST/embeddings/_meta.json: written by the first run, compared by every later one."""
-    old = dest.read_json(META)
-    if old is None:
-        dest.write_json(META, meta)
-        return
-    changed = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
+    """DEST/embeddings/_meta.json: written by the first run, compared by every later one (the data by its
+    shard-list fingerprint, the backbone by arch and sha256: either may have moved, and the new places are kept)."""
+    old = dest.read_json(META) or meta
+    changed = sorted(k for k in set(old) | set(meta) if k not in MOVABLE and old.get(k) != meta.get(k))
     if changed:
         raise CurateError(f"{dest.location(META)}: these embeddings were made with another {', '.join(changed)}; "
                           "use another --out, or remove its embeddings/ (and what was made from them)")
+    if old is meta or any(old.get(k) != meta.get(k) for k in MOVABLE):
+        dest.write_json(META, meta)
 
 
 class _Embedder:
