@@ -93,11 +93,10 @@ def add_select_flags(q) -> None:
 
 
 def with_default_stage(argv: list[str]) -> list[str]:
-    """`curate DATA ...` is `curate run DATA ...`."""
-    if "curate" not in argv:
-        return argv
-    i = argv.index("curate")
-    if i + 1 < len(argv) and argv[i + 1] not in (*STAGES, "-h", "--help"):
+    """`curate DATA ...` is `curate run DATA ...` (only when curate is the command: the first word that is
+    not a global option)."""
+    i = next((j for j, a in enumerate(argv) if not a.startswith("-")), None)
+    if i is not None and argv[i] == "curate" and i + 1 < len(argv) and argv[i + 1] not in (*STAGES, "-h", "--help"):
         return [*argv[: i + 1], "run", *argv[i + 1:]]
     return argv
 

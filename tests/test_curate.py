@@ -355,18 +355,39 @@ def test_resume_on_another_selection_or_the_raw_data_is_refused(collection, embe
 
 
 @pytest.mark.slow
-def test_train_on_the_selection_visits_exactly_the_kept_samples_across_a_stop(selected, tmp_path):
-    def train(*extra):
-        r = cli("train", "--data", str(selected), "--epochs", "1", "--steps", "100", "--arch", "resnet18_cifar_small",
-                "--checkpoint-dir", str(tmp_path / "ck"), "--trace-keys", str(tmp_path / "keys"),
-                *tiny_flags(batch_size=10, arch="resnet18_cifar_small"), *extra)
-        assert r.returncode == 0, r.stderr[-3000:]
+def test_train_on_the_selection_visits_exactly_the_kept_samples_across_a_stop(embedded, selected, tmp_path):
+    def train(data, *extra):
+        return cli("train", "--data", str(data), "--epochs", "1", "--steps", "100", "--checkpoint-dir",
+                   str(tmp_path / "ck"), "--trace-keys", str(tmp_path / "keys"),
+                   *tiny_flags(batch_size=10, arch="resnet18_cifar_small"), *extra)
 
-    train("--stop-after", "2")
+    r = train(selected, "--stop-after", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
     assert len((tmp_path / "keys.rank0").read_text().split()) == 20
-    train("--resume")
+    other = clustered_copy(embedded, tmp_path / "other")
+    select_here(other, target_size=40)
+    r = train(other, "--resume")  # another selection: refused in one line, nothing trained
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and "another curated selection" in err[-1] and err[-1].startswith("mocostream: error:")
+    r = train(selected, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
     keys = (tmp_path / "keys.rank0").read_text().split()
     assert len(keys) == 60 and set(keys) == kept_keys(selected)
+
+
+def test_a_selection_of_data_that_changed_since_is_refused(selected, tmp_path):
+    from mocostream.pipeline.filesystems import Storage
+    from mocostream.pipeline.selection import load_table
+    from mocostream.pipeline.sources import DataSpecError, resolve_shards
+
+    dest = tmp_path / "dest"
+    shutil.copytree(selected, dest, ignore=shutil.ignore_patterns("embeddings", "clusters"))
+    doc = json.loads((dest / "manifest.json").read_text())
+    (dest / "manifest.json").write_text(json.dumps({**doc, "data_fingerprint": "0" * 32}))
+    with pytest.raises(DataSpecError, match="changed since"):
+        load_table(str(dest), storage=Storage())
+    with pytest.raises(DataSpecError, match="curated selection"):  # eval and the shard tool take the data itself
+        resolve_shards(str(dest), storage=Storage())
 
 
 def test_materialise_writes_the_kept_samples_as_shards(selected, tmp_path):
