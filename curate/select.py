@@ -13,7 +13,8 @@ together, and they are spread over every shard, so the embeddings are first re-p
      (exactly the quota); selection.parquet gets every row; kept references go to a sorted file per bucket.
   5. the selection manifest (kept.py), report.json, manifest.json last.
 Work files live in DEST/.select-work/ (a local DEST) or a local temporary folder, and are removed at the end.
-Peak memory ~ max(--select-memory, largest finest cluster) + O(finest clusters) + write buffers (256 MB).
+Peak memory ~ 3 x max(--select-memory, the largest finest cluster's rows) (a bucket, sorted, and its vectors as
+numpy) + O(finest clusters) + the bucket pass's write buffers (256 MB); local disk ~ the embeddings' size.
 """
 from __future__ import annotations
 
