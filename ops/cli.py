@@ -1,4 +1,4 @@
-"""The `mocostream` command: demo, train, eval, shards."""
+"""The `mocostream` command: demo, train, eval, shards, export, curate."""
 from __future__ import annotations
 
 import argparse
@@ -81,17 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_export import add_export_parser
 
     add_export_parser(sub)
+    from .cli_curate import add_curate_parser
+
+    add_curate_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     short_openmp_spin()  # before anything loads torch's OpenMP runtime
+    from .cli_curate import with_default_stage
+
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(with_default_stage(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     mask_logs()  # shard URLs in log lines keep no password or signature
-    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.func(args)

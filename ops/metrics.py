@@ -21,7 +21,29 @@ class MetricsError(OSError):
     user_error = True
 
 
-class TrainMetrics:
+class Endpoint:
+    """A registry served over HTTP by prometheus-client while a job runs."""
+
+    registry: CollectorRegistry
+    server = None
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Start the HTTP endpoint; returns the bound port (useful when port 0 asks for any)."""
+        try:
+            self.server, _thread = start_http_server(port, addr=addr, registry=self.registry)
+        except OSError as e:  # in use, or an address this host does not have
+            raise MetricsError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e} (choose another "
+                               "--metrics-port, or 0 to turn the endpoint off)") from None
+        return self.server.server_port
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+class TrainMetrics(Endpoint):
     def __init__(self, rank: int):
         self.rank = str(rank)
         self.registry = r = CollectorRegistry()
@@ -79,21 +101,6 @@ class TrainMetrics:
         self._skipped_seen: Counter = Counter()
         self.server = None
 
-    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Start the HTTP endpoint; returns the bound port (useful when port 0 asks for any)."""
-        try:
-            self.server, _thread = start_http_server(port, addr=addr, registry=self.registry)
-        except OSError as e:  # in use, or an address this host does not have
-            raise MetricsError(f"cannot serve metrics on {addr}:{port}: {e.strerror or e} (choose another "
-                               "--metrics-port, or 0 to turn the endpoint off)") from None
-        return self.server.server_port
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-
     def record_step(self, samples: int, step_seconds: float, wait_seconds: float) -> None:
         self.samples.labels(self.rank).inc(samples)
         self.step_seconds.labels(self.rank).observe(step_seconds)
@@ -140,3 +147,70 @@ class TrainMetrics:
             if delta > 0:
                 self.skipped.labels(self.rank, reason).inc(delta)
                 self._skipped_seen[reason] = total
+
+
+class EmbedMetrics(Endpoint):
+    """Metrics of a `curate embed` rank (curate.embed.EmbedObserver, and the shard reader's StorageObserver):
+    images embedded and their rate, shards done of this rank's share, samples skipped by reason, storage."""
+
+    def __init__(self, rank: int, window_seconds: float = 10.0):
+        self.rank, self.window = str(rank), window_seconds
+        self.registry = r = CollectorRegistry()
+        label = ["rank"]
+        self.images = PCounter("mocostream_curate_images", "Images embedded.", label, registry=r)
+        self.rate = Gauge("mocostream_curate_images_per_second", "Images embedded per second over the last "
+                          "few seconds.", label, registry=r)
+        self.shards = Gauge("mocostream_curate_shards", "Shards of this rank's share of the data.", label, registry=r)
+        self.shards_done = Gauge("mocostream_curate_shards_done", "Shards of this rank's share embedded so far "
+                                 "(earlier runs included).", label, registry=r)
+        self.progress = Gauge("mocostream_curate_progress_ratio", "Fraction of this rank's shards embedded.",
+                              label, registry=r)
+        self.skipped_samples = PCounter("mocostream_curate_samples_skipped", "Samples not embedded, by reason.",
+                                        ["rank", "reason"], registry=r)
+        self.storage_bytes = PCounter("mocostream_storage_read_bytes", "Shard bytes read from storage.", label,
+                                      registry=r)
+        self.storage_retries = PCounter("mocostream_storage_retries", "Shard reads retried after an error.", label,
+                                        registry=r)
+        self.shards_failed = PCounter("mocostream_shards_failed", "Shards given up on after the last retry.", label,
+                                      registry=r)
+        for family in (self.images, self.storage_bytes, self.storage_retries, self.shards_failed):
+            family.labels(self.rank)
+        for reason in SKIP_REASONS:
+            self.skipped_samples.labels(self.rank, reason)
+        self._recent: list[tuple[float, int]] = []
+        self._shards, self._done = 0, 0
+
+    def started(self, shards: int, done: int) -> None:
+        self._shards, self._done = shards, done
+        self.shards.labels(self.rank).set(shards)
+        self._set_done()
+
+    def _set_done(self) -> None:
+        self.shards_done.labels(self.rank).set(self._done)
+        self.progress.labels(self.rank).set(self._done / self._shards if self._shards else 1.0)
+
+    def embedded(self, images: int) -> None:
+        import time
+
+        now = time.monotonic()
+        self.images.labels(self.rank).inc(images)
+        self._recent = [(t, n) for t, n in self._recent if now - t <= self.window] + [(now, images)]
+        span = now - self._recent[0][0]
+        if span > 0:
+            self.rate.labels(self.rank).set(sum(n for _, n in self._recent[1:]) / span)
+
+    def skipped(self, reason: str, n: int) -> None:
+        self.skipped_samples.labels(self.rank, reason).inc(n)
+
+    def shard_done(self) -> None:
+        self._done += 1
+        self._set_done()
+
+    def read(self, nbytes: int, seconds: float) -> None:
+        self.storage_bytes.labels(self.rank).inc(nbytes)
+
+    def retry(self) -> None:
+        self.storage_retries.labels(self.rank).inc()
+
+    def failed(self) -> None:
+        self.shards_failed.labels(self.rank).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import re
 import struct
@@ -122,12 +123,54 @@ def _plain_state_dict(obj, path: str) -> dict[str, torch.Tensor]:
 def read_backbone(path: str, *, storage: Storage) -> dict[str, torch.Tensor]:
     """Backbone weights from a local or s3:// file: safetensors, or a torch state_dict (torchvision, timm,
     a file `mocostream export` wrote)."""
+    return read_backbone_file(path, storage=storage)[0]
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    (n,) = struct.unpack("<Q", data[:8])
+    try:
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def read_backbone_file(path: str, *, storage: Storage) -> tuple[dict[str, torch.Tensor], str | None, str]:
+    """(backbone weights, the arch the file names or None, sha256 of the file): the arch of a training
+    checkpoint's config or of the metadata `mocostream export` writes into safetensors."""
     data = _read(path, storage)
+    digest = hashlib.sha256(data).hexdigest()
     if _is_safetensors(data):
         from safetensors.torch import load
 
-        return _plain_state_dict(load(data), path)
-    return _plain_state_dict(safe_torch_load(data, path), path)
+        return _plain_state_dict(load(data), path), _safetensors_metadata(data).get("arch"), digest
+    obj = safe_torch_load(data, path)
+    arch = (obj.get("config") or {}).get("arch") if is_training_checkpoint(obj) else None
+    return _plain_state_dict(obj, path), arch, digest
+
+
+def load_frozen_backbone(path: str, arch: str | None, *, storage: Storage) -> tuple[nn.Module, dict]:
+    """The backbone (projection head removed) of a weights file as an eval-mode module without gradients, and
+    what it is: {arch, file, sha256}. `arch`: needed when the file does not name one (a torchvision or timm
+    state_dict); checked against the file's own otherwise."""
+    from mocostream.moco_core import ARCHS, backbone_of, build_encoder
+
+    weights, named, digest = read_backbone_file(path, storage=storage)
+    if arch and named and arch != named:
+        raise WeightsError(f"{path} holds a {named} backbone, not --arch {arch}")
+    arch = arch or named
+    if not arch:
+        raise WeightsError(f"{path} does not say which encoder it is: give --arch ({', '.join(ARCHS)})")
+    encoder = build_encoder(arch)(num_classes=1)
+    target = {k: v for k, v in encoder.state_dict().items() if not k.startswith(HEAD)}
+    problems = _mismatch(target, weights)
+    if problems:
+        raise WeightsError(f"{path} does not fit --arch {arch}: {'; '.join(problems)}")
+    encoder.load_state_dict(weights, strict=False)  # strict on the backbone: checked just above
+    backbone = backbone_of(encoder).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    return backbone, {"arch": arch, "file": path, "sha256": digest}
 
 
 def _mismatch(target: dict, weights: dict) -> list[str]:

@@ -24,7 +24,8 @@ from typing import Iterator
 
 from .backends import DaliViews, OpenCVViews
 from .batching import Batch, Batcher
-from .shard_table import ShardTable, load_shard_table
+from .selection import load_table
+from .shard_table import ShardTable
 from .skip_log import SkipLog
 from .sources import Shard, with_counts
 from .storage import ShardReader, Storage, StorageConfig, StorageObserver
@@ -83,7 +84,7 @@ class TwoViewLoader:
         # share: run a function on one rank, give all its result (a shard list without manifest is counted once)
         missing = observer.failed if observer is not None else None  # a missing shard is a failed one
         shards = (ShardTable.from_shards(with_counts(shards, storage=self.storage, on_missing=missing))
-                  if shards is not None else load_shard_table(cfg.data, share, missing, storage=self.storage))
+                  if shards is not None else load_table(cfg.data, share, missing, storage=self.storage))
         self.skip_log = SkipLog(log)
         self.preflight = needs_preflight(cfg.preflight, shards.validated_by)
         if alias_notice(cfg.backend):

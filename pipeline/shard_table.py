@@ -24,13 +24,15 @@ META_KEY = b"mocostream_manifest"  # parquet key-value metadata: {"json_bytes": 
 class ShardTable:
     """Shards as columns. `names`: relative to `base` or full URLs (a list or a pyarrow string array);
     `sizes` -1 = unknown; `digests`: an (n, 32) uint8 array of sha256 digests, all zero = unknown;
-    `validated_by`: the manifest's validation stamp (pipeline.image_check.trusted), None = unvalidated."""
+    `validated_by`: the manifest's validation stamp (pipeline.image_check.trusted), None = unvalidated.
+    A curated selection's table (selection.load_table) also has `kept`: the samples of each shard it keeps."""
 
     def __init__(self, base: str, names, counts, sizes=None, digests=None, validated_by: dict | None = None):
         self.base, self.names, self.validated_by = base, names, validated_by
         self.counts = np.asarray(counts, dtype=np.int64)
         self.sizes = np.full(len(self.counts), -1, np.int64) if sizes is None else np.asarray(sizes, np.int64)
         self.digests = digests
+        self.kept = None  # a curated selection's KeptMembers (selection.py): which samples of each shard are read
         self._fingerprints: dict[int, str] = {}
 
     @classmethod

@@ -49,6 +49,9 @@ def read_manifest(url: str, *, storage: Storage) -> list[Shard]:
         raise DataSpecError(f"manifest not found: {url}") from None
     except json.JSONDecodeError as e:
         raise DataSpecError(f"manifest is not valid JSON: {url} ({e})") from None
+    if isinstance(manifest, dict) and manifest.get("kind") == "selection":
+        raise DataSpecError(f"{url} is a curated selection (mocostream curate) of {manifest.get('data')}: "
+                            "`train --data` reads it; give this command that data")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
         raise DataSpecError(f"manifest has no 'shards' list: {url}")
     base = url.rsplit("/", 1)[0] if "/" in url else "."

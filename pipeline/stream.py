@@ -153,10 +153,15 @@ class SampleStream:
         """What differs between ranks: gathered from every rank for a checkpoint."""
         return [self.epoch, self.position]
 
+    @property
+    def selection(self) -> str | None:
+        """The fingerprint of the curated selection read (None: all samples of the shards)."""
+        return None if self.shards.kept is None else self.shards.kept.fingerprint
+
     def shared_state(self) -> dict:
         return {"version": STATE_VERSION, "seed": self.seed, "shuffle_shards": self.shuffle_shards,
                 "world": self.world, "shards": len(self.shards), "fingerprint": self.fingerprint(),
-                "layouts": [lay.raw(e) for e, lay in sorted(self.layouts.items())]}
+                "selection": self.selection, "layouts": [lay.raw(e) for e, lay in sorted(self.layouts.items())]}
 
     def checkpoint_state(self, positions: list[list[int]]) -> dict:
         """Every rank's stream state in one small dict: the shared part once, then each rank's position."""
@@ -225,6 +230,13 @@ class SampleStream:
                 raise ResumeMismatch(f"--resume: the checkpoint's data order was made with {flag} {state[name]}, "
                                      f"this run has {flag} {getattr(self, name)}; resume with {flag} {state[name]} "
                                      "or start a new --checkpoint-dir")
+        if state.get("selection") != self.selection:
+            what = ("all samples of its data" if state.get("selection") is None else
+                    "another curated selection" if self.selection is not None else "a curated selection")
+            raise ResumeMismatch(f"--resume: the checkpoint was trained on {what}, this --data is "
+                                 f"{'a curated selection' if self.selection else 'not curated'} "
+                                 f"(selection {self.selection or 'none'}); resume with the checkpoint's --data "
+                                 "or start a new --checkpoint-dir")
         old_n, new_n = int(state["shards"]), len(self.shards)
         if old_n > new_n or self.fingerprint(old_n) != state["fingerprint"]:
             what = (f"it had {old_n} shards, this --data has {new_n}" if old_n > new_n else
@@ -250,8 +262,11 @@ class SampleStream:
     def _load_shard(self, index: int) -> list[Sample]:
         shard = self.shards[index]
         try:
-            return list(read_samples(shard, self.reader.read(shard)))
-        except ShardReadError as e:
+            samples = list(read_samples(shard, self.reader.read(shard)))
+            if self.shards.kept is None:
+                return samples
+            return self.shards.kept.select(index, samples, self.reader.storage)  # a curated selection's samples
+        except OSError as e:  # ShardReadError, or a selection's members unreadable
             log.error("shard unreadable, its samples skipped: %s (%s)", shard.url, e)
             return []
 

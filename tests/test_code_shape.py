@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("ops", "pipeline", "shards", "moco_core")
+PACKAGES = ("ops", "pipeline", "shards", "moco_core", "curate")
 MAX_FUNCTION_LINES = 80
-# package -> packages it must not import; shards may import only these pipeline modules
-FORBIDDEN = {"pipeline": {"ops", "moco_core", "shards"}, "moco_core": {"ops", "pipeline", "shards"},
-             "shards": {"ops", "moco_core"}}
+# package -> packages it must not import; shards may import only these pipeline modules. curate sits between
+# ops (which runs it) and the packages it uses (pipeline, moco_core, shards for --materialise).
+FORBIDDEN = {"pipeline": {"ops", "moco_core", "shards", "curate"}, "moco_core": {"ops", "pipeline", "shards", "curate"},
+             "shards": {"ops", "moco_core", "curate"}, "curate": {"ops"}}
 # The image checks: a shard the tool validates passes exactly the rules the loader trusts. The storage factory
 # (fsspec and the standard library only): the shard tool writes with the trainer's timeouts and retries.
 SHARDS_MAY_USE = {"pipeline.dali_check", "pipeline.image_check", "pipeline.filesystems"}
@@ -152,6 +153,9 @@ def test_the_checks_find_a_long_function_and_a_wrong_import():
     assert imported_names(ast.parse("from . import loader"), "pipeline") == {"pipeline.loader"}
     assert imported_names(ast.parse("import mocostream.pipeline.sources as s"), "shards") == {"pipeline.sources"}
     assert wrong_imports("pipeline", [("pipeline/x.py", ast.parse("from mocostream.ops import train"))])
+    assert wrong_imports("curate", [("curate/x.py", ast.parse("from mocostream.ops.weights import read_backbone"))])
+    assert wrong_imports("pipeline", [("pipeline/x.py", ast.parse("from mocostream.curate import select"))])
+    assert not wrong_imports("curate", [("curate/x.py", ast.parse("from mocostream.shards import create_shards"))])
 
 
 def _assigned_names(nodes) -> set[str]:
@@ -204,11 +208,11 @@ def module_attribute_writes(file: str, tree: ast.Module, package: str, modules: 
 
 
 def product_modules() -> set[str]:
-    return {p.relative_to(REPO).with_suffix("").as_posix().replace("/", ".") for package in ("pipeline", "shards")
+    return {p.relative_to(REPO).with_suffix("").as_posix().replace("/", ".") for package in ("pipeline", "shards", "curate")
             for p in (REPO / package).rglob("*.py")}
 
 
-@pytest.mark.parametrize("package", ("pipeline", "shards"))
+@pytest.mark.parametrize("package", ("pipeline", "shards", "curate"))
 def test_no_module_level_settings_change_at_run_time(package):
     """Settings travel as arguments (a Storage, a config), never through module globals that something
     fills in at run time; what functions do change at module level is listed per-process state."""

@@ -57,13 +57,14 @@ def test_the_wheel_installs_under_mocostream_beside_a_package_that_owns_ops(tmp_
     names = zipfile.ZipFile(ours).namelist()
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"mocostream"}, f"the wheel installs top-level names other than mocostream: {top}"
+    assert "mocostream/curate/select.py" in names and "mocostream/ops/cli_curate.py" in names
     assert "mocostream/ops/prometheus/rules.yml" in names and "mocostream/ops/grafana/mocostream.json" in names
 
     venv = fresh_venv(tmp_path)
     run(sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install", "-q", "--no-deps",
         *sorted(wheels.glob("*.whl")), cwd=tmp_path)
     check = ("import ops, mocostream.ops.cli, mocostream.pipeline.plan, mocostream.shards.create, "
-             "mocostream.moco_core; assert ops.OWNER == 'someone else', ops.__file__; "
+             "mocostream.moco_core, mocostream.curate.select; assert ops.OWNER == 'someone else', ops.__file__; "
              "assert 'site-packages' in mocostream.ops.cli.__file__, mocostream.ops.cli.__file__; print('both')")
     assert run(venv / "bin" / "python", "-c", check, cwd=tmp_path).stdout.strip() == "both"
     assert "shards" in run(venv / "bin" / "mocostream", "--help", cwd=tmp_path).stdout

@@ -38,6 +38,8 @@ def run_cli(*args: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     (["demo", "--help"], "--workdir"),
     (["shards", "--help"], "create"),
     (["shards", "create", "--help"], "rejects.jsonl"),
+    (["curate", "--help"], "balanced subset"),
+    (["curate", "select", "--help"], "--keep-fraction"),
     (["train", "--data", "/d", "--batch-size", "64", "--print-config"], '"batch_size": 64'),
 ])
 def test_help_and_print_config_import_no_heavy_module(args, says):
@@ -51,6 +53,7 @@ def test_help_and_print_config_import_no_heavy_module(args, says):
     (["train", "--data", "/d", "--batch-size", "0"], "--batch-size"),
     (["train", "--data", "/d", "--config", "/nonexistent/c.yaml"], "/nonexistent/c.yaml"),
     (["shards", "inspect", "/nonexistent/shards"], "/nonexistent/shards"),
+    (["curate", "/d", "--embed-with", "w", "--out", "/o", "--keep-fraction", "2"], "--keep-fraction"),
 ])
 def test_one_line_errors_import_no_heavy_module(args, says):
     r, heavy = run_cli(*args)

@@ -8,7 +8,7 @@ import functools
 
 from helpers import REPO
 
-PACKAGES = ("ops", "pipeline", "shards", "moco_core")
+PACKAGES = ("ops", "pipeline", "shards", "moco_core", "curate")
 
 
 @functools.cache
@@ -97,4 +97,4 @@ def test_the_checks_find_a_test_import_and_a_package_only_slow_tests_use():
     }
     assert cross_imports(made_up) == [("test_a", "conftest"), ("test_a", "test_b")]
     assert quick_tests_by_package(made_up) == {"ops": ["test_quick::test_ops"], "pipeline": [], "shards": [],
-                                               "moco_core": ["test_quick::test_local"]}
+                                               "moco_core": ["test_quick::test_local"], "curate": []}

@@ -1,0 +1,281 @@
+"""Stage 3: drop semantic near-duplicates within each finest cluster, then sample the tree down to the budget.
+
+Memory is bounded by the clusters plus one bucket, never by the data: dedup needs the members of a finest cluster
+together, and they are spread over every shard, so the embeddings are first re-partitioned by cluster.
+  0. counts: the finest clusters' sizes (one pass over the assignment files).
+  1. buckets: finest clusters packed into B buckets of about --select-memory bytes (largest first, into the
+     emptiest bucket; a cluster larger than that is a bucket of its own); one pass over the embeddings writes
+     each row (reference, cluster, key, vector) to its bucket's file (Arrow IPC stream in the work folder).
+  2. dedup: one bucket at a time, each cluster's members in data order (reference order) through dedup.py; the
+     result per bucket (reference, cluster, key, dup_of) is written; a rerun skips the buckets already done.
+  3. quotas: survivors per finest cluster -> balanced sampling (balance.py) -> quota per finest cluster.
+  4. decide: per bucket, the survivors of each cluster with the smallest seeded hash of their reference are kept
+     (exactly the quota); selection.parquet gets every row; kept references go to a sorted file per bucket.
+  5. the selection manifest (kept.py), report.json, manifest.json last.
+Work files live in DEST/.select-work/ (a local DEST) or a local temporary folder, and are removed at the end.
+Peak memory ~ 3 x max(--select-memory, the largest finest cluster's rows) (a bucket, sorted, and its vectors as
+numpy) + O(finest clusters) + the bucket pass's write buffers (256 MB); local disk ~ the embeddings' size.
+"""
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from mocostream.pipeline.filesystems import Storage
+
+from .balance import balanced_quotas, level_sizes_up, mix
+from .cluster import centroids_name, load_npy
+from .dedup import greedy_dedup
+from .kept import refs, split_refs, write_kept, write_manifest
+from .kmeans import normalised
+from .layout import REPORT, SELECTION, TREE, CurateError, Dest, assign_name
+from .settings import SelectConfig
+from .tables import read_embeddings, read_index, vectors_of
+
+log = logging.getLogger("mocostream.curate")
+
+FLUSH_BYTES = 256 << 20
+REASONS = ("kept", "duplicate", "balanced_out")
+
+
+@dataclass
+class _Run:
+    """What every pass of one select run shares."""
+    dest: Dest
+    work: str
+    stems: list[str]
+    shards: np.ndarray  # data shard index of each index row
+    names: pa.Array  # data name of each index row
+    parents: list[np.ndarray]
+    k0: int
+
+
+def select(cfg: SelectConfig, *, storage: Storage) -> dict:
+    """The selection of a clustered DEST; returns report.json's content."""
+    cfg.check()
+    t0 = time.perf_counter()
+    dest = Dest(cfg.out, storage)
+    index, meta = read_index(dest)
+    tree = dest.read_json(TREE)
+    if tree is None:
+        raise CurateError(f"{dest.location(TREE)} not found: run `mocostream curate cluster` into {dest.url} first")
+    run = _Run(dest, _work_folder(dest, cfg, tree), index.column("stem").to_pylist(),
+               index.column("shard").to_numpy(), index.column("name").combine_chunks(),
+               [np.asarray(p, np.int64) for p in tree["parents"]], int(tree["levels"][0]))
+    try:
+        sizes0 = _counts(run)
+        n = int(sizes0.sum())
+        budget = n if cfg.keep_fraction is None and cfg.target_size is None else \
+            cfg.target_size if cfg.target_size is not None else round(cfg.keep_fraction * n)
+        dim = int(load_npy(dest, centroids_name(0)).shape[1])
+        buckets = _bucket_pass(run, sizes0, dim, cfg.select_memory)
+        for b in range(buckets):
+            _dedup_bucket(run, b, 1.0 - cfg.dedup_eps)
+        survivors = _survivors(run, buckets)
+        quotas = balanced_quotas(survivors, run.parents, budget, cfg.seed)
+        after, dropped = _decide_pass(run, buckets, quotas, cfg.seed)
+        fingerprint, kept = write_kept(dest, [_path(run, f"kept-{b}.npy") for b in range(buckets)],
+                                       dict(zip(run.shards.tolist(), run.names.to_pylist())), meta)
+        report = _report(cfg, tree, meta, index, n, kept, dropped, sizes0, after, budget, fingerprint, buckets)
+        report["seconds"] = round(time.perf_counter() - t0, 3)
+        dest.write_json(REPORT, report)
+        write_manifest(dest, meta, fingerprint, n, kept)
+    except BaseException:
+        log.info("select stopped; its finished buckets stay in %s for a rerun", run.work)
+        raise
+    shutil.rmtree(run.work, ignore_errors=True)
+    return report
+
+
+def _work_folder(dest: Dest, cfg: SelectConfig, tree: dict) -> str:
+    """The work folder: reused by a rerun with the same options on the same tree, cleared otherwise."""
+    root = cfg.work_dir or (os.path.join(dest.local_folder(), ".select-work") if dest.local_folder() else None)
+    root = root or tempfile.mkdtemp(prefix="mocostream-select-")
+    params = {"dedup_eps": cfg.dedup_eps, "select_memory": cfg.select_memory, "tree": tree["fit"]}
+    marker = os.path.join(root, "params.json")
+    if os.path.exists(marker) and json.loads(open(marker).read()) != params:
+        shutil.rmtree(root)
+    os.makedirs(root, exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump(params, f)
+    return root
+
+
+def _path(run: _Run, name: str) -> str:
+    return os.path.join(run.work, name)
+
+
+def _assignments(run: _Run, j: int) -> np.ndarray:
+    return load_npy(run.dest, assign_name(run.stems[j]))
+
+
+def _counts(run: _Run) -> np.ndarray:
+    sizes = np.zeros(run.k0, np.int64)
+    for j in range(len(run.stems)):
+        sizes += np.bincount(_assignments(run, j), minlength=run.k0)
+    return sizes
+
+
+def pack(sizes: np.ndarray, row_bytes: int, budget: int) -> tuple[np.ndarray, int]:
+    """(bucket of each cluster, buckets): largest clusters first, each into the emptiest bucket."""
+    buckets = max(1, -(-int(sizes.sum()) * row_bytes // budget))
+    heap = [(0, b) for b in range(buckets)]
+    of = np.zeros(len(sizes), np.int32)
+    for c in np.argsort(-sizes, kind="stable").tolist():
+        load, b = heapq.heappop(heap)
+        of[c] = b
+        heapq.heappush(heap, (load + int(sizes[c]), b))
+    return of, buckets
+
+
+BUCKET_SCHEMA = {"ref": pa.int64(), "cluster": pa.int32(), "key": pa.string()}
+
+
+def _bucket_pass(run: _Run, sizes0: np.ndarray, dim: int, memory: int) -> int:
+    """Every row into its cluster's bucket file; skipped when a finished pass is in the work folder."""
+    of, buckets = pack(sizes0, 2 * dim + 48, memory)
+    done = _path(run, "buckets.done")
+    if os.path.exists(done) and int(open(done).read()) == buckets:
+        return buckets
+    schema = pa.schema([*BUCKET_SCHEMA.items(), ("vector", pa.list_(pa.float16(), dim))])
+    writers = [pa.ipc.new_stream(pa.OSFile(_path(run, f"bucket-{b}.arrow"), "wb"), schema) for b in range(buckets)]
+    pending: list[list] = [[] for _ in range(buckets)]
+    held = 0
+    for j in range(len(run.stems)):
+        t = read_embeddings(run.dest, run.stems[j])
+        cluster = _assignments(run, j)
+        if len(cluster) != t.num_rows:
+            raise CurateError(f"{run.dest.location(assign_name(run.stems[j]))} does not fit its embeddings: "
+                              "remove DEST/clusters and cluster again")
+        t = pa.table({"ref": refs(np.full(t.num_rows, run.shards[j]), t.column("member").to_numpy()),
+                      "cluster": pa.array(cluster, pa.int32()), "key": t.column("key"), "vector": t.column("vector")},
+                     schema=schema)
+        order = np.argsort(of[cluster], kind="stable")
+        bounds = np.searchsorted(of[cluster][order], np.arange(buckets + 1))
+        t = t.take(pa.array(order))
+        for b in np.flatnonzero(np.diff(bounds)).tolist():
+            pending[b].append(t.slice(bounds[b], bounds[b + 1] - bounds[b]))
+        held += t.nbytes
+        if held > FLUSH_BYTES or j == len(run.stems) - 1:
+            for b in range(buckets):
+                if pending[b]:
+                    writers[b].write_table(pa.concat_tables(pending[b]))
+            pending, held = [[] for _ in range(buckets)], 0
+    for w in writers:
+        w.close()
+    with open(done, "w") as f:
+        f.write(str(buckets))
+    log.info("select: %d rows in %d buckets", int(sizes0.sum()), buckets)
+    return buckets
+
+
+def _read_bucket(run: _Run, b: int) -> pa.Table:
+    with pa.memory_map(_path(run, f"bucket-{b}.arrow")) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def _dedup_bucket(run: _Run, b: int, threshold: float) -> None:
+    """Each cluster of bucket b deduplicated in reference order; writes dedup-<b>.parquet (skipped when there)."""
+    out = _path(run, f"dedup-{b}.parquet")
+    if os.path.exists(out):
+        return
+    t = _read_bucket(run, b)
+    ref, cluster = t.column("ref").to_numpy(), t.column("cluster").to_numpy()
+    order = np.lexsort((ref, cluster))
+    t = t.take(pa.array(order))
+    ref, cluster = ref[order], cluster[order]
+    vectors = vectors_of(t) if t.num_rows else np.zeros((0, 1), np.float16)
+    dup = np.full(t.num_rows, -1, np.int64)
+    starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]]) if t.num_rows else np.zeros(0, np.int64)
+    for a, z in zip(starts.tolist(), np.r_[starts[1:], t.num_rows].tolist()):
+        if z - a > 1:
+            d = greedy_dedup(normalised(vectors[a:z]), threshold)
+            dup[a:z] = np.where(d >= 0, d + a, -1)
+    dup_of = pc.take(t.column("key"), pa.array(dup, mask=dup < 0))
+    result = pa.table({"ref": ref, "cluster": cluster.astype(np.int32), "key": t.column("key"), "dup_of": dup_of})
+    pq.write_table(result, out + ".tmp")
+    os.replace(out + ".tmp", out)
+    os.remove(_path(run, f"bucket-{b}.arrow"))  # its vectors are no longer needed
+    log.info("select: bucket %d: %d rows, %d duplicates", b, t.num_rows, int((dup >= 0).sum()))
+
+
+def _survivors(run: _Run, buckets: int) -> np.ndarray:
+    out = np.zeros(run.k0, np.int64)
+    for b in range(buckets):
+        t = pq.read_table(_path(run, f"dedup-{b}.parquet"), columns=["cluster", "dup_of"])
+        alive = t.column("dup_of").is_null().to_numpy(zero_copy_only=False)
+        out += np.bincount(t.column("cluster").to_numpy()[alive], minlength=run.k0)
+    return out
+
+
+def _decide_pass(run: _Run, buckets: int, quotas: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
+    """selection.parquet (every row) and the sorted kept references per bucket; (kept per finest cluster,
+    dropped by reason)."""
+    levels = len(run.parents) + 1
+    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("member", pa.int32()), ("kept", pa.bool_()),
+                        *[(f"cluster_{i}", pa.int32()) for i in range(levels)], ("dup_of", pa.string()),
+                        ("reason", pa.string())])
+    local = _path(run, SELECTION)
+    after, dropped = np.zeros(run.k0, np.int64), {"duplicate": 0, "balanced_out": 0}
+    with pq.ParquetWriter(local, schema) as writer:
+        for b in range(buckets):
+            t = pq.read_table(_path(run, f"dedup-{b}.parquet"))
+            kept, rows = _decide(run, t, quotas, seed, levels)
+            writer.write_table(pa.table(rows, schema=schema))
+            ref, cluster = t.column("ref").to_numpy(), t.column("cluster").to_numpy()
+            np.save(_path(run, f"kept-{b}.npy"), np.sort(ref[kept]), allow_pickle=False)
+            after += np.bincount(cluster[kept], minlength=run.k0)
+            reasons = np.asarray(rows["reason"].to_numpy(zero_copy_only=False))
+            for r in dropped:
+                dropped[r] += int((reasons == r).sum())
+    run.dest.put_file(local, SELECTION)
+    return after, dropped
+
+
+def _decide(run: _Run, t: pa.Table, quotas: np.ndarray, seed: int, levels: int) -> tuple[np.ndarray, dict]:
+    """(kept mask, selection columns) of one bucket's deduplicated rows."""
+    ref, cluster = t.column("ref").to_numpy(), t.column("cluster").to_numpy().astype(np.int64)
+    alive = t.column("dup_of").is_null().to_numpy(zero_copy_only=False)
+    idx = np.flatnonzero(alive)
+    order = idx[np.lexsort((ref[idx], mix(ref[idx], seed), cluster[idx]))]
+    first = np.flatnonzero(np.r_[True, cluster[order][1:] != cluster[order][:-1]]) if len(order) else order
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)]))
+    kept = np.zeros(len(ref), bool)
+    kept[order[rank < quotas[cluster[order]]]] = True
+    shard, member = split_refs(ref)
+    reason = np.where(kept, "kept", np.where(alive, "balanced_out", "duplicate"))
+    rows = {"key": t.column("key"), "shard": pc.take(run.names, pa.array(np.searchsorted(run.shards, shard))),
+            "member": pa.array(member.astype(np.int32)), "kept": pa.array(kept)}
+    chain = cluster
+    for i in range(levels):
+        rows[f"cluster_{i}"] = pa.array(chain.astype(np.int32))
+        chain = run.parents[i][chain] if i < len(run.parents) else chain
+    rows["dup_of"], rows["reason"] = t.column("dup_of"), pa.array(reason)
+    return kept, rows
+
+
+def _report(cfg: SelectConfig, tree: dict, meta: dict, index, n: int, kept: int, dropped: dict, sizes0, after,
+            budget: int, fingerprint: str, buckets: int) -> dict:
+    fraction = cfg.keep_fraction if cfg.keep_fraction is not None else budget / max(1, n)
+    sizes = level_sizes_up(sizes0, tree["parents"])
+    return {"inputs": n, "kept": kept, "dropped": dropped, "levels": tree["levels"], "keep_fraction": fraction,
+            "target_size": budget, "dedup_eps": cfg.dedup_eps, "seed": cfg.seed,
+            "cluster_sizes_before": sizes0.tolist(), "cluster_sizes_after": after.tolist(),
+            "coarsest_sizes_before": sizes[-1].tolist(),
+            "embed": {"data": meta.get("data"), "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),
+                      "transform": meta.get("transform"), "shards": index.num_rows,
+                      "samples": int(pc.sum(index.column("samples")).as_py()),
+                      "skipped": int(pc.sum(index.column("skipped")).as_py()),
+                      "missing_shards": int(meta.get("data_shards", index.num_rows)) - index.num_rows},
+            "fingerprint": fingerprint, "rule": tree["rule"], "buckets": buckets}
