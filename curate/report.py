@@ -45,7 +45,10 @@ def build_report(dest: str, storage: Storage, options: ReportOptions = ReportOpt
     """The report's HTML from `dest`'s selection.parquet and report.json, and the shards' images."""
     o = options
     info = json.loads(storage.read_bytes(_join(dest, "report.json")))
-    clusters = int(info["levels"][0])
+    levels = info.get("levels") if isinstance(info, dict) else None
+    if not isinstance(levels, list) or not levels or not isinstance(levels[0], int) or levels[0] < 1:
+        raise ValueError(f"{_join(dest, 'report.json')} has no 'levels' list of cluster counts (finest first)")
+    clusters = levels[0]
     with storage.open(_join(dest, "selection.parquet")) as f:
         pf = open_selection(f)
         counts = count_rows(pf, clusters, batch_rows=o.batch_rows, capacity=max(1024, 64 * o.dup_groups))

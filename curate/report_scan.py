@@ -45,7 +45,9 @@ class Samples:
 
 
 def open_selection(f) -> pq.ParquetFile:
-    pf = pq.ParquetFile(f)
+    # pre_buffer off: with it, iter_batches keeps every column chunk it read until the file is closed
+    # (pyarrow 26: allocations grow with the rows read, ~60 MiB per 10M keys), against the point of streaming.
+    pf = pq.ParquetFile(f, pre_buffer=False)
     missing = {"key", "shard", "member", "kept", "cluster_0", "dup_of", "reason"} - set(pf.schema_arrow.names)
     if missing:
         raise ValueError(f"selection.parquet lacks the columns {sorted(missing)}")
@@ -60,7 +62,7 @@ def count_rows(pf: pq.ParquetFile, clusters: int, *, batch_rows: int = 65536, ca
     for batch in pf.iter_batches(batch_size=batch_rows, columns=["cluster_0", "kept", "reason", "dup_of"]):
         c.rows += batch.num_rows
         ids = batch.column("cluster_0")
-        valid = pc.and_(pc.is_valid(ids), pc.and_(pc.greater_equal(ids, 0), pc.less(ids, clusters)))
+        valid = pc.fill_null(pc.and_(pc.greater_equal(ids, 0), pc.less(ids, clusters)), False)
         valid = valid.to_numpy(zero_copy_only=False)
         c.unclustered += int((~valid).sum())
         ids = ids.to_numpy(zero_copy_only=False)[valid].astype(np.int64)

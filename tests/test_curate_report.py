@@ -101,7 +101,7 @@ def planted_rows(samples: list[tuple[str, str, int]]) -> list[dict]:
     dups = [r for r in rows if r["reason"] == "duplicate"]
     for r, head in zip(dups, [heads[0][0]] * 12 + [heads[0][1]] * 5 + [heads[0][2]] * 3 + [heads[1][0]] * 6):
         r["dup_of"] = head
-    rows.append(dict(key="gone_1", shard=str(Path(rows[0]["shard"]).parent / "gone-000000.tar"), member=0,
+    rows.append(dict(key='gone<b>"1', shard=str(Path(rows[0]["shard"]).parent / "gone-000000.tar"), member=0,
                      kept=True, cluster_0=2, cluster_1=2, reason="kept", dup_of=None))
     return rows
 
@@ -158,9 +158,43 @@ def test_report_html_holds_everything_it_shows(curated):
     assert len(re.findall(r'id="grid-c\d+"', html)) == 3 + 4
     sizes = re.findall(r"kept, and ([\d,]+) samples? dropped as its duplicates", html)
     assert [int(n.replace(",", "")) for n in sizes] == [12, 6, 5, 3]
-    assert "gone_1" in html and "shard not readable: FileNotFoundError" in html
+    assert "gone&lt;b&gt;&quot;1" in html and "gone<b>" not in html  # keys are data: escaped
+    assert "shard not readable: FileNotFoundError" in html
     assert "disagree" not in html and "no valid finest cluster" not in html
     assert "<td>inputs</td><td>121</td><td>100.0%</td><td>121</td>" in html
+
+
+@pytest.mark.slow
+def test_report_from_object_storage(shard_set, curated, s3_server):
+    """Shards, selection and report.json in a real S3 server (SeaweedFS): the thumbnails come by byte ranges
+    and row groups from there, and report.html is written there, the same page as from local files."""
+    fs, bucket = s3_server.filesystem(), s3_server.make_bucket("curated")
+    for path in shard_set.glob("shard-*"):
+        fs.put(str(path), f"{bucket}/set/{path.name}")
+    table = pq.read_table(curated / "selection.parquet")
+    local = str(shard_set) + "/"
+    shards = [u.replace(local, f"s3://{bucket}/set/") for u in table.column("shard").to_pylist()]
+    assert all(u.startswith("s3://") for u in shards[:-1])
+    buf = io.BytesIO()
+    pq.write_table(table.set_column(table.schema.get_field_index("shard"), "shard", pa.array(shards)), buf)
+    fs.pipe(f"{bucket}/dest/selection.parquet", buf.getvalue())
+    fs.put(str(curated / "report.json"), f"{bucket}/dest/report.json")
+    storage = Storage(environ=s3_server.env)
+    assert write_report(f"s3://{bucket}/dest", storage) == f"s3://{bucket}/dest/report.html"
+    remote = fs.cat(f"{bucket}/dest/report.html").decode()
+    here = build_report(str(curated), Storage())
+    assert re.findall(r'src="(data:[^"]*)"', remote) == re.findall(r'src="(data:[^"]*)"', here)
+    assert len(re.findall(r'src="data:', remote)) > 50
+
+
+def test_a_report_json_without_levels_is_refused_in_one_line(curated, tmp_path):
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    shutil.copy(curated / "selection.parquet", dest)
+    (dest / "report.json").write_text(json.dumps({"inputs": 1}))
+    with pytest.raises(ValueError, match="has no 'levels' list"):
+        write_report(str(dest), Storage())
+    assert sorted(p.name for p in dest.iterdir()) == ["report.json", "selection.parquet"]
 
 
 # ---- the streamed choice, at a larger scale ------------------------------------------------------------
@@ -179,18 +213,25 @@ def synthetic_selection(dest: Path, rows: int = 200_000, clusters: int = 2000, s
     dup_of[at[:5000]], dup_of[at[5000:7000]] = "k0", "k1"
     dup_of[at[7000:40000]] = [f"k{i}" for i in rng.choice(np.flatnonzero(kept)[2:], 33000)]
     reason = np.where(kept, "kept", np.where(dup_of != None, "duplicate", "balanced_out"))  # noqa: E711
+    ids[[40, 50]] = clusters  # out of range, as are the nulls: counted apart, never indexed
+    null = np.zeros(rows, bool)
+    null[[10, 20, 30]] = True
     dest.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table({"key": keys, "shard": [f"s-{i // 1000:06d}.tar" for i in range(rows)],
                              "member": pa.array(np.arange(rows) % 1000, pa.int32()), "kept": kept,
-                             "cluster_0": ids, "cluster_1": ids // 50, "dup_of": pa.array(dup_of, pa.string()),
-                             "reason": reason}), dest / "selection.parquet", row_group_size=20_000)
-    return dict(ids=ids, kept=kept, reason=reason, dup_of=dup_of, heavy=heavy, clusters=clusters)
+                             "cluster_0": pa.array(ids, mask=null), "cluster_1": ids // 50,
+                             "dup_of": pa.array(dup_of, pa.string()), "reason": reason}),
+                   dest / "selection.parquet", row_group_size=20_000)
+    valid = ~null & (ids < clusters)
+    return dict(ids=ids[valid], kept=kept[valid], reason=reason, clusters=clusters)
 
 
 def test_the_streamed_choice_keeps_only_what_the_report_shows(tmp_path):
     truth = synthetic_selection(tmp_path)
+    before = pa.total_allocated_bytes()
     pf = open_selection(str(tmp_path / "selection.parquet"))
     counts = count_rows(pf, truth["clusters"], batch_rows=8192, capacity=64)
+    assert counts.rows == 200_000 and counts.unclustered == 5
     assert (counts.total == np.bincount(truth["ids"], minlength=truth["clusters"])).all()
     assert (counts.kept == np.bincount(truth["ids"][truth["kept"]], minlength=truth["clusters"])).all()
     assert counts.reasons == {r: int((truth["reason"] == r).sum()) for r in ("kept", "duplicate", "balanced_out")}
@@ -209,6 +250,9 @@ def test_the_streamed_choice_keeps_only_what_the_report_shows(tmp_path):
         assert rows.num_rows == min(24, counts.total[cluster]) and kept == sorted(kept, reverse=True)
         if counts.kept[cluster] >= 12 and counts.total[cluster] - counts.kept[cluster] >= 12:
             assert sum(kept) == 12
+    # What stays allocated while the file is open is what the report shows, not the rows read (a reader that
+    # kept its column chunks, as pyarrow's pre-buffering does, would hold about the file's size here).
+    assert pa.total_allocated_bytes() - before < (tmp_path / "selection.parquet").stat().st_size / 10
     top = got.clusters[largest[0]].column("key").to_pylist()
     assert max(int(k[1:]) for k in top) > 100_000 > min(int(k[1:]) for k in top)  # drawn over the whole file
     assert [(k, n) for k, n, _, _ in got.dup_groups] == [("k0", 5000), ("k1", 2000)]
