@@ -284,9 +284,13 @@ class Chromium:
         child_in, self._out = os.pipe()
         self._in, child_out = os.pipe()
 
-        def at_3_and_4():  # in the child, before exec: the pipe ends at fds 3 and 4 (by way of free fds >= 10)
+        def at_3_and_4():  # in the child, before exec: the pipe ends at fds 3 and 4 (by way of free fds >= 10,
+            # so that neither end is overwritten while the other moves)
             a, b = fcntl.fcntl(child_in, fcntl.F_DUPFD, 10), fcntl.fcntl(child_out, fcntl.F_DUPFD, 10)
-            os.dup2(a, 3), os.dup2(b, 4), os.close(a), os.close(b)
+            os.dup2(a, 3)
+            os.dup2(b, 4)
+            os.close(a)
+            os.close(b)
 
         self.log_path = workdir / "chromium.log"
         with open(self.log_path, "wb") as log:
@@ -294,7 +298,8 @@ class Chromium:
                                           "about:blank"], stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=subprocess.STDOUT, preexec_fn=at_3_and_4, close_fds=False,
                                          start_new_session=True)
-        os.close(child_in), os.close(child_out)
+        os.close(child_in)
+        os.close(child_out)
         self._buf, self._id, self.events = bytearray(), 0, []
 
     def _message(self) -> dict:
@@ -385,7 +390,8 @@ class Chromium:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-        os.close(self._in), os.close(self._out)
+        os.close(self._in)
+        os.close(self._out)
 
 
 TILES = """JSON.stringify([...document.querySelectorAll('#ID .t')].map(e => { const r = e.getBoundingClientRect();
