@@ -8,7 +8,8 @@
 3. select (select.py, dedup.py, balance.py, kept.py): semantic near-duplicates dropped within each finest
    cluster, then balanced sampling from the top of the tree down to the asked size; DEST/selection.parquet
    (a row per sample), DEST/report.json and the selection manifest that `train --data DEST` reads
-   (pipeline/selection.py). `--materialise` (materialise.py) also writes the kept samples as a shard set.
+   (pipeline/selection.py), and report.html (report*.py), the page a person looks at. `--materialise`
+   (materialise.py) also writes the kept samples as a shard set.
 
 The package reads data through pipeline/ and writes shards through shards/; the command line, the weights
 loaders and the metrics endpoint are in ops/ (ops/cli_curate.py), which hands the stages what they need.
