@@ -82,7 +82,7 @@ def embed(cfg: EmbedConfig, backbone: torch.nn.Module, info: dict, device: torch
         raise CurateError("--batch-size must be >= 1, --image-size >= 8, --workers >= 0")
     table = load_shard_table(cfg.data, on_rank0, storage=storage)
     dest, stems = Dest(cfg.out, storage), Stems(table.names)
-    meta = {"data": absolute_spec(cfg.data), "data_shards": len(table), "data_fingerprint": table.fingerprint(),
+    meta = {"data": absolute_spec(cfg.data), "data_base": table.base, "data_shards": len(table), "data_fingerprint": table.fingerprint(),
             "backbone": {k: v for k, v in info.items() if k != "file"}, "backbone_file": info.get("file"),
             "image_size": cfg.image_size, "transform": TRANSFORM}
     on_rank0(lambda: _claim(dest, meta))
@@ -96,7 +96,7 @@ def embed(cfg: EmbedConfig, backbone: torch.nn.Module, info: dict, device: torch
     return {"rank": rank, "world": world, "shards": len(todo), **counts}
 
 
-MOVABLE = ("data", "backbone_file")  # where the data and the weights are may change between runs; not what
+MOVABLE = ("data", "data_base", "backbone_file")  # where the data and the weights are may change between runs; not what
 
 
 def _claim(dest: Dest, meta: dict) -> None:

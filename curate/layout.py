@@ -62,6 +62,19 @@ class Stems:
         return stem.rsplit(".", 1)[0]
 
 
+def shard_urls(names, base: str):
+    """The shards' URLs as the stream reads them (pipeline.shard_table): a name relative to the data's folder
+    `base` joined to it; full URLs and absolute paths as they are. Arrow column in, arrow column out."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not base:
+        return names
+    absolute = pc.or_(pc.match_substring(names, "://"), pc.starts_with(names, "/"))
+    joined = pc.binary_join_element_wise(pa.scalar(base.rstrip("/")), names, "/")
+    return pc.if_else(absolute, names, joined)
+
+
 class Dest:
     """DEST through one Storage: whole-file reads and atomic writes (local: a temp file renamed into place after
     fsync; remote: one PUT, which appears complete or not at all)."""

@@ -11,7 +11,7 @@ together, and they are spread over every shard, so the embeddings are first re-p
   3. quotas: survivors per finest cluster -> balanced sampling (balance.py) -> quota per finest cluster.
   4. decide: per bucket, the survivors of each cluster with the smallest seeded hash of their reference are kept
      (exactly the quota); selection.parquet gets every row; kept references go to a sorted file per bucket.
-  5. the selection manifest (kept.py), report.json, manifest.json last.
+  5. the selection manifest (kept.py), report.json, report.html (report.py), manifest.json last.
 Work files live in DEST/.select-work/ (a local DEST) or a local temporary folder, and are removed at the end.
 Peak memory ~ 3 x max(--select-memory, the largest finest cluster's rows) (a bucket, sorted, and its vectors as
 numpy) + O(finest clusters) + the bucket pass's write buffers (256 MB); local disk ~ the embeddings' size.
@@ -39,7 +39,8 @@ from .cluster import centroids_name, load_npy
 from .dedup import greedy_dedup
 from .kept import refs, split_refs, write_kept, write_manifest
 from .kmeans import normalised
-from .layout import REPORT, SELECTION, TREE, CurateError, Dest, assign_name
+from .layout import REPORT, SELECTION, TREE, CurateError, Dest, assign_name, shard_urls
+from .report import write_report
 from .settings import SelectConfig
 from .tables import read_embeddings, read_index, vectors_of
 
@@ -57,6 +58,7 @@ class _Run:
     stems: list[str]
     shards: np.ndarray  # data shard index of each index row
     names: pa.Array  # data name of each index row
+    urls: pa.Array  # where each index row's shard is read: the name resolved against the data's folder
     parents: list[np.ndarray]
     k0: int
 
@@ -72,6 +74,7 @@ def select(cfg: SelectConfig, *, storage: Storage) -> dict:
         raise CurateError(f"{dest.location(TREE)} not found: run `mocostream curate cluster` into {dest.url} first")
     run = _Run(dest, _work_folder(dest, cfg, tree), index.column("stem").to_pylist(),
                index.column("shard").to_numpy(), index.column("name").combine_chunks(),
+               shard_urls(index.column("name").combine_chunks(), meta.get("data_base", "")),
                [np.asarray(p, np.int64) for p in tree["parents"]], int(tree["levels"][0]))
     try:
         sizes0 = _counts(run)
@@ -90,6 +93,7 @@ def select(cfg: SelectConfig, *, storage: Storage) -> dict:
         report = _report(cfg, tree, meta, index, n, kept, dropped, sizes0, after, budget, fingerprint, buckets)
         report["seconds"] = round(time.perf_counter() - t0, 3)
         dest.write_json(REPORT, report)
+        log.info("report: %s", write_report(dest.url, storage))
         write_manifest(dest, meta, fingerprint, n, kept)
     except BaseException:
         log.info("select stopped; its finished buckets stay in %s for a rerun", run.work)
@@ -255,7 +259,7 @@ def _decide(run: _Run, t: pa.Table, quotas: np.ndarray, seed: int, levels: int) 
     kept[order[rank < quotas[cluster[order]]]] = True
     shard, member = split_refs(ref)
     reason = np.where(kept, "kept", np.where(alive, "balanced_out", "duplicate"))
-    rows = {"key": t.column("key"), "shard": pc.take(run.names, pa.array(np.searchsorted(run.shards, shard))),
+    rows = {"key": t.column("key"), "shard": pc.take(run.urls, pa.array(np.searchsorted(run.shards, shard))),
             "member": pa.array(member.astype(np.int32)), "kept": pa.array(kept)}
     chain = cluster
     for i in range(levels):

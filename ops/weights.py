@@ -162,7 +162,7 @@ def load_frozen_backbone(path: str, arch: str | None, *, storage: Storage) -> tu
     if not arch:
         raise WeightsError(f"{path} does not say which encoder it is: give --arch ({', '.join(ARCHS)})")
     encoder = build_encoder(arch)(num_classes=1)
-    target = {k: v for k, v in encoder.state_dict().items() if not k.startswith(HEAD)}
+    target = {k: v for k, v in encoder.state_dict().items() if not k.startswith(HEADS)}
     problems = _mismatch(target, weights)
     if problems:
         raise WeightsError(f"{path} does not fit --arch {arch}: {'; '.join(problems)}")

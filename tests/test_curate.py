@@ -285,6 +285,8 @@ def test_selection_has_every_row_drops_planted_copies_and_meets_the_target(colle
     assert report["inputs"] == len(sel["key"]) and report["kept"] == 60
     assert report["dropped"]["duplicate"] == Counter(sel["reason"])["duplicate"] >= PLANTED * COPIES
     assert sum(report["cluster_sizes_after"]) == 60 and sum(report["cluster_sizes_before"]) == report["inputs"]
+    page = (selected / "report.html").read_text()  # the page a person opens, its thumbnails from the shards
+    assert page.count('src="data:image/jpeg;base64,') >= 24 and "no thumbnail" not in page
 
 
 def test_select_is_deterministic_and_the_same_through_many_buckets(embedded, selected, tmp_path):
