@@ -2,6 +2,7 @@
 
     python bench/learn_cifar.py --budget-minutes 30              # v1 and v2, on whatever device there is
     python bench/learn_cifar.py --budget-minutes 30 --recipes moco_v3   # v3: vit_tiny and the ResNet, one run each
+    python bench/learn_cifar.py --budget-minutes 10 --recipes moco_v1 --peer lightly   # ours on CPU 0, the peer on 1
 
 Steps: extract `../shared/data/cifar10-jpg.tar.gz`; `mocostream shards create` on `train/` (tar shards);
 kNN top-1 on `test/` of the randomly initialised encoder (the starting point of training: same seed);
@@ -18,10 +19,27 @@ the compute of 32-px ones and learned as much per step (kNN after 600 steps: 38.
 RandomResizedCrop enlarges objects, so a net trained on smaller crops sees test images at 32 px at about the
 object size it trained on (the FixRes effect); kNN is always measured on the 32-px images. On a GPU:
 `resnet18_cifar`, batch 512, base lr 0.06, as the reference CIFAR demo. Both: K 4096, m 0.99, weight decay 5e-4
-(the demo's), 100 warmup steps, cosine lr, `--compile` (the step 1.3x faster on CPU); the recipe presets set head
-and augmentation. T per recipe: v1 0.1 (the demo's; 0.07 learned alike), v2 0.2 (its own). On CPU v2, with its MLP
+(the demo's), 100 warmup steps, cosine lr; the recipe presets set head and augmentation. `--compile` on a GPU
+only: on CPU (AMD EPYC, fp32, one core) a cold compile took ~250 CPU-seconds (645 s of a contended core: a whole
+10-minute budget) for a step only ~1.05-1.1x faster; with a warm cache (kept in the workdir) it cost ~10 s more
+start-up than eager and still did not pay back in 5 minutes. T per recipe: v1 0.1 (the demo's; 0.07 learned alike), v2 0.2 (its own). On CPU v2, with its MLP
 head, wants half v1's lr: 0.15 (cosine ending at 1,400 steps, kNN with 500 images per class: lr 0.6 35.5 %, 0.3
 41.1 %, 0.15 42.3 %, 0.075 42.6 %; T 0.1 at lr 0.3 40.0 %). Shards: `--shuffle`.
+
+The peer (`--peer lightly`, bench/cifar_peer.py and bench/peer_lightly_moco.py): lightly 1.6's CIFAR-10 MoCo
+example in its own venv, with our backbone's architecture (lightly's ResNet-18 at the same width: same layers,
+names after renaming, parameter count and function, checked), fp32, the same budget, batch, data (train/'s
+JPEGs through lightly's own dataset and MoCoV2Transform) and DataLoader workers as ours has loader workers. It
+runs beside the first recipe's run, each pinned with taskset (`--ours-cpus`, default 0; `--peer-cpus`, default 1),
+and its backbone is scored by the same `mocostream eval knn`, before and after. The summary prints the CPU model,
+each run's steady img/s and its time before steady state (what the first log interval took beyond its images'
+time at the steady speed: first batch, compilation, warm-up).
+
+Learning curve (`--curve-minutes`, default a tenth of the budget): kNN top-1 on a fixed subset
+(`--curve-per-class` images per class of train/ as the bank and of test/ as queries) every mark, for ours (a
+checkpoint every `--curve-steps` steps, the first at or after each mark scored after the run, so scoring never
+slows training) and the peer (its backbone saved at each mark): learning-curve.json and learning-curve.png in the
+workdir, top-1 against images seen and against minutes.
 
 moco_v3 runs once per backbone of `--v3-archs` (default: `vit_tiny` and the ResNet above), with its recipe's
 optimizer, momentum schedule (m 0.99 rising to 1 with the clock) and asymmetric augmentation, and the settings the
@@ -62,6 +80,7 @@ CPU_BASE_LR = {"moco_v1": 0.3, "moco_v2": 0.15, "moco_v3": {"vit": 5e-4, "resnet
 V3_WEIGHT_DECAY = {"vit": 0.1, "resnet": 1e-5}
 DATA = REPO.parent / "shared" / "data" / "cifar10-jpg.tar.gz"
 PEERS = ("lightly",)
+LOG_EVERY = 20  # steps per log line of a run: the intervals its steady speed is read from
 PEER_WIDTH = {"resnet18_cifar_half": 0.5, "resnet18_cifar": 1.0}  # our backbone -> the peer's ResNet-18 width
 
 
@@ -112,7 +131,7 @@ def train_flags(args, recipe: str, arch: str, shards: Path, ckpt: Path) -> list[
              # the learning curve's snapshots: a checkpoint every few steps, all kept, scored after the run
              "--checkpoint-every", str(args.curve_steps if curve else 10 ** 9),
              "--keep-checkpoints", str(10 ** 6 if curve else 2),
-             "--metrics-port", "0", "--no-progress", "--log-every", "20", "--workers", str(args.workers),
+             "--metrics-port", "0", "--no-progress", "--log-every", str(LOG_EVERY), "--workers", str(args.workers),
              "--device", args.device, "--backend", args.backend, "--seed", "0"]
     if args.compile:
         flags += ["--compile"]
@@ -134,8 +153,15 @@ def start_train(args, recipe: str, arch: str, shards: Path, work: Path) -> dict:
     cmd = pinned([sys.executable, "-m", "mocostream.ops.cli", *train_flags(args, recipe, arch, shards, ckpt)],
                  args.ours_cpus)
     with open(out, "w") as fo, open(err, "w") as fe:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fo, stderr=fe, text=True, env={**os.environ, **compile_env(args, work)})
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fo, stderr=fe, text=True,
+                                env={**os.environ, **compile_env(args, work)})
     return {"proc": proc, "ckpt": ckpt, "out": out, "err": err, "t0": time.monotonic()}
+
+
+def compile_env(args, work: Path) -> dict:
+    """With --compile, torch's compile caches (FX graphs, AOT autograd) in the workdir: a rerun with the same
+    --workdir starts from them."""
+    return {"TORCHINDUCTOR_CACHE_DIR": str(work / "inductor-cache")} if args.compile else {}
 
 
 def finish_train(args, run: dict) -> dict:
@@ -150,18 +176,28 @@ def finish_train(args, run: dict) -> dict:
         sys.exit(f"training failed ({proc.returncode}):\n{err[-3000:]}")
     summary = last_json(run["out"].read_text())
     rates = [float(r) for r in re.findall(r"step \d+ \| ([\d.]+) img/s", err)]
-    summary.update(steady_state(rates, summary["step"] * args.batch_size, summary["train_seconds"]))
+    summary.update(steady_state(rates, LOG_EVERY * args.batch_size))
     summary["wall_seconds"] = time.monotonic() - run["t0"]
     summary["checkpoint_dir"] = str(run["ckpt"])
     return summary
 
 
-def steady_state(rates: list[float], images: int, seconds: float) -> dict:
-    """The steady speed: the median --log-every interval after the first (start-up; single intervals swing
-    +-15 %); and the time before steady state: the run's seconds minus those its images take at that speed
-    (compilation, first batch, warm-up: what a time box loses to start-up)."""
-    steady = statistics.median(rates[1:]) if len(rates) > 1 else images / max(seconds, 1e-9)
-    return {"steady_images_per_second": steady, "seconds_before_steady": max(0.0, seconds - images / steady)}
+def steady_state(rates: list[float], interval_images: int) -> dict:
+    """From the img/s of each log interval: the steady speed, the median interval after the first (single intervals
+    swing +-15 %, more on a shared CPU); and the time before steady state, what the first interval took beyond
+    its images' time at that speed: first batch, compilation, warm-up (start-up lives in the first steps; the
+    rest of the run's ups and downs are the machine's, not start-up's)."""
+    if len(rates) < 2:  # too short a run to tell start-up from steady work
+        return {"steady_images_per_second": None, "seconds_before_steady": None}
+    steady = statistics.median(rates[1:])
+    return {"steady_images_per_second": steady,
+            "seconds_before_steady": max(0.0, interval_images / rates[0] - interval_images / steady)}
+
+
+def speed(run: dict) -> tuple[str, str]:
+    """(steady img/s, time before steady state) of a run's summary, as text ("n/a" for a run too short to tell)."""
+    rate, before = run["steady_images_per_second"], run["seconds_before_steady"]
+    return ("n/a" if rate is None else f"{rate:.1f}"), ("n/a" if before is None else f"{before:.0f} s")
 
 
 def knn(args, data: Path, checkpoint: str | None, arch: str) -> dict:
@@ -196,8 +232,10 @@ def parse_args() -> argparse.Namespace:
                    help="augmentation backend (auto: DALI on a GPU, OpenCV workers on CPU)")
     p.add_argument("--workers", type=int, default=2, help="loader workers: DALI CPU threads or OpenCV processes "
                                                           "(the peer: DataLoader workers)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="torch.compile the encoders (CPU: 1.3x the step speed; its ~15-70 s are part of the budget)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile the encoders (default: on a GPU; not on CPU, where a cold compile takes "
+                        "minutes of the budget and the compiled step is only ~1.05-1.1x faster); its caches are "
+                        "kept in the workdir")
     p.add_argument("--knn-max-per-class", type=int, default=0,
                    help="cap images per class in bank and test set (0: all 50,000 / 10,000)")
     p.add_argument("--peer", choices=PEERS, help="also run this peer (lightly: its CIFAR-10 MoCo example, "
@@ -224,6 +262,7 @@ def resolve(args) -> None:
     args.arch = args.arch or ("resnet18_cifar" if gpu else "resnet18_cifar_half")
     args.batch_size = args.batch_size or (512 if gpu else 128)
     args.train_size = args.train_size or (32 if gpu else 24)
+    args.compile = gpu if args.compile is None else args.compile
     if args.peer:
         if args.precision not in (None, "fp32") or args.arch not in PEER_WIDTH:
             sys.exit(f"--peer {args.peer} trains fp32 with one of {', '.join(PEER_WIDTH)}: "
@@ -273,13 +312,13 @@ def main() -> int:
         run = finish_train(args, handle)
         if peer_run:
             peer = finish_peer(peer_run, work / "peer", timeout=60 * args.budget_minutes + 600)
-            peer.update(steady_state(peer["rates"], peer["images"], peer["train_seconds"]))
+            peer.update(steady_state(peer["rates"], peer["log_every"] * args.batch_size))
         result = knn(args, data, run["checkpoint_dir"], arch)
         rows.append((recipe, arch, run, result, run["step"] * args.batch_size))
         print(f"{recipe} ({arch}): {run['step']} steps, {rows[-1][4]} images in {run['train_seconds'] / 60:.1f} min "
               f"({run['wall_seconds'] / 60:.1f} min with start-up and checkpoints), {run['images_per_second']:.1f} "
-              f"img/s (steady {run['steady_images_per_second']:.1f}, {run['seconds_before_steady']:.0f} s before "
-              f"it), loss {run['loss']:.3f}; kNN top-1 {100 * result['top1']:.2f}%", flush=True)
+              f"img/s (steady %s, %s before it), loss {run['loss']:.3f}; kNN top-1 {100 * result['top1']:.2f}%"
+              % speed(run), flush=True)
     peer_rows = score_peer(args, data, work, peer) if peer else []
     report(args, baselines, rows, peer_rows)
     if args.curve_minutes > 0:
@@ -297,8 +336,8 @@ def score_peer(args, data: Path, work: Path, peer: dict) -> list[tuple]:
     after = knn(args, data, str(as_checkpoint(last, work / "peer" / "eval-last.pt", args.arch)), args.arch)
     print(f"{peer['peer']} MoCo example ({args.arch}, {ours:,} backbone parameters as ours): {peer['step']} steps, "
           f"{peer['images']} images in {peer['train_seconds'] / 60:.1f} min, {peer['images_per_second']:.1f} img/s "
-          f"(steady {peer['steady_images_per_second']:.1f}, {peer['seconds_before_steady']:.0f} s before it), "
-          f"loss {peer['loss']}; kNN top-1 {100 * before['top1']:.2f}% -> {100 * after['top1']:.2f}%", flush=True)
+          f"(steady %s, %s before it), loss {peer['loss']:.3f}; kNN top-1 {100 * before['top1']:.2f}% -> "
+          f"{100 * after['top1']:.2f}%" % speed(peer), flush=True)
     return [(peer, before, after)]
 
 
@@ -316,13 +355,12 @@ def report(args, baselines: dict, rows: list, peer_rows: list) -> None:
     for recipe, arch, run, result, images in rows:
         temperature, base_lr, _ = recipe_settings(args, recipe, arch)
         print(f"| {recipe} ({arch}) | {temperature:g} | {base_lr:g} per 256 | {images:,} ({images / 50000:.1f} "
-              f"epochs) | {run['steady_images_per_second']:.1f} | {run['seconds_before_steady']:.0f} s | "
-              f"{100 * result['top1']:.2f}% | {100 * (result['top1'] - baselines[arch]['top1']):+.2f} pts |")
+              f"epochs) | %s | %s | {100 * result['top1']:.2f}% | "
+              f"{100 * (result['top1'] - baselines[arch]['top1']):+.2f} pts |" % speed(run))
     for peer, before, after in peer_rows:
         print(f"| {peer['peer']} MoCo example ({args.arch} equivalent) | 0.1 | 0.06 | {peer['images']:,} "
-              f"({peer['images'] / 50000:.1f} epochs) | {peer['steady_images_per_second']:.1f} | "
-              f"{peer['seconds_before_steady']:.0f} s | {100 * after['top1']:.2f}% | "
-              f"{100 * (after['top1'] - before['top1']):+.2f} pts (init {100 * before['top1']:.2f}%) |")
+              f"({peer['images'] / 50000:.1f} epochs) | %s | %s | {100 * after['top1']:.2f}% | "
+              f"{100 * (after['top1'] - before['top1']):+.2f} pts (init {100 * before['top1']:.2f}%) |" % speed(peer))
 
 
 def curves(args, data: Path, work: Path, rows: list, peer: dict | None) -> None:

@@ -68,7 +68,7 @@ def write_curves(curves: dict[str, list[dict]], meta: dict, json_path: Path, png
     axes[0].set_ylabel(f"kNN top-1 (%), {meta.get('subset', 'subset')}")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(loc="lower right", fontsize="small")
+    axes[1].legend(loc="best", fontsize="small")
     fig.suptitle(meta.get("title", "kNN top-1 during training"), fontsize="medium")
     fig.tight_layout()
     fig.savefig(png_path, dpi=110)

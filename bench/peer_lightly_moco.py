@@ -125,6 +125,8 @@ def train(args) -> dict:
             snapshots.append(snapshot(out, backbone, step, step * args.batch_size, now))
             next_mark += 60 * args.snapshot_minutes
     seconds = time.perf_counter() - t0
+    if step and step % args.log_every:
+        losses.append(loss.item())  # the last step's, whether or not it was a log step
     if snapshots[-1]["step"] != step:
         snapshots.append(snapshot(out, backbone, step, step * args.batch_size, seconds))
     return summary(args, backbone, step, seconds, rates, losses, snapshots)

@@ -23,7 +23,9 @@ import learn_curve  # noqa: E402
 def lightly_python() -> Path | None:
     """A python that imports lightly: this one, or the bench's peer venv if `--peer lightly` made it."""
     for python in (Path(sys.executable), cifar_peer.DEFAULT_VENV / "bin" / "python"):
-        if python.exists() and subprocess.run([str(python), "-c", "import lightly"], capture_output=True).returncode == 0:
+        imports = python.exists() and subprocess.run([str(python), "-c", "import lightly"],
+                                                     stderr=subprocess.DEVNULL).returncode == 0
+        if imports:
             return python
     return None
 
@@ -35,10 +37,13 @@ NO_LIGHTLY = ("lightly is not installed here; `python bench/cifar_peer.py --inst
 def test_steady_state_is_the_median_after_the_first_interval_and_the_rest_is_start_up():
     # 20 steps of 128 images per interval: 30 s of start-up in the first, then ~50 img/s
     rates = [2560 / (2560 / 50 + 30), 50.0, 52.0, 48.0, 50.0, 51.0]
-    images, seconds = 6 * 2560, 6 * 2560 / 50 + 30
-    result = learn_cifar.steady_state(rates, images, seconds)
+    result = learn_cifar.steady_state(rates, 2560)
     assert result["steady_images_per_second"] == 50.0
     assert result["seconds_before_steady"] == pytest.approx(30.0)
+    # a later slow stretch (a neighbour's burst) is not start-up
+    assert learn_cifar.steady_state([*rates, 10.0, 10.0], 2560)["seconds_before_steady"] == pytest.approx(30.0)
+    assert learn_cifar.steady_state(rates[:1], 2560) == {"steady_images_per_second": None,
+                                                          "seconds_before_steady": None}
 
 
 def test_curve_marks_take_the_first_checkpoint_at_or_after_each_mark_and_the_last():
