@@ -22,9 +22,10 @@ object size it trained on (the FixRes effect); kNN is always measured on the 32-
 (the demo's), 100 warmup steps, cosine lr; the recipe presets set head and augmentation. `--compile` on a GPU
 only: on CPU (AMD EPYC, fp32, one core) a cold compile took ~250 CPU-seconds (645 s of a contended core: a whole
 10-minute budget) for a step only ~1.05-1.1x faster; with a warm cache (kept in the workdir) it cost ~10 s more
-start-up than eager and still did not pay back in 5 minutes. T per recipe: v1 0.1 (the demo's; 0.07 learned alike), v2 0.2 (its own). On CPU v2, with its MLP
-head, wants half v1's lr: 0.15 (cosine ending at 1,400 steps, kNN with 500 images per class: lr 0.6 35.5 %, 0.3
-41.1 %, 0.15 42.3 %, 0.075 42.6 %; T 0.1 at lr 0.3 40.0 %). Shards: `--shuffle`.
+start-up than eager and still did not pay back in 5 minutes. T per recipe: v1 0.1 (the demo's; 0.07 learned
+alike), v2 0.2 (its own). On CPU v2, with its MLP head, wants half v1's lr: 0.15 (cosine ending at 1,400 steps,
+kNN with 500 images per class: lr 0.6 35.5 %, 0.3 41.1 %, 0.15 42.3 %, 0.075 42.6 %; T 0.1 at lr 0.3 40.0 %).
+Shards: `--shuffle`.
 
 The peer (`--peer lightly`, bench/cifar_peer.py and bench/peer_lightly_moco.py): lightly 1.6's CIFAR-10 MoCo
 example in its own venv, with our backbone's architecture (lightly's ResNet-18 at the same width: same layers,
@@ -309,16 +310,22 @@ def main() -> int:
         peer_run = start_peer(peer_python, data / "train", work / "peer", args.budget_minutes, args.curve_minutes,
                               args.batch_size, args.workers, PEER_WIDTH[arch], args.peer_cpus) \
             if peer_python and i == 0 else None
-        run = finish_train(args, handle)
+        try:
+            run = finish_train(args, handle)
+        except BaseException:  # ours failed: the peer beside it has nothing to be compared with
+            if peer_run:
+                peer_run.kill()
+            raise
         if peer_run:
             peer = finish_peer(peer_run, work / "peer", timeout=60 * args.budget_minutes + 600)
             peer.update(steady_state(peer["rates"], peer["log_every"] * args.batch_size))
         result = knn(args, data, run["checkpoint_dir"], arch)
         rows.append((recipe, arch, run, result, run["step"] * args.batch_size))
+        rate, before = speed(run)
         print(f"{recipe} ({arch}): {run['step']} steps, {rows[-1][4]} images in {run['train_seconds'] / 60:.1f} min "
               f"({run['wall_seconds'] / 60:.1f} min with start-up and checkpoints), {run['images_per_second']:.1f} "
-              f"img/s (steady %s, %s before it), loss {run['loss']:.3f}; kNN top-1 {100 * result['top1']:.2f}%"
-              % speed(run), flush=True)
+              f"img/s (steady {rate}, {before} before it), loss {run['loss']:.3f}; kNN top-1 "
+              f"{100 * result['top1']:.2f}%", flush=True)
     peer_rows = score_peer(args, data, work, peer) if peer else []
     report(args, baselines, rows, peer_rows)
     if args.curve_minutes > 0:
@@ -334,10 +341,11 @@ def score_peer(args, data: Path, work: Path, peer: dict) -> list[tuple]:
     first, last = (Path(peer["snapshots"][i]["path"]) for i in (0, -1))
     before = knn(args, data, str(as_checkpoint(first, work / "peer" / "eval-first.pt", args.arch)), args.arch)
     after = knn(args, data, str(as_checkpoint(last, work / "peer" / "eval-last.pt", args.arch)), args.arch)
+    rate, start_up = speed(peer)
     print(f"{peer['peer']} MoCo example ({args.arch}, {ours:,} backbone parameters as ours): {peer['step']} steps, "
           f"{peer['images']} images in {peer['train_seconds'] / 60:.1f} min, {peer['images_per_second']:.1f} img/s "
-          f"(steady %s, %s before it), loss {peer['loss']:.3f}; kNN top-1 {100 * before['top1']:.2f}% -> "
-          f"{100 * after['top1']:.2f}%" % speed(peer), flush=True)
+          f"(steady {rate}, {start_up} before it), loss {peer['loss']:.3f}; kNN top-1 {100 * before['top1']:.2f}% -> "
+          f"{100 * after['top1']:.2f}%", flush=True)
     return [(peer, before, after)]
 
 
@@ -354,20 +362,25 @@ def report(args, baselines: dict, rows: list, peer_rows: list) -> None:
         print(f"| random init ({arch}) | – | – | 0 | – | – | {100 * base['top1']:.2f}% | – |")
     for recipe, arch, run, result, images in rows:
         temperature, base_lr, _ = recipe_settings(args, recipe, arch)
+        rate, before = speed(run)
         print(f"| {recipe} ({arch}) | {temperature:g} | {base_lr:g} per 256 | {images:,} ({images / 50000:.1f} "
-              f"epochs) | %s | %s | {100 * result['top1']:.2f}% | "
-              f"{100 * (result['top1'] - baselines[arch]['top1']):+.2f} pts |" % speed(run))
+              f"epochs) | {rate} | {before} | {100 * result['top1']:.2f}% | "
+              f"{100 * (result['top1'] - baselines[arch]['top1']):+.2f} pts |")
     for peer, before, after in peer_rows:
+        rate, start_up = speed(peer)
         print(f"| {peer['peer']} MoCo example ({args.arch} equivalent) | 0.1 | 0.06 | {peer['images']:,} "
-              f"({peer['images'] / 50000:.1f} epochs) | %s | %s | {100 * after['top1']:.2f}% | "
-              f"{100 * (after['top1'] - before['top1']):+.2f} pts (init {100 * before['top1']:.2f}%) |" % speed(peer))
+              f"({peer['images'] / 50000:.1f} epochs) | {rate} | {start_up} | {100 * after['top1']:.2f}% | "
+              f"{100 * (after['top1'] - before['top1']):+.2f} pts (init {100 * before['top1']:.2f}%) |")
 
 
 def curves(args, data: Path, work: Path, rows: list, peer: dict | None) -> None:
     """kNN top-1 on the fixed subset at each curve mark, for each run: JSON and PNG in the workdir."""
     found = {}
     for recipe, arch, run, _, _ in rows:
-        marks = at_marks(checkpoint_times(Path(run["checkpoint_dir"])), 60 * args.curve_minutes)
+        saved = checkpoint_times(Path(run["checkpoint_dir"]))
+        marks = at_marks(saved, 60 * args.curve_minutes)
+        for unused in {c["path"] for c in saved} - {c["path"] for c in marks}:
+            Path(unused).unlink()  # ~36 MB each; the curve's and the final one stay
         found[f"ours: {recipe} ({arch})"] = curve(data, [{"step": 0, "train_seconds": 0.0}, *marks], arch,
                                                   args.batch_size, args.curve_per_class)
     if peer:
