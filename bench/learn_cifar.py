@@ -265,6 +265,8 @@ def resolve(args) -> None:
     args.train_size = args.train_size or (32 if gpu else 24)
     args.compile = gpu if args.compile is None else args.compile
     if args.peer:
+        if gpu:
+            sys.exit(f"--peer {args.peer} is a CPU comparison (the peer trains on CPU): give --device cpu")
         if args.precision not in (None, "fp32") or args.arch not in PEER_WIDTH:
             sys.exit(f"--peer {args.peer} trains fp32 with one of {', '.join(PEER_WIDTH)}: "
                      f"give --precision fp32 and one of those --arch")
