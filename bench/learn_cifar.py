@@ -22,10 +22,10 @@ object size it trained on (the FixRes effect); kNN is always measured on the 32-
 (the demo's), 100 warmup steps, cosine lr; the recipe presets set head and augmentation. `--compile` on a GPU
 only: on CPU (AMD EPYC, fp32, one core) a cold compile took ~250 CPU-seconds (645 s of a contended core: a whole
 10-minute budget) for a step only ~1.05-1.1x faster; with a warm cache (kept in the workdir) its first 20 steps
-took ~7 s longer than eager ones and 5 minutes gave 124 steps against eager's 127. T per recipe: v1 0.1 (the demo's; 0.07 learned
-alike), v2 0.2 (its own). On CPU v2, with its MLP head, wants half v1's lr: 0.15 (cosine ending at 1,400 steps,
-kNN with 500 images per class: lr 0.6 35.5 %, 0.3 41.1 %, 0.15 42.3 %, 0.075 42.6 %; T 0.1 at lr 0.3 40.0 %).
-Shards: `--shuffle`.
+took ~7 s longer than eager ones and 5 minutes gave 124 steps against eager's 127. T per recipe: v1 0.1 (the
+demo's; 0.07 learned alike), v2 0.2 (its own). On CPU v2, with its MLP head, wants half v1's lr: 0.15 (cosine
+ending at 1,400 steps, kNN with 500 images per class: lr 0.6 35.5 %, 0.3 41.1 %, 0.15 42.3 %, 0.075 42.6 %;
+T 0.1 at lr 0.3 40.0 %). Shards: `--shuffle`.
 
 The peer (`--peer lightly`, bench/cifar_peer.py and bench/peer_lightly_moco.py): lightly 1.6's CIFAR-10 MoCo
 example in its own venv, with our backbone's architecture (lightly's ResNet-18 at the same width: same layers,
