@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.nn as nn
 
-from mocostream.pipeline.filesystems import Storage
+from mocostream.pipeline.filesystems import Storage, is_remote
 
 from . import checkpoint
 
@@ -149,12 +149,20 @@ def read_backbone_file(path: str, *, storage: Storage) -> tuple[dict[str, torch.
     return _plain_state_dict(obj, path), arch, digest
 
 
+def weights_file(path: str, *, storage: Storage) -> str:
+    """A file as it is; a checkpoint folder (or s3:// prefix): its latest checkpoint."""
+    fs, where = storage.filesystem(path)
+    folder = storage.retrying(f"list {path}", lambda: fs.isdir(where)) if is_remote(path) else fs.isdir(where)
+    return resolve_checkpoint(path, storage=storage) if folder else path
+
+
 def load_frozen_backbone(path: str, arch: str | None, *, storage: Storage) -> tuple[nn.Module, dict]:
-    """The backbone (projection head removed) of a weights file as an eval-mode module without gradients, and
-    what it is: {arch, file, sha256}. `arch`: needed when the file does not name one (a torchvision or timm
-    state_dict); checked against the file's own otherwise."""
+    """The backbone (projection head removed) of a weights file, or of a checkpoint folder's latest checkpoint,
+    as an eval-mode module without gradients, and what it is: {arch, file, sha256}. `arch`: needed when the file
+    does not name one (a torchvision or timm state_dict); checked against the file's own otherwise."""
     from mocostream.moco_core import ARCHS, backbone_of, build_encoder
 
+    path = weights_file(path, storage=storage)
     weights, named, digest = read_backbone_file(path, storage=storage)
     if arch and named and arch != named:
         raise WeightsError(f"{path} holds a {named} backbone, not --arch {arch}")

@@ -174,6 +174,31 @@ def test_greedy_dedup_keeps_the_first_of_each_group():
 
 
 # ---- embed -------------------------------------------------------------------------------------------------
+def test_the_embedder_may_be_a_checkpoint_folder_its_latest_checkpoint_is_used(tmp_path):
+    """--embed-with DIR (what `train --checkpoint-dir` leaves): the newest checkpoint's query backbone."""
+    import torch
+
+    from mocostream.moco_core import build_encoder
+    from mocostream.ops.weights import load_frozen_backbone
+    from mocostream.pipeline.filesystems import Storage
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step in (2, 10):  # 10 sorts after 2 by step, before it by name
+        torch.manual_seed(step)
+        state = build_encoder(ARCH)(num_classes=1).state_dict()
+        torch.save({"model": {f"encoder_q.{k}": v for k, v in state.items()}, "config": {"arch": ARCH}},
+                   folder / f"checkpoint-{step:08d}.pt")
+    backbone, info = load_frozen_backbone(str(folder), None, storage=Storage())
+    assert info["arch"] == ARCH and info["file"].endswith("checkpoint-00000010.pt")
+    weights = [v for k, v in state.items() if not k.startswith("fc.") and v.is_floating_point()]
+    assert len(weights) > 10
+    loaded = [v for v in backbone.state_dict().values() if v.is_floating_point()]
+    assert all(torch.equal(a, b) for a, b in zip(loaded, weights, strict=True))
+    with pytest.raises(ValueError, match="no checkpoint in"):
+        load_frozen_backbone(str(tmp_path), None, storage=Storage())
+
+
 def test_embed_writes_every_sample_once_with_its_member_index(collection, embedded, tmp_path):
     from mocostream.pipeline.filesystems import Storage
     from mocostream.pipeline.readers import read_samples
