@@ -31,6 +31,7 @@ COPY pyproject.toml README.md ./
 COPY pipeline ./pipeline
 COPY moco_core ./moco_core
 COPY shards ./shards
+COPY curate ./curate
 COPY ops ./ops
 # The same install as the README's Quick start: the pinned dependencies come from pyproject.toml alone.
 RUN python3.11 -m venv /opt/venv && /opt/venv/bin/pip install --no-cache-dir .
