@@ -6,7 +6,8 @@ embeddings/ is written here (what `curate embed` would write), without images or
 
 The vectors: a mixture of --concepts concepts with Zipf-distributed weights (a long tail: the rarest concepts
 have a handful of members), each member its concept's centre plus noise; duplicate bursts (a few images copied
-hundreds to thousands of times with a tiny change, --burst-share of the data); all L2-normalised, stored fp16
+hundreds to thousands of times with a tiny change, --burst-share of the data); with --common, a shared
+non-negative component added to every vector; all L2-normalised, stored fp16
 in shards of --per-shard vectors. Each stage runs in a child process of its own, which reports its wall time
 and its peak RSS (VmHWM): fit time, assignment vectors/s per core, selection time, and the truth: how many
 copies of each burst survive dedup and how balanced the kept set is over the concepts.
@@ -62,6 +63,8 @@ def synthesize(dest: Path, args) -> dict:
     kind = np.concatenate([rng.choice(args.concepts, args.vectors - int(burst_sizes.sum()), p=weights),
                            -1 - np.repeat(np.arange(bursts), burst_sizes)])
     rng.shuffle(kind)
+    common = np.abs(np.random.default_rng(99).standard_normal(args.dim)).astype(np.float32)
+    common *= args.common / np.linalg.norm(common)
     (dest / "embeddings").mkdir(parents=True)
     shards = -(-args.vectors // args.per_shard)
     for s in range(shards):
@@ -70,6 +73,9 @@ def synthesize(dest: Path, args) -> dict:
         noise = np.where(k >= 0, args.spread, 1e-3)[:, None]
         x = x + noise * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(args.dim)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
+        if args.common:  # a shared non-negative component, as pooled post-ReLU features have
+            x += common
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
         t = embedding_table([f"s{s}-{i}" for i in range(len(k))], f"synthetic-{s:06d}.tar",
                             np.arange(len(k), dtype=np.int32), x.astype(np.float16), {"samples": len(k), "skipped": 0})
         pq.write_table(t, dest / "embeddings" / f"synthetic-{s:06d}.parquet")
@@ -149,6 +155,9 @@ def main() -> None:
     p.add_argument("--zipf", type=float, default=1.1, help="concept weights ~ 1 / rank^zipf")
     p.add_argument("--spread", type=float, default=0.6, help="noise of a concept's members (norm)")
     p.add_argument("--burst-share", type=float, default=0.1)
+    p.add_argument("--common", type=float, default=0.0,
+                   help="norm of a fixed non-negative vector added to every (unit) vector before it is normalised "
+                        "again, as ReLU features share one (3: raw cosines ~0.9 between unrelated vectors)")
     p.add_argument("--levels", help="as curate's --levels (default: its rule)")
     p.add_argument("--fit-sample", type=int, default=1_000_000)
     p.add_argument("--iterations", type=int, default=10)

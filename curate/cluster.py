@@ -2,11 +2,14 @@
 
 1. A sample of at most `fit_sample` vectors, uniform over the rows of the shards read for it (all shards when
    the data has at most 4x the sample, else a seeded random subset of shards holding about 4x the sample).
+   Its mean vector is DEST/clusters/mean.npy; every comparison of the tree and of select's dedup is made on
+   centred vectors, (v - mean) / |v - mean| (kmeans.centred): the embeddings of a ReLU backbone are all
+   non-negative, so without it any two images are similar (cosine ~0.96 to the nearest other image).
 2. Level 0 (finest): spherical k-means on the sample (kmeans.py). Level i+1: spherical k-means on the level-i
    centroids, each centroid one point whatever its cluster's size, so dense regions (a repost storm, a junk
    template) do not take over the coarse levels; parents[i][c] = the level-(i+1) centroid nearest to c.
-3. Every vector assigned to its nearest level-0 centroid, shard by shard (every world-th shard per rank under
-   torchrun), into DEST/clusters/assign/<stem>.npy; a shard's file is skipped by a rerun.
+3. Every (centred) vector assigned to its nearest level-0 centroid, shard by shard (every world-th shard per rank
+   under torchrun), into DEST/clusters/assign/<stem>.npy; a shard's file is skipped by a rerun.
 Rank 0 fits while the others wait; the fit is skipped when DEST/clusters/tree.json holds one made with the same
 options from the same embeddings, and refused when it was made with others.
 """
@@ -23,8 +26,8 @@ import numpy as np
 from mocostream.pipeline.filesystems import Storage
 
 from .group import barrier, mine, on_rank0, rank_world
-from .kmeans import Assigner, kmeans
-from .layout import ASSIGN, TREE, CurateError, Dest, assign_name
+from .kmeans import Assigner, centred, kmeans
+from .layout import ASSIGN, MEAN, TREE, CurateError, Dest, assign_name
 from .levels import check_levels, level_sizes, rule_text
 from .tables import listing, read_embeddings, read_index, vectors_of
 
@@ -60,6 +63,16 @@ def load_npy(dest: Dest, name: str) -> np.ndarray:
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 
+def load_mean(dest: Dest) -> np.ndarray:
+    """The fit sample's mean vector; a DEST clustered without one (by a version that compared raw vectors) must
+    be clustered again: its tree and assignments were made on uncentred vectors."""
+    raw = dest.read_bytes(MEAN)
+    if raw is None:
+        raise CurateError(f"{dest.location(MEAN)} not found: DEST/clusters was made on uncentred vectors; remove "
+                          f"DEST/clusters and rerun `mocostream curate cluster --out {dest.url}`, then select")
+    return np.load(io.BytesIO(raw), allow_pickle=False)
+
+
 def cluster(cfg: ClusterConfig, *, storage: Storage) -> dict:
     """Fit (rank 0, unless done) and assign this rank's shards; returns the tree's shape and this rank's counts."""
     if cfg.fit_sample < 1 or cfg.iterations < 1:
@@ -73,7 +86,7 @@ def cluster(cfg: ClusterConfig, *, storage: Storage) -> dict:
     check_levels(levels, n, fit_n)
     options = {**asdict(cfg), "levels": levels, "out": None, "embeddings": _index_digest(index)}
     tree = on_rank0(lambda: _fitted(dest, index, options, fit_n, cfg))
-    assigner = Assigner(load_npy(dest, centroids_name(0)))
+    assigner, mean = Assigner(load_npy(dest, centroids_name(0))), load_mean(dest)
     done = on_rank0(lambda: listing(dest, ASSIGN, ".npy"))
     stems = index.column("stem").to_pylist()
     todo = [j for j in mine(len(stems)) if assign_name(stems[j]) not in done]
@@ -81,7 +94,7 @@ def cluster(cfg: ClusterConfig, *, storage: Storage) -> dict:
     assigned = 0
     for j in todo:
         vectors = vectors_of(read_embeddings(dest, stems[j], ("vector",)))
-        dest.write_bytes(assign_name(stems[j]), npy_bytes(assigner(vectors)[0]))
+        dest.write_bytes(assign_name(stems[j]), npy_bytes(assigner(centred(vectors, mean))[0]))
         assigned += len(vectors)
     seconds = time.perf_counter() - t0
     barrier()
@@ -111,12 +124,16 @@ def _fitted(dest: Dest, index, options: dict, fit_n: int, cfg: ClusterConfig) ->
         return old
     t0 = time.perf_counter()
     sample = _sample(dest, index, fit_n, cfg.seed)
-    centroids, parents = fit_tree(sample, options["levels"], cfg.iterations, cfg.seed)
+    mean = sample.mean(axis=0, dtype=np.float64).astype(np.float32)
+    dest.write_bytes(MEAN, npy_bytes(mean))
+    centroids, parents = fit_tree(centred(sample, mean, inplace=True), options["levels"], cfg.iterations, cfg.seed)
     for level, c in enumerate(centroids):
         dest.write_bytes(centroids_name(level), npy_bytes(c.astype(np.float32)))
     tree = {"levels": [len(c) for c in centroids], "rule": rule_text(cfg.cluster_size, cfg.level_ratio, cfg.max_levels)
             if cfg.levels is None else f"given: --levels {','.join(map(str, cfg.levels))}",
             "parents": [p.tolist() for p in parents],
+            "centre": {"file": MEAN, "norm": round(float(np.linalg.norm(mean)), 6), "of": "the fit sample",
+                       "use": "k-means, assignment and select's dedup compare (v - mean) / |v - mean|"},
             "fit": {"options": options, "sample": len(sample), "seconds": round(time.perf_counter() - t0, 3),
                     "assignment": Assigner(centroids[0]).describe()}}
     dest.write_json(TREE, tree)  # last: its presence means the fit is complete

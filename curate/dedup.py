@@ -1,5 +1,7 @@
 """Semantic near-duplicates within one cluster (SemDeDup, Abbas et al. 2023), decided greedily in a fixed order.
 
+The vectors are the members' embeddings centred on the fit sample's mean and re-normalised (select.py): raw
+ReLU features are all alike (cosine ~0.96 between unrelated images), centred ones only when the images are.
 Members are visited in the order given (the caller's: data order, so the first copy in the data is the one
 kept); a member whose cosine similarity to an already kept member exceeds `threshold` (1 - --dedup-eps) is a
 duplicate of the most similar such member, otherwise it is kept. Earlier kept members are searched with a flat

@@ -30,6 +30,16 @@ def normalised(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def centred(x: np.ndarray, mean: np.ndarray, inplace: bool = False) -> np.ndarray:
+    """(x - mean) / |x - mean| per row (float32; `inplace`: x itself when it is float32). Pooled post-ReLU features
+    are all non-negative and share a large common component, so their raw cosines are all high; centred ones are
+    spread over [-1, 1], and a cosine threshold then separates near-copies from neighbours."""
+    x = x if inplace and x.dtype == np.float32 else np.array(x, np.float32)
+    x -= np.asarray(mean, np.float32)
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return x
+
+
 def _flat_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     faiss = _faiss()
     if k >= len(x):  # as many centroids as points: the points themselves

@@ -5,7 +5,8 @@ shard, and writes that never leave a half-written file under a final name.
     DEST/embeddings/_meta.json             what the embeddings were made from (data, backbone, transform)
     DEST/embeddings/_index.parquet         one row per embedded shard (written when every shard is done)
     DEST/clusters/centroids_level{i}.npy   float32, i = 0 (finest) .. L-1 (coarsest)
-    DEST/clusters/tree.json                {"levels", "rule", "parents", "fit"}
+    DEST/clusters/mean.npy                 float32 [D], the fit sample's mean vector (see cluster.py: centred)
+    DEST/clusters/tree.json                {"levels", "rule", "parents", "centre", "fit"}
     DEST/clusters/assign/<shard-stem>.npy  int32 finest cluster of each row of the shard's embeddings
     DEST/selection.parquet, DEST/report.json, DEST/kept/, DEST/manifest.json (select)
 
@@ -24,7 +25,7 @@ from mocostream.pipeline.filesystems import Storage, is_remote
 
 EMBEDDINGS, CLUSTERS, ASSIGN = "embeddings", "clusters", "clusters/assign"
 META, INDEX, DONE = "embeddings/_meta.json", "embeddings/_index.parquet", "_index.parquet"
-TREE = "clusters/tree.json"
+TREE, MEAN = "clusters/tree.json", "clusters/mean.npy"
 SELECTION, REPORT, MANIFEST = "selection.parquet", "report.json", "manifest.json"
 
 

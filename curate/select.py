@@ -6,8 +6,9 @@ together, and they are spread over every shard, so the embeddings are first re-p
   1. buckets: finest clusters packed into B buckets of about --select-memory bytes (largest first, into the
      emptiest bucket; a cluster larger than that is a bucket of its own); one pass over the embeddings writes
      each row (reference, cluster, key, vector) to its bucket's file (Arrow IPC stream in the work folder).
-  2. dedup: one bucket at a time, each cluster's members in data order (reference order) through dedup.py; the
-     result per bucket (reference, cluster, key, dup_of) is written; a rerun skips the buckets already done.
+  2. dedup: one bucket at a time, each cluster's members in data order (reference order), centred on the fit
+     sample's mean as in the tree (cluster.py), through dedup.py; the result per bucket (reference, cluster,
+     key, dup_of) is written; a rerun skips the buckets already done.
   3. quotas: survivors per finest cluster -> balanced sampling (balance.py) -> quota per finest cluster.
   4. decide: per bucket, the survivors of each cluster with the smallest seeded hash of their reference are kept
      (exactly the quota); selection.parquet gets every row; kept references go to a sorted file per bucket.
@@ -35,10 +36,10 @@ import pyarrow.parquet as pq
 from mocostream.pipeline.filesystems import Storage
 
 from .balance import balanced_quotas, level_sizes_up, mix
-from .cluster import centroids_name, load_npy
+from .cluster import centroids_name, load_mean, load_npy
 from .dedup import greedy_dedup
 from .kept import refs, split_refs, write_kept, write_manifest
-from .kmeans import normalised
+from .kmeans import centred
 from .layout import REPORT, SELECTION, TREE, CurateError, Dest, assign_name, shard_urls
 from .report import write_report
 from .settings import SelectConfig
@@ -61,6 +62,7 @@ class _Run:
     urls: pa.Array  # where each index row's shard is read: the name resolved against the data's folder
     parents: list[np.ndarray]
     k0: int
+    mean: np.ndarray  # the fit sample's mean: dedup compares centred vectors, as the tree does
 
 
 def select(cfg: SelectConfig, *, storage: Storage) -> dict:
@@ -72,10 +74,11 @@ def select(cfg: SelectConfig, *, storage: Storage) -> dict:
     tree = dest.read_json(TREE)
     if tree is None:
         raise CurateError(f"{dest.location(TREE)} not found: run `mocostream curate cluster` into {dest.url} first")
+    mean = load_mean(dest)
     run = _Run(dest, _work_folder(dest, cfg, tree), index.column("stem").to_pylist(),
                index.column("shard").to_numpy(), index.column("name").combine_chunks(),
                shard_urls(index.column("name").combine_chunks(), meta.get("data_base", "")),
-               [np.asarray(p, np.int64) for p in tree["parents"]], int(tree["levels"][0]))
+               [np.asarray(p, np.int64) for p in tree["parents"]], int(tree["levels"][0]), mean)
     try:
         sizes0 = _counts(run)
         n = int(sizes0.sum())
@@ -204,7 +207,7 @@ def _dedup_bucket(run: _Run, b: int, threshold: float) -> None:
     starts = np.flatnonzero(np.r_[True, cluster[1:] != cluster[:-1]]) if t.num_rows else np.zeros(0, np.int64)
     for a, z in zip(starts.tolist(), np.r_[starts[1:], t.num_rows].tolist()):
         if z - a > 1:
-            d = greedy_dedup(normalised(vectors[a:z]), threshold)
+            d = greedy_dedup(centred(vectors[a:z], run.mean), threshold)
             dup[a:z] = np.where(d >= 0, d + a, -1)
     dup_of = pc.take(t.column("key"), pa.array(dup, mask=dup < 0))
     result = pa.table({"ref": ref, "cluster": cluster.astype(np.int32), "key": t.column("key"), "dup_of": dup_of})
@@ -274,7 +277,9 @@ def _report(cfg: SelectConfig, tree: dict, meta: dict, index, n: int, kept: int,
     fraction = cfg.keep_fraction if cfg.keep_fraction is not None else budget / max(1, n)
     sizes = level_sizes_up(sizes0, tree["parents"])
     return {"inputs": n, "kept": kept, "dropped": dropped, "levels": tree["levels"], "keep_fraction": fraction,
-            "target_size": budget, "dedup_eps": cfg.dedup_eps, "seed": cfg.seed,
+            "target_size": budget, "dedup_eps": cfg.dedup_eps,
+            "dedup_similarity": "cosine of centred vectors (v - mean) / |v - mean|, mean: clusters/mean.npy",
+            "seed": cfg.seed,
             "cluster_sizes_before": sizes0.tolist(), "cluster_sizes_after": after.tolist(),
             "coarsest_sizes_before": sizes[-1].tolist(),
             "embed": {"data": meta.get("data"), "backbone": meta.get("backbone"), "image_size": meta.get("image_size"),

@@ -79,7 +79,8 @@ def add_select_flags(q) -> None:
                                                        "not duplicates)")
     q.add_argument("--target-size", type=int, help="keep this many samples (instead of --keep-fraction)")
     q.add_argument("--dedup-eps", type=float, default=0.05,
-                   help="a sample whose cosine similarity to a kept one of its cluster exceeds 1 - eps is a duplicate")
+                   help="a sample whose cosine similarity to a kept one of its cluster exceeds 1 - eps is a duplicate "
+                        "(cosine of the embeddings centred on their mean, as the clusters are)")
     q.add_argument("--select-memory", type=int, default=2 << 30,
                    help="bytes of embeddings held at once (the selection works through buckets of this size)")
     q.add_argument("--work-dir", help="where select keeps its work files (default: DEST/.select-work, or a "

@@ -173,6 +173,73 @@ def test_greedy_dedup_keeps_the_first_of_each_group():
     assert greedy_dedup(x, 1.0).tolist() == [-1] * 8  # nothing is more similar than identical
 
 
+def relu_like_dest(dest: Path, n: int = 240, dim: int = 64, copies: tuple = ((3, 100), (50, 200), (120, 230))) -> dict:
+    """A DEST with embeddings/ written here (what embed writes) for n non-negative vectors sharing a large common
+    component, as pooled post-ReLU features do; row b of each (a, b) in `copies` is a near-copy of row a."""
+    import pyarrow as pa
+
+    from mocostream.curate.kmeans import normalised
+    from mocostream.curate.tables import embedding_table
+
+    rng = np.random.default_rng(5)
+    x = 3.0 + np.abs(rng.standard_normal((n, dim))).astype(np.float32)  # raw cosines ~0.97 between any two
+    for a, b in copies:
+        x[b] = x[a] + 1e-3 * rng.standard_normal(dim)
+    x = normalised(x)
+    (dest / "embeddings").mkdir(parents=True)
+    stems, rows = ["part-0", "part-1"], [n // 2, n - n // 2]
+    for s, (stem, lo) in enumerate(zip(stems, (0, n // 2))):
+        keys = [f"k{i:04d}" for i in range(lo, lo + rows[s])]
+        pq.write_table(embedding_table(keys, f"{stem}.tar", np.arange(rows[s], dtype=np.int32), x[lo:lo + rows[s]],
+                                       {"samples": rows[s], "skipped": 0}), dest / "embeddings" / f"{stem}.parquet")
+    meta = {"data": "synthetic", "data_shards": 2, "data_fingerprint": "synthetic"}
+    index = pa.table({"shard": [0, 1], "name": [f"{s}.tar" for s in stems], "stem": stems, "rows": rows,
+                      "samples": rows, "skipped": [0, 0]})
+    pq.write_table(index.replace_schema_metadata({"mocostream_curate": json.dumps(meta)}),
+                   dest / "embeddings" / "_index.parquet")
+    return {"vectors": x, "copies": {f"k{b:04d}": f"k{a:04d}" for a, b in copies}}
+
+
+def test_select_dedups_on_centred_vectors_so_shared_relu_components_are_not_duplicates(tmp_path):
+    """Non-negative vectors with a large common component: on raw cosines every one is a duplicate of the first
+    at the default eps 0.05; the select stage compares them centred on the fit sample's mean (clusters/mean.npy),
+    so only the planted near-copies are duplicates."""
+    from mocostream.curate.cluster import ClusterConfig, cluster
+    from mocostream.pipeline.filesystems import Storage
+
+    made = relu_like_dest(tmp_path / "dest")
+    x = made["vectors"]
+    assert (greedy_dedup(x, 0.95) >= 0).sum() == len(x) - 1  # raw cosines: all "duplicates" of row 0
+    cluster(ClusterConfig(str(tmp_path / "dest"), [2]), storage=Storage())
+    mean = np.load(tmp_path / "dest" / "clusters" / "mean.npy")
+    assert mean.shape == (x.shape[1],) and np.allclose(mean, x.astype(np.float16).astype(np.float32).mean(0), atol=1e-4)
+    tree = json.loads((tmp_path / "dest" / "clusters" / "tree.json").read_text())
+    assert tree["centre"]["file"] == "clusters/mean.npy"
+    assert tree["centre"]["norm"] == pytest.approx(float(np.linalg.norm(mean)), abs=1e-5)
+    report = select_here(tmp_path / "dest", dedup_eps=0.05)
+    sel = selection(tmp_path / "dest")
+    dups = {k: d for k, d in zip(sel["key"], sel["dup_of"]) if d is not None}
+    assert dups == made["copies"] and report["dropped"]["duplicate"] == len(made["copies"])
+    assert report["kept"] == len(x) - len(made["copies"])
+
+
+def test_a_dest_clustered_without_a_mean_is_refused_with_one_line_saying_rerun_cluster(tmp_path):
+    from mocostream.curate.cluster import ClusterConfig, cluster
+    from mocostream.pipeline.filesystems import Storage
+
+    relu_like_dest(tmp_path / "dest")
+    cluster(ClusterConfig(str(tmp_path / "dest"), [2]), storage=Storage())
+    (tmp_path / "dest" / "clusters" / "mean.npy").unlink()  # as a DEST clustered before centring looks
+    with pytest.raises(CurateError, match="rerun `mocostream curate cluster"):
+        select_here(tmp_path / "dest")
+    with pytest.raises(CurateError, match="rerun `mocostream curate cluster"):
+        cluster(ClusterConfig(str(tmp_path / "dest"), [2]), storage=Storage())
+    assert not (tmp_path / "dest" / ".select-work").exists() and not (tmp_path / "dest" / "selection.parquet").exists()
+    r = cli("curate", "select", "--out", str(tmp_path / "dest"))
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and "DEST/clusters was made on uncentred vectors" in err[0], r.stderr
+
+
 # ---- embed -------------------------------------------------------------------------------------------------
 def test_the_embedder_may_be_a_checkpoint_folder_its_latest_checkpoint_is_used(tmp_path):
     """--embed-with DIR (what `train --checkpoint-dir` leaves): the newest checkpoint's query backbone."""
