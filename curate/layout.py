@@ -141,12 +141,13 @@ class Dest:
         self.write_bytes(name, out.getvalue())
 
     def read_table(self, name: str, columns=None):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         raw = self.read_bytes(name)
         if raw is None:
             raise CurateError(f"not found: {self.location(name)}")
-        return pq.read_table(io.BytesIO(raw), columns=columns)
+        return pq.read_table(pa.BufferReader(raw), columns=columns)
 
     def put_file(self, local: str, name: str) -> None:
         """A finished local file published under `name` (moved locally, uploaded remotely)."""

@@ -11,7 +11,6 @@ samples, skipped; built from the files' footers, so it never needs a vector.
 """
 from __future__ import annotations
 
-import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,7 +57,7 @@ def listing(dest: Dest, folder: str, suffix: str) -> set[str]:
 
 def _footer(dest: Dest, stem: str) -> tuple[int, dict]:
     raw = dest.read_bytes(embedding_name(stem))  # small files (a shard's vectors): one read each
-    meta = pq.read_metadata(io.BytesIO(raw))
+    meta = pq.read_metadata(pa.BufferReader(raw))
     return meta.num_rows, json.loads((meta.metadata or {}).get(META_KEY, b"{}"))
 
 
@@ -85,7 +84,7 @@ def read_index(dest: Dest) -> tuple[pa.Table, dict]:
     raw = dest.read_bytes(INDEX)
     if raw is None:
         raise CurateError(f"{dest.location(INDEX)} not found: run `mocostream curate embed` into {dest.url} first")
-    index = pq.read_table(io.BytesIO(raw))
+    index = pq.read_table(pa.BufferReader(raw))
     meta = json.loads((index.schema.metadata or {}).get(b"mocostream_curate", b"{}"))
     if not index.num_rows or not int(pc.sum(index.column("rows")).as_py() or 0):
         raise CurateError(f"{dest.url}: no sample was embedded")

@@ -82,7 +82,7 @@ def selection_header(spec: str, storage: Storage) -> tuple[str, dict] | None:
     url = spec if spec.endswith(".json") else spec.rstrip("/") + "/manifest.json"
     folder = url.rsplit("/", 1)[0] if "/" in url else "."
     fs, path = storage.filesystem(f"{folder}/{SHARDS_TABLE}")
-    if not storage.retrying(f"list {folder}", lambda: fs.exists(path)):
+    if not storage.retrying(f"read {folder}", lambda: fs.exists(path)):
         return None
     try:
         doc = json.loads(storage.read_bytes(url))
