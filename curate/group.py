@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
+from mocostream.moco_core.distributed import on_rank0  # noqa: F401  (the curate stages' name for it)
+
 
 def rank_world() -> tuple[int, int]:
     if dist.is_initialized():
@@ -14,24 +16,6 @@ def rank_world() -> tuple[int, int]:
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
-
-
-def on_rank0(compute):
-    """`compute()` on rank 0; every rank gets its result (or raises its error)."""
-    rank, world = rank_world()
-    if world == 1:
-        return compute()
-    box = [None]
-    if rank == 0:
-        try:
-            box = [("ok", compute())]
-        except Exception as e:  # every rank raises it: none is left waiting
-            box = [("error", e)]
-    dist.broadcast_object_list(box, src=0)
-    kind, value = box[0]
-    if kind == "error":
-        raise value
-    return value
 
 
 def mine(n: int) -> range:

@@ -64,3 +64,21 @@ def batch_unshuffle_ddp(x: torch.Tensor, idx_unshuffle: torch.Tensor) -> torch.T
 
     idx_this = idx_unshuffle.view(num_ranks, -1)[rank()]
     return x_gather[idx_this]
+
+
+def on_rank0(compute):
+    """Run `compute` on rank 0 only and give every rank its result, or its error (setup work such as listing
+    shards: done once, and no rank is left waiting on a rank that failed)."""
+    if world_size() == 1:
+        return compute()
+    box = [None]
+    if rank() == 0:
+        try:
+            box = [("ok", compute())]
+        except Exception as e:  # every rank raises it
+            box = [("error", e)]
+    dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

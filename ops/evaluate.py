@@ -18,12 +18,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mocostream.moco_core import MoCoV3, add_mlp_head, backbone_of, build_encoder, extract_features, is_vit, knn_top1
+from mocostream.moco_core.distributed import on_rank0
 from mocostream.pipeline.augment_reference import normalize
 from mocostream.pipeline.filesystems import Storage
 from mocostream.pipeline.labeled import LabeledImages, knn_sets
 from mocostream.pipeline.labeled_stream import labeled_units, shard_class_names, split_specs
 
-from .ranks import on_one_rank
 from .weights import encoder_prefix, read_checkpoint
 
 log = logging.getLogger("mocostream.eval")
@@ -169,7 +169,7 @@ def evaluate_reference(data: str, checkpoint_path: str | None = None, arch: str 
     train_units, names = labeled_units(train_spec, train_part, seed, storage=storage)
     val_units, _ = labeled_units(val_spec, val_part, seed, storage=storage)  # indexed by the training set's names
     if names is None:
-        names = on_one_rank(lambda: shard_class_names(train_units, storage=storage))
+        names = on_rank0(lambda: shard_class_names(train_units, storage=storage))
     classes = classes or (len(names) if names else None)
     if not classes:
         raise EvalError("labelled shards with class indices do not name their classes: give --num-classes")

@@ -26,6 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from mocostream.moco_core import (LR_SCHEDULES, MoCo, MoCoV3, NonFiniteGuard, backbone_of, budget_lr, build_encoder,
                                   build_optimizer, info_nce, instance_accuracy, is_vit, momentum_at, scaled_lr)
+from mocostream.moco_core.distributed import on_rank0
 from mocostream.pipeline.labeled import knn_sets
 from mocostream.pipeline.loader import Batch, TwoViewLoader
 from mocostream.pipeline.filesystems import Storage
@@ -37,7 +38,6 @@ from .evaluate import knn_eval
 from .metrics import TrainMetrics
 from .pipeline_configs import loader_config, storage_config
 from .precision import StepPrecision, precision_mode
-from .ranks import on_one_rank
 from .weights import encoder_of, init_backbones
 
 log = logging.getLogger("mocostream.train")
@@ -300,7 +300,7 @@ class Trainer:
         loader_cfg = loader_config(cfg, storage.config, self.rank, self.world, self.device, self.local_rank,
                                    workers=self.threads.loader)
         return storage.retrying(f"read {cfg.data}", lambda: TwoViewLoader(
-            loader_cfg, observer=self.metrics, share=on_one_rank, storage=storage))
+            loader_cfg, observer=self.metrics, share=on_rank0, storage=storage))
 
     def _build_model(self) -> None:
         cfg, device = self.cfg, self.device
