@@ -308,7 +308,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", help="default: bf16 on a GPU and on CPUs with native bf16, else fp32")
     p.add_argument("--backend", default=AUTO, choices=BACKEND_CHOICES)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                   help="torch.compile every run (default: on a GPU only; on CPU a cold compile takes minutes "
+                        "of the budget for a ~1.05-1.1x step, learn_cifar.py's reading)")
     p.add_argument("--knn-max-per-class", type=int, default=0, help="cap bank and test images per class (0: all)")
     args = p.parse_args(argv)
     import torch
@@ -318,6 +320,7 @@ def parse_args(argv=None):
     args.arch = args.arch or ("resnet18_cifar" if gpu else "resnet18_cifar_half")
     args.batch_size = args.batch_size or (512 if gpu else 128)
     args.train_size = args.train_size or (32 if gpu else 24)
+    args.compile = gpu if args.compile is None else args.compile
     args.precision = args.precision or ("bf16" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.seed_list:
