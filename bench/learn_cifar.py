@@ -56,6 +56,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import statistics
@@ -140,7 +141,7 @@ def train_flags(args, recipe: str, arch: str, shards: Path, ckpt: Path) -> list[
         flags += ["--lr-schedule", "cosine"]  # the budget is too short for v1's step milestones to matter
     if recipe == "moco_v3":
         flags += ["--mlp-dim", str(1024 if args.device == "cpu" else 4096)]
-    return flags
+    return flags + shlex.split(args.train_args)  # last: they override the above
 
 
 def start_train(args, recipe: str, arch: str, shards: Path, work: Path) -> dict:
@@ -209,7 +210,7 @@ def knn(args, data: Path, checkpoint: str | None, arch: str) -> dict:
     return last_json(cli(*flags))
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock per recipe")
     p.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "moco_v3"),
@@ -250,8 +251,10 @@ def parse_args() -> argparse.Namespace:
                    "bank (train/) and queries (test/)")
     p.add_argument("--curve-steps", type=int, default=25, help="our checkpoint interval in steps while a curve "
                    "is drawn (the curve takes the first at or after each mark)")
+    p.add_argument("--train-args", default="", help="more `mocostream train` flags for every run, e.g. "
+                   "'--symmetric --bn-splits 8' (given last: they override the bench's own)")
     p.add_argument("--workdir", help="keeps extracted data and shards between runs (default: a temp dir)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def resolve(args) -> None:
