@@ -2,6 +2,8 @@
 where all ranks wait for each other. The process group is set up by the caller (ops), as for eval."""
 from __future__ import annotations
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 from mocostream.moco_core.distributed import on_rank0  # noqa: F401  (the curate stages' name for it)
@@ -22,3 +24,15 @@ def mine(n: int) -> range:
     """The shard indices this rank works on: every world-th, from its rank (an even split of any list)."""
     rank, world = rank_world()
     return range(rank, n, world)
+
+
+def sum_over_ranks(x: np.ndarray) -> np.ndarray:
+    """The element-wise sum of an int64 array over the ranks (itself on one process)."""
+    x = np.ascontiguousarray(x, np.int64)
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    t = torch.from_numpy(x.copy())
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return t.cpu().numpy()

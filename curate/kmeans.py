@@ -7,10 +7,14 @@ Vectors and centroids are L2-normalised; similarity is the inner product (cosine
   Cost per iteration ~ n * 2 sqrt(k) * D instead of n * k * D.
 Assignment: exact (a flat index) up to FLAT_MAX centroids; above, an IVF index over the centroids (sqrt(k)
 lists, NPROBE probed): approximate, a vector near a cell border may go to its second-nearest centroid.
+GPU faiss (a faiss build with GPU support, e.g. `pip install faiss-gpu-cu12` in place of faiss-cpu) is used when
+it sees a GPU: the flat indexes of k-means and of exact assignment move to every visible GPU; MOCOSTREAM_FAISS_GPU=0
+keeps them on the CPU.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -22,6 +26,21 @@ def _faiss():
     import faiss
 
     return faiss
+
+
+def faiss_gpus() -> int:
+    """GPUs faiss can use here: 0 with faiss-cpu, without a GPU, or with MOCOSTREAM_FAISS_GPU=0."""
+    if os.environ.get("MOCOSTREAM_FAISS_GPU", "1") == "0":
+        return 0
+    get = getattr(_faiss(), "get_num_gpus", None)
+    return get() if get else 0
+
+
+def flat_index(d: int):
+    """An exact inner-product index: on every GPU faiss sees, else on the CPU."""
+    faiss = _faiss()
+    index = faiss.IndexFlatIP(d)
+    return faiss.index_cpu_to_all_gpus(index) if faiss_gpus() else index
 
 
 def normalised(x: np.ndarray) -> np.ndarray:
@@ -49,7 +68,7 @@ def _flat_kmeans(x: np.ndarray, k: int, niter: int, seed: int) -> np.ndarray:
     cp.max_points_per_centroid = 1 << 30  # the caller sampled already
     cp.min_points_per_centroid = 1
     clustering = faiss.Clustering(x.shape[1], k, cp)
-    clustering.train(x, faiss.IndexFlatIP(x.shape[1]))
+    clustering.train(x, flat_index(x.shape[1]))
     return normalised(faiss.vector_float_to_array(clustering.centroids).reshape(k, x.shape[1]))
 
 
@@ -95,7 +114,7 @@ class Assigner:
         faiss = _faiss()
         self.centroids = normalised(centroids)
         k, d = self.centroids.shape
-        self.flat = faiss.IndexFlatIP(d)
+        self.flat = flat_index(d)
         self.flat.add(self.centroids)
         self.exact = k <= FLAT_MAX
         self.index = self.flat
@@ -107,7 +126,8 @@ class Assigner:
             self.index.nprobe = nprobe
 
     def describe(self) -> str:
-        return "exact" if self.exact else f"ivf: {self.index.nlist} lists, {self.index.nprobe} probed"
+        where = f", {faiss_gpus()} GPU(s)" if faiss_gpus() else ""
+        return ("exact" if self.exact else f"ivf: {self.index.nlist} lists, {self.index.nprobe} probed") + where
 
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(centroid index (int32), similarity) per row."""

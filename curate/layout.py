@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tempfile
 
 from mocostream.pipeline.filesystems import Storage, is_remote
@@ -153,9 +154,33 @@ class Dest:
         """A finished local file published under `name` (moved locally, uploaded remotely)."""
         if not self.remote:
             os.makedirs(os.path.dirname(self._path(name)), exist_ok=True)
-            os.replace(local, self._path(name))
+            shutil.move(local, self._path(name))  # a rename, or a copy from another filesystem (--work-dir)
             return
         self.storage.retrying(f"write {self.location(name)}", lambda: self.fs.put_file(local, self._path(name)))
+
+    def get_file(self, name: str, local: str) -> None:
+        """`name` copied to the local path `local` (written under a temporary name, then renamed)."""
+        tmp = f"{local}.tmp-{os.getpid()}"
+        try:
+            self._call(f"read {self.location(name)}", lambda: self.fs.get_file(self._path(name), tmp))
+        except FileNotFoundError:
+            raise CurateError(f"not found: {self.location(name)}") from None
+        os.replace(tmp, local)
+
+    def remove(self, name: str) -> None:
+        """`name` removed; nothing to do when it is not there."""
+        try:
+            self._call(f"remove {self.location(name)}", lambda: self.fs.rm_file(self._path(name)))
+        except FileNotFoundError:
+            pass
+
+    def remove_tree(self, name: str) -> None:
+        """The folder (prefix) `name` and everything under it removed; nothing to do when it is not there."""
+        if self.exists(name):
+            try:
+                self._call(f"remove {self.location(name)}", lambda: self.fs.rm(self._path(name), recursive=True))
+            except FileNotFoundError:
+                pass
 
     def local_folder(self) -> str | None:
         """DEST's own folder when it is local (work files may live there), else None."""

@@ -11,20 +11,21 @@ together, and they are spread over every shard, so the embeddings are first re-p
      key, dup_of) is written; a rerun skips the buckets already done.
   3. quotas: survivors per finest cluster -> balanced sampling (balance.py) -> quota per finest cluster.
   4. decide: per bucket, the survivors of each cluster with the smallest seeded hash of their reference are kept
-     (exactly the quota); selection.parquet gets every row; kept references go to a sorted file per bucket.
-  5. the selection manifest (kept.py), report.json, report.html (report.py), manifest.json last.
-Work files live in DEST/.select-work/ (a local DEST) or a local temporary folder, and are removed at the end.
-Peak memory ~ 3 x max(--select-memory, the largest finest cluster's rows) (a bucket, sorted, and its vectors as
-numpy) + O(finest clusters) + the bucket pass's write buffers (256 MB); local disk ~ the embeddings' size.
+     (exactly the quota); a part of selection.parquet (every row) and the sorted kept references per bucket.
+  5. the selection (the parts in bucket order), the selection manifest (kept.py), report.json, report.html
+     (report.py), manifest.json last.
+On several ranks (torchrun) every pass is split: steps 0 and 1 by data shard (every world-th, as embed), steps 2
+and 4 by bucket (every world-th); the per-cluster counts are summed over the ranks, the quotas computed alike
+on each, and rank 0 writes step 5. The result is the same on any number of ranks (each bucket is sorted by
+cluster and reference before its dedup). Work files: curate/workfiles.py; removed at the end.
+Peak memory per rank ~ 3 x max(--select-memory, the largest finest cluster's rows) (a bucket, sorted, and its
+vectors as numpy) + O(finest clusters) + the bucket pass's write buffers (256 MB); work space ~ the embeddings'
+size, shared by the ranks.
 """
 from __future__ import annotations
 
 import heapq
-import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 
@@ -42,20 +43,22 @@ from .kept import refs, split_refs, write_kept, write_manifest
 from .kmeans import centred
 from .layout import REPORT, SELECTION, TREE, CurateError, Dest, assign_name, shard_urls
 from .report import write_report
+from .group import barrier, mine, rank_world, sum_over_ranks
 from .settings import SelectConfig
 from .tables import read_embeddings, read_index, vectors_of
+from .workfiles import LocalWork, RemoteWork, open_work
 
 log = logging.getLogger("mocostream.curate")
 
 FLUSH_BYTES = 256 << 20
-REASONS = ("kept", "duplicate", "balanced_out")
+DROPPED = ("duplicate", "balanced_out")  # the reasons a row is not kept
 
 
 @dataclass
 class _Run:
     """What every pass of one select run shares."""
     dest: Dest
-    work: str
+    work: LocalWork | RemoteWork
     stems: list[str]
     shards: np.ndarray  # data shard index of each index row
     names: pa.Array  # data name of each index row
@@ -65,62 +68,71 @@ class _Run:
     mean: np.ndarray  # the fit sample's mean: dedup compares centred vectors, as the tree does
 
 
-def select(cfg: SelectConfig, *, storage: Storage) -> dict:
-    """The selection of a clustered DEST; returns report.json's content."""
+def select(cfg: SelectConfig, *, storage: Storage) -> dict | None:
+    """The selection of a clustered DEST, on this rank's share; returns report.json's content on rank 0."""
     cfg.check()
     t0 = time.perf_counter()
+    rank, world = rank_world()
     dest = Dest(cfg.out, storage)
     index, meta = read_index(dest)
     tree = dest.read_json(TREE)
     if tree is None:
         raise CurateError(f"{dest.location(TREE)} not found: run `mocostream curate cluster` into {dest.url} first")
     mean = load_mean(dest)
-    run = _Run(dest, _work_folder(dest, cfg, tree), index.column("stem").to_pylist(),
+    run = _Run(dest, _open_work(dest, cfg, tree, world), index.column("stem").to_pylist(),
                index.column("shard").to_numpy(), index.column("name").combine_chunks(),
                shard_urls(index.column("name").combine_chunks(), meta.get("data_base", "")),
                [np.asarray(p, np.int64) for p in tree["parents"]], int(tree["levels"][0]), mean)
     try:
-        sizes0 = _counts(run)
+        sizes0 = sum_over_ranks(_counts(run))
         n = int(sizes0.sum())
         budget = n if cfg.keep_fraction is None and cfg.target_size is None else \
             cfg.target_size if cfg.target_size is not None else round(cfg.keep_fraction * n)
         dim = int(load_npy(dest, centroids_name(0)).shape[1])
         buckets = _bucket_pass(run, sizes0, dim, cfg.select_memory)
-        for b in range(buckets):
+        barrier()
+        for b in range(rank, buckets, world):
             _dedup_bucket(run, b, 1.0 - cfg.dedup_eps)
-        survivors = _survivors(run, buckets)
+        barrier()
+        survivors = sum_over_ranks(_survivors(run, buckets))
         quotas = balanced_quotas(survivors, run.parents, budget, cfg.seed)
         after, dropped = _decide_pass(run, buckets, quotas, cfg.seed)
-        fingerprint, kept = write_kept(dest, [_path(run, f"kept-{b}.npy") for b in range(buckets)],
-                                       dict(zip(run.shards.tolist(), run.names.to_pylist())), meta)
-        report = _report(cfg, tree, meta, index, n, kept, dropped, sizes0, after, budget, fingerprint, buckets)
-        report["seconds"] = round(time.perf_counter() - t0, 3)
-        dest.write_json(REPORT, report)
-        log.info("report: %s", write_report(dest.url, storage))
-        write_manifest(dest, meta, fingerprint, n, kept)
+        after, dropped = sum_over_ranks(after), dict(zip(DROPPED, sum_over_ranks(dropped).tolist()))
+        barrier()
+        report = _finish(cfg, run, tree, meta, index, n, dropped, sizes0, after, budget, buckets, t0) \
+            if rank == 0 else None
+        barrier()
     except BaseException:
-        log.info("select stopped; its finished buckets stay in %s for a rerun", run.work)
+        log.info("select stopped; its finished buckets stay in %s for a rerun", run.work.describe())
         raise
-    shutil.rmtree(run.work, ignore_errors=True)
+    finally:
+        run.work.close()
     return report
 
 
-def _work_folder(dest: Dest, cfg: SelectConfig, tree: dict) -> str:
-    """The work folder: reused by a rerun with the same options on the same tree, cleared otherwise."""
-    root = cfg.work_dir or (os.path.join(dest.local_folder(), ".select-work") if dest.local_folder() else None)
-    root = root or tempfile.mkdtemp(prefix="mocostream-select-")
-    params = {"dedup_eps": cfg.dedup_eps, "select_memory": cfg.select_memory, "tree": tree["fit"]}
-    marker = os.path.join(root, "params.json")
-    if os.path.exists(marker) and json.loads(open(marker).read()) != params:
-        shutil.rmtree(root)
-    os.makedirs(root, exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump(params, f)
-    return root
+def _finish(cfg: SelectConfig, run: _Run, tree: dict, meta: dict, index, n: int, dropped: dict, sizes0, after,
+            budget: int, buckets: int, t0: float) -> dict:
+    """Rank 0: selection.parquet from its parts, the selection manifest, the reports; the work files removed."""
+    _merge_selection(run, buckets)
+    fingerprint, kept = write_kept(run.dest, [run.work.fetch(f"kept-{b}.npy") for b in range(buckets)],
+                                   dict(zip(run.shards.tolist(), run.names.to_pylist())), meta)
+    report = _report(cfg, tree, meta, index, n, kept, dropped, sizes0, after, budget, fingerprint, buckets)
+    report["seconds"] = round(time.perf_counter() - t0, 3)
+    run.dest.write_json(REPORT, report)
+    log.info("report: %s", write_report(run.dest.url, run.dest.storage))
+    write_manifest(run.dest, meta, fingerprint, n, kept)
+    run.work.clear()
+    return report
 
 
-def _path(run: _Run, name: str) -> str:
-    return os.path.join(run.work, name)
+def _open_work(dest: Dest, cfg: SelectConfig, tree: dict, world: int):
+    """The work folder: reused by a rerun with the same options, tree and ranks, emptied otherwise (rank 0)."""
+    work = open_work(dest, cfg.work_dir, world)
+    params = {"dedup_eps": cfg.dedup_eps, "select_memory": cfg.select_memory, "tree": tree["fit"], "world": world}
+    if rank_world()[0] == 0 and work.read_params() != params:
+        work.reset(params)
+    barrier()
+    return work
 
 
 def _assignments(run: _Run, j: int) -> np.ndarray:
@@ -128,8 +140,9 @@ def _assignments(run: _Run, j: int) -> np.ndarray:
 
 
 def _counts(run: _Run) -> np.ndarray:
+    """Finest cluster sizes over this rank's shards."""
     sizes = np.zeros(run.k0, np.int64)
-    for j in range(len(run.stems)):
+    for j in mine(len(run.stems)):
         sizes += np.bincount(_assignments(run, j), minlength=run.k0)
     return sizes
 
@@ -149,17 +162,23 @@ def pack(sizes: np.ndarray, row_bytes: int, budget: int) -> tuple[np.ndarray, in
 BUCKET_SCHEMA = {"ref": pa.int64(), "cluster": pa.int32(), "key": pa.string()}
 
 
+def _part(b: int, rank: int) -> str:
+    return f"bucket-{b}.{rank}.arrow"
+
+
 def _bucket_pass(run: _Run, sizes0: np.ndarray, dim: int, memory: int) -> int:
-    """Every row into its cluster's bucket file; skipped when a finished pass is in the work folder."""
+    """Every row of this rank's shards into its cluster's bucket (a part per rank); skipped when this rank's
+    finished pass is in the work folder."""
     of, buckets = pack(sizes0, 2 * dim + 48, memory)
-    done = _path(run, "buckets.done")
-    if os.path.exists(done) and int(open(done).read()) == buckets:
+    rank = rank_world()[0]
+    done = f"buckets-{rank}.done"
+    if run.work.exists(done):
         return buckets
     schema = pa.schema([*BUCKET_SCHEMA.items(), ("vector", pa.list_(pa.float16(), dim))])
-    writers = [pa.ipc.new_stream(pa.OSFile(_path(run, f"bucket-{b}.arrow"), "wb"), schema) for b in range(buckets)]
+    writers = [pa.ipc.new_stream(pa.OSFile(run.work.staging(_part(b, rank)), "wb"), schema) for b in range(buckets)]
     pending: list[list] = [[] for _ in range(buckets)]
-    held = 0
-    for j in range(len(run.stems)):
+    held, rows, shards = 0, 0, mine(len(run.stems))
+    for j in shards:
         t = read_embeddings(run.dest, run.stems[j])
         cluster = _assignments(run, j)
         if len(cluster) != t.num_rows:
@@ -170,32 +189,38 @@ def _bucket_pass(run: _Run, sizes0: np.ndarray, dim: int, memory: int) -> int:
                      schema=schema)
         order = np.argsort(of[cluster], kind="stable")
         bounds = np.searchsorted(of[cluster][order], np.arange(buckets + 1))
-        t = t.take(pa.array(order))
+        t, rows = t.take(pa.array(order)), rows + t.num_rows
         for b in np.flatnonzero(np.diff(bounds)).tolist():
             pending[b].append(t.slice(bounds[b], bounds[b + 1] - bounds[b]))
         held += t.nbytes
-        if held > FLUSH_BYTES or j == len(run.stems) - 1:
+        if held > FLUSH_BYTES or j == shards[-1]:
             for b in range(buckets):
                 if pending[b]:
                     writers[b].write_table(pa.concat_tables(pending[b]))
             pending, held = [[] for _ in range(buckets)], 0
-    for w in writers:
+    for b, w in enumerate(writers):
         w.close()
-    with open(done, "w") as f:
+        run.work.publish(_part(b, rank))
+    with open(run.work.staging(done), "w") as f:
         f.write(str(buckets))
-    log.info("select: %d rows in %d buckets", int(sizes0.sum()), buckets)
+    run.work.publish(done)
+    log.info("select: %d rows of %d shards into %d buckets", rows, len(shards), buckets)
     return buckets
 
 
 def _read_bucket(run: _Run, b: int) -> pa.Table:
-    with pa.memory_map(_path(run, f"bucket-{b}.arrow")) as source:
-        return pa.ipc.open_stream(source).read_all()
+    """Bucket b: the parts of every rank, concatenated."""
+    parts = []
+    for rank in range(rank_world()[1]):
+        with pa.memory_map(run.work.fetch(_part(b, rank))) as source:
+            parts.append(pa.ipc.open_stream(source).read_all())
+    return pa.concat_tables(parts)
 
 
 def _dedup_bucket(run: _Run, b: int, threshold: float) -> None:
     """Each cluster of bucket b deduplicated in reference order; writes dedup-<b>.parquet (skipped when there)."""
-    out = _path(run, f"dedup-{b}.parquet")
-    if os.path.exists(out):
+    out = f"dedup-{b}.parquet"
+    if run.work.exists(out):
         return
     t = _read_bucket(run, b)
     ref, cluster = t.column("ref").to_numpy(), t.column("cluster").to_numpy()
@@ -211,43 +236,61 @@ def _dedup_bucket(run: _Run, b: int, threshold: float) -> None:
             dup[a:z] = np.where(d >= 0, d + a, -1)
     dup_of = pc.take(t.column("key"), pa.array(dup, mask=dup < 0))
     result = pa.table({"ref": ref, "cluster": cluster.astype(np.int32), "key": t.column("key"), "dup_of": dup_of})
-    pq.write_table(result, out + ".tmp")
-    os.replace(out + ".tmp", out)
-    os.remove(_path(run, f"bucket-{b}.arrow"))  # its vectors are no longer needed
+    pq.write_table(result, run.work.staging(out))
+    run.work.publish(out)
+    for rank in range(rank_world()[1]):
+        run.work.remove(_part(b, rank))  # its vectors are no longer needed
     log.info("select: bucket %d: %d rows, %d duplicates", b, t.num_rows, int((dup >= 0).sum()))
 
 
 def _survivors(run: _Run, buckets: int) -> np.ndarray:
+    """Rows left after dedup per finest cluster, over this rank's buckets."""
     out = np.zeros(run.k0, np.int64)
-    for b in range(buckets):
-        t = pq.read_table(_path(run, f"dedup-{b}.parquet"), columns=["cluster", "dup_of"])
+    rank, world = rank_world()
+    for b in range(rank, buckets, world):
+        t = pq.read_table(run.work.fetch(f"dedup-{b}.parquet"), columns=["cluster", "dup_of"])
         alive = t.column("dup_of").is_null().to_numpy(zero_copy_only=False)
         out += np.bincount(t.column("cluster").to_numpy()[alive], minlength=run.k0)
     return out
 
 
-def _decide_pass(run: _Run, buckets: int, quotas: np.ndarray, seed: int) -> tuple[np.ndarray, dict]:
-    """selection.parquet (every row) and the sorted kept references per bucket; (kept per finest cluster,
-    dropped by reason)."""
+SELECTION_SCHEMA_HEAD = [("key", pa.string()), ("shard", pa.string()), ("member", pa.int32()), ("kept", pa.bool_())]
+
+
+def _selection_schema(levels: int) -> pa.Schema:
+    return pa.schema([*SELECTION_SCHEMA_HEAD, *[(f"cluster_{i}", pa.int32()) for i in range(levels)],
+                      ("dup_of", pa.string()), ("reason", pa.string())])
+
+
+def _decide_pass(run: _Run, buckets: int, quotas: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's buckets: a part of selection.parquet and the sorted kept references each; (kept per finest
+    cluster, dropped per reason of DROPPED)."""
     levels = len(run.parents) + 1
-    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("member", pa.int32()), ("kept", pa.bool_()),
-                        *[(f"cluster_{i}", pa.int32()) for i in range(levels)], ("dup_of", pa.string()),
-                        ("reason", pa.string())])
-    local = _path(run, SELECTION)
-    after, dropped = np.zeros(run.k0, np.int64), {"duplicate": 0, "balanced_out": 0}
-    with pq.ParquetWriter(local, schema) as writer:
-        for b in range(buckets):
-            t = pq.read_table(_path(run, f"dedup-{b}.parquet"))
-            kept, rows = _decide(run, t, quotas, seed, levels)
-            writer.write_table(pa.table(rows, schema=schema))
-            ref, cluster = t.column("ref").to_numpy(), t.column("cluster").to_numpy()
-            np.save(_path(run, f"kept-{b}.npy"), np.sort(ref[kept]), allow_pickle=False)
-            after += np.bincount(cluster[kept], minlength=run.k0)
-            reasons = np.asarray(rows["reason"].to_numpy(zero_copy_only=False))
-            for r in dropped:
-                dropped[r] += int((reasons == r).sum())
-    run.dest.put_file(local, SELECTION)
+    schema = _selection_schema(levels)
+    after, dropped = np.zeros(run.k0, np.int64), np.zeros(len(DROPPED), np.int64)
+    rank, world = rank_world()
+    for b in range(rank, buckets, world):
+        t = pq.read_table(run.work.fetch(f"dedup-{b}.parquet"))
+        kept, rows = _decide(run, t, quotas, seed, levels)
+        pq.write_table(pa.table(rows, schema=schema), run.work.staging(f"selection-{b}.parquet"))
+        run.work.publish(f"selection-{b}.parquet")
+        ref, cluster = t.column("ref").to_numpy(), t.column("cluster").to_numpy()
+        with open(run.work.staging(f"kept-{b}.npy"), "wb") as f:  # a file object: np.save would add ".npy"
+            np.save(f, np.sort(ref[kept]), allow_pickle=False)
+        run.work.publish(f"kept-{b}.npy")
+        after += np.bincount(cluster[kept], minlength=run.k0)
+        reasons = np.asarray(rows["reason"].to_numpy(zero_copy_only=False))
+        dropped += np.array([int((reasons == r).sum()) for r in DROPPED], np.int64)
     return after, dropped
+
+
+def _merge_selection(run: _Run, buckets: int) -> None:
+    """selection.parquet: the buckets' parts in bucket order, streamed (one part in memory at a time)."""
+    local = run.work.staging(SELECTION)
+    with pq.ParquetWriter(local, _selection_schema(len(run.parents) + 1)) as writer:
+        for b in range(buckets):
+            writer.write_table(pq.read_table(run.work.fetch(f"selection-{b}.parquet")))
+    run.dest.put_file(local, SELECTION)
 
 
 def _decide(run: _Run, t: pa.Table, quotas: np.ndarray, seed: int, levels: int) -> tuple[np.ndarray, dict]:

@@ -20,7 +20,8 @@ runs the three stages; each is also a command of its own (embed, cluster, select
 rerun the same command and it continues. DEST then holds embeddings/, clusters/, selection.parquet (a row per
 sample: kept, cluster ids, dup_of, reason), report.json and a manifest: `mocostream train --data DEST` trains on
 exactly the kept samples, reading the original shards (--materialise also writes them as a shard set in
-DEST/shards). Embed and cluster run on several processes under torchrun (shards split by rank)."""
+DEST/shards). Every stage runs on several processes under torchrun (shards, then select's buckets, split by
+rank)."""
 
 
 def add_curate_parser(sub) -> None:
@@ -83,8 +84,9 @@ def add_select_flags(q) -> None:
                         "(cosine of the embeddings centred on their mean, as the clusters are)")
     q.add_argument("--select-memory", type=int, default=2 << 30,
                    help="bytes of embeddings held at once (the selection works through buckets of this size)")
-    q.add_argument("--work-dir", help="where select keeps its work files (default: DEST/.select-work, or a "
-                                      "temporary folder for a remote DEST)")
+    q.add_argument("--work-dir", help="where select keeps its work files, shared by its ranks (default: "
+                                      "DEST/.select-work; for a remote DEST a temporary folder on one process, "
+                                      "DEST/.select-work/ through its storage on several)")
     q.add_argument("--materialise", action="store_true", help="also write the kept samples as a shard set in "
                                                               "DEST/shards (with the shard tool's writer)")
     q.add_argument("--materialise-format", default="tar", choices=("tar", "parquet"), help="its shard format")

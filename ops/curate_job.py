@@ -79,14 +79,13 @@ def run_cluster(args) -> dict:
 
 
 def run_select(args) -> dict | None:
-    """On rank 0 only (the selection is one process's work); the other ranks return None."""
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return None
-    _faiss_threads()
+    """On every rank (each does its share); rank 0 returns the summary and materialises, the others None."""
     cfg = SelectConfig(args.out, args.keep_fraction, args.target_size, args.dedup_eps, args.seed, args.select_memory,
                        args.work_dir)
     storage = storage_from_args(args)
     report = select(cfg, storage=storage)
+    if report is None:
+        return None
     summary = {k: v for k, v in report.items() if not k.startswith(("cluster_sizes", "coarsest"))}
     if args.materialise:
         from mocostream.curate.materialise import materialise

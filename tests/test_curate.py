@@ -392,6 +392,52 @@ def test_select_is_deterministic_and_the_same_through_many_buckets(embedded, sel
     assert not (dest / ".select-work").exists()
 
 
+def _same_selection(a: dict, b: dict) -> None:
+    """The same decision for every sample (row order follows the buckets, which follow --select-memory)."""
+    def rows(t: dict) -> dict:
+        return {k: (kept, r, d) for k, kept, r, d in zip(t["key"], t["kept"], t["reason"], t["dup_of"])}
+
+    assert len(a["key"]) == len(b["key"]) and rows(a) == rows(b)
+
+
+@pytest.mark.slow
+def test_select_on_two_ranks_is_the_selection_of_one(embedded, selected, tmp_path):
+    """torchrun, 2 ranks, several buckets: each rank buckets its shards and decides its buckets; the outputs are
+    the one-process selection's, and the shared work folder is gone."""
+    dest = clustered_copy(embedded, tmp_path / "dest")
+    proc = torchrun("curate", "select", "--out", str(dest), "--target-size", "60", "--dedup-eps", "1e-4",
+                    "--select-memory", "65536", nproc=2)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    report = json.loads((dest / "report.json").read_text())
+    assert report["buckets"] >= 2  # each rank had a bucket to decide
+    _same_selection(selection(selected), selection(dest))
+    assert report["fingerprint"] == json.loads((selected / "report.json").read_text())["fingerprint"]
+    assert (dest / "kept" / "shards.parquet").read_bytes() == (selected / "kept" / "shards.parquet").read_bytes()
+    assert not (dest / ".select-work").exists()
+
+
+@pytest.mark.slow
+def test_select_on_two_ranks_into_object_storage_shares_its_work_there(embedded, selected, s3_server, tmp_path):
+    """A remote DEST on 2 ranks: the work files go through the S3 server (SeaweedFS), the selection is the
+    one-process one, and no file is left under DEST/.select-work/."""
+    local = clustered_copy(embedded, tmp_path / "dest")
+    fs, bucket = s3_server.filesystem(), s3_server.make_bucket("select")
+    fs.put(str(local) + "/", f"{bucket}/dest/", recursive=True)
+    proc = torchrun("curate", "select", "--out", f"s3://{bucket}/dest", "--target-size", "60", "--dedup-eps",
+                    "1e-4", "--select-memory", "65536", "--storage-retries", "1", env=s3_server.env, nproc=2)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    fs.invalidate_cache()
+    got = pq.read_table(fs.open(f"{bucket}/dest/selection.parquet")).to_pydict()
+    _same_selection(selection(selected), got)
+    assert json.loads(fs.cat(f"{bucket}/dest/report.json"))["fingerprint"] == \
+        json.loads((selected / "report.json").read_text())["fingerprint"]
+    assert fs.exists(f"{bucket}/dest/manifest.json")
+    work = f"{bucket}/dest/.select-work"
+    assert [p for p in fs.find(work) if p != work] == []  # no file left (SeaweedFS may keep the folder's entry)
+
+
 def test_balanced_sampling_cuts_large_clusters_and_keeps_small_ones(selected):
     report = json.loads((selected / "report.json").read_text())
     before, after = np.array(report["cluster_sizes_before"]), np.array(report["cluster_sizes_after"])
