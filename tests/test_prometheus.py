@@ -45,8 +45,11 @@ def panels() -> list[dict]:
 
 def is_gpu_panel(panel: dict) -> bool:
     """DCGM exporter panels: empty on machines without NVIDIA GPUs, so exempt from 'returns data'.
-    Ingest panels (the shard tool's metrics, shards/metrics.py) are empty during a training run too."""
-    return all("DCGM_FI_" in t["expr"] or "mocostream_ingest_" in t["expr"] for t in panel["targets"])
+    Ingest and curation panels (the shard tool's and `curate embed`'s metrics) are empty during a training run too."""
+    return all(any(m in t["expr"] for m in OTHER_JOBS) for t in panel["targets"])
+
+
+OTHER_JOBS = ("DCGM_FI_", "mocostream_ingest_", "mocostream_curate_")  # series a training run does not export
 
 
 def substitute(expr: str) -> str:
@@ -63,11 +66,12 @@ def metric_names(expr: str) -> set[str]:
 
 def exported_names() -> set[str]:
     """Sample names the trainer's registry exports, from the metric families' types."""
-    from mocostream.ops.metrics import TrainMetrics
+    from mocostream.ops.metrics import EmbedMetrics, TrainMetrics
     from mocostream.shards.metrics import IngestMetrics
 
     names = set()
-    for family in [*TrainMetrics(0).registry.collect(), *IngestMetrics(0).registry.collect()]:
+    for family in [*TrainMetrics(0).registry.collect(), *IngestMetrics(0).registry.collect(),
+                   *EmbedMetrics(0).registry.collect()]:
         suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
         names |= {family.name + s for s in suffixes}
     return names
@@ -160,6 +164,14 @@ def test_dashboard_shows_what_the_issue_lists():
     assert any("by (job, reason)" in e and "skipped" in e for e in exprs), "skips by reason"
 
 
+def test_dashboard_shows_the_curate_embed_job():
+    exprs = [t["expr"] for p in panels() for t in p["targets"]]
+    used = set().union(*(metric_names(e) for e in exprs))
+    assert {"mocostream_curate_images_total", "mocostream_curate_progress_ratio", "mocostream_curate_shards_done",
+            "mocostream_curate_samples_skipped_total"} <= used
+    assert any("by (job, rank) (rate(mocostream_curate_images_total" in e for e in exprs), "embed images/s per rank"
+
+
 def test_dashboard_and_rules_read_only_metrics_the_trainer_exports():
     exported = exported_names()
     used = {n for p in panels() for t in p["targets"] for n in metric_names(t["expr"])}
@@ -239,7 +251,7 @@ def test_real_prometheus_evaluates_every_dashboard_and_rule_expression(tmp_path)
         # Every metric name the dashboard and the rules read is one the run exports.
         live = set(api(base, "label/__name__/values")["data"])
         used = {n for _, e in dashboard for n in metric_names(e)} | {n for a in ALERTS for n in metric_names(a["expr"])}
-        trainer_names = {n for n in used if not n.startswith(("DCGM_", "mocostream_ingest_"))}
+        trainer_names = {n for n in used if not n.startswith(OTHER_JOBS)}
         assert trainer_names <= live, sorted(trainer_names - live)
         up = api(base, "query", query='up{job="mocostream"}')["data"]["result"]
         assert sorted(s["value"][1] for s in up) == ["1", "1"]
