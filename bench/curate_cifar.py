@@ -289,6 +289,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock of every run")
     p.add_argument("--steps", type=int, default=0, help="also cap every run at this many steps (0: no cap)")
     p.add_argument("--seeds", default="0,1", help="training seeds of every arm (the first also trains the embedder)")
+    p.add_argument("--arms", default=",".join(ARMS), help="the arms this invocation trains (the others' finished "
+                   "runs in the workdir are still reported): e.g. raw,perceptual while a curation is being redone")
     p.add_argument("--keep-fraction", type=float, default=0.5)
     p.add_argument("--dedup-eps", type=float, help="curate's (default: the tool's)")
     p.add_argument("--per-class-max", type=int, default=0, help="make_uncurated.py's (0: its default, 5000)")
@@ -325,12 +327,15 @@ def parse_args(argv=None):
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     if not args.seed_list:
         p.error("--seeds: at least one seed")
+    args.arm_list = [a for a in args.arms.split(",") if a.strip()]
+    if not args.arm_list or set(args.arm_list) - set(ARMS):
+        p.error(f"--arms: some of {', '.join(ARMS)}")
     return args
 
 
 def check_workdir(args, work: Path) -> None:
     """A rerun continues only with the settings the workdir was made with (more seeds may be added)."""
-    fixed = {k: v for k, v in vars(args).items() if k not in ("workdir", "seeds", "seed_list")}
+    fixed = {k: v for k, v in vars(args).items() if k not in ("workdir", "seeds", "seed_list", "arms", "arm_list")}
     saved = work / "settings.json"
     if saved.exists() and json.loads(saved.read_text()) != fixed:
         old = json.loads(saved.read_text())
@@ -367,8 +372,10 @@ def main(argv=None) -> int:
         for arm in ARMS:
             if arm == "raw" and seed == args.seed_list[0]:
                 continue
-            runs[arm].append(train(args, data[arm], work / "runs" / f"{arm}-s{seed}", seed))
-            report_run(arm, runs[arm][-1])
+            run = work / "runs" / f"{arm}-s{seed}"
+            if arm in args.arm_list or (run / "result.json").exists():
+                runs[arm].append(train(args, data[arm], run, seed))
+                report_run(arm, runs[arm][-1])
     targets = judge(scores, {arm: [r["knn"]["top1"] for r in rs] for arm, rs in runs.items()})
     print_tables(scores, runs, targets)
     settings = {k: v for k, v in vars(args).items() if k != "cifar"}
