@@ -79,7 +79,7 @@ def add_select_flags(q) -> None:
     q.add_argument("--keep-fraction", type=float, help="keep this fraction of the samples (default: all that are "
                                                        "not duplicates)")
     q.add_argument("--target-size", type=int, help="keep this many samples (instead of --keep-fraction)")
-    q.add_argument("--dedup-eps", type=float, default=0.05,
+    q.add_argument("--dedup-eps", type=float, default=0.08,
                    help="a sample whose cosine similarity to a kept one of its cluster exceeds 1 - eps is a duplicate "
                         "(cosine of the embeddings centred on their mean, as the clusters are)")
     q.add_argument("--select-memory", type=int, default=2 << 30,

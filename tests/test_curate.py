@@ -202,7 +202,7 @@ def relu_like_dest(dest: Path, n: int = 240, dim: int = 64, copies: tuple = ((3,
 
 def test_select_dedups_on_centred_vectors_so_shared_relu_components_are_not_duplicates(tmp_path):
     """Non-negative vectors with a large common component: on raw cosines every one is a duplicate of the first
-    at the default eps 0.05; the select stage compares them centred on the fit sample's mean (clusters/mean.npy),
+    at eps 0.05; the select stage compares them centred on the fit sample's mean (clusters/mean.npy),
     so only the planted near-copies are duplicates."""
     from mocostream.curate.cluster import ClusterConfig, cluster
     from mocostream.pipeline.filesystems import Storage
