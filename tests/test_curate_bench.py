@@ -71,6 +71,18 @@ def test_scoring_a_selection_with_the_truth(tmp_path):
     assert s["class_ratio_after"] == float("inf") and s["junk_cut"] == float("inf") and s["rarest_kept_share"] == 2 / 11
 
 
+def test_the_best_class_ratio_a_selection_of_a_size_can_reach(tmp_path):
+    """Water-filling over the originals per class: small classes whole, the rest cut to a common cap."""
+    per_class = Counter({"a": 50, "b": 100, "c": 1000, "d": 5000})
+    assert bench.best_class_ratio(per_class, 1150) == 10.0  # a and b whole, c and d 500 each: 500 / 50
+    assert bench.best_class_ratio(per_class, 150) == 1.0  # 37.5 of each: every class cut
+    assert bench.best_class_ratio(per_class, 10 ** 6) == 100.0  # room for everything: the originals' own ratio
+    assert bench.best_class_ratio(per_class, 0) == float("inf")
+    truth = synthetic_truth(tmp_path / "truth.jsonl")  # originals 12, 6, 3, 2: 7 kept -> 2, 2, 2 and 1 whole
+    assert bench.score_selection(truth, {f"o{i}.jpg" for i in range(7)})["best_class_ratio"] == pytest.approx(1.0)
+    assert bench.score_selection(truth, {f"o{i}.jpg" for i in range(11)})["best_class_ratio"] == 1.5
+
+
 def test_the_targets_pass_or_fail_and_are_open_without_runs(tmp_path):
     truth = synthetic_truth(tmp_path / "truth.jsonl")
     everything = bench.score_selection(truth, {r["file"] for r in truth})
