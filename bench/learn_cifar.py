@@ -73,6 +73,7 @@ from cifar_peer import DEFAULT_VENV, as_checkpoint, backbone_parameters, cpu_mod
     pinned, start_peer
 from learn_curve import at_marks, checkpoint_times, curve, write_curves
 from mocostream.moco_core.vocabulary import is_vit
+from mocostream.ops.config import PRESETS
 from mocostream.pipeline.vocabulary import AUTO, BACKEND_CHOICES, RECIPES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +110,11 @@ def extract(dest: Path) -> Path:
 
 
 def recipe_settings(args, recipe: str, arch: str) -> tuple[float, float, float]:
-    """(temperature, base lr, weight decay) of one run: the flags if given, else the per-recipe defaults above."""
+    """(temperature, base lr, weight decay) of one run: the flags if given, else the per-recipe defaults above
+    (a preset: its own)."""
+    if recipe in PRESETS:
+        p = PRESETS[recipe]
+        return args.temperature or p["temperature"], args.base_lr or p["base_lr"], p["weight_decay"]
     if recipe == "moco_v3":
         kind = "vit" if is_vit(arch) else "resnet"
         return args.temperature or TEMPERATURE[recipe], args.base_lr or CPU_BASE_LR[recipe][kind], V3_WEIGHT_DECAY[kind]
@@ -117,18 +122,29 @@ def recipe_settings(args, recipe: str, arch: str) -> tuple[float, float, float]:
     return args.temperature or TEMPERATURE[recipe], args.base_lr or default_lr, args.weight_decay
 
 
-def train_size(args, arch: str) -> int:
+def train_size(args, arch: str, recipe: str | None = None) -> int:
+    if recipe in PRESETS:
+        return PRESETS[recipe]["image_size"]
     return 32 if is_vit(arch) else args.train_size  # a ViT's patch grid is fixed: train at the kNN size
 
 
-def train_flags(args, recipe: str, arch: str, shards: Path, ckpt: Path) -> list[str]:
+def settings_flags(args, recipe: str, arch: str) -> list[str]:
+    """The training settings of one run: a preset's own (`--preset`, only the backbone and batch given, as the
+    bench's runs all share them), else the bench's per recipe."""
     temperature, base_lr, weight_decay = recipe_settings(args, recipe, arch)
+    if recipe in PRESETS:
+        return ["--preset", recipe, "--arch", arch, "--batch-size", str(args.batch_size)] + \
+            (["--temperature", str(args.temperature)] if args.temperature else []) + \
+            (["--base-lr", str(args.base_lr)] if args.base_lr else [])
+    return ["--recipe", recipe, "--arch", arch, "--image-size", str(train_size(args, arch)), "--batch-size",
+            str(args.batch_size), "--queue-size", str(args.queue_size), "--moco-momentum", str(args.moco_momentum),
+            "--temperature", str(temperature), "--weight-decay", str(weight_decay), "--base-lr", str(base_lr),
+            "--warmup-steps", str(args.warmup_steps)]
+
+
+def train_flags(args, recipe: str, arch: str, shards: Path, ckpt: Path) -> list[str]:
     curve = args.curve_minutes > 0
-    flags = ["train", "--data", str(shards), "--recipe", recipe, "--arch", arch, "--image-size",
-             str(train_size(args, arch)), "--batch-size", str(args.batch_size), "--queue-size", str(args.queue_size),
-             "--moco-momentum", str(args.moco_momentum), "--temperature", str(temperature),
-             "--weight-decay", str(weight_decay), "--base-lr", str(base_lr),
-             "--warmup-steps", str(args.warmup_steps), "--precision", args.precision,
+    flags = ["train", "--data", str(shards), *settings_flags(args, recipe, arch), "--precision", args.precision,
              "--budget-minutes", str(args.budget_minutes), "--checkpoint-dir", str(ckpt),
              # the learning curve's snapshots: a checkpoint every few steps, all kept, scored after the run
              "--checkpoint-every", str(args.curve_steps if curve else 10 ** 9),
@@ -214,7 +230,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock per recipe")
     p.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "moco_v3"),
-                   help=f"any of {', '.join(RECIPES)}; moco_v3 (two backbones per run) only when named")
+                   help=f"any of {', '.join(RECIPES)}, or a preset of `mocostream train` ({', '.join(PRESETS)}: "
+                        "its own settings); moco_v3 (two backbones per run) only when named")
     p.add_argument("--v3-archs", help="backbones of the moco_v3 runs (default: vit_tiny and --arch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18_cifar_half on CPU")

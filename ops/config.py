@@ -55,6 +55,18 @@ V3_BY_BACKBONE = {
 }
 V3_WARMUP_SHARE = 0.1  # the R-50 recipe's 10 of 100 epochs (ViT: 40 of 300)
 
+# Named presets: defaults for one use, laid under the config file, the environment and the flags (any of which
+# overrides them), above the recipe's. They pick among the recipes' algorithms; they never change one.
+# small_cpu: MoCo v2's algorithm on small images (CIFAR-sized) on CPU, set for what it learns per CPU-minute at
+# short budgets (bench/learn_factors.py and bench/learn_cifar.py --recipes small_cpu, BENCHMARKS.md): the CIFAR
+# stem at half width, 32-px crops, batch 128, MLP head, T 0.1, base lr 0.12 with 100 warmup steps and a cosine,
+# weight decay 5e-4, m 0.99, K 4,096, Shuffle BN over 8 sub-batches of 16.
+PRESETS = {
+    "small_cpu": {"recipe": "moco_v2", "arch": "resnet18_cifar_half", "image_size": 32, "batch_size": 128,
+                  "mlp": True, "temperature": 0.1, "base_lr": 0.12, "warmup_steps": 100, "lr_schedule": "cosine",
+                  "weight_decay": 5e-4, "moco_momentum": 0.99, "queue_size": 4096, "bn_splits": 8},
+}
+
 
 def recipe_defaults(recipe: str, arch: str) -> dict:
     """The presets of `recipe` for this backbone."""
@@ -120,6 +132,10 @@ class TrainConfig:
                                "opencv (OpenCV worker processes: the faster one on CPU), or auto: dali when "
                                "training on a CUDA GPU, else opencv (torch: the old name of opencv)",
                        choices=BACKEND_CHOICES)
+    preset: str | None = opt(None, "a named set of defaults under the other options: small_cpu (MoCo v2 on small "
+                                   "images on CPU, set for learning per CPU-minute: half-width CIFAR ResNet-18, "
+                                   "32 px, batch 128, T 0.1, lr 0.12, K 4096, m 0.99, 8 BN splits)",
+                             choices=lambda: tuple(PRESETS))
     recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head), moco_v2 (T 0.2, MLP head, aug+ with blur) or "
                                  "moco_v3 (no queue, projector + predictor, symmetric loss; AdamW for ViTs, LARS for "
                                  "ResNets; BYOL's asymmetric augmentation)", choices=RECIPES)
@@ -414,7 +430,7 @@ def printable_config(cfg: TrainConfig, environ: typing.Mapping[str, str] | None 
 
 
 def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str, str] | None = None) -> TrainConfig:
-    """Defaults < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set'). Values are
+    """Defaults < recipe < preset < file < MOCOSTREAM_* environment < flags (flags given as None are 'not set'). Values are
     parsed and checked alike from every source: text (the environment, flags) or typed (files, callers)."""
     file_values = current_names(file_values, "in the config file")
     overrides = current_names({k: v for k, v in overrides.items() if v is not None}, "on the command line",
@@ -426,6 +442,10 @@ def build_config(file_values: dict, overrides: dict, environ: typing.Mapping[str
     file_values = {k: _typed(k, v, f"{k} in the config file") for k, v in file_values.items()}
     flags = {k: _typed(k, v, FLAGS[k]) for k, v in overrides.items() if v is not None}
     values = {**file_values, **env_values(environ), **flags}
+    if values.get("preset") is not None:
+        if values["preset"] not in PRESETS:
+            raise ConfigError(f"unknown --preset {values['preset']!r}; choose from {', '.join(PRESETS)}")
+        values = {**PRESETS[values["preset"]], **values}  # the preset under every source that was given
     try:
         return TrainConfig(**values).resolved()
     except TypeError as e:

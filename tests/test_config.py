@@ -24,6 +24,24 @@ def test_recipes_fill_the_paper_defaults_and_every_value_can_be_overridden():
             custom.symmetric) == (0.5, False, "step", "cosine", True)
 
 
+def test_a_preset_fills_its_settings_under_every_source_and_leaves_the_recipes_alone():
+    from mocostream.ops.config import PRESETS
+
+    cfg = build_config({}, {"data": "/d", "preset": "small_cpu"}, environ={})
+    for key, value in PRESETS["small_cpu"].items():
+        assert getattr(cfg, key) == value, key
+    assert cfg.recipe == "moco_v2" and (cfg.sgd_momentum, cfg.symmetric) == (0.9, False)  # the rest: v2's own
+    over = build_config({"image_size": 24}, {"data": "/d", "preset": "small_cpu", "temperature": 0.2},
+                        environ={"MOCOSTREAM_QUEUE_SIZE": "1024"})
+    assert (over.image_size, over.temperature, over.queue_size, over.base_lr) == (24, 0.2, 1024, 0.12)
+    from_env = build_config({}, {"data": "/d"}, environ={"MOCOSTREAM_PRESET": "small_cpu"})
+    assert from_env.bn_splits == 8 and from_env.arch == "resnet18_cifar_half"
+    plain = build_config({}, {"data": "/d", "recipe": "moco_v2"}, environ={})  # no preset: v2 as the paper has it
+    assert (plain.temperature, plain.base_lr, plain.moco_momentum, plain.queue_size) == (0.2, 0.03, 0.999, 65536)
+    with pytest.raises(ConfigError, match="unknown --preset 'fast'; choose from small_cpu"):
+        build_config({}, {"data": "/d", "preset": "fast"}, environ={})
+
+
 def test_precedence_defaults_file_environment_flags():
     file_values = {"data": "/file", "steps": 7, "batch_size": 16, "symmetric": False}
     env = {"MOCOSTREAM_STEPS": "8", "MOCOSTREAM_SYMMETRIC": "true", "MOCOSTREAM_TEMPERATURE": "0.3",
