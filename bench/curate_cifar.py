@@ -44,6 +44,8 @@ from mocostream.pipeline.vocabulary import AUTO, BACKEND_CHOICES, RECIPES  # noq
 
 MAKE_UNCURATED = REPO.parent / "shared" / "tools" / "make_uncurated.py"
 ARMS = ("raw", "curated", "random", "perceptual")
+# Trained only when named in --arms: the originals exactly, picked with the truth (a bound, not a curation).
+BOUNDS = ("originals",)
 RARE_CLASSES = 3
 
 
@@ -172,9 +174,29 @@ def make_collection(args, work: Path) -> list[dict]:
 
 
 def random_selection(cur: Path, out: Path, seed: int) -> int:
-    """A uniform random subset of the curated data, as large as the curated selection, as a selection manifest
-    in `out` (written by the curate tool's writer: `train --data out` reads the data's shards as they are), and
-    the chosen keys in out/keys.json; returns the samples kept."""
+    """A uniform random subset of the curated data, as large as the curated selection (see subset_selection)."""
+    import numpy as np
+
+    def pick(keys: list[str], kept: int) -> np.ndarray:
+        return np.random.default_rng(seed).choice(len(keys), size=kept, replace=False)
+
+    return subset_selection(cur, out, pick)
+
+
+def originals_selection(cur: Path, out: Path, sources: dict[str, str], truth: list[dict]) -> int:
+    """Exactly the collection's originals, chosen with the truth: not a curation (the tool never sees the
+    truth) but a bound on what removing reposts and junk alone could give at this budget."""
+    import numpy as np
+
+    original = {r["file"] for r in truth if r["kind"] == "original"}
+    return subset_selection(cur, out, lambda keys, kept: np.flatnonzero([sources[k] in original for k in keys]))
+
+
+def subset_selection(cur: Path, out: Path, pick) -> int:
+    """A subset of the curated data as a selection manifest in `out` (written by the curate tool's writer:
+    `train --data out` reads the data's shards as they are), and the chosen keys in out/keys.json; `pick(keys,
+    kept)` gives the chosen rows of the curated selection's (`kept`: how many the curation kept). Returns the
+    samples chosen."""
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -190,7 +212,7 @@ def random_selection(cur: Path, out: Path, seed: int) -> int:
     sel = pq.read_table(cur / "selection.parquet", columns=["key", "shard", "member", "kept"])
     every = refs([shard_of[u] for u in sel.column("shard").to_pylist()], sel.column("member").to_numpy())
     kept = int(sel.column("kept").to_numpy(zero_copy_only=False).sum())
-    chosen = np.sort(np.random.default_rng(seed).choice(len(every), size=kept, replace=False))
+    chosen = np.sort(pick(sel.column("key").to_pylist(), kept))
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     (out / "keys.json").write_text(json.dumps(sel.column("key").take(chosen).to_pylist()))
@@ -210,8 +232,11 @@ def selected_files(work: Path, sources: dict[str, str]) -> dict[str, set[str]]:
     sel = pq.read_table(work / "cur" / "selection.parquet", columns=["key", "kept"]).to_pydict()
     curated = {sources[k] for k, keep in zip(sel["key"], sel["kept"]) if keep}
     rand = json.loads((work / "rand" / "keys.json").read_text())
-    return {"raw": set(sources.values()), "curated": curated, "random": {sources[k] for k in rand},
-            "perceptual": set(shard_sources(work / "perc").values())}
+    out = {"raw": set(sources.values()), "curated": curated, "random": {sources[k] for k in rand},
+           "perceptual": set(shard_sources(work / "perc").values())}
+    if (work / "orig" / "keys.json").exists():
+        out["originals"] = {sources[k] for k in json.loads((work / "orig" / "keys.json").read_text())}
+    return out
 
 
 # ---------------------------------------------------------------- training and kNN
@@ -272,16 +297,17 @@ def _fmt(v, digits=2) -> str:
     return "–" if v is None else "inf" if v == math.inf else f"{v:.{digits}f}"
 
 
-def print_tables(scores: dict, runs: dict, targets: list[dict]) -> None:
+def print_tables(scores: dict, runs: dict, targets: list[dict], arms=ARMS) -> None:
     print("\n| arm | images | copies per viral image | junk share | junk cut | class max/min | "
           f"{RARE_CLASSES} rarest: originals kept | originals lost | kNN top-1 per seed | mean |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |")
     raw = scores["raw"]
     print(f"| uncurated collection | {raw['images']} | {_fmt(raw['copies_per_viral_before'], 1)} | "
           f"{100 * raw['junk_share_before']:.1f}% | – | {_fmt(raw['class_ratio_before'], 1)} | 100% | 0% | – | – |")
-    for arm in ARMS:
+    for arm in arms:
         s, top = scores[arm], [100 * r["knn"]["top1"] for r in runs.get(arm, [])]
-        print(f"| {arm} | {s['kept']} | {_fmt(s['copies_per_viral'], 1)} | {100 * s['junk_share_after']:.1f}% | "
+        name = f"{arm} (picked with the truth: a bound)" if arm in BOUNDS else arm
+        print(f"| {name} | {s['kept']} | {_fmt(s['copies_per_viral'], 1)} | {100 * s['junk_share_after']:.1f}% | "
               f"{_fmt(s['junk_cut'], 1)}x | {_fmt(s['class_ratio_after'], 1)} | {100 * s['rarest_kept_share']:.0f}% | "
               f"{100 * s['originals_lost_share']:.1f}% | {', '.join(f'{t:.2f}' for t in top) or '–'} | "
               f"{_fmt(_mean(top))} |")
@@ -346,8 +372,8 @@ def parse_args(argv=None):
     if not args.seed_list:
         p.error("--seeds: at least one seed")
     args.arm_list = [a for a in args.arms.split(",") if a.strip()]
-    if not args.arm_list or set(args.arm_list) - set(ARMS):
-        p.error(f"--arms: some of {', '.join(ARMS)}")
+    if not args.arm_list or set(args.arm_list) - set(ARMS + BOUNDS):
+        p.error(f"--arms: some of {', '.join(ARMS + BOUNDS)}")
     return args
 
 
@@ -372,7 +398,8 @@ def main(argv=None) -> int:
     print(f"workdir {work}; {cpu_model()}; {args.device}, {args.precision}", flush=True)
     truth = make_collection(args, work)
     args.cifar = extract(work)
-    data = {"raw": work / "raw", "curated": work / "cur", "random": work / "rand", "perceptual": work / "perc"}
+    data = {"raw": work / "raw", "curated": work / "cur", "random": work / "rand", "perceptual": work / "perc",
+            "originals": work / "orig"}
     runs = defaultdict(list)
     runs["raw"].append(train(args, data["raw"], work / "runs" / f"raw-s{args.seed_list[0]}", args.seed_list[0]))
     report_run("embedder = raw", runs["raw"][0])
@@ -380,14 +407,18 @@ def main(argv=None) -> int:
     if not (work / "rand" / "manifest.json").exists():
         print(f"random subset: {random_selection(work / 'cur', work / 'rand', args.random_seed)} samples", flush=True)
     sources = shard_sources(work / "raw")
+    if "originals" in args.arm_list and not (work / "orig" / "manifest.json").exists():
+        print(f"originals (truth): {originals_selection(work / 'cur', work / 'orig', sources, truth)} samples",
+              flush=True)
     kept = selected_files(work, sources)
-    scores = {arm: score_selection(truth, kept[arm], kept["raw"]) for arm in ARMS}
-    for arm in ARMS:
+    arms = [a for a in ARMS + BOUNDS if a in kept]
+    scores = {arm: score_selection(truth, kept[arm], kept["raw"]) for arm in arms}
+    for arm in arms:
         s = scores[arm]
         print(f"{arm}: {s['kept']} kept, {s['copies_per_viral']:.1f} copies per viral image, junk "
               f"{100 * s['junk_share_after']:.1f}%, class max/min {_fmt(s['class_ratio_after'], 1)}", flush=True)
     for seed in args.seed_list:
-        for arm in ARMS:
+        for arm in arms:
             if arm == "raw" and seed == args.seed_list[0]:
                 continue
             run = work / "runs" / f"{arm}-s{seed}"
@@ -395,7 +426,7 @@ def main(argv=None) -> int:
                 runs[arm].append(train(args, data[arm], run, seed))
                 report_run(arm, runs[arm][-1])
     targets = judge(scores, {arm: [r["knn"]["top1"] for r in rs] for arm, rs in runs.items()})
-    print_tables(scores, runs, targets)
+    print_tables(scores, runs, targets, arms)
     settings = {k: v for k, v in vars(args).items() if k != "cifar"}
     (work / "results.json").write_text(json.dumps({
         "settings": settings, "cpu": cpu_model(), "curate_report": {k: cur_report[k] for k in (

@@ -102,7 +102,7 @@ def test_the_targets_pass_or_fail_and_are_open_without_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_random_arm_is_a_selection_of_the_curated_size_and_the_join_finds_every_file(tmp_path):
+def test_the_random_and_originals_arms_are_selections_and_the_join_finds_every_file(tmp_path):
     """A real collection, shards and `mocostream curate` (a random backbone: the selection is whatever it is);
     the random arm's manifest makes the stream read exactly the keys it lists, as many as curate kept."""
     from mocostream.pipeline.filesystems import Storage
@@ -142,6 +142,9 @@ def test_the_random_arm_is_a_selection_of_the_curated_size_and_the_join_finds_ev
     assert Counter(read) == Counter(chosen)
     assert bench.random_selection(cur, tmp_path / "rand2", seed=1) == n
     assert json.loads((tmp_path / "rand2" / "keys.json").read_text()) != chosen
+    originals = bench.originals_selection(cur, tmp_path / "orig", sources, truth)  # the bound arm: the truth's pick
+    picked = {sources[k] for k in json.loads((tmp_path / "orig" / "keys.json").read_text())}
+    assert picked == {t["file"] for t in truth if t["kind"] == "original"} and originals == len(picked)
 
 
 def _random_backbone(path: Path) -> None:
