@@ -1,8 +1,13 @@
 """Does the whole system learn? MoCo on CIFAR-10 through the real path, judged by kNN accuracy.
 
-    python bench/learn_cifar.py --budget-minutes 30              # v1 and v2, on whatever device there is
+    python bench/learn_cifar.py --budget-minutes 30              # CPU: the small_cpu preset; GPU: v1 and v2
+    python bench/learn_cifar.py --budget-minutes 30 --recipes moco_v1,moco_v2   # the papers' recipes
     python bench/learn_cifar.py --budget-minutes 30 --recipes moco_v3   # v3: vit_tiny and the ResNet, one run each
-    python bench/learn_cifar.py --budget-minutes 10 --recipes moco_v1 --peer lightly   # ours on CPU 0, the peer on 1
+    python bench/learn_cifar.py --budget-minutes 10 --peer lightly --precision fp32   # ours on CPU 0, the peer on 1
+
+On CPU the default is `mocostream train --preset small_cpu` (ops/config.py PRESETS: MoCo v2's algorithm at 32 px,
+MLP head, T 0.1, base lr 0.12, 8 BN splits; where its settings come from: bench/learn_factors.py); the recipe
+settings below are those of the `moco_v1`/`moco_v2`/`moco_v3` runs when named.
 
 Steps: extract `../shared/data/cifar10-jpg.tar.gz`; `mocostream shards create` on `train/` (tar shards);
 kNN top-1 on `test/` of the randomly initialised encoder (the starting point of training: same seed);
@@ -229,9 +234,9 @@ def knn(args, data: Path, checkpoint: str | None, arch: str) -> dict:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budget-minutes", type=float, default=30.0, help="training wall clock per recipe")
-    p.add_argument("--recipes", default=",".join(r for r in RECIPES if r != "moco_v3"),
-                   help=f"any of {', '.join(RECIPES)}, or a preset of `mocostream train` ({', '.join(PRESETS)}: "
-                        "its own settings); moco_v3 (two backbones per run) only when named")
+    p.add_argument("--recipes", help="default: small_cpu on CPU, moco_v1,moco_v2 on a GPU; "
+                        f"any of {', '.join(RECIPES)}, or a preset of `mocostream train` ({', '.join(PRESETS)}: its "
+                        "own settings); moco_v3 (two backbones per run) only when named")
     p.add_argument("--v3-archs", help="backbones of the moco_v3 runs (default: vit_tiny and --arch)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18_cifar_half on CPU")
@@ -284,6 +289,7 @@ def resolve(args) -> None:
     args.batch_size = args.batch_size or (512 if gpu else 128)
     args.train_size = args.train_size or (32 if gpu else 24)
     args.compile = gpu if args.compile is None else args.compile
+    args.recipes = args.recipes or ("moco_v1,moco_v2" if gpu else "small_cpu")
     if args.peer:
         if gpu:
             sys.exit(f"--peer {args.peer} is a CPU comparison (the peer trains on CPU): give --device cpu")
