@@ -380,8 +380,8 @@ def score_peer(args, data: Path, work: Path, peer: dict) -> list[tuple]:
 def report(args, baselines: dict, rows: list, peer_rows: list) -> None:
     pins = f"; ours on CPUs {args.ours_cpus}" if args.ours_cpus else ""
     pins += f", {args.peer} on CPUs {args.peer_cpus}" if args.peer else ""
-    print(f"\n{cpu_model()} ({os.cpu_count()} CPUs{pins}); {args.train_size}-px crops (ViTs 32 px), batch "
-          f"{args.batch_size}, K {args.queue_size}, m {args.moco_momentum}, warmup {args.warmup_steps}, "
+    print(f"\n{cpu_model()} ({os.cpu_count()} CPUs{pins}); {args.train_size}-px crops (ViTs, presets: their own), "
+          f"batch {args.batch_size}, K {args.queue_size}, m {args.moco_momentum}, warmup {args.warmup_steps}, "
           f"{args.precision}{', compiled' if args.compile else ''}, {args.device}, budget {args.budget_minutes:g} min "
           f"per run, load {os.getloadavg()[0]:.1f}")
     print("| encoder | T | lr | images seen | steady img/s | before steady | kNN top-1 | vs its init |")
@@ -391,8 +391,8 @@ def report(args, baselines: dict, rows: list, peer_rows: list) -> None:
     for recipe, arch, run, result, images in rows:
         temperature, base_lr, _ = recipe_settings(args, recipe, arch)
         rate, before = speed(run)
-        print(f"| {recipe} ({arch}) | {temperature:g} | {base_lr:g} per 256 | {images:,} ({images / 50000:.1f} "
-              f"epochs) | {rate} | {before} | {100 * result['top1']:.2f}% | "
+        print(f"| {recipe} ({arch}, {train_size(args, arch, recipe)} px) | {temperature:g} | {base_lr:g} per 256 | "
+              f"{images:,} ({images / 50000:.1f} epochs) | {rate} | {before} | {100 * result['top1']:.2f}% | "
               f"{100 * (result['top1'] - baselines[arch]['top1']):+.2f} pts |")
     for peer, before, after in peer_rows:
         rate, start_up = speed(peer)
