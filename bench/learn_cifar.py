@@ -128,8 +128,8 @@ def recipe_settings(args, recipe: str, arch: str) -> tuple[float, float, float]:
 
 
 def train_size(args, arch: str, recipe: str | None = None) -> int:
-    if recipe in PRESETS:
-        return PRESETS[recipe]["image_size"]
+    if recipe in PRESETS:  # its own size unless --train-size says otherwise
+        return args.train_size if args.train_size_given else PRESETS[recipe]["image_size"]
     return 32 if is_vit(arch) else args.train_size  # a ViT's patch grid is fixed: train at the kNN size
 
 
@@ -139,6 +139,7 @@ def settings_flags(args, recipe: str, arch: str) -> list[str]:
     temperature, base_lr, weight_decay = recipe_settings(args, recipe, arch)
     if recipe in PRESETS:
         return ["--preset", recipe, "--arch", arch, "--batch-size", str(args.batch_size)] + \
+            (["--image-size", str(args.train_size)] if args.train_size_given else []) + \
             (["--temperature", str(args.temperature)] if args.temperature else []) + \
             (["--base-lr", str(args.base_lr)] if args.base_lr else [])
     return ["--recipe", recipe, "--arch", arch, "--image-size", str(train_size(args, arch)), "--batch-size",
@@ -241,8 +242,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto")
     p.add_argument("--arch", help="default: resnet18_cifar on a GPU, resnet18_cifar_half on CPU")
     p.add_argument("--batch-size", type=int, help="default: 512 on a GPU, 128 on CPU")
-    p.add_argument("--train-size", type=int, help="side of the training crops in px (default: 32 on a GPU, 24 on CPU); "
-                   "kNN is always measured on the 32-px images")
+    p.add_argument("--train-size", type=int, help="side of the training crops in px (default: 32 on a GPU, 24 on CPU; "
+                   "a preset: its own); kNN is always measured on the 32-px images")
     p.add_argument("--queue-size", type=int, default=4096, help="K (the reference CIFAR demo's 4096)")
     p.add_argument("--moco-momentum", type=float, default=0.99, help="m (the CIFAR demo's 0.99)")
     p.add_argument("--temperature", type=float, help="T (default: v1 0.1, the CIFAR demo's; v2 0.2, its own)")
@@ -287,6 +288,7 @@ def resolve(args) -> None:
     args.device = "cuda" if gpu else "cpu"
     args.arch = args.arch or ("resnet18_cifar" if gpu else "resnet18_cifar_half")
     args.batch_size = args.batch_size or (512 if gpu else 128)
+    args.train_size_given = args.train_size is not None  # a preset's own size stands unless this is given
     args.train_size = args.train_size or (32 if gpu else 24)
     args.compile = gpu if args.compile is None else args.compile
     args.recipes = args.recipes or (",".join(r for r in RECIPES if r != "moco_v3") if gpu else "small_cpu")

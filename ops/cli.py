@@ -10,6 +10,7 @@ import sys
 from mocostream.pipeline.vocabulary import AUTO, BACKEND_ALIASES, BACKEND_CHOICES
 
 from .cpu_budget import short_openmp_spin
+from .exit_deadline import EXIT_DEADLINE_S, exit_within
 from .config import CONFIG_ENV, TrainConfig, build_config, mask_logs, mask_text, printable_config, read_config_file
 from .options import ChoicesHelp, add_options, values_from
 
@@ -98,13 +99,19 @@ def main(argv: list[str] | None = None) -> int:
     mask_logs()  # shard URLs in log lines keep no password or signature
     for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "faiss"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    status = 1  # an exception's
     try:
-        return args.func(args)
+        status = args.func(args)
+        return status
     except Exception as e:
         if getattr(e, "user_error", False) or isinstance(e, (FileNotFoundError, PermissionError)):
             print(f"mocostream: error: {mask_text(str(e))}", file=sys.stderr)
-            return 2
+            status = 2
+            return status
         raise
+    finally:
+        if argv is None and args.command in ("train", "demo"):  # a process of its own, not a caller's
+            exit_within(EXIT_DEADLINE_S, status)
 
 
 if __name__ == "__main__":

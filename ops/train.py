@@ -27,6 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from mocostream.moco_core import (LR_SCHEDULES, MoCo, MoCoV3, NonFiniteGuard, backbone_of, budget_lr, build_encoder,
                                   build_optimizer, info_nce, instance_accuracy, is_vit, momentum_at, scaled_lr)
 from mocostream.moco_core.distributed import on_rank0
+from mocostream.pipeline.interrupt import Interrupted
 from mocostream.pipeline.labeled import knn_sets
 from mocostream.pipeline.loader import Batch, TwoViewLoader
 from mocostream.pipeline.filesystems import Storage
@@ -369,6 +370,7 @@ class Trainer:
             self.loss_trace = enter(open(f"{cfg.trace_keys}.rank{self.rank}.loss", "a", buffering=1))
         self.stop = StopFlag()
         self._resources.callback(self.stop.restore)
+        self.loader.interrupt_when(lambda: self.stop.set)  # a stop does not wait for late data
         # A progress bar on a terminal; the compact log line every --log-every steps everywhere.
         self.bar = enter(tqdm(total=cfg.steps, initial=self.state.step, unit="step", dynamic_ncols=True, desc="train",
                               disable=not (self.is_main and cfg.progress and sys.stderr.isatty())))
@@ -386,9 +388,9 @@ class Trainer:
         s.t_start = s.t_end = s.last_log_time = time.perf_counter()
         s.last_log_step = s.step
         while s.step < self.max_steps:
-            batch = next(self.batches, None)
+            batch = self._next_batch()
             t_data = time.perf_counter()
-            if self._should_end(batch is None, t_data):
+            if self._should_end(batch is None and not self.stop.set, t_data):
                 break
             self.train_step(batch, t_data)
             if s.step % cfg.log_every == 0 or s.step == cfg.steps:
@@ -405,6 +407,14 @@ class Trainer:
         self.batches.close()  # the reader threads stop: the skip counts the summary reports are final
         self.metrics.sync_skipped(self.loader.skipped)
         return self.summary()
+
+    def _next_batch(self) -> Batch | None:
+        """The next batch; None at the end of the data, or when a stop signal cut the wait for it short."""
+        try:
+            return next(self.batches, None)
+        except Interrupted:
+            log.info("rank %d: stopped while waiting for data", self.rank)
+            return None
 
     def _agree(self, exhausted: bool, t_data: float) -> bool:
         """Training seconds, stop request and end of data, agreed by all ranks; returns `exhausted`."""

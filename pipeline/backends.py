@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .batching import Chunk, Views
+from .interrupt import Interrupt, Interrupted
 from .stream import Item
 from .worker_pool import augmentation_pool, run_ahead
 
@@ -34,8 +35,9 @@ def unchecked(items: Iterable[Item]) -> Iterator[tuple[Item, None]]:
 class OpenCVViews:
     whole_batches = False  # a short last chunk is augmented too: its rows may complete a batch
 
-    def __init__(self, recipe: str, image_size: int, workers: int):
+    def __init__(self, recipe: str, image_size: int, workers: int, interrupted: Interrupt = None):
         self.recipe, self.image_size, self.workers = recipe, image_size, workers
+        self.interrupted = interrupted  # the consumer's stop request: cuts a wait for a worker short
         self.pool = augmentation_pool(workers) if workers > 0 else None  # ignores Ctrl-C, dies with the trainer
 
     checked = staticmethod(unchecked)  # the workers find bad images as they decode them
@@ -48,7 +50,8 @@ class OpenCVViews:
 
     def views(self, chunks: Iterable[Chunk]) -> Iterator[Views]:
         jobs = ((c, ([it.sample.data for it in c.items], self.recipe, self.image_size, c.seed)) for c in chunks)
-        for chunk, (q, k, reasons) in run_ahead(self.pool, augment_chunk, jobs, max(1, 2 * self.workers)):
+        for chunk, (q, k, reasons) in run_ahead(self.pool, augment_chunk, jobs, max(1, 2 * self.workers),
+                                                 self.interrupted):
             yield Views(chunk.items, q, k, reasons)
 
     def close(self) -> None:
@@ -68,8 +71,10 @@ class DaliViews:
     whole_batches = True  # one pipeline run is exactly one batch
 
     def __init__(self, *, batch_size: int, image_size: int, recipe: str, device: str, device_id: int | None,
-                 threads: int, seed: int, preflight: bool, lost: Callable[[str, int], None]):
+                 threads: int, seed: int, preflight: bool, lost: Callable[[str, int], None],
+                 interrupted: Interrupt = None):
         self.batch_size, self.image_size, self.recipe = batch_size, image_size, recipe
+        self.interrupted = interrupted  # a stop request that cut a wait for data short inside a run
         self.device, self.device_id, self.threads, self.seed = device, device_id, threads, seed
         self.lost = lost  # counts samples lost with a failed run
         self.checks = ThreadPoolExecutor(threads, thread_name_prefix="image-check") if preflight else None
@@ -112,6 +117,8 @@ class DaliViews:
             except StopIteration:  # the chunks ran out (only with --epochs)
                 return
             except Exception as e:  # a decoder failure: lose only what was inside the pipeline
+                if isinstance(e, Interrupted) or (self.interrupted and self.interrupted()):
+                    raise Interrupted from e  # raised by the stream inside the run: a stop, not a failure
                 self._failed(e)
                 del pipe
                 pipe = self._build()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from .backends import DaliViews, OpenCVViews
 from .batching import Batch, Batcher
@@ -98,6 +98,11 @@ class TwoViewLoader:
                                    read_ahead_bytes=cfg.read_ahead_bytes, epochs=cfg.epochs,
                                    reader=ShardReader(self.storage, observer))
 
+    def interrupt_when(self, interrupted: Callable[[], bool]) -> None:
+        """While a batch is awaited, `interrupted()` is looked at twice a second: once true, the wait ends in
+        `Interrupted` (the trainer's SIGTERM: a stalled read must not hold back its checkpoint)."""
+        self.stream.interrupted = interrupted
+
     # Resume state: the stream position after the last batch handed out.
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -141,10 +146,10 @@ class TwoViewLoader:
     def _backend(self, batcher: Batcher) -> OpenCVViews | DaliViews:
         cfg = self.cfg
         if self.backend == OPENCV:
-            return OpenCVViews(cfg.recipe, cfg.image_size, cfg.workers)
+            return OpenCVViews(cfg.recipe, cfg.image_size, cfg.workers, self.stream.interrupted)
         return DaliViews(batch_size=cfg.batch_size, image_size=cfg.image_size, recipe=cfg.recipe, device=cfg.device,
                          device_id=cfg.device_id, threads=max(1, cfg.workers), seed=cfg.seed * 1000 + cfg.rank,
-                         preflight=self.preflight, lost=batcher.lost)
+                         preflight=self.preflight, lost=batcher.lost, interrupted=self.stream.interrupted)
 
     def consumed(self, batch: Batch) -> None:
         """Call once a batch has been trained on: the resume state then starts after it."""

@@ -17,6 +17,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .interrupt import Interrupt, result
 from .plan import Block, EpochPlan, lengths, remaining, slice_intervals
 from .readers import Sample, read_samples
 from .shard_table import ShardTable
@@ -95,6 +96,7 @@ class SampleStream:
         self._plans: dict[tuple, Future] = {}
         self._planner = ThreadPoolExecutor(1, thread_name_prefix="plan")
         self._share_lengths: dict[int, int] = {}
+        self.interrupted: Interrupt = None  # the consumer's stop request: cuts a wait for a read short
 
     # ---- layouts and plans -----------------------------------------------------------------------
     def _total(self, shards: int) -> int:
@@ -301,13 +303,14 @@ class SampleStream:
 
     def __iter__(self) -> Iterator[Item]:
         """Items from the saved state on, epoch after epoch. Shards are read ahead across epoch ends
-        (up to `read_ahead` blocks and `read_ahead_bytes` in flight), one thread per shard in flight."""
+        (up to `read_ahead` blocks and `read_ahead_bytes` in flight), one thread per shard in flight. Closing
+        the iterator does not wait for the reads in flight (a stalled one may take minutes to give up)."""
         groups = self._groups()
         window: deque[tuple[_Group, dict[int, Future], int]] = deque()
         in_flight, exhausted = 0, False
         delivered: Counter = Counter()
-        with ThreadPoolExecutor(max_workers=self.read_ahead * self.shuffle_shards,
-                                thread_name_prefix="shard-read") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.read_ahead * self.shuffle_shards, thread_name_prefix="shard-read")
+        try:
             peeked: list[_Group] = []
 
             def fill():
@@ -337,7 +340,7 @@ class SampleStream:
                 if previous_epoch is not None and g.epoch != previous_epoch:
                     self._epoch_done(previous_epoch, delivered)
                 previous_epoch = g.epoch
-                loaded = {shard: f.result() for shard, f in futures.items()}
+                loaded = {shard: result(f, self.interrupted) for shard, f in futures.items()}
                 in_flight -= size
                 fill()
                 if g.drop:  # counted when delivered, not when read ahead
@@ -346,6 +349,8 @@ class SampleStream:
                 yield from self._items(g, loaded, delivered)
             if previous_epoch is not None:
                 self._epoch_done(previous_epoch, delivered)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def _items(self, g: _Group, loaded: dict[int, list[Sample]], delivered: Counter) -> Iterator[Item]:
         for position, start, stop in g.runs:

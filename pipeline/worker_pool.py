@@ -23,6 +23,8 @@ from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
+from .interrupt import Interrupt, result
+
 Tag = TypeVar("Tag")
 
 
@@ -56,18 +58,19 @@ def augmentation_pool(workers: int) -> ProcessPoolExecutor:
 
 
 def run_ahead(pool: Executor | None, fn: Callable, jobs: Iterable[tuple[Tag, tuple]],
-              ahead: int) -> Iterator[tuple[Tag, Any]]:
+              ahead: int, interrupted: Interrupt = None) -> Iterator[tuple[Tag, Any]]:
     """(tag, fn(*args)) for each (tag, args) of `jobs`, in order, with up to `ahead` jobs submitted before their
-    result is asked for (jobs are taken from `jobs` only as room frees up). pool None: run them here, in turn."""
+    result is asked for (jobs are taken from `jobs` only as room frees up). pool None: run them here, in turn.
+    A wait for a result ends in Interrupted once `interrupted()` is true."""
     in_flight: deque = deque()
     for tag, args in jobs:
         in_flight.append((tag, pool.submit(fn, *args) if pool else fn(*args)))
         if len(in_flight) >= ahead:
-            tag, result = in_flight.popleft()
-            yield tag, (result.result() if pool else result)
+            tag, done = in_flight.popleft()
+            yield tag, (result(done, interrupted) if pool else done)
     while in_flight:
-        tag, result = in_flight.popleft()
-        yield tag, (result.result() if pool else result)
+        tag, done = in_flight.popleft()
+        yield tag, (result(done, interrupted) if pool else done)
 
 
 def _is_forkserver() -> bool:

@@ -67,7 +67,36 @@ def torchrun(*args: str, env: dict | None = None, nproc: int = 2, **kw) -> subpr
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
            f"--master-port={free_port()}", "-m", "mocostream.ops.cli", *args]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1", **(env or {})},
+                            **kw)
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The output of a torchrun job (or of a job that exited) once it has exited; a job still running after `timeout`
+    seconds fails the test with where each of its processes waits: kernel wait channel and stack, then every rank's
+    Python stacks (PYTHONFAULTHANDLER, set by torchrun(): SIGABRT prints them), then its output."""
+    from deadlock import descendants, where
+
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        tree = [proc.pid] + descendants(proc.pid)
+        report = where(tree)
+        for pid in children(proc.pid):
+            try:
+                os.kill(pid, signal.SIGABRT)
+            except ProcessLookupError:
+                pass
+        try:
+            out = proc.communicate(timeout=30)[0]
+        except subprocess.TimeoutExpired:
+            for pid in [proc.pid] + descendants(proc.pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            out = proc.communicate()[0]
+        raise AssertionError(f"still running after {timeout:g} s\n{report}\n--- output:\n{(out or '')[-12000:]}")
 
 
 def children(pid: int) -> list[int]:

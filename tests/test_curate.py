@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import REPO, SHARED_DATA, cli, need_archive, tiny_flags, torchrun
+from helpers import REPO, SHARED_DATA, cli, finish, need_archive, tiny_flags, torchrun
 from mocostream.curate.balance import balanced_quotas, waterfill
 from mocostream.curate.dedup import greedy_dedup
 from mocostream.curate.layout import CurateError
@@ -325,7 +325,7 @@ def test_embed_on_two_ranks_splits_the_shards(collection, embedded, tmp_path):
     out = tmp_path / "dest"
     proc = torchrun("curate", "embed", str(collection["shards"]), "--embed-with", str(collection["weights"]),
                     "--arch", ARCH, "--out", str(out), "--workers", "0", "--batch-size", "16", nproc=2)
-    log, _ = proc.communicate(timeout=600)
+    log = finish(proc, 600)
     assert proc.returncode == 0, log[-3000:]
     for p in sorted((embedded / "embeddings").glob("shard-*.parquet")):
         mine, one_rank = pq.read_table(out / "embeddings" / p.name), pq.read_table(p)
@@ -407,7 +407,7 @@ def test_select_on_two_ranks_is_the_selection_of_one(embedded, selected, tmp_pat
     dest = clustered_copy(embedded, tmp_path / "dest")
     proc = torchrun("curate", "select", "--out", str(dest), "--target-size", "60", "--dedup-eps", "1e-4",
                     "--select-memory", "65536", nproc=2)
-    log, _ = proc.communicate(timeout=600)
+    log = finish(proc, 600)
     assert proc.returncode == 0, log[-3000:]
     report = json.loads((dest / "report.json").read_text())
     assert report["buckets"] >= 2  # each rank had a bucket to decide
@@ -426,7 +426,7 @@ def test_select_on_two_ranks_into_object_storage_shares_its_work_there(embedded,
     fs.put(str(local) + "/", f"{bucket}/dest/", recursive=True)
     proc = torchrun("curate", "select", "--out", f"s3://{bucket}/dest", "--target-size", "60", "--dedup-eps",
                     "1e-4", "--select-memory", "65536", "--storage-retries", "1", env=s3_server.env, nproc=2)
-    log, _ = proc.communicate(timeout=600)
+    log = finish(proc, 600)
     assert proc.returncode == 0, log[-3000:]
     fs.invalidate_cache()
     got = pq.read_table(fs.open(f"{bucket}/dest/selection.parquet")).to_pydict()

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 import torch
 
-from helpers import tiny, tiny_flags, torchrun
+from helpers import finish, tiny, tiny_flags, torchrun
 from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
 from mocostream.ops.evaluate import fingerprint
@@ -197,7 +197,7 @@ def test_labelled_stream_augments_per_epoch_deterministically(imagenette_small):
 def test_reference_linear_protocol_under_torchrun(trained, imagenette_small):
     _, _, ckpt = trained
     proc = torchrun("eval", "linear", "--checkpoint", str(ckpt), "--data", str(imagenette_small), *REFERENCE)
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(results) == 1  # rank 0 reports
@@ -323,7 +323,7 @@ def test_reference_linear_protocol_on_named_shards_under_torchrun(named_shards, 
     shutil.copytree(root / "shards" / "val", data / "val")
     proc = torchrun("eval", "linear", "--arch", "resnet18", "--data", str(data), "--protocol", "reference",
                     "--image-size", "32", "--epochs", "1", "--batch-size", "4", "--workers", "0")
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(results) == 1 and results[0]["world"] == 2 and results[0]["classes"] == 3

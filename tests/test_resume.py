@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import cli, tiny_flags, torchrun
+from helpers import cli, finish, tiny_flags, torchrun
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ def run(world: int, *args: str) -> None:
         assert r.returncode == 0, r.stderr[-3000:]
         return
     proc = torchrun("train", *args, nproc=world)
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
 
 

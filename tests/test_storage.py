@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -106,6 +107,37 @@ def test_trainer_stream_read_gives_up_after_the_retries(silent, external_manifes
     assert "produced no readable sample" in one_line_error(code, err)
     assert "s3://bucket/shard-000000.tar: ReadTimeoutError" in err and f"(after {RETRIES} retries)" in err
     assert err.count(f"retry 1/{RETRIES}") == RETRIES and silent.connections == RETRIES + 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["opencv", "dali"])  # dali: the stream is read inside DALI's pipeline run
+def test_sigterm_during_a_stalled_read_checkpoints_and_exits(silent, external_manifest, tmp_path, backend):
+    """Preemption while the trainer waits for a shard whose read stalls (here for --storage-timeout 600 s): the
+    wait is cut short, the stop checkpoint is written and the process ends with 0 long before the read would
+    give up; exit, which would join the stalled reader thread, is ended by the exit deadline, with the
+    threads' stacks logged."""
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    argv = [sys.executable, "-m", "mocostream.ops.cli", "train", "--data", external_manifest,
+            "--allow-external-shards", *SMALL, "--backend", backend, "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--storage-timeout", "600", "--storage-retries", "0"]
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        proc = subprocess.Popen(argv, cwd=REPO, env=storage_env(silent.url), stdout=fo, stderr=fe)
+    try:
+        while silent.connections == 0:  # the stream's first read is in flight: the trainer waits for its batch
+            assert proc.poll() is None, err.read_text()[-3000:]
+            threading.Event().wait(0.1)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=BOUND_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = err.read_text()
+    assert code == 0, log[-3000:]
+    assert "stopped while waiting for data" in log and "checkpoint (stop) at step 0" in log, log[-3000:]
+    assert (tmp_path / "ckpt" / "checkpoint-00000000.pt").exists()
+    assert "exit still waiting" in log and "_load_shard" in log  # the deadline, and the stalled read's stack
+    assert "ReadTimeoutError" not in log  # the read was never given up on
 
 
 @pytest.mark.slow

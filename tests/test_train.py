@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import TINY, children, cli, tiny_flags, torchrun, wait_for_trace
+from helpers import TINY, children, cli, finish, tiny_flags, torchrun, wait_for_trace
 from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
 from mocostream.ops.ports import free_port
@@ -195,7 +195,7 @@ def test_two_rank_budget_run_from_s3_stops_every_rank_at_the_same_step(s3_shards
     proc = torchrun("train", "--data", s3_shards["tar"], "--backend", "opencv", "--budget-minutes", "0.1",
                     "--checkpoint-dir", ckpt, "--trace-keys", str(tmp_path / "keys"), *tiny_flags(),
                     env=s3_server.env)
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     steps = int(re.search(r"budget of 0.1 minutes reached at step (\d+)", out).group(1))
     traces = [(tmp_path / f"keys.rank{r}").read_text().split() for r in (0, 1)]
@@ -249,7 +249,7 @@ def test_two_rank_ddp_from_s3(s3_shards, s3_server, backend, fmt, tmp_path):
     proc = torchrun("train", "--data", s3_shards[fmt], "--steps", "4", "--backend", backend,
                     "--checkpoint-dir", ckpt, "--trace-keys", str(tmp_path / "keys"), *tiny_flags(),
                     env=s3_server.env)
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     traces = [(tmp_path / f"keys.rank{r}").read_text().split() for r in (0, 1)]
     assert len(traces[0]) == len(traces[1]) == 32
@@ -277,7 +277,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
         assert len(workers) == 2
         for pid in workers:  # preemption: every trainer process gets SIGTERM
             os.kill(pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=300)
+        out = finish(proc, 300)
     finally:
         if proc.poll() is None:
             for pid in children(proc.pid):
@@ -294,7 +294,7 @@ def test_sigterm_checkpoints_and_resume_matches_uninterrupted(s3_shards, s3_serv
     steps = stopped_at + 3
     for args in (flags("cut", "--resume", "--stop-after", "3"), flags("whole", "--stop-after", str(steps))):
         proc = torchrun("train", *args, env=s3_server.env)
-        out, _ = proc.communicate(timeout=600)
+        out = finish(proc, 600)
         assert proc.returncode == 0, out[-3000:]
     for r in (0, 1):
         cut, whole = (tmp_path / f"{n}.keys.rank{r}" for n in ("cut", "whole"))

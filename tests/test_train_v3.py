@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from helpers import cli, tiny_flags, torchrun
+from helpers import cli, finish, tiny_flags, torchrun
 from mocostream.moco_core import backbone_of, momentum_at
 from mocostream.ops.cli import main as cli_main
 from mocostream.ops.config import build_config
@@ -135,7 +135,7 @@ def test_elastic_resume_2_to_1_ranks_consumes_each_sample_once(labelled_shards, 
     flags = ["--data", str(labelled_shards), "--steps", "50", "--checkpoint-dir", str(tmp_path / "ck"),
              *tiny_flags(**{k: v for k, v in V3.items() if k not in ("progress",)}), "--no-progress"]
     proc = torchrun("train", *flags, "--trace-keys", str(tmp_path / "a"), "--stop-after", "2", nproc=2)
-    out, _ = proc.communicate(timeout=600)
+    out = finish(proc, 600)
     assert proc.returncode == 0, out[-3000:]
     assert "BN statistics per rank's share" in out
     r = cli("train", *flags, "--trace-keys", str(tmp_path / "b"), "--stop-after", "2", "--resume")
