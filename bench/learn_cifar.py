@@ -5,7 +5,7 @@
     python bench/learn_cifar.py --budget-minutes 30 --recipes moco_v3   # v3: vit_tiny and the ResNet, one run each
     python bench/learn_cifar.py --budget-minutes 10 --peer lightly --precision fp32   # ours on CPU 0, the peer on 1
 
-On CPU the default is `mocostream train --preset small_cpu` (ops/config.py PRESETS: MoCo v2's algorithm at 32 px,
+On CPU the default is `mocostream train --preset small_cpu` (ops/config.py PRESETS: MoCo v2's algorithm at 24 px,
 MLP head, T 0.1, base lr 0.12, 8 BN splits; where its settings come from: bench/learn_factors.py); the recipe
 settings below are those of the `moco_v1`/`moco_v2`/`moco_v3` runs when named.
 

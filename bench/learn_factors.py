@@ -32,10 +32,10 @@ BASE = "moco_v1"
 # name -> (what changes, learn_cifar.py flags); each differs from the base in the factor its name says
 VARIANTS = {  # in the order they run: the likeliest causes first
     "base": ("learn_cifar.py's CPU moco_v1", []),
-    "lightly_like": ("lightly's example's settings as far as ours has them, the small_cpu preset: 32 px, MLP head "
+    "lightly_like": ("lightly's example's settings as far as ours has them, the small_cpu preset at 32 px: MLP head "
                      "(hidden 256, not 512), base lr 0.12, v2 augmentation (with blur), 8 BN splits, T 0.1 (our 100 "
-                     "warmup steps)", ["--recipes", "small_cpu"]),
-    "small_cpu_24px": ("the small_cpu preset at 24-px crops (its 32)", ["--recipes", "small_cpu", "--train-size", "24"]),
+                     "warmup steps)", ["--recipes", "small_cpu", "--train-size", "32"]),
+    "small_cpu": ("the small_cpu preset: lightly_like at 24-px crops", ["--recipes", "small_cpu"]),
     "symmetric": ("symmetric loss (asymmetric)", ["--train-args=--symmetric"]),
     "crop32": ("32-px crops (24)", ["--train-size", "32"]),
     "mlp_head": ("MLP head (linear)", ["--train-args=--mlp"]),

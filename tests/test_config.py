@@ -31,9 +31,9 @@ def test_a_preset_fills_its_settings_under_every_source_and_leaves_the_recipes_a
     for key, value in PRESETS["small_cpu"].items():
         assert getattr(cfg, key) == value, key
     assert cfg.recipe == "moco_v2" and (cfg.sgd_momentum, cfg.symmetric) == (0.9, False)  # the rest: v2's own
-    over = build_config({"image_size": 24}, {"data": "/d", "preset": "small_cpu", "temperature": 0.2},
+    over = build_config({"image_size": 32}, {"data": "/d", "preset": "small_cpu", "temperature": 0.2},
                         environ={"MOCOSTREAM_QUEUE_SIZE": "1024"})
-    assert (over.image_size, over.temperature, over.queue_size, over.base_lr) == (24, 0.2, 1024, 0.12)
+    assert (over.image_size, over.temperature, over.queue_size, over.base_lr) == (32, 0.2, 1024, 0.12)
     from_env = build_config({}, {"data": "/d"}, environ={"MOCOSTREAM_PRESET": "small_cpu"})
     assert from_env.bn_splits == 8 and from_env.arch == "resnet18_cifar_half"
     plain = build_config({}, {"data": "/d", "recipe": "moco_v2"}, environ={})  # no preset: v2 as the paper has it
