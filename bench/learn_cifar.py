@@ -37,6 +37,7 @@ example in its own venv, with our backbone's architecture (lightly's ResNet-18 a
 names after renaming, parameter count and function, checked), fp32, the same budget, batch, data (train/'s
 JPEGs through lightly's own dataset and MoCoV2Transform) and DataLoader workers as ours has loader workers. It
 runs beside the first recipe's run, each pinned with taskset (`--ours-cpus`, default 0; `--peer-cpus`, default 1),
+or with `--peer-after` after it on the same CPUs (default: all of them; each run has them to itself),
 and its backbone is scored by the same `mocostream eval knn`, before and after. The summary prints the CPU model,
 each run's steady img/s and its time before steady state (what the first log interval took beyond its images'
 time at the steady speed: first batch, compilation, warm-up).
@@ -267,7 +268,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "bench/peer_lightly_moco.py) beside the first run: same backbone, precision, budget and data")
     p.add_argument("--peer-venv", type=Path, default=DEFAULT_VENV, help="the peer's own venv (made on first use)")
     p.add_argument("--ours-cpus", help="taskset CPU list for our runs (default with --peer: 0; else unpinned)")
-    p.add_argument("--peer-cpus", default="1", help="taskset CPU list for the peer")
+    p.add_argument("--peer-cpus", help="taskset CPU list for the peer (default: 1; with --peer-after: --ours-cpus)")
+    p.add_argument("--peer-after", action="store_true", help="run the peer after our first run instead of beside "
+                   "it, on the same CPUs (default: all): the two-core comparison")
     p.add_argument("--curve-minutes", type=float, help="a learning-curve point every this many minutes "
                    "(default: a tenth of the budget; 0: no curve)")
     p.add_argument("--curve-per-class", type=int, default=100, help="images per class in the curve's fixed kNN "
@@ -298,7 +301,12 @@ def resolve(args) -> None:
         if args.precision not in (None, "fp32") or args.arch not in PEER_WIDTH:
             sys.exit(f"--peer {args.peer} trains fp32 with one of {', '.join(PEER_WIDTH)}: "
                      f"give --precision fp32 and one of those --arch")
-        args.precision, args.ours_cpus = "fp32", args.ours_cpus or "0"
+        args.precision = "fp32"
+        if args.peer_after:  # one after the other, on the same CPUs (default: all this process may use)
+            args.ours_cpus = args.ours_cpus or ",".join(map(str, sorted(os.sched_getaffinity(0))))
+            args.peer_cpus = args.peer_cpus or args.ours_cpus
+        else:
+            args.ours_cpus, args.peer_cpus = args.ours_cpus or "0", args.peer_cpus or "1"
     args.precision = args.precision or ("bf16" if gpu or torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32")
     if args.curve_minutes is None:
         args.curve_minutes = args.budget_minutes / 10
@@ -336,16 +344,20 @@ def main() -> int:
     baselines = {arch: random_init(args, data, work, arch) for arch in dict.fromkeys(arch for _, arch in runs)}
     rows, peer = [], None
     for i, (recipe, arch) in enumerate(runs):
+        def launch_peer():
+            return start_peer(peer_python, data / "train", work / "peer", args.budget_minutes, args.curve_minutes,
+                              args.batch_size, args.workers, PEER_WIDTH[arch], args.peer_cpus)
+
         handle = start_train(args, recipe, arch, shards, work)
-        peer_run = start_peer(peer_python, data / "train", work / "peer", args.budget_minutes, args.curve_minutes,
-                              args.batch_size, args.workers, PEER_WIDTH[arch], args.peer_cpus) \
-            if peer_python and i == 0 else None
+        peer_run = launch_peer() if peer_python and i == 0 and not args.peer_after else None
         try:
             run = finish_train(args, handle)
         except BaseException:  # ours failed: the peer beside it has nothing to be compared with
             if peer_run:
                 peer_run.kill()
             raise
+        if peer_python and i == 0 and args.peer_after:  # now, on the CPUs ours had to itself
+            peer_run = launch_peer()
         if peer_run:
             peer = finish_peer(peer_run, work / "peer", timeout=60 * args.budget_minutes + 600)
             peer.update(steady_state(peer["rates"], peer["log_every"] * args.batch_size))
