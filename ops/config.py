@@ -59,7 +59,7 @@ V3_WARMUP_SHARE = 0.1  # the R-50 recipe's 10 of 100 epochs (ViT: 40 of 300)
 # overrides them), above the recipe's. They pick among the recipes' algorithms; they never change one.
 # small_cpu: MoCo v2's algorithm on small images (CIFAR-sized) on CPU, set for what it learns per CPU-minute at
 # short budgets (bench/learn_factors.py and bench/learn_cifar.py --recipes small_cpu, BENCHMARKS.md): the CIFAR
-# stem at half width, 32-px crops, batch 128, MLP head, T 0.1, base lr 0.12 with 100 warmup steps and a cosine,
+# stem at half width, 24-px crops, batch 128, MLP head, T 0.1, base lr 0.12 with 100 warmup steps and a cosine,
 # weight decay 5e-4, m 0.99, K 4,096, Shuffle BN over 8 sub-batches of 16.
 PRESETS = {
     # 24-px crops: ~1.8x the images of 32-px ones per CPU-minute, and +3.6 kNN points at 10 minutes on one core
@@ -135,7 +135,7 @@ class TrainConfig:
                        choices=BACKEND_CHOICES)
     preset: str | None = opt(None, "a named set of defaults under the other options: small_cpu (MoCo v2 on small "
                                    "images on CPU, set for learning per CPU-minute: half-width CIFAR ResNet-18, "
-                                   "32 px, batch 128, T 0.1, lr 0.12, K 4096, m 0.99, 8 BN splits)",
+                                   "24-px crops, batch 128, T 0.1, lr 0.12, K 4096, m 0.99, 8 BN splits)",
                              choices=lambda: tuple(PRESETS))
     recipe: str = opt("moco_v2", "moco_v1 (T 0.07, linear head), moco_v2 (T 0.2, MLP head, aug+ with blur) or "
                                  "moco_v3 (no queue, projector + predictor, symmetric loss; AdamW for ViTs, LARS for "
