@@ -348,15 +348,16 @@ def main() -> int:
             return start_peer(peer_python, data / "train", work / "peer", args.budget_minutes, args.curve_minutes,
                               args.batch_size, args.workers, PEER_WIDTH[arch], args.peer_cpus)
 
+        with_peer = peer_python is not None and i == 0
         handle = start_train(args, recipe, arch, shards, work)
-        peer_run = launch_peer() if peer_python and i == 0 and not args.peer_after else None
+        peer_run = launch_peer() if with_peer and not args.peer_after else None
         try:
             run = finish_train(args, handle)
         except BaseException:  # ours failed: the peer beside it has nothing to be compared with
             if peer_run:
                 peer_run.kill()
             raise
-        if peer_python and i == 0 and args.peer_after:  # now, on the CPUs ours had to itself
+        if with_peer and args.peer_after:  # now, on the CPUs ours had to itself
             peer_run = launch_peer()
         if peer_run:
             peer = finish_peer(peer_run, work / "peer", timeout=60 * args.budget_minutes + 600)

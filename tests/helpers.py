@@ -77,24 +77,22 @@ def finish(proc: subprocess.Popen, timeout: float) -> str:
     Python stacks (PYTHONFAULTHANDLER, set by torchrun(): SIGABRT prints them), then its output."""
     from deadlock import descendants, where
 
+    def signal_each(pids: list[int], sig: int) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
     try:
         return proc.communicate(timeout=timeout)[0]
     except subprocess.TimeoutExpired:
-        tree = [proc.pid] + descendants(proc.pid)
-        report = where(tree)
-        for pid in children(proc.pid):
-            try:
-                os.kill(pid, signal.SIGABRT)
-            except ProcessLookupError:
-                pass
+        report = where([proc.pid] + descendants(proc.pid))
+        signal_each(children(proc.pid), signal.SIGABRT)
         try:
             out = proc.communicate(timeout=30)[0]
         except subprocess.TimeoutExpired:
-            for pid in [proc.pid] + descendants(proc.pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            signal_each([proc.pid] + descendants(proc.pid), signal.SIGKILL)
             out = proc.communicate()[0]
         raise AssertionError(f"still running after {timeout:g} s\n{report}\n--- output:\n{(out or '')[-12000:]}")
 
